@@ -1,0 +1,1 @@
+//! Agent library (filled in by the agent work).

@@ -1,0 +1,1 @@
+//! Broker config (filled in by the broker work).

@@ -1,0 +1,1 @@
+//! PKI (filled in by the PKI work).

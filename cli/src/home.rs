@@ -1,0 +1,47 @@
+//! The fleet home directory: where each part of the operator side keeps its state.
+//!
+//! ```text
+//! <home>/pki/            CA keys and issued certificates (edgebind-certs)
+//! <home>/broker/         generated mosquitto.conf, ACL, CRL, server identity (edgebind-broker)
+//! <home>/registry.db     device registry (edgebind-fleet)
+//! <home>/bundles/<id>/   device identity bundles ready for the factory line
+//! <home>/operator/       this operator's own client identity
+//! ```
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct Home {
+    root: PathBuf,
+}
+
+#[allow(dead_code)] // each accessor is used once its subcommand lands
+impl Home {
+    pub fn new(root: PathBuf) -> Self {
+        Home { root }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn pki_dir(&self) -> PathBuf {
+        self.root.join("pki")
+    }
+
+    pub fn broker_dir(&self) -> PathBuf {
+        self.root.join("broker")
+    }
+
+    pub fn registry_db(&self) -> PathBuf {
+        self.root.join("registry.db")
+    }
+
+    pub fn bundles_dir(&self) -> PathBuf {
+        self.root.join("bundles")
+    }
+
+    pub fn operator_dir(&self) -> PathBuf {
+        self.root.join("operator")
+    }
+}

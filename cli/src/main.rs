@@ -1,0 +1,92 @@
+//! `edgebind`: the one command a fleet operator, a factory line or a firmware
+//! engineer meets. Each subcommand is a thin layer over one library crate.
+
+mod cmd_broker;
+mod cmd_device;
+mod cmd_fleet;
+mod cmd_image;
+mod cmd_pki;
+mod home;
+
+use clap::{Parser, Subcommand};
+
+use crate::home::Home;
+
+#[derive(Parser)]
+#[command(
+    name = "edgebind",
+    version,
+    about = "Onboard and operate a fleet of embedded Linux devices",
+    long_about = "Onboard and operate a fleet of embedded Linux devices.\n\n\
+        All state (PKI, broker configuration, device registry) lives in one fleet home \
+        directory, chosen with --home or EDGEBIND_HOME.",
+    after_help = "Typical first steps:\n  \
+        edgebind pki init --fleet acme\n  \
+        edgebind broker config --host broker.example.net\n  \
+        edgebind broker run &\n  \
+        edgebind device add rpi-0001 --board raspberrypi3-64\n  \
+        edgebind send rpi-0001 ping"
+)]
+struct Cli {
+    /// Fleet home directory (PKI, broker config, registry).
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEBIND_HOME",
+        default_value = "edgebind-home"
+    )]
+    home: std::path::PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Certificate authority, device/broker/operator certificates, revocation.
+    #[command(subcommand)]
+    Pki(cmd_pki::PkiCommand),
+    /// Generate, run and reload the least-privilege Mosquitto broker.
+    #[command(subcommand)]
+    Broker(cmd_broker::BrokerCommand),
+    /// Register, inspect and revoke devices in the registry.
+    #[command(subcommand)]
+    Device(cmd_device::DeviceCommand),
+    /// List devices (same as `device list`).
+    Devices(cmd_device::ListArgs),
+    /// Send an action to one device, a tag or the whole fleet and wait for results.
+    Send(cmd_device::SendArgs),
+    /// Set desired settings of a device (`key=value`).
+    Set(cmd_device::SetArgs),
+    /// Revoke a device: registry, CRL and broker ACL (same as `device revoke`).
+    Revoke(cmd_device::RevokeArgs),
+    /// The fleet service that keeps the registry in step with the broker.
+    #[command(subcommand)]
+    Fleet(cmd_fleet::FleetCommand),
+    /// Yocto image helpers: crate list for the agent recipe, factory personalization.
+    #[command(subcommand)]
+    Image(cmd_image::ImageCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let home = Home::new(cli.home);
+    let result = match cli.command {
+        Command::Pki(c) => cmd_pki::run(c, &home),
+        Command::Broker(c) => cmd_broker::run(c, &home),
+        Command::Device(c) => cmd_device::run(c, &home),
+        Command::Devices(a) => cmd_device::run(cmd_device::DeviceCommand::List(a), &home),
+        Command::Send(a) => cmd_device::send(a, &home),
+        Command::Set(a) => cmd_device::set(a, &home),
+        Command::Revoke(a) => cmd_device::run(cmd_device::DeviceCommand::Revoke(a), &home),
+        Command::Fleet(c) => cmd_fleet::run(c, &home),
+        Command::Image(c) => cmd_image::run(c, &home),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("edgebind: error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Identifiers that end up inside MQTT topics.
+//!
+//! A device id is the CN of the device certificate and Mosquitto substitutes
+//! it for `%u` in pattern ACLs. An id containing `/`, `+` or `#` would widen
+//! that pattern to other devices' topics, so ids are restricted to a small,
+//! boring charset here, once, and every other crate accepts only the
+//! validated types.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Longest device or command id. Keeps topics and certificate CNs (max 64) short.
+pub const MAX_ID_LEN: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("{kind} is empty")]
+    Empty { kind: &'static str },
+    #[error("{kind} {value:?} is {len} bytes long; at most {MAX_ID_LEN} are allowed")]
+    TooLong {
+        kind: &'static str,
+        value: String,
+        len: usize,
+    },
+    #[error(
+        "{kind} {value:?} contains {ch:?} at position {pos}; only ASCII letters, digits, '-', '_' and '.' are allowed"
+    )]
+    BadChar {
+        kind: &'static str,
+        value: String,
+        ch: char,
+        pos: usize,
+    },
+    #[error("{kind} {value:?} must start with an ASCII letter or digit")]
+    BadStart { kind: &'static str, value: String },
+}
+
+fn validate(kind: &'static str, value: &str) -> Result<(), IdError> {
+    if value.is_empty() {
+        return Err(IdError::Empty { kind });
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(IdError::TooLong {
+            kind,
+            value: value.chars().take(MAX_ID_LEN).collect::<String>() + "…",
+            len: value.len(),
+        });
+    }
+    for (pos, ch) in value.chars().enumerate() {
+        let ok = ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.');
+        if !ok {
+            return Err(IdError::BadChar {
+                kind,
+                value: value.to_owned(),
+                ch,
+                pos,
+            });
+        }
+    }
+    if !value.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(IdError::BadStart {
+            kind,
+            value: value.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+macro_rules! validated_id {
+    ($(#[$meta:meta])* $name:ident, $kind:literal) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
+                let value = value.into();
+                validate($kind, &value)?;
+                Ok(Self(value))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, IdError> {
+                Self::new(s)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = IdError;
+            fn try_from(s: String) -> Result<Self, IdError> {
+                Self::new(s)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let raw = String::deserialize(d)?;
+                Self::new(raw).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+validated_id!(
+    /// A device's identity: the CN of its certificate and its MQTT client id.
+    DeviceId,
+    "device id"
+);
+validated_id!(
+    /// The id of one remote command; it appears in the command and result topics
+    /// and is what the agent records to run each command at most once.
+    CommandId,
+    "command id"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_plain_ids() {
+        for id in ["dev-a", "rpi3-0001", "A.b_c-9", "x"] {
+            assert_eq!(DeviceId::new(id).unwrap().as_str(), id);
+        }
+        assert!(DeviceId::new("a".repeat(MAX_ID_LEN)).is_ok());
+    }
+
+    #[test]
+    fn rejects_topic_syntax_and_other_bytes() {
+        for bad in [
+            "a/b",
+            "+",
+            "#",
+            "a/#",
+            "dev+",
+            "%u",
+            "a b",
+            "a\u{0}",
+            "a\n",
+            "ä",
+            "operator:x",
+            "",
+        ] {
+            assert!(DeviceId::new(bad).is_err(), "{bad:?} must be refused");
+        }
+        assert!(matches!(
+            DeviceId::new(".hidden"),
+            Err(IdError::BadStart { .. })
+        ));
+        assert!(matches!(
+            DeviceId::new("a".repeat(MAX_ID_LEN + 1)),
+            Err(IdError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn error_names_the_offending_character() {
+        let err = DeviceId::new("a/#").unwrap_err().to_string();
+        assert!(err.contains("'/'"), "{err}");
+        assert!(err.contains("device id"), "{err}");
+    }
+
+    #[test]
+    fn serde_refuses_invalid_ids() {
+        assert!(serde_json::from_str::<DeviceId>("\"a/b\"").is_err());
+        let ok: CommandId = serde_json::from_str("\"c-1\"").unwrap();
+        assert_eq!(serde_json::to_string(&ok).unwrap(), "\"c-1\"");
+    }
+}
