@@ -339,8 +339,9 @@ mod tests {
 
     #[test]
     fn every_kind_of_bad_command_is_a_rejection_not_a_panic() {
+        type Check = fn(&Rejection) -> bool;
         let id = cid("c1");
-        let cases: Vec<(&[u8], fn(&Rejection) -> bool)> = vec![
+        let cases: Vec<(&[u8], Check)> = vec![
             (b"not json", |r| matches!(r, Rejection::Malformed(_))),
             (b"\xff\xfe", |r| matches!(r, Rejection::Malformed(_))),
             (br#"{"id":"c1"}"#, |r| matches!(r, Rejection::Malformed(_))),
