@@ -1,1 +1,6 @@
-//! Agent library (filled in by the agent work).
+//! The Edgebind device agent.
+//!
+//! Layout (after rumqtt's habit): [`core`] decides what to do with each event
+//! without touching sockets or files; the runtime module does the I/O.
+
+pub mod config;

@@ -1,0 +1,797 @@
+//! The agent's configuration file (TOML).
+//!
+//! One file, usually `/var/lib/edgebind/identity/agent.toml`, unpacked from the
+//! identity bundle next to the certificate and key. Unknown keys are errors (a
+//! typo must not silently fall back to a default), and every error names the
+//! file and the key at fault so a field engineer can act on one journal line.
+//!
+//! Relative paths inside the file are resolved against the directory holding
+//! the file, so a bundle works wherever it is unpacked.
+//!
+//! [`AgentConfig::bundle_template`] renders the documented file that goes into
+//! identity bundles; a unit test proves the template loads back.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use edgebind_protocol::DeviceId;
+use serde::Deserialize;
+
+/// Where the agent looks for its configuration when neither `--config` nor
+/// `EDGEBIND_AGENT_CONFIG` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/var/lib/edgebind/identity/agent.toml";
+/// Environment variable naming the configuration file.
+pub const CONFIG_ENV: &str = "EDGEBIND_AGENT_CONFIG";
+
+/// Default MQTT-over-TLS port.
+pub const DEFAULT_PORT: u16 = 8883;
+pub const DEFAULT_KEEP_ALIVE_S: u64 = 30;
+/// One day: commands queued while the device is offline for less than this
+/// are delivered when it comes back.
+pub const DEFAULT_SESSION_EXPIRY_S: u32 = 86_400;
+pub const DEFAULT_RECONNECT_MIN_MS: u64 = 500;
+pub const DEFAULT_RECONNECT_MAX_S: u64 = 60;
+pub const DEFAULT_CERT: &str = "device.crt";
+pub const DEFAULT_KEY: &str = "device.key";
+pub const DEFAULT_CA: &str = "ca.crt";
+pub const DEFAULT_TELEMETRY_INTERVAL_S: u64 = 60;
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/edgebind/state";
+/// 30 days.
+pub const DEFAULT_JOURNAL_MAX_AGE_S: u64 = 30 * 86_400;
+pub const DEFAULT_JOURNAL_MAX_ENTRIES: usize = 1_000;
+pub const DEFAULT_REBOOT_REQUEST_PATH: &str = "/run/edgebind/reboot-request";
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// Bounds that keep a typo from turning into a busy loop or a silent agent.
+const TELEMETRY_INTERVAL_RANGE_S: (u64, u64) = (1, 86_400);
+const KEEP_ALIVE_RANGE_S: (u64, u64) = (5, 3_600);
+
+/// The whole configuration file, with relative paths already resolved.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// `device_id` (optional, default: the certificate's CN). When set it must
+    /// equal the CN; a mismatch means the wrong bundle was installed.
+    #[serde(default)]
+    pub device_id: Option<DeviceId>,
+    /// `[broker]`: where to connect (required: `host`).
+    pub broker: BrokerConfig,
+    /// `[identity]`: certificate chain, key and fleet CA.
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    /// `[telemetry]`: periodic health samples.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    /// `[state]`: durable agent state (command journal, applied settings).
+    #[serde(default)]
+    pub state: StateConfig,
+    /// `[actions]`: how remote actions are carried out.
+    #[serde(default)]
+    pub actions: ActionsConfig,
+    /// `[log]`: logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[broker]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// `host` (required): broker host name or IP address to connect to.
+    pub host: String,
+    /// `port` (default 8883): MQTT over TLS port.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// `server_name` (default: `host`): the name the broker's certificate must
+    /// carry (DNS SAN or IP SAN). Set it when connecting through an address
+    /// that is not in the certificate.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// `keep_alive_s` (default 30, 5..=3600): MQTT keep-alive; a dead link is
+    /// noticed after about 1.5 times this.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_s: u64,
+    /// `session_expiry_s` (default 86400): how long the broker keeps the
+    /// session (subscriptions and queued QoS 1 commands) while the device is
+    /// offline.
+    #[serde(default = "default_session_expiry")]
+    pub session_expiry_s: u32,
+    /// `reconnect_min_ms` (default 500): first reconnect delay cap; each
+    /// failure doubles the cap, the actual delay is uniformly random below it
+    /// (full jitter) so a fleet does not reconnect in lockstep.
+    #[serde(default = "default_reconnect_min")]
+    pub reconnect_min_ms: u64,
+    /// `reconnect_max_s` (default 60): the largest reconnect delay cap.
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max_s: u64,
+}
+
+/// `[identity]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// `cert` (default "device.crt"): PEM chain, the device certificate first,
+    /// then the issuing CA certificate(s).
+    #[serde(default = "default_cert")]
+    pub cert: PathBuf,
+    /// `key` (default "device.key"): PEM private key of the device certificate
+    /// (PKCS#8, SEC1 or PKCS#1). Never logged.
+    #[serde(default = "default_key")]
+    pub key: PathBuf,
+    /// `ca` (default "ca.crt"): the fleet root CA. It is the only trust
+    /// anchor, for the broker and for the device's own chain; system roots are
+    /// never used.
+    #[serde(default = "default_ca")]
+    pub ca: PathBuf,
+}
+
+/// `[telemetry]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// `interval_s` (default 60, 1..=86400): seconds between samples. The
+    /// fleet may override it at run time through the `desired` settings.
+    #[serde(default = "default_telemetry_interval")]
+    pub interval_s: u64,
+}
+
+/// `[state]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// `dir` (default "/var/lib/edgebind/state"): writable, persistent
+    /// directory for the command journal and applied settings; its
+    /// filesystem is the one reported as disk use.
+    #[serde(default = "default_state_dir")]
+    pub dir: PathBuf,
+    /// `journal_max_age_s` (default 2592000 = 30 days): command ids older
+    /// than this are forgotten. Never shorter than twice the broker session
+    /// expiry (a redelivery can only come from a live session).
+    #[serde(default = "default_journal_max_age")]
+    pub journal_max_age_s: u64,
+    /// `journal_max_entries` (default 1000): beyond this many ids the oldest
+    /// are pruned, but never one young enough to be redelivered.
+    #[serde(default = "default_journal_max_entries")]
+    pub journal_max_entries: usize,
+}
+
+/// `[actions]`
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionsConfig {
+    /// `[actions.reboot]`
+    #[serde(default)]
+    pub reboot: RebootConfig,
+}
+
+/// How `reboot` is carried out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RebootMethod {
+    /// Create `path`; a root-owned systemd path unit watching it runs
+    /// `systemctl reboot`, so the agent itself needs no privileges.
+    #[default]
+    RequestFile,
+    /// Run `command` (argv, no shell). For tests and demos: make it harmless.
+    Command,
+}
+
+/// `[actions.reboot]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebootConfig {
+    /// `method` (default "request-file"): "request-file" or "command".
+    #[serde(default)]
+    pub method: RebootMethod,
+    /// `path` (default "/run/edgebind/reboot-request"): file created by the
+    /// "request-file" method.
+    #[serde(default = "default_reboot_path")]
+    pub path: PathBuf,
+    /// `command` (no default; required with method = "command"): argv run by
+    /// the "command" method, e.g. ["/bin/sh", "-c", "echo reboot >> /tmp/x"].
+    #[serde(default)]
+    pub command: Vec<String>,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `level` (default "info"): one of error, warn, info, debug, trace. The
+    /// fleet may override it through the `desired` settings; the environment
+    /// variable `EDGEBIND_LOG` (a tracing filter) overrides both.
+    #[serde(default = "default_log_level")]
+    pub level: LogLevel,
+}
+
+/// A validated log level name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub const ALL: [LogLevel; 5] = [
+        LogLevel::Error,
+        LogLevel::Warn,
+        LogLevel::Info,
+        LogLevel::Debug,
+        LogLevel::Trace,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<LogLevel> {
+        LogLevel::ALL.into_iter().find(|l| l.as_str() == s)
+    }
+}
+
+impl fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn default_port() -> u16 {
+    DEFAULT_PORT
+}
+fn default_keep_alive() -> u64 {
+    DEFAULT_KEEP_ALIVE_S
+}
+fn default_session_expiry() -> u32 {
+    DEFAULT_SESSION_EXPIRY_S
+}
+fn default_reconnect_min() -> u64 {
+    DEFAULT_RECONNECT_MIN_MS
+}
+fn default_reconnect_max() -> u64 {
+    DEFAULT_RECONNECT_MAX_S
+}
+fn default_cert() -> PathBuf {
+    DEFAULT_CERT.into()
+}
+fn default_key() -> PathBuf {
+    DEFAULT_KEY.into()
+}
+fn default_ca() -> PathBuf {
+    DEFAULT_CA.into()
+}
+fn default_telemetry_interval() -> u64 {
+    DEFAULT_TELEMETRY_INTERVAL_S
+}
+fn default_state_dir() -> PathBuf {
+    DEFAULT_STATE_DIR.into()
+}
+fn default_journal_max_age() -> u64 {
+    DEFAULT_JOURNAL_MAX_AGE_S
+}
+fn default_journal_max_entries() -> usize {
+    DEFAULT_JOURNAL_MAX_ENTRIES
+}
+fn default_reboot_path() -> PathBuf {
+    DEFAULT_REBOOT_REQUEST_PATH.into()
+}
+fn default_log_level() -> LogLevel {
+    LogLevel::Info
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            cert: default_cert(),
+            key: default_key(),
+            ca: default_ca(),
+        }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            interval_s: default_telemetry_interval(),
+        }
+    }
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            dir: default_state_dir(),
+            journal_max_age_s: default_journal_max_age(),
+            journal_max_entries: default_journal_max_entries(),
+        }
+    }
+}
+
+impl Default for RebootConfig {
+    fn default() -> Self {
+        RebootConfig {
+            method: RebootMethod::default(),
+            path: default_reboot_path(),
+            command: Vec::new(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: default_log_level(),
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// A broker section with every optional key at its default.
+    pub fn new(host: impl Into<String>, port: u16) -> Self {
+        BrokerConfig {
+            host: host.into(),
+            port,
+            server_name: None,
+            keep_alive_s: DEFAULT_KEEP_ALIVE_S,
+            session_expiry_s: DEFAULT_SESSION_EXPIRY_S,
+            reconnect_min_ms: DEFAULT_RECONNECT_MIN_MS,
+            reconnect_max_s: DEFAULT_RECONNECT_MAX_S,
+        }
+    }
+
+    /// The name the broker certificate is checked against.
+    pub fn server_name(&self) -> &str {
+        self.server_name.as_deref().unwrap_or(&self.host)
+    }
+
+    pub fn keep_alive(&self) -> Duration {
+        Duration::from_secs(self.keep_alive_s)
+    }
+}
+
+/// A configuration file that cannot be used. Every variant names the file;
+/// those about a value also name the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("configuration file {}{}: {message}", path.display(), key_suffix(key))]
+    Parse {
+        path: PathBuf,
+        /// Dotted key (e.g. `broker.port`) when it can be told from the error.
+        key: Option<String>,
+        message: String,
+    },
+    #[error("configuration file {}: key `{key}`: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+fn key_suffix(key: &Option<String>) -> String {
+    key.as_ref()
+        .map(|k| format!(": key `{k}`"))
+        .unwrap_or_default()
+}
+
+impl AgentConfig {
+    /// A configuration with every optional key at its default; paths are used
+    /// as given. Meant for in-process agents (tests, fleet simulations).
+    pub fn new(broker: BrokerConfig) -> Self {
+        AgentConfig {
+            device_id: None,
+            broker,
+            identity: IdentityConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            state: StateConfig::default(),
+            actions: ActionsConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+
+    /// Read, parse and validate `path`; relative paths inside are resolved
+    /// against the file's directory.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml(&text, path, base)
+    }
+
+    /// Parse and validate `text` as if read from `origin` (used in messages),
+    /// resolving relative paths against `base_dir`.
+    pub fn from_toml(
+        text: &str,
+        origin: &Path,
+        base_dir: &Path,
+    ) -> Result<AgentConfig, ConfigError> {
+        let mut config: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            key: e.span().and_then(|span| key_at(text, span.start)),
+            message: e.message().trim().to_owned(),
+        })?;
+        config.resolve_paths(base_dir);
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        for p in [
+            &mut self.identity.cert,
+            &mut self.identity.key,
+            &mut self.identity.ca,
+            &mut self.state.dir,
+            &mut self.actions.reboot.path,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    /// Checks serde cannot express. Public so that configurations built in
+    /// code get the same scrutiny.
+    pub fn validate(&self, origin: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: origin.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        let b = &self.broker;
+        if b.host.trim().is_empty() {
+            return Err(invalid("broker.host", "must not be empty".into()));
+        }
+        if b.port == 0 {
+            return Err(invalid("broker.port", "must be 1..=65535".into()));
+        }
+        if rustls::pki_types::ServerName::try_from(b.server_name()).is_err() {
+            let key = if b.server_name.is_some() {
+                "broker.server_name"
+            } else {
+                "broker.host"
+            };
+            return Err(invalid(
+                key,
+                format!(
+                    "{:?} is neither a DNS name nor an IP address",
+                    b.server_name()
+                ),
+            ));
+        }
+        let (lo, hi) = KEEP_ALIVE_RANGE_S;
+        if !(lo..=hi).contains(&b.keep_alive_s) {
+            return Err(invalid(
+                "broker.keep_alive_s",
+                format!("{} is outside {lo}..={hi}", b.keep_alive_s),
+            ));
+        }
+        if b.reconnect_min_ms == 0 {
+            return Err(invalid(
+                "broker.reconnect_min_ms",
+                "must be at least 1".into(),
+            ));
+        }
+        if b.reconnect_max_s.saturating_mul(1000) < b.reconnect_min_ms {
+            return Err(invalid(
+                "broker.reconnect_max_s",
+                format!(
+                    "{} s is less than broker.reconnect_min_ms ({} ms)",
+                    b.reconnect_max_s, b.reconnect_min_ms
+                ),
+            ));
+        }
+        let (lo, hi) = TELEMETRY_INTERVAL_RANGE_S;
+        if !(lo..=hi).contains(&self.telemetry.interval_s) {
+            return Err(invalid(
+                "telemetry.interval_s",
+                format!("{} is outside {lo}..={hi}", self.telemetry.interval_s),
+            ));
+        }
+        let min_age = 2 * u64::from(b.session_expiry_s);
+        if self.state.journal_max_age_s < min_age {
+            return Err(invalid(
+                "state.journal_max_age_s",
+                format!(
+                    "{} is shorter than twice broker.session_expiry_s ({min_age}); \
+                     a redelivered command could run twice",
+                    self.state.journal_max_age_s
+                ),
+            ));
+        }
+        if self.state.journal_max_entries < 16 {
+            return Err(invalid(
+                "state.journal_max_entries",
+                format!(
+                    "{} is below the minimum of 16",
+                    self.state.journal_max_entries
+                ),
+            ));
+        }
+        let reboot = &self.actions.reboot;
+        match reboot.method {
+            RebootMethod::Command if reboot.command.is_empty() => {
+                return Err(invalid(
+                    "actions.reboot.command",
+                    "method = \"command\" needs a non-empty argv list".into(),
+                ));
+            }
+            RebootMethod::RequestFile if !reboot.command.is_empty() => {
+                return Err(invalid(
+                    "actions.reboot.command",
+                    "is only used with method = \"command\"".into(),
+                ));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The documented `agent.toml` that goes into an identity bundle: every
+    /// key is listed with its default (optional ones commented out), paths are
+    /// relative so the bundle works wherever it is unpacked.
+    pub fn bundle_template(
+        device_id: &DeviceId,
+        host: &str,
+        port: u16,
+        server_name: Option<&str>,
+    ) -> String {
+        let server_name_line = match server_name {
+            Some(name) if name != host => format!("server_name = {}", toml_str(name)),
+            _ => format!("# server_name = {}", toml_str(host)),
+        };
+        format!(
+            r#"# Edgebind device agent configuration (edgebind-agent --config PATH).
+# Unknown keys are errors. Relative paths are resolved against this file's directory.
+
+# Must equal the CN of device.crt (default: the CN itself).
+device_id = {device_id}
+
+[broker]
+# Broker host name or IP address (required).
+host = {host}
+# MQTT over TLS port (default 8883).
+port = {port}
+# Name the broker certificate must carry (default: host).
+{server_name_line}
+# MQTT keep-alive in seconds, 5..=3600 (default {keep_alive}).
+# keep_alive_s = {keep_alive}
+# Seconds the broker keeps the session and queued commands while offline (default {session}).
+# session_expiry_s = {session}
+# First reconnect delay cap in ms; doubles per failure, random below the cap (default {rmin}).
+# reconnect_min_ms = {rmin}
+# Largest reconnect delay cap in seconds (default {rmax}).
+# reconnect_max_s = {rmax}
+
+[identity]
+# Device certificate followed by the issuing CA (PEM).
+cert = {cert}
+# Private key of the device certificate (PEM, mode 0600).
+key = {key}
+# Fleet root CA: the only trust anchor.
+ca = {ca}
+
+[telemetry]
+# Seconds between telemetry samples, 1..=86400 (default {interval}).
+# interval_s = {interval}
+
+[state]
+# Persistent, writable directory for the command journal and settings (default {state}).
+# dir = {state}
+# Forget command ids older than this many seconds, at least 2 x session_expiry_s (default {jage}).
+# journal_max_age_s = {jage}
+# Keep at most this many command ids, never dropping redeliverable ones (default {jmax}).
+# journal_max_entries = {jmax}
+
+[actions.reboot]
+# "request-file" (default): create `path`, a root systemd path unit reboots the device.
+# "command": run `command` (argv, no shell), e.g. a harmless one for demos.
+# method = "request-file"
+# path = {reboot_path}
+# command = ["/bin/true"]
+
+[log]
+# error, warn, info, debug or trace (default "info").
+# level = "info"
+"#,
+            device_id = toml_str(device_id.as_str()),
+            host = toml_str(host),
+            keep_alive = DEFAULT_KEEP_ALIVE_S,
+            session = DEFAULT_SESSION_EXPIRY_S,
+            rmin = DEFAULT_RECONNECT_MIN_MS,
+            rmax = DEFAULT_RECONNECT_MAX_S,
+            cert = toml_str(DEFAULT_CERT),
+            key = toml_str(DEFAULT_KEY),
+            ca = toml_str(DEFAULT_CA),
+            interval = DEFAULT_TELEMETRY_INTERVAL_S,
+            state = toml_str(DEFAULT_STATE_DIR),
+            jage = DEFAULT_JOURNAL_MAX_AGE_S,
+            jmax = DEFAULT_JOURNAL_MAX_ENTRIES,
+            reboot_path = toml_str(DEFAULT_REBOOT_REQUEST_PATH),
+        )
+    }
+}
+
+/// A TOML basic string (quotes and escapes).
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+/// The dotted key whose line contains byte `offset` of `text`: the nearest
+/// `[table]` header above plus the `key =` on that line, if any. Best effort,
+/// only used to make parse errors name the key.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let line = text[line_start..line_end].trim();
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && !l.starts_with("[["))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    if line.starts_with('[') {
+        return Some(
+            line.trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_owned(),
+        );
+    }
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"'))?;
+    if key.is_empty() || key.starts_with('#') {
+        return table;
+    }
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::from_toml(
+            text,
+            Path::new("/etc/edgebind/agent.toml"),
+            Path::new("/bundle"),
+        )
+    }
+
+    #[test]
+    fn minimal_file_gets_documented_defaults_and_resolved_paths() {
+        let c = parse("[broker]\nhost = \"broker.example\"\n").unwrap();
+        assert_eq!(c.device_id, None);
+        assert_eq!(c.broker.port, 8883);
+        assert_eq!(c.broker.server_name(), "broker.example");
+        assert_eq!(c.broker.keep_alive_s, 30);
+        assert_eq!(c.identity.cert, Path::new("/bundle/device.crt"));
+        assert_eq!(c.identity.key, Path::new("/bundle/device.key"));
+        assert_eq!(c.identity.ca, Path::new("/bundle/ca.crt"));
+        assert_eq!(c.telemetry.interval_s, 60);
+        assert_eq!(c.state.dir, Path::new("/var/lib/edgebind/state"));
+        assert_eq!(c.actions.reboot.method, RebootMethod::RequestFile);
+        assert_eq!(
+            c.actions.reboot.path,
+            Path::new("/run/edgebind/reboot-request")
+        );
+        assert_eq!(c.log.level, LogLevel::Info);
+    }
+
+    #[test]
+    fn bundle_template_loads_back_with_its_values() {
+        let id = DeviceId::new("dev-a").unwrap();
+        let text = AgentConfig::bundle_template(&id, "127.0.0.1", 18883, Some("localhost"));
+        let c = parse(&text).unwrap();
+        assert_eq!(c.device_id, Some(id.clone()));
+        assert_eq!(c.broker.host, "127.0.0.1");
+        assert_eq!(c.broker.port, 18883);
+        assert_eq!(c.broker.server_name(), "localhost");
+        assert_eq!(c.identity.cert, Path::new("/bundle/device.crt"));
+        // Uncommenting every optional line must still give a valid file
+        // holding exactly the defaults (the comments tell the truth).
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if rest.contains(" = ") && !rest.starts_with("command") => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let full = parse(&uncommented).unwrap();
+        let mut expected = c.clone();
+        expected.broker.server_name = Some("localhost".into());
+        assert_eq!(full, expected);
+        let plain = AgentConfig::bundle_template(&id, "broker.lan", 8883, None);
+        assert_eq!(parse(&plain).unwrap().broker.server_name, None);
+    }
+
+    #[test]
+    fn typo_is_an_error_naming_file_and_key() {
+        let err = parse("[broker]\nhost = \"h\"\nprot = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/etc/edgebind/agent.toml"), "{err}");
+        assert!(err.contains("broker.prot"), "{err}");
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_the_key() {
+        let err = parse("[broker]\nhost = \"h\"\nport = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("broker.port"), "{err}");
+        let err = parse("[broker]\nhost = \"h\"\n[telemetry]\ninterval_s = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("telemetry.interval_s"), "{err}");
+        let err = parse("[broker]\nhost = \"h\"\n[log]\nlevel = \"loud\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("log.level"), "{err}");
+        let err = parse("device_id = \"a/b\"\n[broker]\nhost = \"h\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("device_id"), "{err}");
+        let err = parse("[broker]\nhost = \"h\"\n[actions.reboot]\nmethod = \"command\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("actions.reboot.command"), "{err}");
+        let err = parse("[broker]\nhost = \"bad name!\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("broker.host"), "{err}");
+        let err = parse(
+            "[broker]\nhost = \"h\"\nsession_expiry_s = 100\n[state]\njournal_max_age_s = 150\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("state.journal_max_age_s"), "{err}");
+    }
+
+    #[test]
+    fn missing_broker_section_is_reported() {
+        let err = parse("").unwrap_err().to_string();
+        assert!(err.contains("broker"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let err = AgentConfig::load(Path::new("/nonexistent/agent.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/agent.toml"), "{err}");
+    }
+
+    #[test]
+    fn command_reboot_method_parses() {
+        let c = parse(
+            "[broker]\nhost = \"h\"\n[actions.reboot]\nmethod = \"command\"\ncommand = [\"/bin/sh\", \"-c\", \"true\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.actions.reboot.method, RebootMethod::Command);
+        assert_eq!(c.actions.reboot.command.len(), 3);
+    }
+}
