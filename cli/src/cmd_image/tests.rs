@@ -1,0 +1,270 @@
+use std::fs;
+use std::process::Command;
+
+use super::crates_inc::{self, Crate};
+use super::{PersonalizeArgs, mbr, personalize_cmd, tarball};
+
+const LOCK: &str = r#"
+version = 4
+
+[[package]]
+name = "edgebind-agent"
+version = "0.1.0"
+dependencies = ["figlet-rs"]
+
+[[package]]
+name = "figlet-rs"
+version = "0.1.5"
+source = "registry+https://github.com/rust-lang/crates.io-index"
+checksum = "4742a071cd9694fc86f9fa1a08fa3e53d40cc899d7ee532295da2d085639fbc5"
+
+[[package]]
+name = "zeroize"
+version = "1.8.1"
+source = "registry+https://github.com/rust-lang/crates.io-index"
+checksum = "ced3678a2879b30306d323f4542626697a464a97c0a07c9aebf7ebca65cd4dde"
+"#;
+
+#[test]
+fn crate_list_has_oe_core_layout_and_skips_workspace_members() {
+    let crates = crates_inc::crates_from_lock(LOCK).unwrap();
+    let expected = format!(
+        "{}\n\n# from Cargo.lock\nSRC_URI += \" \\\n    crate://crates.io/figlet-rs/0.1.5 \\\n    \
+         crate://crates.io/zeroize/1.8.1 \\\n\"\n\n\
+         SRC_URI[figlet-rs-0.1.5.sha256sum] = \"4742a071cd9694fc86f9fa1a08fa3e53d40cc899d7ee532295da2d085639fbc5\"\n\
+         SRC_URI[zeroize-1.8.1.sha256sum] = \"ced3678a2879b30306d323f4542626697a464a97c0a07c9aebf7ebca65cd4dde\"\n",
+        crates_inc::HEADER
+    );
+    assert_eq!(crates_inc::render(&crates), expected);
+}
+
+#[test]
+fn git_dependencies_are_refused_with_the_package_name() {
+    let lock = format!(
+        "{LOCK}\n[[package]]\nname = \"forked\"\nversion = \"0.2.0\"\n\
+         source = \"git+https://example.org/forked.git#abc\"\n"
+    );
+    let err = crates_inc::crates_from_lock(&lock).unwrap_err();
+    assert!(format!("{err:#}").contains("forked 0.2.0"), "{err:#}");
+}
+
+#[test]
+fn differences_name_missing_and_stale_crates() {
+    let old = crates_inc::render(&[Crate {
+        name: "figlet-rs".into(),
+        version: "0.1.4".into(),
+        checksum: Some("00".into()),
+    }]);
+    let new = crates_inc::render(&crates_inc::crates_from_lock(LOCK).unwrap());
+    let diff = crates_inc::describe_differences(&old, &new).join("\n");
+    assert!(
+        diff.contains("missing: crate://crates.io/figlet-rs/0.1.5"),
+        "{diff}"
+    );
+    assert!(
+        diff.contains("stale:   crate://crates.io/figlet-rs/0.1.4"),
+        "{diff}"
+    );
+}
+
+fn mbr_sector(entries: &[(u8, u32, u32)]) -> Vec<u8> {
+    let mut s = vec![0u8; 512];
+    for (i, (kind, start, len)) in entries.iter().enumerate() {
+        let e = 446 + 16 * i;
+        s[e + 4] = *kind;
+        s[e + 8..e + 12].copy_from_slice(&start.to_le_bytes());
+        s[e + 12..e + 16].copy_from_slice(&len.to_le_bytes());
+    }
+    s[510] = 0x55;
+    s[511] = 0xaa;
+    s
+}
+
+#[test]
+fn mbr_entries_are_parsed_and_bad_images_explained() {
+    let parts = mbr::parse(&mbr_sector(&[(0x0c, 8192, 204800), (0x83, 212992, 100)])).unwrap();
+    assert_eq!(parts.len(), 2);
+    assert!(parts[0].is_fat() && !parts[1].is_fat());
+    assert_eq!(parts[0].byte_offset(), 8192 * 512);
+    assert_eq!(parts[1].number, 2);
+
+    let gpt = mbr::parse(&mbr_sector(&[(0xee, 1, 100)])).unwrap_err();
+    assert!(gpt.to_string().contains("GPT"), "{gpt}");
+    let mut bz = vec![0u8; 512];
+    bz[..3].copy_from_slice(b"BZh");
+    let bz = mbr::parse(&bz).unwrap_err();
+    assert!(bz.to_string().contains("bz2-compressed"), "{bz}");
+    let raw = mbr::parse(&[0u8; 512]).unwrap_err();
+    assert!(raw.to_string().contains("0x55AA"), "{raw}");
+}
+
+fn identity_entries() -> Vec<tarball::Entry> {
+    tarball::IDENTITY_FILES
+        .iter()
+        .map(|n| tarball::Entry {
+            name: n.to_string(),
+            mode: if *n == "device.key" { 0o600 } else { 0o644 },
+            data: format!("contents of {n}\n").into_bytes(),
+        })
+        .collect()
+}
+
+#[test]
+fn bundle_tar_round_trips_and_system_tar_reads_it() {
+    let entries = identity_entries();
+    let bytes = tarball::write(&entries).unwrap();
+    assert_eq!(tarball::read(&bytes).unwrap(), entries);
+    tarball::check_identity_files(&entries).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.tar");
+    fs::write(&path, &bytes).unwrap();
+    let out = Command::new("tar")
+        .arg("-tvf")
+        .arg(&path)
+        .output()
+        .expect("tar must be installed");
+    assert!(out.status.success());
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains("-rw------- 0/0") && listing.contains("device.key"),
+        "{listing}"
+    );
+}
+
+#[test]
+fn bundle_with_extra_or_missing_files_is_refused() {
+    let mut entries = identity_entries();
+    entries.pop();
+    let err = tarball::check_identity_files(&entries).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("found: agent.toml, device.crt, device.key"),
+        "{err}"
+    );
+    let mut entries = identity_entries();
+    entries.push(tarball::Entry {
+        name: "extra".into(),
+        mode: 0o644,
+        data: b"x".to_vec(),
+    });
+    assert!(tarball::check_identity_files(&entries).is_err());
+}
+
+/// A 12 MiB disk image laid out like wic's: FAT boot partition at 1 MiB,
+/// a Linux partition after it. Needs mkfs.vfat (dosfstools) and mtools.
+fn disk_image(dir: &std::path::Path) -> std::path::PathBuf {
+    let img = dir.join("disk.wic");
+    let mut bytes = vec![0u8; 12 * 1024 * 1024];
+    bytes[..512].copy_from_slice(&mbr_sector(&[(0x0c, 2048, 16384), (0x83, 18432, 6144)]));
+    fs::write(&img, &bytes).unwrap();
+    let fat = dir.join("fat.img");
+    let status = Command::new("mkfs.vfat")
+        .args(["-C", "-n", "boot"])
+        .arg(&fat)
+        .arg("8192") // KiB
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("mkfs.vfat (dosfstools) must be installed");
+    assert!(status.success());
+    let fat = fs::read(&fat).unwrap();
+    bytes[2048 * 512..2048 * 512 + fat.len()].copy_from_slice(&fat);
+    fs::write(&img, &bytes).unwrap();
+    img
+}
+
+fn read_back(img: &std::path::Path, offset: u64) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.tar");
+    let status = Command::new("mcopy")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(format!("{}@@{offset}", img.display()))
+        .arg("::/edgebind/identity.tar")
+        .arg(&out)
+        .status()
+        .expect("mcopy (mtools) must be installed");
+    assert!(
+        status.success(),
+        "edgebind/identity.tar is not on the FAT partition"
+    );
+    fs::read(out).unwrap()
+}
+
+#[test]
+fn personalize_puts_the_bundle_on_the_fat_partition_and_can_redo_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = disk_image(dir.path());
+    let bundle_dir = dir.path().join("bundle");
+    fs::create_dir(&bundle_dir).unwrap();
+    for e in identity_entries() {
+        fs::write(bundle_dir.join(&e.name), &e.data).unwrap();
+    }
+
+    // A directory bundle, written into a copy: the original stays untouched.
+    let copy = dir.path().join("dev-a.wic");
+    let args = PersonalizeArgs {
+        image: img.clone(),
+        bundle: bundle_dir.clone(),
+        output: Some(copy.clone()),
+        partition: None,
+    };
+    personalize_cmd(&args).unwrap();
+    let on_disk = read_back(&copy, 2048 * 512);
+    let entries = tarball::read(&on_disk).unwrap();
+    tarball::check_identity_files(&entries).unwrap();
+    assert_eq!(
+        entries
+            .iter()
+            .find(|e| e.name == "device.key")
+            .unwrap()
+            .mode,
+        0o600
+    );
+
+    // A tar bundle, in place, twice (a factory line may retry a station).
+    let tar = dir.path().join("dev-b.tar");
+    let mut b = identity_entries();
+    b[0].data = b"device_id = \"dev-b\"\n".to_vec();
+    fs::write(&tar, tarball::write(&b).unwrap()).unwrap();
+    let args = PersonalizeArgs {
+        image: img.clone(),
+        bundle: tar.clone(),
+        output: None,
+        partition: Some(1),
+    };
+    personalize_cmd(&args).unwrap();
+    personalize_cmd(&args).unwrap();
+    assert_eq!(read_back(&img, 2048 * 512), fs::read(&tar).unwrap());
+
+    // Partition 2 is ext4-typed: refused with its type named.
+    let args = PersonalizeArgs {
+        image: img,
+        bundle: tar,
+        output: None,
+        partition: Some(2),
+    };
+    let err = personalize_cmd(&args).unwrap_err();
+    assert!(format!("{err:#}").contains("type 0x83, not FAT"), "{err:#}");
+}
+
+#[test]
+fn personalize_refuses_a_bundle_that_is_not_an_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = disk_image(dir.path());
+    let tar = dir.path().join("bad.tar");
+    let mut entries = identity_entries();
+    entries.truncate(2);
+    fs::write(&tar, tarball::write(&entries).unwrap()).unwrap();
+    let args = PersonalizeArgs {
+        image: img,
+        bundle: tar,
+        output: None,
+        partition: None,
+    };
+    let err = personalize_cmd(&args).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("is not an identity bundle"),
+        "{err:#}"
+    );
+}
