@@ -1,1 +1,4 @@
-//! Registry (filled in by the fleet work).
+//! Edgebind fleet side: the device registry and the fleet service that keeps
+//! it in step with the broker.
+
+pub mod registry;

@@ -1,0 +1,569 @@
+//! The registry's data model, independent of the database that stores it.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::str::FromStr;
+
+use edgebind_protocol::messages::{
+    Action, CommandResult, Event, Reported, Status, UnixSeconds, settings,
+};
+use edgebind_protocol::{CommandId, DeviceId};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::RegistryError;
+
+/// Boards (Yocto `MACHINE` names) a device may be registered with. The
+/// registry refuses anything else so that a typo does not create a device no
+/// image will ever be built for.
+pub const KNOWN_BOARDS: &[&str] = &[
+    "raspberrypi3-64",
+    "raspberrypi4-64",
+    "raspberrypi5",
+    "qemux86-64",
+    "qemuarm64",
+];
+
+/// A validated board name from [`KNOWN_BOARDS`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Board(String);
+
+impl Board {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Board {
+    type Err = RegistryError;
+    fn from_str(s: &str) -> Result<Self, RegistryError> {
+        if KNOWN_BOARDS.contains(&s) {
+            Ok(Board(s.to_owned()))
+        } else {
+            Err(RegistryError::UnknownBoard {
+                given: s.to_owned(),
+            })
+        }
+    }
+}
+
+impl fmt::Display for Board {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Longest tag; tags end up in command lines and tables, keep them short.
+pub const MAX_TAG_LEN: usize = 64;
+
+/// A free-form label used to address groups of devices (`send --tag`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct Tag(String);
+
+impl Tag {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Tag {
+    type Err = RegistryError;
+    fn from_str(s: &str) -> Result<Self, RegistryError> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_TAG_LEN
+            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+        if ok {
+            Ok(Tag(s.to_owned()))
+        } else {
+            Err(RegistryError::InvalidTag(s.to_owned()))
+        }
+    }
+}
+
+impl fmt::Display for Tag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a device is in its life, independent of whether it is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lifecycle {
+    /// Recorded and its identity issued; never seen on the broker yet.
+    Registered,
+    /// Has connected with its identity at least once.
+    Provisioned,
+    /// Certificate revoked; the broker refuses it.
+    Revoked,
+}
+
+impl Lifecycle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lifecycle::Registered => "registered",
+            Lifecycle::Provisioned => "provisioned",
+            Lifecycle::Revoked => "revoked",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        [
+            Lifecycle::Registered,
+            Lifecycle::Provisioned,
+            Lifecycle::Revoked,
+        ]
+        .into_iter()
+        .find(|l| l.as_str() == s)
+    }
+}
+
+/// What the registry keeps about a device's certificate (not the certificate itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertInfo {
+    /// Hex serial number as the PKI reports it.
+    pub serial: String,
+    /// SHA-256 of the DER certificate, hex.
+    pub fingerprint_sha256: String,
+    pub not_after: UnixSeconds,
+}
+
+/// Input of [`super::Store::add_device`].
+#[derive(Debug, Clone)]
+pub struct NewDevice {
+    pub id: DeviceId,
+    pub board: Board,
+    pub tags: BTreeSet<Tag>,
+    pub cert: Option<CertInfo>,
+}
+
+/// Settings the device last reported as in force.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReportedState {
+    pub revision: u64,
+    pub applied: Map<String, Value>,
+    pub ignored: Map<String, Value>,
+    pub at: UnixSeconds,
+}
+
+/// Everything the registry knows about one device.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Device {
+    pub id: DeviceId,
+    pub board: Board,
+    pub tags: BTreeSet<Tag>,
+    pub lifecycle: Lifecycle,
+    pub registered_at: UnixSeconds,
+    pub provisioned_at: Option<UnixSeconds>,
+    pub revoked_at: Option<UnixSeconds>,
+    pub cert: Option<CertInfo>,
+    pub online: bool,
+    pub last_seen: Option<UnixSeconds>,
+    /// `ts` of the `online` status that began the current (or last) connection.
+    pub connected_at: Option<UnixSeconds>,
+    pub agent_version: Option<String>,
+    pub boot_id: Option<String>,
+    pub addresses: Vec<String>,
+    pub desired: Map<String, Value>,
+    pub desired_revision: u64,
+    /// Highest desired revision the fleet service has published (retained).
+    pub desired_published_revision: u64,
+    pub reported: Option<ReportedState>,
+    pub inventory: Option<Value>,
+    pub inventory_at: Option<UnixSeconds>,
+    pub telemetry: Option<Value>,
+    pub telemetry_at: Option<UnixSeconds>,
+    /// Telemetry messages ever stored for this device (history is capped, this is not).
+    pub telemetry_count: u64,
+}
+
+impl Device {
+    /// Whether the device reports having applied the current desired revision
+    /// with every desired key at the desired value.
+    pub fn converged(&self) -> bool {
+        match &self.reported {
+            None => self.desired.is_empty(),
+            Some(r) => {
+                r.revision >= self.desired_revision
+                    && self
+                        .desired
+                        .iter()
+                        .all(|(k, v)| r.applied.get(k) == Some(v))
+            }
+        }
+    }
+}
+
+/// Which devices a listing or a fan-out addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    All,
+    Tag(Tag),
+    Ids(Vec<DeviceId>),
+}
+
+/// How a command reaches its device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// Published by the operator right away.
+    Now,
+    /// Held by the fleet service until the device is online.
+    Queued,
+    /// Created from an on-connect rule when the device connected.
+    OnConnect,
+    /// Sent by the fleet service on its own (inventory on connect).
+    Auto,
+}
+
+impl Delivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::Now => "now",
+            Delivery::Queued => "queued",
+            Delivery::OnConnect => "on_connect",
+            Delivery::Auto => "auto",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        [
+            Delivery::Now,
+            Delivery::Queued,
+            Delivery::OnConnect,
+            Delivery::Auto,
+        ]
+        .into_iter()
+        .find(|d| d.as_str() == s)
+    }
+}
+
+/// A command's progress as the registry last heard of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandState {
+    Queued,
+    Sent,
+    Accepted,
+    Succeeded,
+    Failed,
+    Rejected,
+}
+
+impl CommandState {
+    pub const FINAL: [CommandState; 3] = [
+        CommandState::Succeeded,
+        CommandState::Failed,
+        CommandState::Rejected,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandState::Queued => "queued",
+            CommandState::Sent => "sent",
+            CommandState::Accepted => "accepted",
+            CommandState::Succeeded => "succeeded",
+            CommandState::Failed => "failed",
+            CommandState::Rejected => "rejected",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        Self::FINAL.contains(&self)
+    }
+
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        [
+            CommandState::Queued,
+            CommandState::Sent,
+            CommandState::Accepted,
+            CommandState::Succeeded,
+            CommandState::Failed,
+            CommandState::Rejected,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+    }
+}
+
+/// Input of [`super::Store::insert_commands`].
+#[derive(Debug, Clone)]
+pub struct NewCommand {
+    pub id: CommandId,
+    pub device: DeviceId,
+    pub action: Action,
+    pub args: Map<String, Value>,
+    pub delivery: Delivery,
+    /// CN of whoever asked (`operator:alice`, `service:fleet`).
+    pub requested_by: Option<String>,
+    pub expires_at: Option<UnixSeconds>,
+    /// The on-connect rule this command was made from.
+    pub rule_id: Option<i64>,
+}
+
+/// One entry of the command log.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CommandRecord {
+    pub id: CommandId,
+    pub device: DeviceId,
+    /// `None` when only the device's result was seen, never the command.
+    pub action: Option<String>,
+    pub args: Map<String, Value>,
+    pub delivery: Delivery,
+    pub state: CommandState,
+    pub requested_by: Option<String>,
+    pub rule_id: Option<i64>,
+    pub created_at: UnixSeconds,
+    pub sent_at: Option<UnixSeconds>,
+    pub accepted_at: Option<UnixSeconds>,
+    pub finished_at: Option<UnixSeconds>,
+    pub expires_at: Option<UnixSeconds>,
+    pub reason: Option<String>,
+    pub output: Option<Value>,
+}
+
+/// "Run this action whenever the device connects."
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OnConnectRule {
+    pub id: i64,
+    pub device: DeviceId,
+    pub action: Action,
+    pub args: Map<String, Value>,
+    pub created_at: UnixSeconds,
+}
+
+/// One stored telemetry sample.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TelemetryRow {
+    pub ts: UnixSeconds,
+    pub received_at: UnixSeconds,
+    pub payload: Value,
+}
+
+/// One stored device event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventRow {
+    pub ts: UnixSeconds,
+    pub received_at: UnixSeconds,
+    pub kind: String,
+    pub message: String,
+}
+
+/// A fact learned from the broker, to be written by [`super::Store::apply`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    Status {
+        device: DeviceId,
+        status: Status,
+        received_at: UnixSeconds,
+    },
+    /// `payload` is the JSON text exactly as received (already validated);
+    /// storing it as-is keeps ingest cheap and loses no field a newer agent adds.
+    Telemetry {
+        device: DeviceId,
+        ts: UnixSeconds,
+        payload: String,
+        received_at: UnixSeconds,
+    },
+    Event {
+        device: DeviceId,
+        event: Event,
+        received_at: UnixSeconds,
+    },
+    Reported {
+        device: DeviceId,
+        reported: Reported,
+        received_at: UnixSeconds,
+    },
+    /// A command seen on its way to the device (published by anyone).
+    CommandSeen {
+        device: DeviceId,
+        command: edgebind_protocol::messages::Command,
+        received_at: UnixSeconds,
+    },
+    CommandResult {
+        device: DeviceId,
+        result: CommandResult,
+        received_at: UnixSeconds,
+    },
+}
+
+impl Update {
+    pub fn device(&self) -> &DeviceId {
+        match self {
+            Update::Status { device, .. }
+            | Update::Telemetry { device, .. }
+            | Update::Event { device, .. }
+            | Update::Reported { device, .. }
+            | Update::CommandSeen { device, .. }
+            | Update::CommandResult { device, .. } => device,
+        }
+    }
+}
+
+/// What [`super::Store::apply`] observed while writing a batch.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BatchReport {
+    pub applied: usize,
+    /// Ids that are not in the registry (their messages were dropped).
+    pub unknown_devices: BTreeSet<DeviceId>,
+    /// Devices that began a new connection in this batch, in order.
+    pub connected: Vec<DeviceId>,
+}
+
+/// How much history to keep per device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub telemetry_per_device: u32,
+    pub events_per_device: u32,
+    pub commands_per_device: u32,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            telemetry_per_device: 1000,
+            events_per_device: 200,
+            commands_per_device: 500,
+        }
+    }
+}
+
+/// Sizes for the benchmark and `fleet status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Stats {
+    pub devices: u64,
+    pub telemetry_rows: u64,
+    pub telemetry_received: u64,
+    pub events: u64,
+    pub commands: u64,
+    /// Bytes used by the database pages (excluding the WAL).
+    pub db_bytes: u64,
+}
+
+/// Parse one `key=value` desired-setting argument. The value is JSON when it
+/// parses as JSON (`5`, `true`, `null`, `"x"`), otherwise a plain string, so
+/// `log_level=debug` and `telemetry_interval_s=10` both do what one expects.
+pub fn parse_setting(arg: &str) -> Result<(String, Value), RegistryError> {
+    let (key, raw) = arg
+        .split_once('=')
+        .ok_or_else(|| RegistryError::InvalidSetting {
+            key: arg.to_owned(),
+            why: "expected key=value".into(),
+        })?;
+    validate_setting_key(key)?;
+    let value = serde_json::from_str::<Value>(raw).unwrap_or_else(|_| Value::String(raw.into()));
+    Ok((key.to_owned(), value))
+}
+
+pub(crate) fn validate_setting_key(key: &str) -> Result<(), RegistryError> {
+    let ok = !key.is_empty()
+        && key.len() <= 64
+        && key.starts_with(|c: char| c.is_ascii_lowercase())
+        && key
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::InvalidSetting {
+            key: key.to_owned(),
+            why: "keys are lowercase letters, digits and '_', starting with a letter".into(),
+        })
+    }
+}
+
+/// Setting keys every agent is known to understand (others are passed on
+/// and the agent reports them as ignored).
+pub fn known_setting(key: &str) -> bool {
+    [settings::TELEMETRY_INTERVAL_S, settings::LOG_LEVEL].contains(&key)
+}
+
+/// Parse `key=value` command arguments into the command's `args` object.
+pub fn parse_args<'a>(
+    args: impl IntoIterator<Item = &'a str>,
+) -> Result<Map<String, Value>, RegistryError> {
+    let mut map = Map::new();
+    for arg in args {
+        let (k, v) = parse_setting(arg)?;
+        map.insert(k, v);
+    }
+    Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boards_and_tags_are_validated() {
+        assert!("raspberrypi3-64".parse::<Board>().is_ok());
+        let err = "raspberrypi3".parse::<Board>().unwrap_err().to_string();
+        assert!(err.contains("raspberrypi3-64"), "lists known boards: {err}");
+        assert!("lab-1".parse::<Tag>().is_ok());
+        for bad in ["", "a b", "-x", "a/b", &"t".repeat(65)] {
+            assert!(bad.parse::<Tag>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn settings_parse_json_or_plain_strings() {
+        assert_eq!(
+            parse_setting("telemetry_interval_s=5").unwrap(),
+            ("telemetry_interval_s".into(), Value::from(5))
+        );
+        assert_eq!(
+            parse_setting("log_level=debug").unwrap(),
+            ("log_level".into(), Value::from("debug"))
+        );
+        assert_eq!(parse_setting("x=null").unwrap().1, Value::Null);
+        assert!(parse_setting("novalue").is_err());
+        assert!(parse_setting("Bad-Key=1").is_err());
+    }
+
+    #[test]
+    fn convergence_compares_values_and_revision() {
+        let mut d = Device {
+            id: DeviceId::new("d").unwrap(),
+            board: "qemux86-64".parse().unwrap(),
+            tags: BTreeSet::new(),
+            lifecycle: Lifecycle::Registered,
+            registered_at: 0,
+            provisioned_at: None,
+            revoked_at: None,
+            cert: None,
+            online: false,
+            last_seen: None,
+            connected_at: None,
+            agent_version: None,
+            boot_id: None,
+            addresses: vec![],
+            desired: Map::new(),
+            desired_revision: 0,
+            desired_published_revision: 0,
+            reported: None,
+            inventory: None,
+            inventory_at: None,
+            telemetry: None,
+            telemetry_at: None,
+            telemetry_count: 0,
+        };
+        assert!(d.converged());
+        d.desired.insert("log_level".into(), "debug".into());
+        d.desired_revision = 1;
+        assert!(!d.converged());
+        let mut applied = Map::new();
+        applied.insert("log_level".into(), "debug".into());
+        d.reported = Some(ReportedState {
+            revision: 1,
+            applied,
+            ignored: Map::new(),
+            at: 1,
+        });
+        assert!(d.converged());
+    }
+}
