@@ -4,3 +4,7 @@
 //! without touching sockets or files; the runtime module does the I/O.
 
 pub mod config;
+pub mod core;
+pub mod identity;
+pub mod journal;
+pub mod tls;

@@ -1,0 +1,906 @@
+//! The agent's decisions, without sockets, files or clocks.
+//!
+//! Every input (a delivered message, the end of an action, a connect) goes
+//! in with the current time; a list of [`Effect`]s comes out, to be carried
+//! out **in order** by the runtime. Order is the contract: a
+//! [`Effect::Record`] must be durable before any later effect of the same
+//! batch runs, which is what makes each command id run at most once.
+
+use edgebind_protocol::messages::{
+    Action, Command, CommandResult, CommandStatus, Desired, Event, Inventory, MAX_COMMAND_BYTES,
+    Presence, Reported, Status, Telemetry, UnixSeconds, settings,
+};
+use edgebind_protocol::topics::{Kind, Topic};
+use edgebind_protocol::{CommandId, DeviceId};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::config::LogLevel;
+use crate::journal::{JournalEntry, Ledger};
+
+/// MQTT delivery guarantee of an outgoing message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos {
+    AtMostOnce,
+    AtLeastOnce,
+}
+
+/// A message to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: Qos,
+    pub retain: bool,
+}
+
+/// Actions the runtime carries out (they touch the world).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    Publish(Outgoing),
+    /// Append to the journal durably before the next effect runs.
+    Record(JournalEntry),
+    /// Rewrite the journal file with exactly these entries.
+    Compact(Vec<JournalEntry>),
+    /// Start the side-effecting part of an action; report back with
+    /// [`Core::on_action_done`].
+    Run {
+        id: CommandId,
+        action: Action,
+    },
+    /// New settings in force (telemetry period, log level).
+    Apply(Settings),
+    /// Persist the applied desired state so a restart starts with it.
+    SaveSettings(SavedSettings),
+    /// Leave the process after flushing: `restart-agent`.
+    Restart,
+}
+
+/// Run-time settings the fleet can change through `desired`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    pub telemetry_interval_s: u64,
+    pub log_level: LogLevel,
+}
+
+/// The desired state last applied, as saved under the state directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedSettings {
+    pub revision: u64,
+    pub settings: Map<String, Value>,
+}
+
+/// Telemetry periods the fleet may set (same bounds as the config file).
+pub const TELEMETRY_INTERVAL_RANGE_S: (u64, u64) = (1, 86_400);
+
+/// Facts fixed for the life of the process.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub device: DeviceId,
+    pub agent_version: String,
+    pub boot_id: String,
+    /// Settings from the configuration file; `desired` overrides them.
+    pub defaults: Settings,
+    /// Collected once at start (it only changes with an update and reboot).
+    pub inventory: Inventory,
+}
+
+/// The agent's state machine.
+#[derive(Debug)]
+pub struct Core {
+    cfg: CoreConfig,
+    ledger: Ledger,
+    settings: Settings,
+    applied_revision: Option<u64>,
+    /// Lines in the journal file; compaction once it doubles the ledger.
+    journal_lines: usize,
+    /// Results decided before the first connect (e.g. a reboot that happened).
+    deferred: Vec<Outgoing>,
+    /// Commands whose side effect is under way right now.
+    running: Vec<CommandId>,
+    status_topic: String,
+}
+
+impl Core {
+    /// Start from the journal and saved settings found on disk. Returns the
+    /// effects of reconciling them with the present boot (to run before
+    /// connecting; their publications are held until [`Core::on_connected`]).
+    pub fn new(
+        cfg: CoreConfig,
+        mut ledger: Ledger,
+        journal_lines: usize,
+        saved: Option<SavedSettings>,
+        now: UnixSeconds,
+    ) -> (Core, Vec<Effect>) {
+        let status_topic = Topic::Status(cfg.device.clone()).render();
+        let mut effects = Vec::new();
+        ledger.prune(now);
+        let mut core = Core {
+            settings: cfg.defaults,
+            cfg,
+            ledger,
+            applied_revision: None,
+            journal_lines,
+            deferred: Vec::new(),
+            running: Vec::new(),
+            status_topic,
+        };
+        if let Some(saved) = saved {
+            let (settings, _) = core.resolve_settings(&saved.settings);
+            core.settings = settings;
+            core.applied_revision = Some(saved.revision);
+        }
+        effects.push(Effect::Apply(core.settings));
+
+        // A reboot accepted in an earlier boot has happened: report it.
+        let done: Vec<JournalEntry> = core
+            .ledger
+            .entries()
+            .filter(|e| {
+                e.status == CommandStatus::Accepted
+                    && e.action == Some(Action::Reboot)
+                    && e.boot_id.as_deref() != Some(core.cfg.boot_id.as_str())
+            })
+            .cloned()
+            .collect();
+        for e in done {
+            let output = json!({
+                "previous_boot_id": e.boot_id,
+                "boot_id": core.cfg.boot_id,
+            });
+            let rec = core.final_entry(&e, CommandStatus::Succeeded, None, Some(output), now);
+            effects.push(Effect::Record(rec.clone()));
+            core.deferred.push(core.result_message(&rec.result()));
+            core.ledger.insert(rec);
+        }
+        core.journal_lines += effects
+            .iter()
+            .filter(|e| matches!(e, Effect::Record(_)))
+            .count();
+        effects.extend(core.maybe_compact(now));
+        (core, effects)
+    }
+
+    pub fn device(&self) -> &DeviceId {
+        &self.cfg.device
+    }
+
+    pub fn settings(&self) -> Settings {
+        self.settings
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// The only filters the agent subscribes to: its own commands and its
+    /// own desired state.
+    pub fn subscriptions(&self) -> [String; 2] {
+        [
+            Kind::Cmd.filter_for(&self.cfg.device),
+            Kind::Desired.filter_for(&self.cfg.device),
+        ]
+    }
+
+    /// The retained `offline` status, used as the last will and on shutdown.
+    pub fn offline_status(&self, now: Option<UnixSeconds>) -> Outgoing {
+        let mut s = Status::offline();
+        s.ts = now;
+        if now.is_some() {
+            s.boot_id = Some(self.cfg.boot_id.clone());
+        }
+        self.status_message(&s)
+    }
+
+    /// A connection was established (every CONNACK, also after reconnects).
+    pub fn on_connected(
+        &mut self,
+        uptime_s: u64,
+        addresses: Vec<String>,
+        now: UnixSeconds,
+    ) -> Vec<Effect> {
+        let online = Status {
+            state: Presence::Online,
+            agent_version: Some(self.cfg.agent_version.clone()),
+            boot_id: Some(self.cfg.boot_id.clone()),
+            uptime_s: Some(uptime_s),
+            addresses,
+            ts: Some(now),
+        };
+        let mut effects = vec![Effect::Publish(self.status_message(&online))];
+        effects.extend(self.deferred.drain(..).map(Effect::Publish));
+        effects
+    }
+
+    /// A message arrived on `topic`. Whatever the bytes, this never panics;
+    /// messages for other devices or other kinds are ignored.
+    pub fn on_message(&mut self, topic: &str, payload: &[u8], now: UnixSeconds) -> Vec<Effect> {
+        match Topic::parse(topic) {
+            Some(Topic::Cmd(device, id)) if device == self.cfg.device => {
+                self.on_command(id, payload, now)
+            }
+            Some(Topic::Desired(device)) if device == self.cfg.device => {
+                self.on_desired(payload, now)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn on_command(&mut self, id: CommandId, payload: &[u8], now: UnixSeconds) -> Vec<Effect> {
+        // An empty message clears a retained command: nothing to run.
+        if payload.is_empty() {
+            return Vec::new();
+        }
+        if let Some(known) = self.ledger.get(&id) {
+            // Seen before (QoS 1 redelivery, or the id reused): never run
+            // again, repeat what we said.
+            if self.running.contains(&id) {
+                return Vec::new();
+            }
+            return vec![Effect::Publish(self.result_message(&known.result()))];
+        }
+        let mut effects = Vec::new();
+        let command = match Command::decode(&id, payload, now) {
+            Ok(c) => c,
+            Err(rejection) => {
+                let rec = self.new_entry(&id, None, CommandStatus::Rejected, now);
+                let rec = JournalEntry {
+                    reason: Some(rejection.to_string()),
+                    ..rec
+                };
+                self.record(&mut effects, rec.clone());
+                effects.push(Effect::Publish(self.result_message(&rec.result())));
+                effects.extend(self.maybe_compact(now));
+                return effects;
+            }
+        };
+        let accepted = self.new_entry(&id, Some(command.action), CommandStatus::Accepted, now);
+        let accepted_msg = self.result_message(&accepted.result());
+        match command.action {
+            Action::Ping | Action::Inventory => {
+                // Read-only and instantaneous: record the final result once,
+                // then say accepted and succeeded.
+                let output = match command.action {
+                    Action::Ping => json!({
+                        "pong": true,
+                        "boot_id": self.cfg.boot_id,
+                        "agent_version": self.cfg.agent_version,
+                    }),
+                    _ => serde_json::to_value(&self.cfg.inventory).unwrap_or(Value::Null),
+                };
+                let done =
+                    self.final_entry(&accepted, CommandStatus::Succeeded, None, Some(output), now);
+                self.record(&mut effects, done.clone());
+                effects.push(Effect::Publish(accepted_msg));
+                effects.push(Effect::Publish(self.result_message(&done.result())));
+            }
+            Action::RestartAgent => {
+                let done = self.final_entry(
+                    &accepted,
+                    CommandStatus::Succeeded,
+                    Some("agent is restarting".into()),
+                    None,
+                    now,
+                );
+                self.record(&mut effects, done.clone());
+                effects.push(Effect::Publish(accepted_msg));
+                effects.push(Effect::Publish(self.result_message(&done.result())));
+                effects.push(Effect::Restart);
+            }
+            Action::Reboot => {
+                // Recorded with the boot id: `succeeded` is published once the
+                // device is back with a different one.
+                self.record(&mut effects, accepted.clone());
+                effects.push(Effect::Publish(accepted_msg));
+                self.running.push(id.clone());
+                effects.push(Effect::Run {
+                    id,
+                    action: Action::Reboot,
+                });
+            }
+        }
+        effects.extend(self.maybe_compact(now));
+        effects
+    }
+
+    /// The side effect started by [`Effect::Run`] finished. `Ok` for a reboot
+    /// means "requested": success is reported after the boot id changes.
+    pub fn on_action_done(
+        &mut self,
+        id: &CommandId,
+        outcome: Result<(), String>,
+        now: UnixSeconds,
+    ) -> Vec<Effect> {
+        self.running.retain(|r| r != id);
+        let Err(reason) = outcome else {
+            return Vec::new();
+        };
+        let Some(entry) = self.ledger.get(id).cloned() else {
+            return Vec::new();
+        };
+        let mut effects = Vec::new();
+        let rec = self.final_entry(&entry, CommandStatus::Failed, Some(reason), None, now);
+        self.record(&mut effects, rec.clone());
+        effects.push(Effect::Publish(self.result_message(&rec.result())));
+        effects
+    }
+
+    /// Writing a record failed: the command must not run. Marks it failed in
+    /// memory (a redelivery in this process repeats the failure) and says so.
+    pub fn on_record_failed(
+        &mut self,
+        id: &CommandId,
+        error: &str,
+        now: UnixSeconds,
+    ) -> Vec<Effect> {
+        self.running.retain(|r| r != id);
+        let base = self
+            .ledger
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| self.new_entry(id, None, CommandStatus::Failed, now));
+        let rec = self.final_entry(
+            &base,
+            CommandStatus::Failed,
+            Some(format!(
+                "not run: the command id could not be recorded durably ({error})"
+            )),
+            None,
+            now,
+        );
+        self.ledger.insert(rec.clone());
+        vec![Effect::Publish(self.result_message(&rec.result()))]
+    }
+
+    fn on_desired(&mut self, payload: &[u8], now: UnixSeconds) -> Vec<Effect> {
+        if payload.is_empty() {
+            return Vec::new();
+        }
+        let desired: Desired = match (payload.len() <= MAX_COMMAND_BYTES)
+            .then(|| serde_json::from_slice::<Desired>(payload))
+        {
+            Some(Ok(d)) => d,
+            other => {
+                let why = match other {
+                    Some(Err(e)) => format!("malformed desired state: {e}"),
+                    _ => format!(
+                        "desired state of {} bytes exceeds {MAX_COMMAND_BYTES}",
+                        payload.len()
+                    ),
+                };
+                return vec![Effect::Publish(self.event("desired-rejected", why, now))];
+            }
+        };
+        if self.applied_revision == Some(desired.revision) {
+            return Vec::new();
+        }
+        let (settings, ignored) = self.resolve_settings(&desired.settings);
+        self.settings = settings;
+        self.applied_revision = Some(desired.revision);
+        let reported = Reported {
+            revision: desired.revision,
+            applied: settings_map(settings),
+            ignored,
+            ts: now,
+        };
+        vec![
+            Effect::Apply(settings),
+            Effect::SaveSettings(SavedSettings {
+                revision: desired.revision,
+                settings: desired.settings,
+            }),
+            Effect::Publish(Outgoing {
+                topic: Topic::Reported(self.cfg.device.clone()).render(),
+                payload: to_json(&reported),
+                qos: Qos::AtLeastOnce,
+                retain: true,
+            }),
+        ]
+    }
+
+    /// Settings from a desired map: unknown keys and bad values are ignored
+    /// (with why), absent keys fall back to the configuration file.
+    fn resolve_settings(&self, desired: &Map<String, Value>) -> (Settings, Map<String, Value>) {
+        let mut s = self.cfg.defaults;
+        let mut ignored = Map::new();
+        for (key, value) in desired {
+            match key.as_str() {
+                settings::TELEMETRY_INTERVAL_S => {
+                    let (lo, hi) = TELEMETRY_INTERVAL_RANGE_S;
+                    match value.as_u64().filter(|v| (lo..=hi).contains(v)) {
+                        Some(v) => s.telemetry_interval_s = v,
+                        None => {
+                            ignored.insert(
+                                key.clone(),
+                                format!("must be an integer in {lo}..={hi}, got {value}").into(),
+                            );
+                        }
+                    }
+                }
+                settings::LOG_LEVEL => match value.as_str().and_then(LogLevel::parse) {
+                    Some(level) => s.log_level = level,
+                    None => {
+                        ignored.insert(
+                            key.clone(),
+                            format!("must be one of error, warn, info, debug, trace, got {value}")
+                                .into(),
+                        );
+                    }
+                },
+                _ => {
+                    ignored.insert(key.clone(), "unknown setting".into());
+                }
+            }
+        }
+        (s, ignored)
+    }
+
+    /// A telemetry sample to publish (QoS 0: the next one follows anyway).
+    pub fn telemetry(&self, sample: &Telemetry) -> Outgoing {
+        Outgoing {
+            topic: Topic::Telemetry(self.cfg.device.clone()).render(),
+            payload: to_json(sample),
+            qos: Qos::AtMostOnce,
+            retain: false,
+        }
+    }
+
+    pub fn event(&self, kind: &str, message: String, now: UnixSeconds) -> Outgoing {
+        Outgoing {
+            topic: Topic::Events(self.cfg.device.clone()).render(),
+            payload: to_json(&Event {
+                ts: now,
+                kind: kind.to_owned(),
+                message,
+            }),
+            qos: Qos::AtLeastOnce,
+            retain: false,
+        }
+    }
+
+    fn status_message(&self, s: &Status) -> Outgoing {
+        Outgoing {
+            topic: self.status_topic.clone(),
+            payload: to_json(s),
+            qos: Qos::AtLeastOnce,
+            retain: true,
+        }
+    }
+
+    fn result_message(&self, r: &CommandResult) -> Outgoing {
+        Outgoing {
+            topic: Topic::CmdResult(self.cfg.device.clone(), r.id.clone()).render(),
+            payload: to_json(r),
+            qos: Qos::AtLeastOnce,
+            retain: false,
+        }
+    }
+
+    fn new_entry(
+        &self,
+        id: &CommandId,
+        action: Option<Action>,
+        status: CommandStatus,
+        now: UnixSeconds,
+    ) -> JournalEntry {
+        JournalEntry {
+            id: id.clone(),
+            action,
+            status,
+            reason: None,
+            output: None,
+            first_seen: now,
+            ts: now,
+            boot_id: Some(self.cfg.boot_id.clone()),
+        }
+    }
+
+    fn final_entry(
+        &self,
+        base: &JournalEntry,
+        status: CommandStatus,
+        reason: Option<String>,
+        output: Option<Value>,
+        now: UnixSeconds,
+    ) -> JournalEntry {
+        JournalEntry {
+            status,
+            reason,
+            output,
+            ts: now,
+            ..base.clone()
+        }
+    }
+
+    fn record(&mut self, effects: &mut Vec<Effect>, entry: JournalEntry) {
+        self.ledger.insert(entry.clone());
+        self.journal_lines += 1;
+        effects.push(Effect::Record(entry));
+    }
+
+    /// Once the file holds twice as many lines as live ids (and at least a
+    /// few dozen), prune and rewrite it.
+    fn maybe_compact(&mut self, now: UnixSeconds) -> Option<Effect> {
+        if self.journal_lines < 64 || self.journal_lines < 2 * self.ledger.len() {
+            return None;
+        }
+        self.ledger.prune(now);
+        let snapshot = self.ledger.snapshot();
+        self.journal_lines = snapshot.len();
+        Some(Effect::Compact(snapshot))
+    }
+}
+
+fn settings_map(s: Settings) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert(
+        settings::TELEMETRY_INTERVAL_S.into(),
+        s.telemetry_interval_s.into(),
+    );
+    m.insert(settings::LOG_LEVEL.into(), s.log_level.as_str().into());
+    m
+}
+
+fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    // Our own message types always serialize.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::Retention;
+    use edgebind_protocol::messages::MAX_COMMAND_BYTES;
+
+    const NOW: u64 = 1_000_000;
+    const RET: Retention = Retention {
+        max_age_s: 1_000_000,
+        max_entries: 1000,
+        protect_s: 1000,
+    };
+
+    fn cfg(boot: &str) -> CoreConfig {
+        CoreConfig {
+            device: DeviceId::new("dev-a").unwrap(),
+            agent_version: "0.1.0".into(),
+            boot_id: boot.into(),
+            defaults: Settings {
+                telemetry_interval_s: 60,
+                log_level: LogLevel::Info,
+            },
+            inventory: Inventory {
+                agent_version: "0.1.0".into(),
+                os_release: Some("Test OS".into()),
+                kernel: Some("6.1".into()),
+                board_model: None,
+                serial: None,
+                boot_id: Some(boot.into()),
+            },
+        }
+    }
+
+    fn core_with(boot: &str, records: Vec<JournalEntry>) -> (Core, Vec<Effect>) {
+        Core::new(cfg(boot), Ledger::new(RET, records), 0, None, NOW)
+    }
+
+    fn core() -> Core {
+        core_with("boot-1", vec![]).0
+    }
+
+    fn cmd_topic(id: &str) -> String {
+        format!("edgebind/v1/devices/dev-a/cmd/{id}")
+    }
+
+    /// Results published by `effects`, as (status, reason).
+    fn results(effects: &[Effect]) -> Vec<(CommandStatus, Option<String>)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Publish(o) if o.topic.contains("/cmd-result/") => {
+                    let r: CommandResult = serde_json::from_slice(&o.payload).unwrap();
+                    Some((r.status, r.reason))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn statuses(effects: &[Effect]) -> Vec<CommandStatus> {
+        results(effects).into_iter().map(|(s, _)| s).collect()
+    }
+
+    #[test]
+    fn subscribes_only_to_its_own_topics() {
+        assert_eq!(
+            core().subscriptions(),
+            [
+                "edgebind/v1/devices/dev-a/cmd/+".to_string(),
+                "edgebind/v1/devices/dev-a/desired".to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn ping_records_before_publishing_accepted_then_succeeded() {
+        let mut c = core();
+        let fx = c.on_message(&cmd_topic("c1"), br#"{"id":"c1","action":"ping"}"#, NOW);
+        assert!(matches!(fx[0], Effect::Record(ref r) if r.status == CommandStatus::Succeeded));
+        assert_eq!(
+            statuses(&fx),
+            [CommandStatus::Accepted, CommandStatus::Succeeded]
+        );
+    }
+
+    #[test]
+    fn inventory_answers_with_the_collected_facts() {
+        let mut c = core();
+        let fx = c.on_message(
+            &cmd_topic("i1"),
+            br#"{"id":"i1","action":"inventory"}"#,
+            NOW,
+        );
+        let last = fx
+            .iter()
+            .rev()
+            .find_map(|e| match e {
+                Effect::Publish(o) => Some(o),
+                _ => None,
+            })
+            .unwrap();
+        let r: CommandResult = serde_json::from_slice(&last.payload).unwrap();
+        let inv: Inventory = serde_json::from_value(r.output.unwrap()).unwrap();
+        assert_eq!(inv.os_release.as_deref(), Some("Test OS"));
+    }
+
+    #[test]
+    fn redelivery_repeats_the_result_without_running_again() {
+        let mut c = core();
+        let payload = br#"{"id":"r1","action":"reboot"}"#;
+        let first = c.on_message(&cmd_topic("r1"), payload, NOW);
+        assert!(matches!(first[0], Effect::Record(_)));
+        assert!(first.iter().any(|e| matches!(e, Effect::Run { .. })));
+        // Redelivered while the reboot request is still running: silence.
+        assert!(c.on_message(&cmd_topic("r1"), payload, NOW).is_empty());
+        c.on_action_done(&CommandId::new("r1").unwrap(), Ok(()), NOW);
+        let again = c.on_message(&cmd_topic("r1"), payload, NOW + 5);
+        assert!(
+            !again
+                .iter()
+                .any(|e| matches!(e, Effect::Run { .. } | Effect::Record(_)))
+        );
+        assert_eq!(statuses(&again), [CommandStatus::Accepted]);
+    }
+
+    #[test]
+    fn redelivery_after_restart_in_same_boot_does_not_reboot_again() {
+        let mut c = core();
+        let payload = br#"{"id":"r1","action":"reboot"}"#;
+        let fx = c.on_message(&cmd_topic("r1"), payload, NOW);
+        let records: Vec<_> = fx
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Record(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        let (mut restarted, start_fx) = core_with("boot-1", records);
+        assert!(!start_fx.iter().any(|e| matches!(e, Effect::Record(_))));
+        let again = restarted.on_message(&cmd_topic("r1"), payload, NOW + 10);
+        assert!(!again.iter().any(|e| matches!(e, Effect::Run { .. })));
+    }
+
+    #[test]
+    fn reboot_succeeds_once_the_boot_id_changed() {
+        let mut c = core();
+        let fx = c.on_message(&cmd_topic("r1"), br#"{"id":"r1","action":"reboot"}"#, NOW);
+        let records: Vec<_> = fx
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Record(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        let (mut after, start_fx) = core_with("boot-2", records);
+        // Recorded before anything is published ...
+        assert!(
+            start_fx
+                .iter()
+                .any(|e| matches!(e, Effect::Record(r) if r.status == CommandStatus::Succeeded))
+        );
+        // ... and published once connected, after the online status.
+        let connected = after.on_connected(5, vec![], NOW + 60);
+        assert_eq!(statuses(&connected), [CommandStatus::Succeeded]);
+        assert!(
+            matches!(&connected[0], Effect::Publish(o) if o.retain && o.topic.ends_with("/status"))
+        );
+        // A redelivery of the reboot after it happened repeats `succeeded`.
+        let again = after.on_message(
+            &cmd_topic("r1"),
+            br#"{"id":"r1","action":"reboot"}"#,
+            NOW + 61,
+        );
+        assert_eq!(statuses(&again), [CommandStatus::Succeeded]);
+    }
+
+    #[test]
+    fn failed_reboot_request_is_reported_as_failed() {
+        let mut c = core();
+        c.on_message(&cmd_topic("r1"), br#"{"id":"r1","action":"reboot"}"#, NOW);
+        let fx = c.on_action_done(
+            &CommandId::new("r1").unwrap(),
+            Err("cannot create /run/edgebind/reboot-request: permission denied".into()),
+            NOW,
+        );
+        let r = results(&fx);
+        assert_eq!(r[0].0, CommandStatus::Failed);
+        assert!(r[0].1.as_deref().unwrap().contains("permission denied"));
+    }
+
+    #[test]
+    fn restart_agent_reports_success_before_leaving() {
+        let mut c = core();
+        let fx = c.on_message(
+            &cmd_topic("x"),
+            br#"{"id":"x","action":"restart-agent"}"#,
+            NOW,
+        );
+        assert_eq!(
+            statuses(&fx),
+            [CommandStatus::Accepted, CommandStatus::Succeeded]
+        );
+        assert!(matches!(fx.last(), Some(Effect::Restart)));
+        assert!(matches!(fx[0], Effect::Record(_)));
+    }
+
+    #[test]
+    fn bad_commands_are_rejected_with_reasons_and_recorded() {
+        let big = {
+            let mut v = br#"{"id":"c5","action":"ping","args":{"x":""#.to_vec();
+            v.resize(MAX_COMMAND_BYTES + 10, b'a');
+            v
+        };
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("c1", b"{not json".to_vec(), "malformed"),
+            (
+                "c2",
+                br#"{"id":"c2","action":"format-disk"}"#.to_vec(),
+                "format-disk",
+            ),
+            (
+                "c3",
+                br#"{"id":"c3","action":"ping","expires_at":5}"#.to_vec(),
+                "expired",
+            ),
+            (
+                "c4",
+                br#"{"id":"other","action":"ping"}"#.to_vec(),
+                "differs",
+            ),
+            ("c5", big, "limited to"),
+            ("c6", vec![0xff, 0x00, 0x13], "malformed"),
+        ];
+        let mut c = core();
+        for (id, payload, needle) in cases {
+            let fx = c.on_message(&cmd_topic(id), &payload, NOW);
+            assert!(matches!(fx[0], Effect::Record(_)), "{id}");
+            let r = results(&fx);
+            assert_eq!(r.len(), 1, "{id}");
+            assert_eq!(r[0].0, CommandStatus::Rejected, "{id}");
+            let reason = r[0].1.clone().unwrap();
+            assert!(reason.contains(needle), "{id}: {reason}");
+        }
+        // Still serving.
+        let fx = c.on_message(&cmd_topic("ok"), br#"{"id":"ok","action":"ping"}"#, NOW);
+        assert_eq!(statuses(&fx).last(), Some(&CommandStatus::Succeeded));
+    }
+
+    #[test]
+    fn foreign_or_odd_topics_are_ignored() {
+        let mut c = core();
+        for t in [
+            "edgebind/v1/devices/dev-b/cmd/c1",
+            "edgebind/v1/devices/dev-a/telemetry",
+            "edgebind/v1/devices/dev-a/cmd",
+            "something/else",
+            "",
+        ] {
+            assert!(
+                c.on_message(t, br#"{"id":"c1","action":"ping"}"#, NOW)
+                    .is_empty(),
+                "{t}"
+            );
+        }
+        // Clearing a retained command (empty payload) runs nothing.
+        assert!(c.on_message(&cmd_topic("c1"), b"", NOW).is_empty());
+    }
+
+    #[test]
+    fn desired_settings_are_applied_saved_and_reported_once_per_revision() {
+        let mut c = core();
+        let desired = br#"{"revision":3,"settings":{"telemetry_interval_s":5,"log_level":"debug","colour":"red"}}"#;
+        let fx = c.on_message("edgebind/v1/devices/dev-a/desired", desired, NOW);
+        assert!(fx.contains(&Effect::Apply(Settings {
+            telemetry_interval_s: 5,
+            log_level: LogLevel::Debug
+        })));
+        assert!(
+            fx.iter()
+                .any(|e| matches!(e, Effect::SaveSettings(s) if s.revision == 3))
+        );
+        let reported = fx
+            .iter()
+            .find_map(|e| match e {
+                Effect::Publish(o) if o.topic.ends_with("/reported") => Some(o),
+                _ => None,
+            })
+            .unwrap();
+        assert!(reported.retain);
+        let r: Reported = serde_json::from_slice(&reported.payload).unwrap();
+        assert_eq!(r.revision, 3);
+        assert!(r.ignored.contains_key("colour"));
+        assert_eq!(r.applied["telemetry_interval_s"], 5);
+        // Same revision again (retained redelivery on reconnect): nothing.
+        assert!(
+            c.on_message("edgebind/v1/devices/dev-a/desired", desired, NOW)
+                .is_empty()
+        );
+        // A bad value is ignored and the default stays.
+        let fx = c.on_message(
+            "edgebind/v1/devices/dev-a/desired",
+            br#"{"revision":4,"settings":{"telemetry_interval_s":0}}"#,
+            NOW,
+        );
+        assert!(fx.contains(&Effect::Apply(Settings {
+            telemetry_interval_s: 60,
+            log_level: LogLevel::Info
+        })));
+        // Garbage becomes an event, not a crash.
+        let fx = c.on_message("edgebind/v1/devices/dev-a/desired", b"[1,2", NOW);
+        assert!(matches!(&fx[..], [Effect::Publish(o)] if o.topic.ends_with("/events")));
+    }
+
+    #[test]
+    fn saved_settings_apply_at_start() {
+        let saved = SavedSettings {
+            revision: 7,
+            settings: serde_json::from_str(r#"{"telemetry_interval_s":9}"#).unwrap(),
+        };
+        let (c, fx) = Core::new(cfg("b"), Ledger::new(RET, vec![]), 0, Some(saved), NOW);
+        assert_eq!(c.settings().telemetry_interval_s, 9);
+        assert!(matches!(fx[0], Effect::Apply(_)));
+    }
+
+    #[test]
+    fn journal_is_compacted_as_it_grows() {
+        let mut c = core();
+        let mut compactions = 0;
+        for i in 0..200 {
+            let id = format!("p{i}");
+            let payload = format!(r#"{{"id":"{id}","action":"ping"}}"#);
+            let fx = c.on_message(&cmd_topic(&id), payload.as_bytes(), NOW);
+            compactions += fx
+                .iter()
+                .filter(|e| matches!(e, Effect::Compact(_)))
+                .count();
+        }
+        assert_eq!(c.ledger().len(), 200);
+        // Every id is recorded once, so the file only doubles for redeliveries
+        // and multi-record commands; the compaction threshold keeps it bounded.
+        assert!(compactions <= 3, "{compactions}");
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let mut c = core();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for i in 0..2000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 64) as usize;
+            let bytes: Vec<u8> = (0..len).map(|j| (seed >> (j % 8 * 8)) as u8).collect();
+            c.on_message(&cmd_topic(&format!("f{i}")), &bytes, NOW);
+            c.on_message("edgebind/v1/devices/dev-a/desired", &bytes, NOW);
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! The command journal: which command ids this device has seen and what
+//! became of them, kept under the state directory across restarts and
+//! reboots so that every id runs at most once.
+//!
+//! Two halves, after the core/I-O split of the rest of the agent:
+//! - [`Ledger`] (pure): the in-memory index and the pruning policy.
+//! - [`JournalFile`] (I/O): an append-only JSON-lines file. Each record is
+//!   written and `fdatasync`ed before the agent acts on it; the file is
+//!   rewritten atomically (temp file, fsync, rename, fsync of the directory)
+//!   when it has grown to twice the retained entries. A torn last line (power
+//!   cut mid-append) is skipped on load; the record before it is intact.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use edgebind_protocol::CommandId;
+use edgebind_protocol::messages::{Action, CommandResult, CommandStatus, UnixSeconds};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One record: the latest known state of a command id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub id: CommandId,
+    /// None when the command was rejected before its action was known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<Action>,
+    pub status: CommandStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    /// When the id was first recorded (pruning age).
+    pub first_seen: UnixSeconds,
+    /// When this record was written.
+    pub ts: UnixSeconds,
+    /// Boot the command was accepted in (a reboot succeeded once it differs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+}
+
+impl JournalEntry {
+    /// The result message this record stands for.
+    pub fn result(&self) -> CommandResult {
+        CommandResult {
+            id: self.id.clone(),
+            status: self.status,
+            reason: self.reason.clone(),
+            output: self.output.clone(),
+            ts: self.ts,
+        }
+    }
+}
+
+/// How long ids are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Ids older than this are forgotten.
+    pub max_age_s: u64,
+    /// Beyond this many ids the oldest go, except protected ones.
+    pub max_entries: usize,
+    /// Ids younger than this are never forgotten for count reasons: the
+    /// broker may still redeliver them (session expiry, with margin).
+    pub protect_s: u64,
+}
+
+/// In-memory index of the journal plus the pruning policy. Pure.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    entries: HashMap<CommandId, JournalEntry>,
+    retention: Retention,
+}
+
+impl Ledger {
+    pub fn new(retention: Retention, records: impl IntoIterator<Item = JournalEntry>) -> Ledger {
+        let mut entries = HashMap::new();
+        for r in records {
+            // Later records of an id supersede earlier ones.
+            entries.insert(r.id.clone(), r);
+        }
+        Ledger { entries, retention }
+    }
+
+    pub fn get(&self, id: &CommandId) -> Option<&JournalEntry> {
+        self.entries.get(id)
+    }
+
+    pub fn insert(&mut self, entry: JournalEntry) {
+        self.entries.insert(entry.id.clone(), entry);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = &JournalEntry> {
+        self.entries.values()
+    }
+
+    /// Forget what the retention allows; returns how many ids were dropped.
+    /// A clock that went backwards makes entries look young, never old, so
+    /// it can only keep ids longer.
+    pub fn prune(&mut self, now: UnixSeconds) -> usize {
+        let before = self.entries.len();
+        let r = self.retention;
+        let age = |e: &JournalEntry| now.saturating_sub(e.first_seen);
+        self.entries.retain(|_, e| age(e) <= r.max_age_s);
+        if self.entries.len() > r.max_entries {
+            let mut old: Vec<(UnixSeconds, CommandId)> = self
+                .entries
+                .values()
+                .filter(|e| age(e) > r.protect_s)
+                .map(|e| (e.first_seen, e.id.clone()))
+                .collect();
+            old.sort();
+            let excess = self.entries.len() - r.max_entries;
+            for (_, id) in old.into_iter().take(excess) {
+                self.entries.remove(&id);
+            }
+        }
+        before - self.entries.len()
+    }
+
+    /// Entries in a stable order (oldest first) for rewriting the file.
+    pub fn snapshot(&self) -> Vec<JournalEntry> {
+        let mut all: Vec<_> = self.entries.values().cloned().collect();
+        all.sort_by(|a, b| (a.first_seen, a.id.as_str()).cmp(&(b.first_seen, b.id.as_str())));
+        all
+    }
+}
+
+/// The journal file under the state directory.
+#[derive(Debug)]
+pub struct JournalFile {
+    path: PathBuf,
+    file: File,
+    lines: usize,
+}
+
+/// What loading found, besides the records.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub skipped_lines: usize,
+}
+
+pub const JOURNAL_FILE_NAME: &str = "commands.jsonl";
+
+impl JournalFile {
+    /// Open (creating if needed) `dir/commands.jsonl` and read its records.
+    pub fn open(dir: &Path) -> io::Result<(JournalFile, Vec<JournalEntry>, LoadReport)> {
+        let path = dir.join(JOURNAL_FILE_NAME);
+        let mut records = Vec::new();
+        let mut report = LoadReport::default();
+        let mut lines = 0;
+        match File::open(&path) {
+            Ok(f) => {
+                for line in BufReader::new(f).lines() {
+                    let line = line?;
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    lines += 1;
+                    match serde_json::from_str::<JournalEntry>(&line) {
+                        Ok(r) => records.push(r),
+                        Err(_) => report.skipped_lines += 1,
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let existed = path.exists();
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        if !existed {
+            // The new directory entry must survive a power cut too.
+            sync_dir(dir)?;
+        }
+        Ok((JournalFile { path, file, lines }, records, report))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Lines in the file (records, including superseded ones).
+    pub fn lines(&self) -> usize {
+        self.lines
+    }
+
+    /// Append one record durably: returns only once it is on stable storage.
+    pub fn append(&mut self, entry: &JournalEntry) -> io::Result<()> {
+        let mut line = serde_json::to_vec(entry).map_err(io::Error::other)?;
+        line.push(b'\n');
+        self.file.write_all(&line)?;
+        self.file.sync_data()?;
+        self.lines += 1;
+        Ok(())
+    }
+
+    /// Replace the file's content by `entries`, atomically and durably.
+    pub fn rewrite(&mut self, entries: &[JournalEntry]) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(entries.len() * 160);
+        for e in entries {
+            serde_json::to_writer(&mut buf, e).map_err(io::Error::other)?;
+            buf.push(b'\n');
+        }
+        write_atomically(&self.path, &buf)?;
+        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.lines = entries.len();
+        Ok(())
+    }
+}
+
+/// Write `bytes` to `path` so that a crash leaves either the old or the new
+/// content: temp file in the same directory, fsync, rename, fsync directory.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, first_seen: u64, status: CommandStatus) -> JournalEntry {
+        JournalEntry {
+            id: CommandId::new(id).unwrap(),
+            action: Some(Action::Ping),
+            status,
+            reason: None,
+            output: None,
+            first_seen,
+            ts: first_seen,
+            boot_id: None,
+        }
+    }
+
+    const RET: Retention = Retention {
+        max_age_s: 1000,
+        max_entries: 3,
+        protect_s: 100,
+    };
+
+    #[test]
+    fn later_records_supersede_earlier_ones() {
+        let l = Ledger::new(
+            RET,
+            [
+                entry("a", 1, CommandStatus::Accepted),
+                entry("a", 1, CommandStatus::Succeeded),
+            ],
+        );
+        assert_eq!(l.len(), 1);
+        assert_eq!(
+            l.get(&CommandId::new("a").unwrap()).unwrap().status,
+            CommandStatus::Succeeded
+        );
+    }
+
+    #[test]
+    fn prune_drops_old_ids_but_never_redeliverable_ones() {
+        let now = 2000;
+        let mut l = Ledger::new(
+            RET,
+            [
+                entry("ancient", 10, CommandStatus::Succeeded), // older than max_age
+                entry("old1", 1500, CommandStatus::Succeeded),
+                entry("old2", 1600, CommandStatus::Succeeded),
+                entry("young1", 1950, CommandStatus::Succeeded),
+                entry("young2", 1960, CommandStatus::Succeeded),
+                entry("young3", 1970, CommandStatus::Succeeded),
+                entry("young4", 1980, CommandStatus::Succeeded),
+            ],
+        );
+        l.prune(now);
+        let mut left: Vec<_> = l.entries().map(|e| e.id.to_string()).collect();
+        left.sort();
+        // Count limit 3 is exceeded, but the four young ids are protected.
+        assert_eq!(left, ["young1", "young2", "young3", "young4"]);
+    }
+
+    #[test]
+    fn file_round_trips_skips_torn_line_and_compacts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut f, recs, _) = JournalFile::open(dir.path()).unwrap();
+        assert!(recs.is_empty());
+        f.append(&entry("a", 1, CommandStatus::Accepted)).unwrap();
+        f.append(&entry("a", 1, CommandStatus::Succeeded)).unwrap();
+        f.append(&entry("b", 2, CommandStatus::Rejected)).unwrap();
+        drop(f);
+        // Simulate a power cut in the middle of an append.
+        let path = dir.path().join(JOURNAL_FILE_NAME);
+        let mut raw = std::fs::read(&path).unwrap();
+        raw.extend_from_slice(b"{\"id\":\"c\",\"sta");
+        std::fs::write(&path, raw).unwrap();
+
+        let (mut f, recs, report) = JournalFile::open(dir.path()).unwrap();
+        assert_eq!(report.skipped_lines, 1);
+        let l = Ledger::new(RET, recs);
+        assert_eq!(l.len(), 2);
+        f.rewrite(&l.snapshot()).unwrap();
+        assert_eq!(f.lines(), 2);
+        f.append(&entry("d", 3, CommandStatus::Succeeded)).unwrap();
+        let (_, recs, report) = JournalFile::open(dir.path()).unwrap();
+        assert_eq!(report.skipped_lines, 0);
+        assert_eq!(recs.len(), 3);
+    }
+}
