@@ -1,0 +1,300 @@
+//! The fleet service: keeps the registry in step with the broker.
+//!
+//! ```text
+//!  broker ──QoS1──> event loop ──channel──> writer thread ──> SQLite (one transaction per batch)
+//!                      ^                         │
+//!                      └──── PUBACK after commit ┘
+//!                                                └──connected devices──> outbox thread
+//!  outbox thread: publishes retained desired settings, queued commands and
+//!  on-connect actions, polling the registry (the CLI writes to it directly).
+//! ```
+//!
+//! Durability: the service subscribes with QoS 1 on a persistent session
+//! (`clean_session = false`) and acknowledges each message only after the
+//! transaction holding it has committed (rumqttc manual acks). A crash or
+//! `kill -9` at any point leaves unacknowledged messages with the broker,
+//! which re-sends them when the service reconnects, so nothing acknowledged
+//! is lost; the price is that a message may be written twice after a crash
+//! (at-least-once). While the service is down the broker queues messages for
+//! its session up to Mosquitto's `max_queued_messages`.
+
+mod outbox;
+mod writer;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use edgebind_protocol::CommandId;
+use edgebind_protocol::messages::now_unix;
+use rumqttc::{AsyncClient, Event, Incoming, QoS};
+use tokio::sync::mpsc;
+
+use crate::ingest;
+use crate::mqtt::{self, BrokerEndpoint, ClientIdentity, MqttSetupError};
+use crate::registry::{RegistryError, Retention, SqliteStore};
+
+/// The CN the fleet service's certificate carries.
+pub const SERVICE_NAME: &str = "fleet";
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub registry: PathBuf,
+    pub endpoint: BrokerEndpoint,
+    pub identity: ClientIdentity,
+    pub keep_alive: Duration,
+    /// Most messages written in one transaction.
+    pub batch_max: usize,
+    /// Longest a batch keeps collecting while messages keep arriving.
+    pub batch_window: Duration,
+    /// How often the registry is polled for desired settings and queued
+    /// commands written by the CLI.
+    pub poll_interval: Duration,
+    /// Ask every device that connects for its inventory.
+    pub inventory_on_connect: bool,
+    pub retention: Retention,
+}
+
+impl ServiceConfig {
+    pub fn new(registry: PathBuf, endpoint: BrokerEndpoint, identity: ClientIdentity) -> Self {
+        ServiceConfig {
+            registry,
+            endpoint,
+            identity,
+            keep_alive: Duration::from_secs(30),
+            batch_max: 5000,
+            batch_window: Duration::from_millis(100),
+            poll_interval: Duration::from_millis(250),
+            inventory_on_connect: true,
+            retention: Retention::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Setup(#[from] MqttSetupError),
+    #[error("fleet service: {0}")]
+    Internal(String),
+}
+
+/// Counters for logs, tests and the benchmark.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Messages taken from the broker.
+    pub received: AtomicU64,
+    /// Messages whose update is committed (and acknowledged).
+    pub committed: AtomicU64,
+    /// Messages dropped as malformed or from unknown devices (still acknowledged).
+    pub dropped: AtomicU64,
+    pub batches: AtomicU64,
+    /// Commands and desired settings published by the outbox.
+    pub published: AtomicU64,
+    /// Times the connection to the broker was (re)established.
+    pub connects: AtomicU64,
+}
+
+impl Counters {
+    pub fn get(&self, c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// A fresh command id: time-ordered and unique enough for a fleet.
+pub fn new_command_id(prefix: &str) -> CommandId {
+    let r: u32 = rand::random();
+    CommandId::new(format!("{prefix}-{}-{r:08x}", now_unix()))
+        .expect("prefix is a valid id and the rest is alphanumeric")
+}
+
+/// Run the service until `shutdown` resolves. Returns after the last batch
+/// is committed and acknowledged.
+pub async fn run(
+    config: ServiceConfig,
+    counters: Arc<Counters>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServiceError> {
+    // Open both connections first so a bad registry path fails before connecting.
+    let writer_store = SqliteStore::open(&config.registry, config.retention)?;
+    let outbox_store = SqliteStore::open(&config.registry, config.retention)?;
+
+    let client_id = format!("service:{SERVICE_NAME}");
+    let mut opts = mqtt::options(
+        &client_id,
+        &config.endpoint,
+        &config.identity,
+        config.keep_alive,
+    )?;
+    opts.set_clean_session(false);
+    opts.set_manual_acks(true);
+    opts.set_inflight(100);
+    let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
+
+    let (to_writer, writer_rx) = mpsc::channel::<rumqttc::Publish>(20_000);
+    let (connected_tx, connected_rx) = std::sync::mpsc::channel();
+    let stopping = Arc::new(AtomicBool::new(false));
+    let runtime = tokio::runtime::Handle::current();
+
+    let writer = writer::Writer {
+        store: writer_store,
+        client: client.clone(),
+        runtime: runtime.clone(),
+        counters: counters.clone(),
+        connected: connected_tx.clone(),
+        batch_max: config.batch_max.max(1),
+        batch_window: config.batch_window,
+    };
+    let writer_thread = std::thread::Builder::new()
+        .name("fleet-writer".into())
+        .spawn(move || writer.run(writer_rx))
+        .map_err(|e| ServiceError::Internal(format!("cannot start the writer thread: {e}")))?;
+
+    let outbox = outbox::Outbox {
+        store: outbox_store,
+        client: client.clone(),
+        runtime,
+        counters: counters.clone(),
+        poll_interval: config.poll_interval,
+        inventory_on_connect: config.inventory_on_connect,
+        stopping: stopping.clone(),
+    };
+    let outbox_thread = std::thread::Builder::new()
+        .name("fleet-outbox".into())
+        .spawn(move || outbox.run(connected_rx))
+        .map_err(|e| ServiceError::Internal(format!("cannot start the outbox thread: {e}")))?;
+    drop(connected_tx);
+
+    let subscriptions = ingest::subscriptions();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                    counters.connects.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        broker = %format!("{}:{}", config.endpoint.host, config.endpoint.port),
+                        session_present = ack.session_present,
+                        "fleet service connected"
+                    );
+                    // Re-subscribing on a resumed session is harmless and
+                    // covers a broker that lost the session.
+                    let filters = subscriptions.iter().map(|f| {
+                        rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)
+                    });
+                    if let Err(e) = client.subscribe_many(filters).await {
+                        return Err(ServiceError::Internal(format!("subscribe: {e}")));
+                    }
+                }
+                Ok(Event::Incoming(Incoming::Publish(publish))) => {
+                    counters.received.fetch_add(1, Ordering::Relaxed);
+                    if to_writer.send(publish).await.is_err() {
+                        return Err(ServiceError::Internal("the writer thread stopped".into()));
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "broker connection lost; reconnecting");
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    // Orderly stop: the writer commits and acknowledges what it holds while
+    // the event loop keeps running to send those acks out; messages not yet
+    // forwarded stay unacknowledged and come back on the next start.
+    tracing::info!("fleet service stopping");
+    stopping.store(true, Ordering::Relaxed);
+    drop(to_writer);
+    let writer_done = tokio::task::spawn_blocking(move || writer_thread.join());
+    tokio::pin!(writer_done);
+    loop {
+        tokio::select! {
+            done = &mut writer_done => {
+                if !matches!(done, Ok(Ok(()))) {
+                    tracing::error!("the writer thread panicked");
+                }
+                break;
+            }
+            event = eventloop.poll() => if event.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let _ = tokio::task::spawn_blocking(move || outbox_thread.join()).await;
+    let _ = client.disconnect().await;
+    // Flush the queued acks and the DISCONNECT.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(_)) => {}
+        }
+    }
+    Ok(())
+}
+
+/// A service running on its own runtime thread (tests, benchmark).
+pub struct ServiceHandle {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), ServiceError>>>,
+    pub counters: Arc<Counters>,
+}
+
+impl ServiceHandle {
+    pub fn start(config: ServiceConfig) -> Result<ServiceHandle, ServiceError> {
+        let counters = Arc::new(Counters::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let c = counters.clone();
+        let thread = std::thread::Builder::new()
+            .name("fleet-service".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .map_err(|e| ServiceError::Internal(format!("tokio runtime: {e}")))?;
+                rt.block_on(run(config, c, async {
+                    let _ = stopped.await;
+                }))
+            })
+            .map_err(|e| ServiceError::Internal(format!("cannot start the service thread: {e}")))?;
+        Ok(ServiceHandle {
+            stop: Some(stop),
+            thread: Some(thread),
+            counters,
+        })
+    }
+
+    /// Stop and wait until everything received is committed.
+    pub fn stop(mut self) -> Result<(), ServiceError> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> Result<(), ServiceError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| ServiceError::Internal("service thread panicked".into()))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ServiceHandle {
+    fn drop(&mut self) {
+        let _ = self.stop_inner();
+    }
+}
