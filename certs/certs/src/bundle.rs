@@ -1,0 +1,112 @@
+//! Device identity bundles: what a factory line writes into an image.
+//!
+//! A bundle is a directory with four files, and a tar of the same four files
+//! at the top level (no directory prefix) written beside it as `<dir>.tar`:
+//!
+//! | file         | content                                      | mode |
+//! |--------------|----------------------------------------------|------|
+//! | `agent.toml` | ready agent configuration (relative paths)   | 0644 |
+//! | `device.crt` | device certificate followed by the issuing CA | 0644 |
+//! | `device.key` | the device's private key (PKCS#8 PEM)        | 0600 |
+//! | `ca.crt`     | the fleet root CA                            | 0644 |
+//!
+//! The tar is itself 0600 because it contains the key.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::files::{PRIVATE_MODE, PUBLIC_MODE, create_dir, write_private, write_public};
+use crate::{Error, IssuedCert};
+
+pub const AGENT_CONFIG: &str = "agent.toml";
+pub const DEVICE_CERT: &str = "device.crt";
+pub const DEVICE_KEY: &str = "device.key";
+pub const CA_CERT: &str = "ca.crt";
+
+/// Where a bundle was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundlePaths {
+    pub dir: PathBuf,
+    pub tar: PathBuf,
+}
+
+/// `<dir>.tar` beside the bundle directory.
+pub fn tar_path_for(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(".tar");
+    dir.with_file_name(name)
+}
+
+/// Write the bundle directory `dir` (created 0700) and `<dir>.tar`.
+/// `agent_toml` is the rendered agent configuration (see
+/// `edgebind_agent::config::AgentConfig::bundle_template`).
+pub fn write_bundle(
+    dir: &Path,
+    issued: &IssuedCert,
+    root_pem: &str,
+    agent_toml: &str,
+) -> Result<BundlePaths, Error> {
+    create_dir(dir, 0o700)?;
+    let files: [(&str, &[u8], u32); 4] = [
+        (AGENT_CONFIG, agent_toml.as_bytes(), PUBLIC_MODE),
+        (DEVICE_CERT, issued.chain_pem.as_bytes(), PUBLIC_MODE),
+        (DEVICE_KEY, issued.key_pem.as_bytes(), PRIVATE_MODE),
+        (CA_CERT, root_pem.as_bytes(), PUBLIC_MODE),
+    ];
+    for (name, bytes, mode) in files {
+        if mode == PRIVATE_MODE {
+            write_private(&dir.join(name), bytes)?;
+        } else {
+            write_public(&dir.join(name), bytes)?;
+        }
+    }
+    let tar = tar_path_for(dir);
+    let bytes = tar_bytes(&files).map_err(|e| Error::io(&tar, e))?;
+    let tmp = tar.with_extension("tar.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(PRIVATE_MODE)
+        .open(&tmp)
+        .map_err(|e| Error::io(&tmp, e))?;
+    out.write_all(&bytes).map_err(|e| Error::io(&tmp, e))?;
+    drop(out);
+    std::fs::rename(&tmp, &tar).map_err(|e| Error::io(&tar, e))?;
+    Ok(BundlePaths {
+        dir: dir.to_owned(),
+        tar,
+    })
+}
+
+fn tar_bytes(files: &[(&str, &[u8], u32)]) -> std::io::Result<Vec<u8>> {
+    let mtime = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, bytes, mode) in files {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(*mode);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(mtime);
+        header.set_entry_type(tar::EntryType::Regular);
+        builder.append_data(&mut header, name, *bytes)?;
+    }
+    builder.into_inner()
+}
+
+/// A minimal agent configuration following the shared contract, used until
+/// the agent crate's `AgentConfig::bundle_template` is available to the caller.
+pub fn minimal_agent_toml(device_id: &str, host: &str, port: u16, server_name: &str) -> String {
+    format!(
+        "# Edgebind agent identity for {device_id} (paths are relative to this file)\n\
+         device_id = \"{device_id}\"\n\n\
+         [broker]\nhost = \"{host}\"\nport = {port}\nserver_name = \"{server_name}\"\n\n\
+         [identity]\ncert = \"{DEVICE_CERT}\"\nkey = \"{DEVICE_KEY}\"\nca = \"{CA_CERT}\"\n"
+    )
+}

@@ -1,0 +1,75 @@
+//! Writing PKI files with the right permissions, atomically.
+//!
+//! Keys are created 0600 from the first byte (never chmod-ed after the fact)
+//! and every file is written to a temporary name and renamed, so a crash or a
+//! concurrent reader never sees half a certificate.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::Error;
+
+pub const PRIVATE_MODE: u32 = 0o600;
+pub const PUBLIC_MODE: u32 = 0o644;
+
+fn tmp_name(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// Write `bytes` to `path` with `mode`, replacing it atomically.
+pub fn write_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
+    let tmp = tmp_name(path);
+    let _ = fs::remove_file(&tmp);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| Error::io(&tmp, e))?;
+    // The umask may have removed bits from a public file; a private file can only lose bits.
+    file.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::io(&tmp, e))?;
+    file.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+    drop(file);
+    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// A private key or anything containing one: mode 0600.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    write_mode(path, bytes, PRIVATE_MODE)
+}
+
+/// Certificates, CRLs, configs: mode 0644.
+pub fn write_public(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    write_mode(path, bytes, PUBLIC_MODE)
+}
+
+pub fn read_string(path: &Path) -> Result<String, Error> {
+    fs::read_to_string(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::NotInitialized {
+                path: path.to_owned(),
+            }
+        } else {
+            Error::io(path, e)
+        }
+    })
+}
+
+pub fn create_dir(path: &Path, mode: u32) -> Result<(), Error> {
+    fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|e| Error::io(path, e))
+}
+
+/// The permission bits of a file (tests and sanity checks).
+pub fn mode_of(path: &Path) -> Result<u32, Error> {
+    Ok(fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .permissions()
+        .mode()
+        & 0o7777)
+}

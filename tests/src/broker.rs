@@ -1,0 +1,192 @@
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use edgebind_broker::{BrokerSettings, GenerateOptions};
+use edgebind_certs::Pki;
+
+use crate::pki::TestPki;
+use crate::wait::wait_until;
+
+/// A real Mosquitto running OUR generated configuration (see the crate docs).
+pub struct Broker {
+    dir: PathBuf,
+    pki_dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+    starts: u32,
+}
+
+const START_DEADLINE: Duration = Duration::from_secs(20);
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("bind a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+impl Broker {
+    /// Generate `<home>/broker` for 127.0.0.1 / localhost on a free port and start mosquitto.
+    pub fn start(pki: &TestPki) -> anyhow::Result<Broker> {
+        let mut settings = BrokerSettings::new(
+            vec!["localhost".into()],
+            vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+        );
+        settings.port = free_port()?;
+        settings.bind = "127.0.0.1".into();
+        Self::start_with(pki, settings)
+    }
+
+    /// Start with explicit settings (e.g. a short `crl_days`).
+    pub fn start_with(pki: &TestPki, settings: BrokerSettings) -> anyhow::Result<Broker> {
+        let dir = pki.broker_dir();
+        edgebind_broker::generate(&dir, pki.pki(), &settings, &GenerateOptions::default())
+            .context("generate broker config")?;
+        let mut broker = Broker {
+            log: pki.home().join("mosquitto.log"),
+            dir,
+            pki_dir: pki.pki_dir(),
+            port: settings.port,
+            child: None,
+            starts: 0,
+        };
+        broker.spawn()?;
+        Ok(broker)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("open {}", self.log.display()))?;
+        let mut cmd = edgebind_broker::process::command(&self.dir)?;
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd.spawn().context("spawn mosquitto")?;
+        self.child = Some(child);
+        self.starts += 1;
+        let port = self.port;
+        let up = wait_until(START_DEADLINE, || {
+            if self.has_exited() {
+                return true;
+            }
+            TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok()
+        });
+        if self.has_exited() || !up {
+            bail!(
+                "mosquitto did not start listening on 127.0.0.1:{port}; log:\n{}",
+                self.log()
+            );
+        }
+        Ok(())
+    }
+
+    fn has_exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => !matches!(child.try_wait(), Ok(None)),
+            None => true,
+        }
+    }
+
+    /// True while the mosquitto process is alive.
+    pub fn is_running(&mut self) -> bool {
+        !self.has_exited()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Address clients dial.
+    pub fn host(&self) -> &'static str {
+        "127.0.0.1"
+    }
+
+    /// Name in the server certificate clients may verify instead of the IP.
+    pub fn server_name(&self) -> &'static str {
+        "localhost"
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `<home>/broker` (mosquitto.conf, acl, crl.pem, ...).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Everything mosquitto logged so far (all starts).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn reload_count(&self) -> usize {
+        self.log().matches("Reloading config").count()
+    }
+
+    /// Stop the broker (SIGTERM, then SIGKILL after 5 s).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let exited = wait_until(Duration::from_secs(5), || {
+                matches!(child.try_wait(), Ok(Some(_)))
+            });
+            if !exited {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+
+    /// Stop and start again on the same port with the same files.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.spawn()
+    }
+
+    /// Send SIGHUP without regenerating anything; returns once the broker
+    /// logged that it reloaded its configuration.
+    pub fn hup(&mut self) -> anyhow::Result<()> {
+        let before = self.reload_count();
+        let pid = self.pid().context("broker not running")?;
+        edgebind_broker::process::send_hup(pid)?;
+        if !wait_until(Duration::from_secs(10), || self.reload_count() > before) {
+            bail!(
+                "mosquitto did not log a reload after SIGHUP; log:\n{}",
+                self.log()
+            );
+        }
+        // The broker logs the line and then reloads in the same iteration of
+        // its single-threaded loop, so anything a client sends from now on is
+        // handled under the new configuration.
+        Ok(())
+    }
+
+    /// Regenerate the ACL and CRL from the PKI inventory (what `edgebind
+    /// broker reload` does) and SIGHUP the broker.
+    pub fn reload(&mut self) -> anyhow::Result<()> {
+        let pki = Pki::open(&self.pki_dir)?;
+        let settings = BrokerSettings::load(&self.dir)?;
+        edgebind_broker::regenerate_policy(&self.dir, &pki, &settings)?;
+        self.hup()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

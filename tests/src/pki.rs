@@ -1,0 +1,193 @@
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use edgebind_certs::{InitOptions, IssuedCert, Pki, Validity};
+use edgebind_protocol::{DeviceId, Principal};
+use rcgen::{CertificateParams, KeyPair};
+
+use crate::broker::Broker;
+
+/// One client identity on disk: `<dir>/client.crt` (leaf + issuing CA),
+/// `<dir>/client.key`, `<dir>/ca.crt` (fleet root).
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// `None` for certificates made with [`TestPki::custom`].
+    pub principal: Option<Principal>,
+    /// Label: the CN for normal identities, the directory name for custom ones.
+    pub name: String,
+    pub dir: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub serial: String,
+}
+
+/// A throwaway fleet home with an initialised PKI (see the crate docs).
+pub struct TestPki {
+    home: tempfile::TempDir,
+    pki: Pki,
+    /// `operator:tester`: reads everything, commands devices.
+    pub operator: Identity,
+    /// `service:fleet`: the fleet back-end's identity.
+    pub service: Identity,
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestPki {
+    /// A fresh fleet PKI (fleet name "test") in a new tempdir. Panics on failure.
+    pub fn new() -> TestPki {
+        let home = tempfile::Builder::new()
+            .prefix("edgebind-test-")
+            .tempdir()
+            .expect("tempdir");
+        // Mosquitto (started as root) drops to user `mosquitto` and must be able
+        // to traverse the home to reach <home>/broker; the PKI dir stays 0700.
+        std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod tempdir");
+        let pki = Pki::init(&home.path().join("pki"), &InitOptions::new("test")).expect("pki init");
+        let mut me = TestPki {
+            pki,
+            operator: placeholder(),
+            service: placeholder(),
+            home,
+        };
+        me.operator = me.identity(&Principal::from_cn("operator:tester").unwrap());
+        me.service = me.identity(&Principal::from_cn("service:fleet").unwrap());
+        me
+    }
+
+    /// The fleet home (the tempdir).
+    pub fn home(&self) -> &Path {
+        self.home.path()
+    }
+
+    pub fn pki(&self) -> &Pki {
+        &self.pki
+    }
+
+    pub fn pki_dir(&self) -> PathBuf {
+        self.home().join("pki")
+    }
+
+    pub fn broker_dir(&self) -> PathBuf {
+        self.home().join("broker")
+    }
+
+    pub fn bundles_dir(&self) -> PathBuf {
+        self.home().join("bundles")
+    }
+
+    /// The fleet root certificate path.
+    pub fn root_ca(&self) -> PathBuf {
+        self.pki.root_cert_path()
+    }
+
+    /// Issue (and record) a device identity. A second call for the same id is
+    /// a renewal: new key and serial, written over the previous files.
+    pub fn device(&self, id: &str) -> Identity {
+        self.identity(&Principal::from_cn(id).expect("valid device id"))
+    }
+
+    /// Issue (and record) a certificate for any principal (`operator:x`, `claim:y`, ...).
+    pub fn identity(&self, principal: &Principal) -> Identity {
+        let issued = self
+            .pki
+            .issue(principal, Validity::days(30))
+            .expect("issue certificate");
+        self.write(
+            principal.cn().replace(':', "_"),
+            Some(principal.clone()),
+            &issued,
+        )
+    }
+
+    /// Sign arbitrary rcgen parameters with the fleet's issuing CA (NOT recorded
+    /// in the inventory): expired, no-CN, serverAuth-only certificates...
+    /// `label` names the directory under `<home>/identities/`.
+    pub fn custom(&self, label: &str, params: CertificateParams) -> Identity {
+        let key = KeyPair::generate().expect("key");
+        let cert = params
+            .signed_by(&key, self.pki.issuer())
+            .expect("sign custom certificate");
+        let issued = IssuedCert {
+            principal: None,
+            cn: label.to_owned(),
+            serial: String::new(),
+            fingerprint_sha256: String::new(),
+            not_before: params.not_before,
+            not_after: params.not_after,
+            cert_pem: cert.pem(),
+            chain_pem: format!("{}{}", cert.pem(), self.pki.issuing_pem()),
+            key_pem: key.serialize_pem(),
+        };
+        self.write(label.to_owned(), None, &issued)
+    }
+
+    fn write(
+        &self,
+        dir_name: String,
+        principal: Option<Principal>,
+        issued: &IssuedCert,
+    ) -> Identity {
+        let dir = self.home().join("identities").join(&dir_name);
+        issued
+            .write_identity(&dir, "client", self.pki.root_pem())
+            .expect("write identity");
+        Identity {
+            name: principal.as_ref().map(Principal::cn).unwrap_or(dir_name),
+            principal,
+            cert: dir.join("client.crt"),
+            key: dir.join("client.key"),
+            ca: dir.join("ca.crt"),
+            dir,
+            serial: issued.serial.clone(),
+        }
+    }
+
+    /// Revoke every certificate of `cn` in the PKI (inventory + CRL). The
+    /// broker applies it on [`Broker::reload`].
+    pub fn revoke(&self, cn: &str) {
+        self.pki
+            .revoke(&Principal::from_cn(cn).expect("valid cn"))
+            .expect("revoke");
+    }
+
+    /// Issue a device certificate and write an identity bundle for it to
+    /// `<home>/bundles/<id>/` (+ `<home>/bundles/<id>.tar`), with an
+    /// agent.toml pointing at `broker` (host 127.0.0.1, its port, server
+    /// name `localhost`). Returns the bundle directory.
+    pub fn bundle(&self, id: &str, broker: &Broker) -> PathBuf {
+        let principal = Principal::from_cn(id).expect("valid device id");
+        let issued = self
+            .pki
+            .issue(&principal, Validity::days(30))
+            .expect("issue device certificate");
+        let dir = self.bundles_dir().join(id);
+        let toml = edgebind_agent::config::AgentConfig::bundle_template(
+            &DeviceId::new(id).expect("valid device id"),
+            broker.host(),
+            broker.port(),
+            Some(broker.server_name()),
+        );
+        edgebind_certs::bundle::write_bundle(&dir, &issued, self.pki.root_pem(), &toml)
+            .expect("write bundle");
+        dir
+    }
+}
+
+fn placeholder() -> Identity {
+    Identity {
+        principal: None,
+        name: String::new(),
+        dir: PathBuf::new(),
+        cert: PathBuf::new(),
+        key: PathBuf::new(),
+        ca: PathBuf::new(),
+        serial: String::new(),
+    }
+}

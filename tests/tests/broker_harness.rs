@@ -1,0 +1,77 @@
+//! The harness itself works end to end: generated config, real mosquitto,
+//! mTLS clients, restart and reload, bundles.
+
+use edgebind_protocol::DeviceId;
+use edgebind_protocol::topics::Topic;
+use edgebind_tests::{DEADLINE, PubAckReason, QoS, TestClient, TestFleet};
+
+#[test]
+fn device_status_reaches_operator_and_survives_restart_and_reload() {
+    let mut fleet = TestFleet::start();
+    let dev = fleet.pki.device("dev-a");
+    let status = Topic::Status(DeviceId::new("dev-a").unwrap()).render();
+
+    let op = TestClient::connect(&fleet.pki.operator, &fleet.broker).unwrap();
+    op.subscribe("edgebind/v1/#").unwrap();
+    let a = TestClient::connect(&dev, &fleet.broker).unwrap();
+    let ack = a
+        .publish(&status, b"online", QoS::AtLeastOnce, true)
+        .unwrap();
+    assert_eq!(ack, Some(PubAckReason::Success));
+    let got = op
+        .wait_for_topic(&status, DEADLINE)
+        .expect("operator sees dev-a status");
+    assert_eq!(got.payload, b"online");
+
+    // Reload keeps both connections (same CONNACK count, still connected).
+    fleet.broker.reload().unwrap();
+    assert!(a.is_connected() && op.is_connected());
+    assert_eq!(a.connack_count(), 1);
+
+    // Restart: connections drop, retained status persists (persistence true).
+    drop(a);
+    drop(op);
+    fleet.broker.restart().unwrap();
+    let op = TestClient::connect(&fleet.pki.operator, &fleet.broker).unwrap();
+    op.subscribe(&status).unwrap();
+    let again = op
+        .wait_for_topic(&status, DEADLINE)
+        .expect("retained status after restart");
+    assert!(again.retain);
+    assert!(fleet.broker.log().contains("Reloading config"));
+}
+
+#[test]
+fn bundle_has_four_files_key_private_and_tar_beside_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let fleet = TestFleet::start();
+    let dir = fleet.pki.bundle("dev-b", &fleet.broker);
+    for f in ["agent.toml", "device.crt", "device.key", "ca.crt"] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    let mode = std::fs::metadata(dir.join("device.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let tar = dir.with_file_name("dev-b.tar");
+    let list = std::process::Command::new("tar")
+        .arg("-tvf")
+        .arg(&tar)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&list.stdout);
+    for f in ["agent.toml", "device.crt", "device.key", "ca.crt"] {
+        assert!(
+            listing.lines().any(|l| l.ends_with(&format!(" {f}"))),
+            "{f} not at tar top level:\n{listing}"
+        );
+    }
+    assert!(
+        listing.contains("-rw------- ")
+            && listing
+                .lines()
+                .any(|l| l.starts_with("-rw-------") && l.ends_with("device.key"))
+    );
+}
