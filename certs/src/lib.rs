@@ -1,1 +1,50 @@
-//! PKI (filled in by the PKI work).
+//! The Edgebind fleet PKI.
+//!
+//! One directory (normally `<home>/pki`) holds a fleet root CA, an issuing CA
+//! signed by it, an inventory of every certificate issued (JSON) and the
+//! current revocation list. Every leaf is signed by the issuing CA, so the root
+//! key can be moved offline after [`Pki::init`]: [`Pki::open`] needs only the
+//! issuing CA's key.
+//!
+//! ```no_run
+//! use edgebind_certs::{InitOptions, Pki, Validity};
+//! use edgebind_protocol::DeviceId;
+//! # fn main() -> Result<(), edgebind_certs::Error> {
+//! let pki = Pki::init("fleet/pki".as_ref(), &InitOptions::new("acme"))?;
+//! let issued = pki.issue_device(&DeviceId::new("rpi-0001")?, Validity::days(1825))?;
+//! println!("{} expires {}", issued.serial, issued.not_after);
+//! # Ok(()) }
+//! ```
+//!
+//! All keys are ECDSA P-256 (what the broker, rustls with ring and small
+//! devices all handle fast). Private keys are always written with mode 0600.
+
+pub mod bundle;
+mod error;
+pub mod files;
+pub mod inventory;
+pub mod pki;
+pub mod profile;
+
+pub use error::Error;
+pub use inventory::{CrlStatus, Inventory, InventoryEntry};
+pub use pki::{InitOptions, IssuedCert, Pki};
+pub use profile::Validity;
+
+/// File names inside the PKI directory.
+pub mod layout {
+    /// The fleet trust anchor; every client and the broker verify against it.
+    pub const ROOT_CERT: &str = "root-ca.crt";
+    /// Needed only to create the issuing CA; may be moved offline after `init`.
+    pub const ROOT_KEY: &str = "root-ca.key";
+    pub const ISSUING_CERT: &str = "issuing-ca.crt";
+    pub const ISSUING_KEY: &str = "issuing-ca.key";
+    /// JSON list of every certificate issued: serial, CN, fingerprint, expiry, revocation.
+    pub const INVENTORY: &str = "inventory.json";
+    /// Taken (flock) while the inventory is read-modified-written.
+    pub const INVENTORY_LOCK: &str = "inventory.lock";
+    /// The current CRL (issued by the issuing CA), PEM.
+    pub const CRL: &str = "crl.pem";
+    /// Copies of every issued leaf certificate, `<serial>.pem`.
+    pub const ISSUED_DIR: &str = "issued";
+}
