@@ -3,5 +3,6 @@
 
 pub mod ingest;
 pub mod mqtt;
+pub mod operator;
 pub mod registry;
 pub mod service;

@@ -1,0 +1,232 @@
+//! Operator side of a command: publish it to one or many devices and wait for
+//! each device's final result.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use edgebind_protocol::messages::{Command, CommandResult, CommandStatus};
+use edgebind_protocol::topics::{Kind, Topic};
+use edgebind_protocol::{CommandId, DeviceId};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use serde::Serialize;
+
+/// How one device's command ended.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    Succeeded {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        output: Option<serde_json::Value>,
+    },
+    Failed {
+        reason: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        output: Option<serde_json::Value>,
+    },
+    Rejected {
+        reason: Option<String>,
+    },
+    /// No final result before the deadline (`accepted` tells whether the
+    /// device at least acknowledged it).
+    TimedOut {
+        accepted: bool,
+    },
+}
+
+impl Outcome {
+    pub fn is_success(&self) -> bool {
+        matches!(self, Outcome::Succeeded { .. })
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Succeeded { .. } => "succeeded",
+            Outcome::Failed { .. } => "failed",
+            Outcome::Rejected { .. } => "rejected",
+            Outcome::TimedOut { accepted: true } => "timed out (accepted)",
+            Outcome::TimedOut { accepted: false } => "timed out",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeviceOutcome {
+    pub device: DeviceId,
+    pub command: CommandId,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    pub elapsed_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("could not connect to the broker: {0}")]
+    Connect(String),
+}
+
+/// Everything the wait produced: per-device outcomes (in the order of the
+/// commands) and every result message seen (for the registry).
+#[derive(Debug, Default)]
+pub struct SendReport {
+    pub outcomes: Vec<DeviceOutcome>,
+    pub results: Vec<(DeviceId, CommandResult)>,
+}
+
+struct Pending {
+    index: usize,
+    accepted: bool,
+    done: bool,
+}
+
+/// Publish `commands` (QoS 1) once the result subscription is in place and
+/// wait up to `timeout` for every final result. `progress(done, total,
+/// outcome)` is called as each device finishes.
+pub async fn send_and_wait(
+    mut opts: MqttOptions,
+    commands: Vec<(DeviceId, Command)>,
+    timeout: Duration,
+    mut progress: impl FnMut(usize, usize, &DeviceOutcome),
+) -> Result<SendReport, SendError> {
+    opts.set_clean_session(true);
+    let total = commands.len();
+    let (client, mut eventloop) = AsyncClient::new(opts, total.max(16) * 2 + 16);
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + timeout;
+
+    let mut pending: HashMap<(DeviceId, CommandId), Pending> = commands
+        .iter()
+        .enumerate()
+        .map(|(index, (d, c))| {
+            (
+                (d.clone(), c.id.clone()),
+                Pending {
+                    index,
+                    accepted: false,
+                    done: false,
+                },
+            )
+        })
+        .collect();
+    let mut outcomes: Vec<Option<DeviceOutcome>> = vec![None; total];
+    let mut results = Vec::new();
+    let mut finished = 0usize;
+    let mut connected_once = false;
+    let mut published = false;
+    let mut last_error: Option<String> = None;
+    let mut to_publish = Some(commands);
+
+    while finished < total {
+        let event = match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Err(_) => break,
+            Ok(e) => e,
+        };
+        match event {
+            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                connected_once = true;
+                client
+                    .subscribe(Kind::CmdResult.filter_all(), QoS::AtLeastOnce)
+                    .await
+                    .map_err(|e| SendError::Connect(e.to_string()))?;
+            }
+            Ok(Event::Incoming(Incoming::SubAck(_))) if !published => {
+                published = true;
+                let batch = to_publish.take().unwrap_or_default();
+                let c = client.clone();
+                // Publish from another task: the request channel is drained
+                // by this loop, so publishing here could wait on itself.
+                tokio::spawn(async move {
+                    for (device, command) in batch {
+                        let topic = Topic::Cmd(device, command.id.clone()).render();
+                        if c.publish(topic, QoS::AtLeastOnce, false, command.encode())
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+            }
+            Ok(Event::Incoming(Incoming::Publish(p))) => {
+                let Some(Topic::CmdResult(device, id)) = Topic::parse(&p.topic) else {
+                    continue;
+                };
+                let Some(entry) = pending.get_mut(&(device.clone(), id.clone())) else {
+                    continue;
+                };
+                let Ok(result) = serde_json::from_slice::<CommandResult>(&p.payload) else {
+                    continue;
+                };
+                if entry.done {
+                    continue;
+                }
+                let outcome = match result.status {
+                    CommandStatus::Accepted => {
+                        entry.accepted = true;
+                        results.push((device, result));
+                        continue;
+                    }
+                    CommandStatus::Succeeded => Outcome::Succeeded {
+                        output: result.output.clone(),
+                    },
+                    CommandStatus::Failed => Outcome::Failed {
+                        reason: result.reason.clone(),
+                        output: result.output.clone(),
+                    },
+                    CommandStatus::Rejected => Outcome::Rejected {
+                        reason: result.reason.clone(),
+                    },
+                };
+                entry.done = true;
+                finished += 1;
+                let o = DeviceOutcome {
+                    device: device.clone(),
+                    command: id,
+                    outcome,
+                    elapsed_ms: started.elapsed().as_millis() as u64,
+                };
+                progress(finished, total, &o);
+                outcomes[entry.index] = Some(o);
+                results.push((device, result));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                last_error = Some(e.to_string());
+                if !connected_once && started.elapsed() > Duration::from_secs(5) {
+                    break;
+                }
+                let _ = tokio::time::timeout_at(
+                    deadline,
+                    tokio::time::sleep(Duration::from_millis(300)),
+                )
+                .await;
+            }
+        }
+    }
+    if !connected_once {
+        return Err(SendError::Connect(
+            last_error.unwrap_or_else(|| "no answer before the timeout".into()),
+        ));
+    }
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
+
+    for ((device, command), p) in pending {
+        if !p.done {
+            let o = DeviceOutcome {
+                device,
+                command,
+                outcome: Outcome::TimedOut {
+                    accepted: p.accepted,
+                },
+                elapsed_ms: started.elapsed().as_millis() as u64,
+            };
+            finished += 1;
+            progress(finished, total, &o);
+            outcomes[p.index] = Some(o);
+        }
+    }
+    Ok(SendReport {
+        outcomes: outcomes.into_iter().flatten().collect(),
+        results,
+    })
+}
