@@ -146,8 +146,10 @@ fn server_cert_fits(dir: &Path, pki: &Pki, settings: &BrokerSettings) -> bool {
 }
 
 /// Mosquitto started as root drops to an unprivileged user before it reads
-/// certificates, keys, the CRL and the ACL (also on every SIGHUP), so that
-/// user must own them. Keys keep mode 0600: they change owner, not mode.
+/// certificates, keys, the CRL and the ACL (also on every SIGHUP). The
+/// public files are world-readable already; the server key (0600) and the
+/// persistence directory are given to that user. Everything else stays
+/// root's, so a compromised broker cannot rewrite its own ACL.
 fn give_to_broker_user(dir: &Path, settings: &BrokerSettings) -> Result<(), Error> {
     let Some((uid, gid)) = process::broker_user_ids(settings) else {
         return Ok(());
@@ -163,11 +165,7 @@ fn give_to_broker_user(dir: &Path, settings: &BrokerSettings) -> Result<(), Erro
         DATA_DIR,
         SETTINGS,
     ] {
-        let path = if name.is_empty() {
-            dir.to_owned()
-        } else {
-            dir.join(name)
-        };
+        let path = dir.join(name);
         if path.exists() {
             std::os::unix::fs::chown(&path, Some(uid), Some(gid))
                 .map_err(|e| Error::io(&path, e))?;

@@ -47,4 +47,22 @@ pub mod layout {
     pub const CRL: &str = "crl.pem";
     /// Copies of every issued leaf certificate, `<serial>.pem`.
     pub const ISSUED_DIR: &str = "issued";
+
+    /// File stem of non-device client identities: `client.crt`, `client.key` (+ `ca.crt`).
+    pub const CLIENT_STEM: &str = "client";
+
+    /// Where `edgebind pki issue` puts a non-device client identity by
+    /// default, relative to the fleet home: `<home>/identities/<role>-<name>/`
+    /// (e.g. `identities/service-fleet/`). The files are `client.crt` (leaf +
+    /// issuing CA), `client.key` (0600) and `ca.crt` (fleet root), as
+    /// [`crate::IssuedCert::write_identity`] writes them. (`edgebind pki init`
+    /// also puts the first operator's identity in `<home>/operator/`: the one
+    /// the CLI itself uses.)
+    pub fn identity_dir(
+        home: &std::path::Path,
+        principal: &edgebind_protocol::Principal,
+    ) -> std::path::PathBuf {
+        home.join("identities")
+            .join(format!("{}-{}", principal.role(), principal.name()))
+    }
 }

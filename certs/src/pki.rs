@@ -321,6 +321,60 @@ impl Pki {
         Ok(issued)
     }
 
+    /// Issue device certificates for many ids at once on `threads` threads
+    /// (factory lines). `each` runs on the issuing thread for every
+    /// certificate (write its bundle there); `progress` gets the running count.
+    /// All certificates are recorded in the inventory in one update at the
+    /// end, and only if every `each` succeeded. Duplicate ids are refused.
+    pub fn issue_devices(
+        &self,
+        ids: &[DeviceId],
+        validity: Validity,
+        threads: usize,
+        each: impl Fn(&IssuedCert) -> Result<(), Error> + Sync,
+        progress: impl Fn(usize) + Sync,
+    ) -> Result<Vec<IssuedCert>, Error> {
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = ids.iter().find(|id| !seen.insert(*id)) {
+            return Err(Error::Invalid(format!(
+                "device id {dup} appears more than once in the batch"
+            )));
+        }
+        let threads = threads.clamp(1, ids.len().max(1));
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let results: Vec<Result<Vec<(usize, IssuedCert)>, Error>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut mine = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(id) = ids.get(i) else { break };
+                            let issued = self.generate(&Principal::Device(id.clone()), validity)?;
+                            each(&issued)?;
+                            mine.push((i, issued));
+                            progress(done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+                        }
+                        Ok(mine)
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("issuing thread panicked"))
+                .collect()
+        });
+        let mut all = Vec::with_capacity(ids.len());
+        for r in results {
+            all.extend(r?);
+        }
+        all.sort_by_key(|(i, _)| *i);
+        let issued: Vec<IssuedCert> = all.into_iter().map(|(_, c)| c).collect();
+        self.record(&issued)?;
+        Ok(issued)
+    }
+
     fn lock(&self) -> Result<File, Error> {
         let path = self.dir.join(INVENTORY_LOCK);
         let file = OpenOptions::new()

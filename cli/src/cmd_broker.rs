@@ -1,17 +1,228 @@
-//! `edgebind broker ...` (placeholder until its issue lands).
+//! `edgebind broker ...`: generate, run and reload the least-privilege Mosquitto.
 
+use std::net::IpAddr;
 use std::process::ExitCode;
 
-use clap::Subcommand;
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use edgebind_broker::{BrokerSettings, GenerateOptions, Generated, process};
+use edgebind_certs::Pki;
+use time::OffsetDateTime;
 
+use crate::cmd_pki::{self, warn_crl};
 use crate::home::Home;
 
 #[derive(Subcommand)]
 pub enum BrokerCommand {
-    /// Not available yet.
-    Todo,
+    /// Write mosquitto.conf, the ACL, the CRL and the broker's TLS identity into <home>/broker.
+    #[command(after_help = "\
+Examples:
+  edgebind broker config --host broker.example.net
+  edgebind broker config --host localhost --ip 127.0.0.1 --port 18883 --bind 127.0.0.1
+
+What is generated (in <home>/broker):
+  mosquitto.conf  TLS-only listener: require_certificate, use_identity_as_username,
+                  use_username_as_clientid (no client-id takeover), allow_anonymous false,
+                  set_tcp_nodelay, max_packet_size from the protocol, persistence (retained
+                  status/desired survive restarts), log to stderr
+  acl             from edgebind_protocol::acl: every client only its own device subtree (%u
+                  patterns); operator/service principals from the PKI inventory get their user
+                  block; revoked principals are denied everything
+  crl.pem         fresh CRL (lifetime --crl-days); ca.crt, server.crt, server.key (0600)
+  settings.toml   these options; re-running without --host/--ip reuses them
+The server certificate (serverAuth, SANs = --host/--ip) is issued when missing, when the
+names change, or when it expires within 30 days (--renew-cert forces it).
+When run as root the files are given to the user Mosquitto drops to (default
+`mosquitto`); keys keep mode 0600.")]
+    Config(ConfigArgs),
+    /// Run Mosquitto in the foreground with the generated configuration.
+    #[command(after_help = "\
+Refreshes the ACL and CRL from the PKI first (when this home has the PKI), records its pid in
+<home>/broker/mosquitto.pid and replaces itself with `mosquitto -c <home>/broker/mosquitto.conf`
+(set EDGEBIND_MOSQUITTO to use another binary). Stop it with Ctrl-C or SIGTERM.")]
+    Run,
+    /// Regenerate the ACL and CRL and make the running broker apply them (SIGHUP).
+    #[command(after_help = "\
+No connection is dropped: Mosquitto re-reads the ACL (applied to connected clients too) and the
+CRL (applied to new connections). Run after issuing operator/service identities, after revoking,
+and at least daily to keep the CRL fresh (see `edgebind pki crl --help`).")]
+    Reload,
 }
 
-pub fn run(_cmd: BrokerCommand, _home: &Home) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`edgebind broker` is not available yet")
+#[derive(Args)]
+pub struct ConfigArgs {
+    /// DNS name devices dial (repeatable; the first is the name written into bundles).
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+    /// IP address devices dial (repeatable).
+    #[arg(long = "ip")]
+    ips: Vec<IpAddr>,
+    /// TLS listener port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Address the listener binds to (default 0.0.0.0).
+    #[arg(long)]
+    bind: Option<String>,
+    /// Lifetime of each CRL in days (refresh it more often than that).
+    #[arg(long)]
+    crl_days: Option<u32>,
+    /// Warn when the CRL lapses within this many days.
+    #[arg(long)]
+    crl_warn_days: Option<u32>,
+    /// User Mosquitto drops to when started as root (default: mosquitto's own default, `mosquitto`).
+    #[arg(long)]
+    run_as: Option<String>,
+    /// Keep no retained messages across restarts.
+    #[arg(long)]
+    no_persistence: bool,
+    /// Issue a new server certificate even if the current one fits.
+    #[arg(long)]
+    renew_cert: bool,
+}
+
+pub fn run(cmd: BrokerCommand, home: &Home) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BrokerCommand::Config(a) => config(a, home),
+        BrokerCommand::Run => run_foreground(home),
+        BrokerCommand::Reload => reload(home),
+    }
+}
+
+fn config(a: ConfigArgs, home: &Home) -> anyhow::Result<ExitCode> {
+    let dir = home.broker_dir();
+    let previous = BrokerSettings::load(&dir).ok();
+    let mut settings = match (&previous, a.hosts.is_empty() && a.ips.is_empty()) {
+        (Some(prev), true) => prev.clone(),
+        (None, true) => anyhow::bail!(
+            "give at least one --host NAME or --ip ADDRESS (the names devices use to reach the broker)"
+        ),
+        (prev, false) => {
+            let mut s = prev
+                .clone()
+                .unwrap_or_else(|| BrokerSettings::new(vec![], vec![]));
+            s.hosts = a.hosts;
+            s.ips = a.ips;
+            s
+        }
+    };
+    if let Some(port) = a.port {
+        settings.port = port;
+    }
+    if let Some(bind) = a.bind {
+        settings.bind = bind;
+    }
+    if let Some(days) = a.crl_days {
+        settings.crl_days = days;
+    }
+    if let Some(days) = a.crl_warn_days {
+        settings.crl_warn_days = days;
+    }
+    if a.run_as.is_some() {
+        settings.run_as = a.run_as;
+    }
+    if a.no_persistence {
+        settings.persistence = false;
+    }
+    settings.validate().map_err(anyhow::Error::msg)?;
+    let pki = cmd_pki::open(home).context("the broker's certificate comes from the fleet PKI")?;
+    let opts = GenerateOptions {
+        renew_server_cert: a.renew_cert,
+        server_cert_days: None,
+    };
+    let generated = edgebind_broker::generate(&dir, &pki, &settings, &opts)?;
+    println!(
+        "broker configuration written to {}",
+        generated.dir.display()
+    );
+    match &generated.new_server_cert {
+        Some(serial) => println!(
+            "issued server certificate serial {serial} for {:?} {:?}",
+            settings.hosts, settings.ips
+        ),
+        None => println!("kept the existing server certificate (names unchanged)"),
+    }
+    report(&generated, &settings);
+    println!(
+        "listener: {}:{} (devices dial {}:{})\nNext: edgebind broker run",
+        settings.bind,
+        settings.port,
+        settings.client_host(),
+        settings.port
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn report(generated: &Generated, settings: &BrokerSettings) {
+    println!(
+        "CRL valid until {} ({} revoked); ACL denies {} revoked principal(s)",
+        crate::cmd_pki::ts(generated.crl.next_update),
+        generated.crl.revoked,
+        generated.revoked.len()
+    );
+    let now = OffsetDateTime::now_utc();
+    if generated.crl.expires_within(now, settings.crl_warn_days) {
+        eprintln!(
+            "warning: the CRL lapses within {} days; lower crl_warn_days or raise crl_days",
+            settings.crl_warn_days
+        );
+    }
+}
+
+fn run_foreground(home: &Home) -> anyhow::Result<ExitCode> {
+    let dir = home.broker_dir();
+    let settings = BrokerSettings::load(&dir)?;
+    process::find_mosquitto()?;
+    match Pki::open(&home.pki_dir()) {
+        Ok(pki) => {
+            let generated = edgebind_broker::regenerate_policy(&dir, &pki, &settings)?;
+            report(&generated, &settings);
+        }
+        Err(e) => {
+            eprintln!("note: PKI not available here ({e}); using the existing ACL and CRL");
+            warn_crl(home);
+        }
+    }
+    eprintln!(
+        "starting mosquitto on {}:{} (config {})",
+        settings.bind,
+        settings.port,
+        dir.join(edgebind_broker::layout::CONF).display()
+    );
+    Err(process::exec_foreground(&dir).into())
+}
+
+fn reload(home: &Home) -> anyhow::Result<ExitCode> {
+    let pki = cmd_pki::open(home)?;
+    if !apply_policy_if_configured(home, &pki)? {
+        anyhow::bail!(
+            "the broker is not configured in {} (run `edgebind broker config --host NAME`)",
+            home.broker_dir().display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Regenerate the broker's ACL + CRL from the PKI and SIGHUP a running
+/// broker. Returns false when no broker is configured in this home.
+pub fn apply_policy_if_configured(home: &Home, pki: &Pki) -> anyhow::Result<bool> {
+    let dir = home.broker_dir();
+    let Ok(settings) = BrokerSettings::load(&dir) else {
+        println!(
+            "CRL updated in {}; no broker configured in this home",
+            pki.crl_path().display()
+        );
+        return Ok(false);
+    };
+    let generated = edgebind_broker::regenerate_policy(&dir, pki, &settings)?;
+    report(&generated, &settings);
+    match process::reload(&dir) {
+        Ok(pid) => println!(
+            "broker (pid {pid}) reloaded: new ACL and CRL in force, no client disconnected"
+        ),
+        Err(e) => println!(
+            "ACL and CRL regenerated in {}; broker not reloaded: {e}",
+            dir.display()
+        ),
+    }
+    Ok(true)
 }

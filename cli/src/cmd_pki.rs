@@ -1,17 +1,618 @@
-//! `edgebind pki ...` (placeholder until its issue lands).
+//! `edgebind pki ...`: the fleet's certificate authority.
 
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
-use clap::Subcommand;
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use edgebind_certs::{InitOptions, IssuedCert, Pki, Validity, bundle, layout, profile};
+use edgebind_protocol::{DeviceId, Principal};
+use time::OffsetDateTime;
 
+use crate::cmd_broker;
 use crate::home::Home;
+
+const CRL_SCHEDULE_HELP: &str = "\
+Keeping the CRL fresh: a CRL past its nextUpdate makes Mosquitto refuse EVERY
+client. `edgebind pki crl` re-issues it (default lifetime 7 days) and, when the
+broker is configured in this home, copies it there and reloads the broker.
+Run it daily, e.g.
+  cron:    17 3 * * *  edgebind --home /srv/edgebind pki crl
+  systemd: edgebind-crl.service (Type=oneshot, ExecStart=edgebind --home /srv/edgebind pki crl)
+           + edgebind-crl.timer (OnCalendar=daily, Persistent=true)
+`edgebind pki crl --check` changes nothing and exits 1 when the CRL lapses
+within the warning window (for monitoring).";
 
 #[derive(Subcommand)]
 pub enum PkiCommand {
-    /// Not available yet.
-    Todo,
+    /// Create the fleet root CA and the issuing CA (keys 0600).
+    #[command(after_help = "\
+Examples:
+  edgebind pki init --fleet acme
+  edgebind pki init --fleet acme --operator alice
+
+Writes <home>/pki/{root-ca,issuing-ca}.{crt,key}, inventory.json and crl.pem,
+the first operator identity (operator:<name>) in <home>/operator/ and the fleet
+service identity (service:fleet) in <home>/identities/service-fleet/.
+The root key (<home>/pki/root-ca.key) is only needed to create the issuing CA:
+move it offline afterwards; issuing and revoking need only the issuing CA.
+Existing CA files are never overwritten without --force.")]
+    Init(InitArgs),
+    /// Issue a certificate: device, broker, operator, service or claim.
+    #[command(subcommand)]
+    Issue(IssueCommand),
+    /// Issue a fresh device certificate and write its identity bundle (directory + tar).
+    #[command(after_help = "\
+Examples:
+  edgebind pki bundle rpi-0001                       # broker from `edgebind broker config`
+  edgebind pki bundle rpi-0001 --broker-host broker.example.net --out /tmp/rpi-0001
+
+The bundle directory holds agent.toml, device.crt (leaf + issuing CA),
+device.key (0600) and ca.crt (fleet root); <dir>.tar beside it holds the same
+four files at the top level: the factory line copies it to the boot partition as
+edgebind/identity.tar. Each call issues a new certificate (a renewal keeps the id;
+the previous certificate stays valid until it expires or is revoked).")]
+    Bundle(BundleArgs),
+    /// Revoke every certificate of a device or principal (or one serial).
+    #[command(after_help = "\
+Examples:
+  edgebind pki revoke rpi-0001
+  edgebind pki revoke operator:bob
+  edgebind pki revoke --serial 5f2a...
+
+Marks the certificates revoked in the inventory and re-issues the CRL. When the
+broker is configured in this home, its ACL (which then denies the principal
+everything, also on connections that are already open) and CRL (refuses new
+connections) are regenerated and a running broker is reloaded (SIGHUP); no other
+client is disconnected.")]
+    Revoke(RevokeArgs),
+    /// Re-issue the CRL (and refresh the broker's copy), or check its freshness.
+    #[command(after_help = CRL_SCHEDULE_HELP)]
+    Crl(CrlArgs),
+    /// List issued certificates (serial, CN, role, expiry, revocation).
+    List(ListArgs),
 }
 
-pub fn run(_cmd: PkiCommand, _home: &Home) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`edgebind pki` is not available yet")
+#[derive(Args)]
+pub struct InitArgs {
+    /// Fleet name, written into the CA certificates.
+    #[arg(long)]
+    fleet: String,
+    /// Name of the first operator identity (CN operator:<name>), written to <home>/operator/.
+    #[arg(long, default_value = "admin")]
+    operator: DeviceId,
+    /// Root CA validity in days.
+    #[arg(long, default_value_t = profile::default_days::ROOT_CA)]
+    root_days: u32,
+    /// Issuing CA validity in days.
+    #[arg(long, default_value_t = profile::default_days::ISSUING_CA)]
+    issuing_days: u32,
+    /// Replace an existing CA: every certificate issued so far stops working.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Subcommand)]
+pub enum IssueCommand {
+    /// Device certificate (CN = id, clientAuth only), or a batch of bundles.
+    #[command(after_help = "\
+Examples:
+  edgebind pki issue device rpi-0001                 # -> <home>/bundles/rpi-0001/device.{crt,key}, ca.crt
+  edgebind pki issue device rpi-0001 --days 3650 --out /secure/rpi-0001
+  edgebind pki issue device --batch ids.txt          # factory line: one full bundle per id
+
+A batch file has one device id per line (blank lines and # comments ignored).
+Every id is validated before anything is issued; each gets a bundle directory
+and tar in <home>/bundles/ (or --out), using the broker from `edgebind broker
+config` unless --broker-host is given.")]
+    Device(IssueDeviceArgs),
+    /// The broker's TLS server certificate (serverAuth, SANs); normally `edgebind broker config` does this.
+    Broker(IssueBrokerArgs),
+    /// An operator's client certificate (CN operator:<name>): reads everything, commands devices.
+    Operator(IssueNamedArgs),
+    /// A back-end service certificate (CN service:<name>), e.g. `service fleet`.
+    Service(IssueNamedArgs),
+    /// A provisioning/claim identity (CN claim:<name>) for the zero-touch flow.
+    Claim(IssueNamedArgs),
+}
+
+#[derive(Args)]
+pub struct IssueDeviceArgs {
+    /// Device id (letters, digits, '-', '_', '.'; at most 64).
+    #[arg(required_unless_present = "batch", conflicts_with = "batch")]
+    id: Option<DeviceId>,
+    /// File with one device id per line: issue a bundle for each.
+    #[arg(long)]
+    batch: Option<PathBuf>,
+    /// Validity in days.
+    #[arg(long, default_value_t = profile::default_days::DEVICE)]
+    days: u32,
+    /// Output directory (single id: the identity directory; batch: the parent of the bundles).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    broker: BrokerTarget,
+    /// Issuing threads for --batch (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct IssueBrokerArgs {
+    /// DNS name clients dial (repeatable).
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+    /// IP address clients dial (repeatable).
+    #[arg(long = "ip")]
+    ips: Vec<IpAddr>,
+    #[arg(long, default_value_t = profile::default_days::BROKER)]
+    days: u32,
+    /// Directory for server.crt / server.key / ca.crt.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct IssueNamedArgs {
+    /// Name after the role prefix (device-id charset).
+    name: DeviceId,
+    /// Validity in days (default: 365 for operators/services, 90 for claim identities).
+    #[arg(long)]
+    days: Option<u32>,
+    /// Output directory (default <home>/identities/<role>-<name>/).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Which broker a bundle's agent.toml points at.
+#[derive(Args, Clone)]
+pub struct BrokerTarget {
+    /// Broker host name or IP the device dials (default: first name from `broker config`).
+    #[arg(long)]
+    broker_host: Option<String>,
+    /// Broker port (default: from `broker config`, else 8883).
+    #[arg(long)]
+    broker_port: Option<u16>,
+    /// Name the broker certificate carries, if different from --broker-host.
+    #[arg(long)]
+    server_name: Option<String>,
+}
+
+#[derive(Args)]
+pub struct BundleArgs {
+    /// Device id.
+    id: DeviceId,
+    #[command(flatten)]
+    broker: BrokerTarget,
+    /// Bundle directory (default <home>/bundles/<id>); the tar is written beside it as <dir>.tar.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Validity in days.
+    #[arg(long, default_value_t = profile::default_days::DEVICE)]
+    days: u32,
+}
+
+#[derive(Args)]
+pub struct RevokeArgs {
+    /// Device id or principal CN (operator:<n>, service:<n>, claim:<n>).
+    #[arg(required_unless_present = "serial", conflicts_with = "serial")]
+    cn: Option<String>,
+    /// Revoke only the certificate with this serial (hex).
+    #[arg(long)]
+    serial: Option<String>,
+    /// Do not touch the broker (only inventory + CRL).
+    #[arg(long)]
+    no_reload: bool,
+}
+
+#[derive(Args)]
+pub struct CrlArgs {
+    /// Only report freshness; exit 1 if the CRL lapses within the warning window.
+    #[arg(long)]
+    check: bool,
+    /// CRL lifetime in days (default: the broker's crl_days, else 7).
+    #[arg(long)]
+    days: Option<u32>,
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    /// Print the inventory as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Only this role (device, operator, service, claim, broker).
+    #[arg(long)]
+    role: Option<String>,
+}
+
+pub fn run(cmd: PkiCommand, home: &Home) -> anyhow::Result<ExitCode> {
+    match cmd {
+        PkiCommand::Init(a) => init(a, home),
+        PkiCommand::Issue(c) => issue(c, home),
+        PkiCommand::Bundle(a) => bundle_cmd(a, home),
+        PkiCommand::Revoke(a) => revoke(a, home),
+        PkiCommand::Crl(a) => crl(a, home),
+        PkiCommand::List(a) => list(a, home),
+    }
+}
+
+/// Open the PKI in `<home>/pki`.
+pub fn open(home: &Home) -> anyhow::Result<Pki> {
+    Ok(Pki::open(&home.pki_dir())?)
+}
+
+/// RFC 3339 (UTC) for humans and scripts alike.
+pub fn ts(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+fn describe(issued: &IssuedCert) -> String {
+    format!(
+        "{} serial {} sha256 {} valid until {}",
+        issued.cn,
+        issued.serial,
+        issued.fingerprint_sha256,
+        issued.not_after.date()
+    )
+}
+
+fn init(a: InitArgs, home: &Home) -> anyhow::Result<ExitCode> {
+    let mut opts = InitOptions::new(a.fleet);
+    opts.root_days = a.root_days;
+    opts.issuing_days = a.issuing_days;
+    opts.force = a.force;
+    let pki = Pki::init(&home.pki_dir(), &opts)?;
+    println!("fleet PKI created in {}", pki.dir().display());
+
+    let operator = Principal::Operator(a.operator);
+    let issued = pki.issue(&operator, Validity::days(profile::default_days::OPERATOR))?;
+    issued.write_identity(&home.operator_dir(), layout::CLIENT_STEM, pki.root_pem())?;
+    println!(
+        "operator identity: {} in {}",
+        describe(&issued),
+        home.operator_dir().display()
+    );
+
+    let service = Principal::Service(DeviceId::new("fleet")?);
+    let service_dir = layout::identity_dir(home.root(), &service);
+    let issued = pki.issue(&service, Validity::days(profile::default_days::SERVICE))?;
+    issued.write_identity(&service_dir, layout::CLIENT_STEM, pki.root_pem())?;
+    println!(
+        "fleet service identity: {} in {}",
+        describe(&issued),
+        service_dir.display()
+    );
+    println!(
+        "\nThe root CA key {} is not needed for issuing: keep it offline.\n\
+         Next: edgebind broker config --host <broker name>",
+        pki.dir().join(layout::ROOT_KEY).display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn issue(cmd: IssueCommand, home: &Home) -> anyhow::Result<ExitCode> {
+    let pki = open(home)?;
+    match cmd {
+        IssueCommand::Device(a) => {
+            if let Some(batch) = &a.batch {
+                return issue_batch(&pki, home, batch, &a);
+            }
+            let id = a.id.expect("clap requires an id without --batch");
+            let issued = pki.issue_device(&id, Validity::days(a.days))?;
+            let dir = a
+                .out
+                .unwrap_or_else(|| home.bundles_dir().join(id.as_str()));
+            issued.write_identity(&dir, "device", pki.root_pem())?;
+            println!("issued {}", describe(&issued));
+            println!(
+                "wrote {}/device.crt, device.key (0600), ca.crt",
+                dir.display()
+            );
+            println!("(`edgebind pki bundle {id}` writes a complete bundle with agent.toml)");
+        }
+        IssueCommand::Broker(a) => {
+            let issued = pki.issue_server(&a.hosts, &a.ips, Validity::days(a.days))?;
+            issued.write_identity(&a.out, "server", pki.root_pem())?;
+            println!("issued {}", describe(&issued));
+            println!(
+                "wrote {}/server.crt, server.key (0600), ca.crt",
+                a.out.display()
+            );
+        }
+        IssueCommand::Operator(a) => {
+            issue_named(&pki, home, Principal::Operator(a.name.clone()), a)?
+        }
+        IssueCommand::Service(a) => issue_named(&pki, home, Principal::Service(a.name.clone()), a)?,
+        IssueCommand::Claim(a) => issue_named(&pki, home, Principal::Claim(a.name.clone()), a)?,
+    }
+    warn_crl(home);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn issue_named(
+    pki: &Pki,
+    home: &Home,
+    principal: Principal,
+    a: IssueNamedArgs,
+) -> anyhow::Result<()> {
+    let days = a
+        .days
+        .unwrap_or_else(|| profile::default_days_for(&principal));
+    let issued = pki.issue(&principal, Validity::days(days))?;
+    let dir = a
+        .out
+        .unwrap_or_else(|| layout::identity_dir(home.root(), &principal));
+    issued.write_identity(&dir, layout::CLIENT_STEM, pki.root_pem())?;
+    println!("issued {}", describe(&issued));
+    println!(
+        "wrote {}/client.crt, client.key (0600), ca.crt",
+        dir.display()
+    );
+    if matches!(principal, Principal::Operator(_) | Principal::Service(_)) {
+        println!("run `edgebind broker reload` so the broker's ACL grants {principal} its access");
+    }
+    Ok(())
+}
+
+/// Where agents dial: explicit flags, else the broker settings in this home.
+fn resolve_broker(home: &Home, t: &BrokerTarget) -> anyhow::Result<(String, u16, Option<String>)> {
+    let settings = edgebind_broker::BrokerSettings::load(&home.broker_dir()).ok();
+    let host = match (&t.broker_host, &settings) {
+        (Some(h), _) => h.clone(),
+        (None, Some(s)) => s.client_host(),
+        (None, None) => bail!(
+            "no broker address: pass --broker-host NAME or run `edgebind broker config --host NAME` first"
+        ),
+    };
+    let port = t
+        .broker_port
+        .or(settings.as_ref().map(|s| s.port))
+        .unwrap_or(8883);
+    Ok((host, port, t.server_name.clone()))
+}
+
+fn agent_toml(id: &DeviceId, broker: &(String, u16, Option<String>)) -> String {
+    edgebind_agent::config::AgentConfig::bundle_template(
+        id,
+        &broker.0,
+        broker.1,
+        broker.2.as_deref(),
+    )
+}
+
+fn bundle_cmd(a: BundleArgs, home: &Home) -> anyhow::Result<ExitCode> {
+    let pki = open(home)?;
+    let broker = resolve_broker(home, &a.broker)?;
+    let issued = pki.issue_device(&a.id, Validity::days(a.days))?;
+    let dir = a
+        .out
+        .unwrap_or_else(|| home.bundles_dir().join(a.id.as_str()));
+    let paths = bundle::write_bundle(&dir, &issued, pki.root_pem(), &agent_toml(&a.id, &broker))?;
+    println!("issued {}", describe(&issued));
+    println!(
+        "bundle: {} (agent.toml -> {}:{})",
+        paths.dir.display(),
+        broker.0,
+        broker.1
+    );
+    println!("tar:    {}", paths.tar.display());
+    warn_crl(home);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Parse a batch file: one id per line; every bad line is reported with its number.
+fn read_batch(path: &Path) -> anyhow::Result<Vec<DeviceId>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let mut ids = Vec::new();
+    let mut errors = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match DeviceId::new(line) {
+            Ok(id) => ids.push(id),
+            Err(e) => errors.push(format!("{}:{}: {e}", path.display(), n + 1)),
+        }
+    }
+    if !errors.is_empty() {
+        bail!("nothing issued; bad device ids:\n  {}", errors.join("\n  "));
+    }
+    if ids.is_empty() {
+        bail!("{} contains no device ids", path.display());
+    }
+    Ok(ids)
+}
+
+fn issue_batch(
+    pki: &Pki,
+    home: &Home,
+    batch: &Path,
+    a: &IssueDeviceArgs,
+) -> anyhow::Result<ExitCode> {
+    let ids = read_batch(batch)?;
+    let broker = resolve_broker(home, &a.broker)?;
+    let out = a.out.clone().unwrap_or_else(|| home.bundles_dir());
+    std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    let threads = a
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let total = ids.len();
+    let start = Instant::now();
+    let step = (total / 20).max(1);
+    let progress = |done: usize| {
+        if done.is_multiple_of(step) || done == total {
+            let rate = done as f64 / start.elapsed().as_secs_f64().max(1e-9);
+            eprint!("\rissued {done}/{total} ({rate:.0}/s)");
+            let _ = std::io::stderr().flush();
+        }
+    };
+    let each = |issued: &IssuedCert| {
+        let Some(Principal::Device(id)) = &issued.principal else {
+            unreachable!("batch issues device certificates only")
+        };
+        bundle::write_bundle(
+            &out.join(id.as_str()),
+            issued,
+            pki.root_pem(),
+            &agent_toml(id, &broker),
+        )
+        .map(|_| ())
+    };
+    let issued = pki.issue_devices(&ids, Validity::days(a.days), threads, each, progress)?;
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!();
+    println!(
+        "issued {} device bundles in {:.2} s ({:.0}/s) into {}",
+        issued.len(),
+        secs,
+        issued.len() as f64 / secs.max(1e-9),
+        out.display()
+    );
+    warn_crl(home);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn revoke(a: RevokeArgs, home: &Home) -> anyhow::Result<ExitCode> {
+    let pki = open(home)?;
+    if let Some(serial) = &a.serial {
+        let entry = pki.revoke_serial(serial)?;
+        println!("revoked {} serial {}", entry.cn, entry.serial);
+    } else {
+        let cn = a.cn.expect("clap requires a CN without --serial");
+        let principal = Principal::from_cn(&cn)?;
+        let revoked = pki.revoke(&principal)?;
+        if revoked.is_empty() {
+            println!("{cn}: every certificate was already revoked");
+        }
+        for e in &revoked {
+            println!(
+                "revoked {} serial {} (valid until {})",
+                e.cn,
+                e.serial,
+                e.not_after.date()
+            );
+        }
+    }
+    if a.no_reload {
+        println!(
+            "CRL updated in {}; the broker was not touched (--no-reload)",
+            pki.crl_path().display()
+        );
+    } else {
+        cmd_broker::apply_policy_if_configured(home, &pki)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn crl(a: CrlArgs, home: &Home) -> anyhow::Result<ExitCode> {
+    let settings = edgebind_broker::BrokerSettings::load(&home.broker_dir()).ok();
+    let warn_days = settings.as_ref().map_or(3, |s| s.crl_warn_days);
+    if a.check {
+        let path = match &settings {
+            Some(_) => home.broker_dir().join(edgebind_broker::layout::CRL),
+            None => home.pki_dir().join(layout::CRL),
+        };
+        let status = edgebind_certs::pki::crl_status(&path)?;
+        let now = OffsetDateTime::now_utc();
+        println!(
+            "{}: next update {} ({} revoked)",
+            path.display(),
+            ts(status.next_update),
+            status.revoked
+        );
+        if status.expires_within(now, warn_days) {
+            eprintln!(
+                "warning: the CRL lapses within {warn_days} days ({}); run `edgebind pki crl`",
+                ts(status.next_update)
+            );
+            return Ok(ExitCode::from(1));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let pki = open(home)?;
+    if let Some(mut s) = settings {
+        if let Some(days) = a.days {
+            s.crl_days = days;
+            s.validate().map_err(anyhow::Error::msg)?;
+            s.save(&home.broker_dir())?;
+        }
+        cmd_broker::apply_policy_if_configured(home, &pki)?;
+    } else {
+        let days = a.days.unwrap_or(edgebind_certs::pki::DEFAULT_CRL_DAYS);
+        pki.refresh_crl_valid_for(time::Duration::days(i64::from(days)))?;
+        let status = pki.crl_status()?;
+        println!(
+            "CRL {} valid until {} ({} revoked)",
+            status.path.display(),
+            ts(status.next_update),
+            status.revoked
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list(a: ListArgs, home: &Home) -> anyhow::Result<ExitCode> {
+    let pki = open(home)?;
+    let mut inv = pki.inventory()?;
+    if let Some(role) = &a.role {
+        inv.entries.retain(|e| &e.role == role);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&inv)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let now = OffsetDateTime::now_utc();
+    println!(
+        "{:<32} {:<9} {:<32} {:<10} STATE",
+        "CN", "ROLE", "SERIAL", "EXPIRES"
+    );
+    for e in &inv.entries {
+        let state = if let Some(at) = e.revoked_at {
+            format!("revoked {}", at.date())
+        } else if e.is_expired(now) {
+            "expired".to_owned()
+        } else {
+            "valid".to_owned()
+        };
+        println!(
+            "{:<32} {:<9} {:<32} {:<10} {state}",
+            e.cn,
+            e.role,
+            e.serial,
+            e.not_after.date().to_string()
+        );
+    }
+    warn_crl(home);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Print a warning when the broker's (or the PKI's) CRL is about to lapse.
+pub fn warn_crl(home: &Home) {
+    let settings = edgebind_broker::BrokerSettings::load(&home.broker_dir()).ok();
+    let warn_days = settings.as_ref().map_or(3, |s| s.crl_warn_days);
+    let path = match settings {
+        Some(_) => home.broker_dir().join(edgebind_broker::layout::CRL),
+        None => home.pki_dir().join(layout::CRL),
+    };
+    if let Ok(status) = edgebind_certs::pki::crl_status(&path) {
+        let now = OffsetDateTime::now_utc();
+        if status.is_lapsed(now) {
+            eprintln!(
+                "warning: {} lapsed at {}: the broker refuses EVERY client until `edgebind pki crl` runs",
+                path.display(),
+                ts(status.next_update)
+            );
+        } else if status.expires_within(now, warn_days) {
+            eprintln!(
+                "warning: {} lapses at {} (within {warn_days} days); run `edgebind pki crl` (schedule it daily)",
+                path.display(),
+                ts(status.next_update)
+            );
+        }
+    }
 }
