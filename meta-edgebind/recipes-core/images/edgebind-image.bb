@@ -1,0 +1,104 @@
+SUMMARY = "Edgebind device image"
+DESCRIPTION = "Hardened, read-only image for Edgebind fleet devices: the \
+               edgebind-agent under systemd, a writable data partition for its \
+               state and the journal, a default-deny inbound firewall and no \
+               interactive access unless EDGEBIND_SSH enables key-only SSH."
+HOMEPAGE = "https://github.com/edgebind/edgebind"
+BUGTRACKER = "https://github.com/edgebind/edgebind/issues"
+SECTION = "images"
+# The image has no CPE of its own; its packages carry theirs into the SBOM.
+CVE_PRODUCT = "edgebind"
+LICENSE = "MIT"
+
+inherit core-image extrausers
+
+# ---- user switches (local.conf or a kas file; see the layer README) --------
+# "1": install sshd with public-key logins for the user edgeadmin only, keys
+# from the build-host file EDGEBIND_SSH_AUTHORIZED_KEYS; never root.
+EDGEBIND_SSH ??= "0"
+EDGEBIND_SSH_AUTHORIZED_KEYS ??= ""
+# "1": QEMU testimage only (kas/include/edgebind-testimage.yml adds the
+# password-less root SSH features oeqa needs). Never ship such an image.
+EDGEBIND_TEST_ACCESS ??= "0"
+# Partition layout: "pcbios" (PC/QEMU) or "rpi" (Raspberry Pi firmware).
+EDGEBIND_WKS_LAYOUT ??= "pcbios"
+# Size of the data partition (agent state + persistent journal), in MiB.
+EDGEBIND_DATA_SIZE_MB ??= "256"
+
+IMAGE_FEATURES += "read-only-rootfs \
+                   ${@oe.utils.conditional('EDGEBIND_SSH', '1', 'ssh-server-openssh', '', d)} \
+                  "
+
+IMAGE_INSTALL = "packagegroup-core-boot \
+                 edgebind-agent \
+                 edgebind-agent-sysctl \
+                 edgebind-system \
+                 iptables \
+                 ${@oe.utils.conditional('EDGEBIND_SSH', '1', 'edgebind-system-ssh', '', d)} \
+                 ${@oe.utils.conditional('EDGEBIND_TEST_ACCESS', '1', 'systemd-analyze', '', d)} \
+                 ${CORE_IMAGE_EXTRA_INSTALL} \
+                "
+IMAGE_LINGUAS = ""
+
+# Features that must never reach a device: package management, compilers,
+# debug tooling, password-less logins (the latter tolerated only with
+# EDGEBIND_TEST_ACCESS = "1"). Checked before the root file system is made.
+EDGEBIND_FORBIDDEN_FEATURES = "package-management tools-sdk tools-debug tools-profile dev-pkgs dbg-pkgs \
+                               ptest-pkgs staticdev-pkgs serial-autologin-root post-install-logging"
+EDGEBIND_TEST_ONLY_FEATURES = "empty-root-password allow-empty-password allow-root-login"
+
+python edgebind_check_policy() {
+    features = set(d.getVar('IMAGE_FEATURES').split())
+    forbidden = set(d.getVar('EDGEBIND_FORBIDDEN_FEATURES').split())
+    if d.getVar('EDGEBIND_TEST_ACCESS') == '1':
+        bb.warn('edgebind-image: EDGEBIND_TEST_ACCESS = "1": root may log in without a password (QEMU testimage). Never ship this image.')
+    else:
+        forbidden |= set(d.getVar('EDGEBIND_TEST_ONLY_FEATURES').split())
+    bad = sorted(features & forbidden)
+    if bad:
+        bb.fatal('edgebind-image: IMAGE_FEATURES %s are not allowed on Edgebind devices' % ' '.join(bad))
+    if d.getVar('EDGEBIND_SSH') == '1' and not d.getVar('EDGEBIND_SSH_AUTHORIZED_KEYS'):
+        bb.fatal('edgebind-image: EDGEBIND_SSH = "1" needs EDGEBIND_SSH_AUTHORIZED_KEYS (a file of public keys)')
+}
+edgebind_check_policy[doc] = "Refuse image features that must never reach an Edgebind device"
+do_rootfs[prefuncs] += "edgebind_check_policy"
+
+# Root is locked (no password, no shell) unless the test image needs it; the
+# SSH user, if any, has no password either ('*': key logins only).
+EXTRA_USERS_PARAMS = "\
+    ${@oe.utils.conditional('EDGEBIND_TEST_ACCESS', '1', '', 'usermod -L -s ${sbindir}/nologin root;', d)} \
+    ${@oe.utils.conditional('EDGEBIND_SSH', '1', "useradd -m -d /home/edgeadmin -s /bin/sh -p '*' edgeadmin;", '', d)} \
+"
+
+ROOTFS_POSTPROCESS_COMMAND += "edgebind_firewall_ssh_rule edgebind_authorized_keys"
+
+edgebind_firewall_ssh_rule() {
+    # Port 22 is let in only when an SSH server is part of the image.
+    if ! ${@bb.utils.contains_any('IMAGE_FEATURES', 'ssh-server-openssh ssh-server-dropbear', 'true', 'false', d)}; then
+        for rules in ${IMAGE_ROOTFS}${sysconfdir}/iptables/iptables.rules ${IMAGE_ROOTFS}${sysconfdir}/iptables/ip6tables.rules; do
+            if [ -f "$rules" ]; then
+                sed -i -e '/--dport 22 /d' -e '/^# SSH:/,/otherwise/d' "$rules"
+            fi
+        done
+    fi
+}
+edgebind_firewall_ssh_rule[doc] = "Drop the firewall's SSH rule from images without an SSH server"
+
+edgebind_authorized_keys() {
+    if [ "${EDGEBIND_SSH}" = "1" ]; then
+        [ -r "${EDGEBIND_SSH_AUTHORIZED_KEYS}" ] || bbfatal "EDGEBIND_SSH_AUTHORIZED_KEYS=${EDGEBIND_SSH_AUTHORIZED_KEYS} is not readable"
+        home=${IMAGE_ROOTFS}/home/edgeadmin
+        ids=$(awk -F: '$1 == "edgeadmin" { print $3 ":" $4 }' ${IMAGE_ROOTFS}${sysconfdir}/passwd)
+        install -d -m 0700 $home/.ssh
+        install -m 0600 ${EDGEBIND_SSH_AUTHORIZED_KEYS} $home/.ssh/authorized_keys
+        chown -R $ids $home/.ssh
+    fi
+}
+edgebind_authorized_keys[doc] = "Install the SSH user's authorized_keys when EDGEBIND_SSH is on"
+do_rootfs[file-checksums] += "${@'${EDGEBIND_SSH_AUTHORIZED_KEYS}:True' if d.getVar('EDGEBIND_SSH_AUTHORIZED_KEYS') else ''}"
+
+# Partitions: FAT boot (firmware/kernel + the factory identity bundle),
+# read-only root, ext4 data (/data -> /var/lib/edgebind, /var/log/journal).
+WKS_FILE = "edgebind-${EDGEBIND_WKS_LAYOUT}.wks.in"
+WKS_FILE_DEPENDS:append = " e2fsprogs-native dosfstools-native mtools-native"
+IMAGE_FSTYPES:append = " wic"
