@@ -66,3 +66,6 @@ pub mod layout {
             .join(format!("{}-{}", principal.role(), principal.name()))
     }
 }
+
+#[cfg(test)]
+mod tests;

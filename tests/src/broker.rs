@@ -68,6 +68,12 @@ impl Broker {
             .stdout(log.try_clone()?)
             .stderr(log);
         let child = cmd.spawn().context("spawn mosquitto")?;
+        // Same pid file `edgebind broker run` writes, so the real CLI
+        // (`edgebind broker reload`, `pki crl`, `device revoke`) can signal it.
+        edgebind_certs::files::write_public(
+            &self.dir.join(edgebind_broker::layout::PID),
+            format!("{}\n", child.id()).as_bytes(),
+        )?;
         self.child = Some(child);
         self.starts += 1;
         let port = self.port;
