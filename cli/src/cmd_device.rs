@@ -90,24 +90,25 @@ pub struct ListArgs {
     edgebind send rpi-0001 reboot --on-connect  # every time it connects\n\n\
     Exit status: 0 when every device succeeded, 1 otherwise (failed, rejected, timed out).")]
 pub struct SendArgs {
-    /// Target device (or use --tag / --all).
-    #[arg(required_unless_present_any = ["tag", "all"], conflicts_with_all = ["tag", "all"])]
-    pub device: Option<String>,
+    /// `DEVICE ACTION [KEY=VALUE]...`, or `ACTION [KEY=VALUE]...` with --tag/--all.
+    /// Actions: reboot, ping, inventory, restart-agent. Argument values are
+    /// parsed as JSON when they are JSON.
+    #[arg(required = true, value_name = "DEVICE ACTION [KEY=VALUE]")]
+    pub words: Vec<String>,
     /// Every device with this tag.
     #[arg(long, conflicts_with = "all")]
     pub tag: Option<String>,
     /// Every device that is not revoked.
     #[arg(long)]
     pub all: bool,
-    /// Action: reboot, ping, inventory, restart-agent.
-    #[arg(value_name = "ACTION")]
-    pub action: String,
-    /// Arguments as key=value (value parsed as JSON when it is JSON).
-    #[arg(value_name = "KEY=VALUE")]
-    pub args: Vec<String>,
     /// Seconds to wait for the results (the command also expires then).
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
+    /// Seconds until the command expires on the device (default: --timeout
+    /// for immediate sends, never for queued ones). A device rejects an
+    /// expired command instead of running it late.
+    #[arg(long, value_name = "SECONDS")]
+    pub expires_in: Option<u64>,
     /// Queue for the fleet service to deliver when the device is online; do not wait.
     #[arg(long, conflicts_with = "on_connect")]
     pub queue: bool,
@@ -548,11 +549,23 @@ pub fn set(args: SetArgs, home: &Home) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Split `send`'s words into (device, action, key=value args).
+fn send_words(args: &SendArgs) -> anyhow::Result<(Option<&str>, &str, &[String])> {
+    let fan_out = args.tag.is_some() || args.all;
+    match (fan_out, args.words.as_slice()) {
+        (true, [action, rest @ ..]) => Ok((None, action, rest)),
+        (false, [device, action, rest @ ..]) => Ok((Some(device), action, rest)),
+        (false, [_]) => bail!("name the device and the action: `edgebind send <device> <action>`"),
+        _ => bail!("name an action"),
+    }
+}
+
 pub fn send(args: SendArgs, home: &Home) -> anyhow::Result<ExitCode> {
-    let action: Action = args.action.parse().map_err(anyhow::Error::msg)?;
-    let cmd_args = parse_args(args.args.iter().map(String::as_str))?;
+    let (device, action, rest) = send_words(&args)?;
+    let action: Action = action.parse().map_err(anyhow::Error::msg)?;
+    let cmd_args = parse_args(rest.iter().map(String::as_str))?;
     let mut store = open_registry(home)?;
-    let targets: Vec<DeviceId> = match (&args.device, &args.tag, args.all) {
+    let targets: Vec<DeviceId> = match (device, &args.tag, args.all) {
         (Some(id), _, _) => {
             let id = parse_device(id)?;
             let d = store.device(&id)?;
@@ -601,7 +614,11 @@ pub fn send(args: SendArgs, home: &Home) -> anyhow::Result<ExitCode> {
             args.connect.identity.is_some(),
         )?)
     };
-    let expires_at = (!args.queue).then(|| now_unix() + args.timeout);
+    let expires_at = match (args.expires_in, args.queue) {
+        (Some(s), _) => Some(now_unix() + s),
+        (None, false) => Some(now_unix() + args.timeout),
+        (None, true) => None,
+    };
     let new: Vec<NewCommand> = targets
         .iter()
         .map(|d| NewCommand {
@@ -812,4 +829,51 @@ fn fmt_time(t: Option<u64>) -> String {
 fn fmt_date(t: Option<u64>) -> String {
     let s = fmt_time(t);
     s.split(' ').next().unwrap_or("-").to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: Top,
+    }
+
+    #[derive(clap::Subcommand)]
+    enum Top {
+        #[command(subcommand)]
+        Device(DeviceCommand),
+        Send(SendArgs),
+        Set(SetArgs),
+    }
+
+    #[test]
+    fn clap_definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    fn send_args(argv: &[&str]) -> SendArgs {
+        let cli = Cli::try_parse_from(std::iter::once("x").chain(argv.iter().copied())).unwrap();
+        match cli.cmd {
+            Top::Send(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn send_words_split_by_target_kind() {
+        let a = send_args(&["send", "dev-a", "reboot", "delay=5"]);
+        let (d, action, rest) = send_words(&a).unwrap();
+        assert_eq!((d, action, rest.len()), (Some("dev-a"), "reboot", 1));
+        let a = send_args(&["send", "--tag", "lab", "ping"]);
+        let (d, action, rest) = send_words(&a).unwrap();
+        assert_eq!((d, action, rest.len()), (None, "ping", 0));
+        let a = send_args(&["send", "dev-a"]);
+        assert!(send_words(&a).is_err());
+        assert!(Cli::try_parse_from(["x", "send", "--all", "--tag", "t", "ping"]).is_err());
+    }
 }
