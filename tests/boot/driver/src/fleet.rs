@@ -11,9 +11,7 @@ use anyhow::{Context, bail};
 use edgebind_agent::config::AgentConfig;
 use edgebind_broker::BrokerSettings;
 use edgebind_certs::Validity;
-use edgebind_protocol::messages::{
-    Action, Command, CommandResult, CommandStatus, Presence, Status,
-};
+use edgebind_protocol::messages::{Action, Command, CommandResult, Presence, Status};
 use edgebind_protocol::topics::{Kind, Topic};
 use edgebind_protocol::{CommandId, DeviceId, Principal};
 use edgebind_tests::{Broker, PubAckReason, QoS, Received, TestClient, TestPki};
@@ -141,13 +139,6 @@ impl Fleet {
             .filter(|m| m.topic == topic)
             .filter_map(|m| serde_json::from_slice(&m.payload).ok())
             .collect()
-    }
-
-    pub fn count_results(&self, id: &CommandId, status: CommandStatus) -> usize {
-        self.results(id)
-            .iter()
-            .filter(|r| r.status == status)
-            .count()
     }
 
     /// What the operator received, for failure reports.

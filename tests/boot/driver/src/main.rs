@@ -139,6 +139,7 @@ struct Scenario<'a> {
     ctl: ControlListener,
     /// Every boot so far, for the failure report.
     boots: Vec<String>,
+    findings: Findings,
 }
 
 impl Scenario<'_> {
@@ -152,9 +153,17 @@ impl Scenario<'_> {
             cfg,
             ctl,
             boots: Vec::new(),
+            findings: Findings::default(),
         };
         let mut current: Option<Booted> = None;
-        let result = s.steps(&mut current);
+        let mut result = s.steps(&mut current);
+        if result.is_ok() && !s.findings.0.is_empty() {
+            result = Err(anyhow::anyhow!(
+                "{} check(s) failed:\n- {}",
+                s.findings.0.len(),
+                s.findings.0.join("\n- ")
+            ));
+        }
         if let Err(e) = &result {
             s.report_failure(e, current.as_mut());
         }
@@ -190,7 +199,7 @@ impl Scenario<'_> {
             first_online.as_secs_f64()
         );
         let first_boot_id = b.guest.boot_id.clone();
-        check_under_systemd(&mut b.guest)?;
+        check_under_systemd(&mut b.guest, &mut self.findings)?;
 
         // Reboot command, published retained so that the broker delivers it
         // again on every reconnect: the device must not run it twice.
@@ -206,7 +215,7 @@ impl Scenario<'_> {
             t_cmd.elapsed().as_secs_f64()
         );
         drop(b);
-        check_boot_partition_erased(&self.cfg.boot_disk)?;
+        check_boot_partition_erased(&self.cfg.boot_disk, &mut self.findings)?;
 
         // Boot 2: back online with a new boot id; the command is not re-run.
         let b = current.insert(self.boot("second")?);
@@ -231,31 +240,56 @@ impl Scenario<'_> {
             )?;
             std::thread::sleep(Duration::from_millis(500));
         }
-        let succeeded = self
+        println!(
+            "[second] no second reboot within {}s of coming back",
+            NO_SECOND_REBOOT_WINDOW.as_secs()
+        );
+        // The agent answers a redelivered id from its command journal by
+        // repeating the recorded result: identical copies are one execution.
+        let succeeded: Vec<_> = self
             .fleet
-            .count_results(&reboot_id, CommandStatus::Succeeded);
-        ensure!(
-            succeeded == 1,
-            "expected exactly one `succeeded` result for {reboot_id}, saw {succeeded}: {:?}",
-            self.fleet.results(&reboot_id)
+            .results(&reboot_id)
+            .into_iter()
+            .filter(|r| r.status == CommandStatus::Succeeded)
+            .collect();
+        let mut executions: Vec<String> = succeeded
+            .iter()
+            .map(|r| format!("{} {:?}", r.ts, r.output))
+            .collect();
+        executions.dedup();
+        self.findings.check(
+            executions.len() == 1,
+            &format!("{reboot_id} succeeded exactly once (one recorded execution)"),
+            || format!("`succeeded` results: {succeeded:?}"),
+        );
+        if let Some(out) = succeeded.first().and_then(|r| r.output.as_ref()) {
+            let field = |k: &str| out.get(k).and_then(|v| v.as_str()).map(normalize_boot_id);
+            self.findings.check(
+                field("previous_boot_id") == Some(normalize_boot_id(&first_boot_id))
+                    && field("boot_id") == Some(normalize_boot_id(&b.guest.boot_id)),
+                "the `succeeded` result names the boot before and after the reboot",
+                || format!("output {out}"),
+            );
+        }
+        println!(
+            "[second] redelivered {reboot_id} answered from the agent's journal {} time(s), not run",
+            succeeded.len().saturating_sub(1)
         );
         let boots = b
             .guest
             .check("journalctl --list-boots --no-pager | tail -n +2 | wc -l")?;
-        ensure!(
+        self.findings.check(
             boots.trim() == "2",
-            "the guest's journal lists {} boots, expected 2",
-            boots.trim()
+            "the guest's journal lists exactly 2 boots",
+            || format!("it lists {}", boots.trim()),
         );
         println!(
-            "[second] no second reboot within {}s of coming back; `succeeded` published once; journal lists 2 boots",
-            NO_SECOND_REBOOT_WINDOW.as_secs()
-        );
-        println!(
-            "[second] agent journal about {reboot_id} this boot:\n{}",
-            indent(&b.guest.run(&format!(
-                "journalctl -b -u edgebind-agent --no-pager -o cat | grep -i -e '{reboot_id}' -e duplicate -e already | tail -n 5"
-            ))?.text)
+            "[second] agent journal, last lines:\n{}",
+            indent(
+                &b.guest
+                    .run("journalctl -b -u edgebind-agent --no-pager -o cat | tail -n 5")?
+                    .text
+            )
         );
 
         // Revoke, then reboot through the control channel: the new boot must
@@ -301,7 +335,7 @@ impl Scenario<'_> {
         let Booted { mut vm, guest } = current.take().expect("booted");
         guest.send_detached("systemctl poweroff")?;
         vm.wait_exit(SHUTDOWN_TIMEOUT)?;
-        check_boot_partition_erased(&self.cfg.boot_disk)?;
+        check_boot_partition_erased(&self.cfg.boot_disk, &mut self.findings)?;
 
         println!(
             "boot test: QEMU start -> `online`: {:.1}s",
@@ -323,7 +357,7 @@ impl Scenario<'_> {
     /// guest, or read from the disk image when the VM is gone), what the
     /// operator received and the broker's log.
     fn report_failure(&self, e: &anyhow::Error, current: Option<&mut Booted>) {
-        eprintln!("boot test: FAIL: {e:#}\n");
+        eprintln!("boot test: failure report ({e:#})\n");
         let mut journal = None;
         if let Some(b) = current {
             if b.vm.running() {
@@ -355,98 +389,112 @@ impl Scenario<'_> {
     }
 }
 
+/// Failed checks that do not stop the scenario: all of them are reported
+/// at the end (one run shows every problem), and any of them fails the test.
+#[derive(Default)]
+struct Findings(Vec<String>);
+
+impl Findings {
+    /// Records `what` as passed (printed) or failed (kept for the verdict).
+    fn check(&mut self, ok: bool, what: &str, detail: impl FnOnce() -> String) {
+        if ok {
+            println!("  ok: {what}");
+        } else {
+            let detail = detail();
+            println!("  FAILED: {what}\n{}", indent(&detail));
+            self.0.push(format!("{what}: {detail}"));
+        }
+    }
+}
+
 /// Checks made inside the guest over the control channel on the first boot.
-fn check_under_systemd(guest: &mut Guest) -> anyhow::Result<()> {
-    guest.check("systemctl is-active edgebind-agent.service")?;
-    let uid = guest.check(
+fn check_under_systemd(guest: &mut Guest, findings: &mut Findings) -> anyhow::Result<()> {
+    let uid = guest.run(
         "pid=$(systemctl show -p MainPID --value edgebind-agent.service); \
          awk '/^Uid:/{print $2}' /proc/$pid/status; id -u edgebind",
     )?;
-    let ids: Vec<&str> = uid.split_whitespace().collect();
-    ensure!(
+    let ids: Vec<&str> = uid.text.split_whitespace().collect();
+    findings.check(
         ids.len() == 2 && ids[0] == ids[1] && ids[0] != "0",
-        "the agent does not run as the non-root user edgebind (process uid, edgebind uid: {ids:?})"
+        "the agent runs as the non-root user edgebind",
+        || format!("process uid / edgebind uid: {}", uid.text.trim()),
     );
-    println!("[first] agent runs as user edgebind (uid {})", ids[0]);
 
-    let perms = guest.check("stat -c '%U %a %n' /var/lib/edgebind/identity/device.key /var/lib/edgebind/identity/agent.toml")?;
-    ensure!(
-        perms
-            .lines()
-            .next()
-            .is_some_and(|l| l.starts_with("edgebind 600 ")),
-        "imported key has the wrong owner/mode:\n{perms}"
-    );
-    let left = guest.run("ls -la /boot/edgebind/ 2>&1; test ! -e /boot/edgebind/identity.tar")?;
-    ensure!(
-        left.rc == 0,
-        "the identity bundle is still on the boot partition:\n{}",
-        left.text
-    );
-    println!("[first] identity imported (key edgebind 0600), bundle gone from /boot");
-
-    let journal = guest.check("journalctl -b -u edgebind-agent.service --no-pager -o cat")?;
-    ensure!(
-        journal.lines().count() >= 2,
-        "the agent's journal is (nearly) empty:\n{journal}"
-    );
-    println!(
-        "[first] agent journal ({} lines), last lines:\n{}",
-        journal.lines().count(),
-        indent(
-            &journal
+    let perms = guest.run(
+        "stat -c '%U %a %n' /var/lib/edgebind/identity/device.key /var/lib/edgebind/identity/agent.toml",
+    )?;
+    findings.check(
+        perms.rc == 0
+            && perms
+                .text
                 .lines()
-                .rev()
-                .take(3)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n")
-        )
+                .next()
+                .is_some_and(|l| l.starts_with("edgebind 600 ")),
+        "the identity was imported with the key owned by edgebind, mode 0600",
+        || perms.text.clone(),
+    );
+    let left = guest.run("test ! -e /boot/edgebind/identity.tar || ls -la /boot/edgebind/")?;
+    findings.check(
+        left.rc == 0,
+        "the identity bundle is gone from the mounted boot partition",
+        || left.text.clone(),
     );
 
-    let security = guest.check("systemd-analyze security edgebind-agent.service --no-pager")?;
-    let exposure = parse_exposure(&security)
-        .with_context(|| format!("no overall exposure in:\n{security}"))?;
-    if exposure > MAX_EXPOSURE {
-        bail!(
-            "systemd-analyze security edgebind-agent.service: exposure {exposure} > {MAX_EXPOSURE}:\n{security}"
-        );
-    }
+    let journal = guest.run("journalctl -b -u edgebind-agent.service --no-pager -o cat")?;
+    findings.check(
+        journal.rc == 0 && journal.text.lines().count() >= 2,
+        "the agent's logs are in the journal",
+        || journal.text.clone(),
+    );
+    let lines: Vec<&str> = journal.text.lines().collect();
     println!(
-        "[first] systemd-analyze security edgebind-agent.service: exposure {exposure} (<= {MAX_EXPOSURE})"
+        "  agent journal ({} lines this boot), last ones:\n{}",
+        lines.len(),
+        indent(&lines[lines.len().saturating_sub(3)..].join("\n"))
+    );
+
+    let security = guest.run("systemd-analyze security edgebind-agent.service --no-pager")?;
+    let exposure = parse_exposure(&security.text);
+    findings.check(
+        exposure.is_some_and(|e| e <= MAX_EXPOSURE),
+        &format!(
+            "systemd-analyze security edgebind-agent.service: exposure {} <= {MAX_EXPOSURE}",
+            exposure.map_or("?".to_owned(), |e| e.to_string())
+        ),
+        || security.text.clone(),
     );
     Ok(())
 }
 
-/// "→ Overall exposure level for edgebind-agent.service: 1.9 OK 🙂" -> 1.9
+/// "→ Overall exposure level for edgebind-agent.service: 1.9 OK :-)" -> 1.9
+/// (the verdict may end in an ASCII smiley with a colon of its own).
 fn parse_exposure(text: &str) -> Option<f64> {
     let line = text
         .lines()
-        .find(|l| l.contains("Overall exposure level"))?;
-    line.rsplit_once(':')?
-        .1
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+        .find(|l| l.contains("Overall exposure level for "))?;
+    let (_, rest) = line.split_once(".service: ")?;
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 /// From the host, with the VM stopped: the bundle is not listed on the boot
 /// partition and no private key bytes remain anywhere on it.
-fn check_boot_partition_erased(disk: &Path) -> anyhow::Result<()> {
-    ensure!(
+fn check_boot_partition_erased(disk: &Path, findings: &mut Findings) -> anyhow::Result<()> {
+    let listing = bootdisk::listing(disk)?;
+    findings.check(
         !bootdisk::has_identity(disk)?,
-        "identity.tar is still on the boot partition:\n{}",
-        bootdisk::listing(disk)?
+        "[host, mtools] edgebind/identity.tar is gone from the boot partition",
+        || listing.clone(),
     );
-    ensure!(
+    findings.check(
         !bootdisk::key_bytes_remain(disk)?,
-        "identity.tar was deleted but the private key's bytes remain on the boot partition \
-         (recoverable from free clusters): the import must overwrite before deleting"
+        "[host] no private key bytes remain anywhere on the boot disk",
+        || {
+            "identity.tar was deleted, but its private key is still readable in the FAT \
+             partition's free clusters (a plain rm on FAT only unlinks): the import must \
+             overwrite the file before deleting it"
+                .to_owned()
+        },
     );
-    println!("[host] boot partition checked with mtools: no identity.tar, no key bytes left");
     Ok(())
 }
 
@@ -577,6 +625,10 @@ mod tests {
         assert_eq!(
             parse_exposure("→ Overall exposure level for x.service: 9.6 UNSAFE 😨"),
             Some(9.6)
+        );
+        assert_eq!(
+            parse_exposure("→ Overall exposure level for edgebind-agent.service: 1.1 OK :-)"),
+            Some(1.1)
         );
         assert_eq!(parse_exposure("nothing here"), None);
     }
