@@ -75,7 +75,7 @@ fn killing_the_service_loses_nothing_acknowledged_or_sent_while_it_was_down() {
     let before = fleet.registry().device(&id).unwrap();
 
     // kill -9 in the middle of a stream.
-    let streamer = {
+    {
         let topic = topic.clone();
         let device = &device;
         std::thread::scope(|s| {
@@ -90,8 +90,7 @@ fn killing_the_service_loses_nothing_acknowledged_or_sent_while_it_was_down() {
             fleet.kill9_service();
             h.join().unwrap();
         });
-    };
-    let () = streamer;
+    }
     // While the service is down the broker queues for its persistent session.
     send(400..500);
     let while_down = stored_seqs(&fleet, &id);
