@@ -118,7 +118,9 @@ fn header_name(h: &[u8]) -> anyhow::Result<String> {
         String::from_utf8(r[..end].to_vec())
     };
     let name = field(&h[0..100]).context("tar entry name is not UTF-8")?;
-    let prefix = if &h[257..262] == b"ustar" {
+    // POSIX ustar only: GNU headers ("ustar  ") keep atime/ctime where ustar
+    // has the name prefix.
+    let prefix = if &h[257..263] == b"ustar\0" {
         field(&h[345..500]).context("tar entry prefix is not UTF-8")?
     } else {
         String::new()

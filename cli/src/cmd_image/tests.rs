@@ -133,6 +133,29 @@ fn bundle_tar_round_trips_and_system_tar_reads_it() {
 }
 
 #[test]
+fn bundles_made_by_gnu_tar_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    for e in identity_entries() {
+        fs::write(dir.path().join(&e.name), &e.data).unwrap();
+    }
+    let tar = dir.path().join("gnu.tar");
+    let status = Command::new("tar")
+        .arg("--format=gnu")
+        .arg("-C")
+        .arg(dir.path())
+        .arg("-cf")
+        .arg(&tar)
+        .args(["./agent.toml", "./device.crt", "./device.key", "./ca.crt"])
+        .status()
+        .expect("tar must be installed");
+    assert!(status.success());
+    let entries = tarball::read(&fs::read(&tar).unwrap()).unwrap();
+    tarball::check_identity_files(&entries).unwrap();
+    assert_eq!(entries[0].name, "./agent.toml");
+    assert_eq!(entries[0].data, b"contents of agent.toml\n");
+}
+
+#[test]
 fn bundle_with_extra_or_missing_files_is_refused() {
     let mut entries = identity_entries();
     entries.pop();
