@@ -12,9 +12,6 @@
 //!
 //! The tar is itself 0600 because it contains the key.
 
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::files::{PRIVATE_MODE, PUBLIC_MODE, create_dir, write_private, write_public};
@@ -63,22 +60,34 @@ pub fn write_bundle(
         }
     }
     let tar = tar_path_for(dir);
-    let bytes = tar_bytes(&files).map_err(|e| Error::io(&tar, e))?;
-    let tmp = tar.with_extension("tar.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut out = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(PRIVATE_MODE)
-        .open(&tmp)
-        .map_err(|e| Error::io(&tmp, e))?;
-    out.write_all(&bytes).map_err(|e| Error::io(&tmp, e))?;
-    drop(out);
-    std::fs::rename(&tmp, &tar).map_err(|e| Error::io(&tar, e))?;
+    write_tar_file(&tar, &files)?;
     Ok(BundlePaths {
         dir: dir.to_owned(),
         tar,
     })
+}
+
+/// Write only the tar form of a bundle (what a factory line copies onto the
+/// boot partition): one file per device, mode 0600.
+pub fn write_tar(
+    tar: &Path,
+    issued: &IssuedCert,
+    root_pem: &str,
+    agent_toml: &str,
+) -> Result<(), Error> {
+    let files: [(&str, &[u8], u32); 4] = [
+        (AGENT_CONFIG, agent_toml.as_bytes(), PUBLIC_MODE),
+        (DEVICE_CERT, issued.chain_pem.as_bytes(), PUBLIC_MODE),
+        (DEVICE_KEY, issued.key_pem.as_bytes(), PRIVATE_MODE),
+        (CA_CERT, root_pem.as_bytes(), PUBLIC_MODE),
+    ];
+    write_tar_file(tar, &files)
+}
+
+fn write_tar_file(tar: &Path, files: &[(&str, &[u8], u32)]) -> Result<(), Error> {
+    let bytes = tar_bytes(files).map_err(|e| Error::io(tar, e))?;
+    // The tar holds the key: private mode.
+    write_private(tar, &bytes)
 }
 
 fn tar_bytes(files: &[(&str, &[u8], u32)]) -> std::io::Result<Vec<u8>> {

@@ -45,8 +45,10 @@ pub mod layout {
     pub const INVENTORY_LOCK: &str = "inventory.lock";
     /// The current CRL (issued by the issuing CA), PEM.
     pub const CRL: &str = "crl.pem";
-    /// Copies of every issued leaf certificate, `<serial>.pem`.
-    pub const ISSUED_DIR: &str = "issued";
+    /// Append-only log of every issued leaf certificate (PEM, each preceded
+    /// by a `# serial <hex> cn <cn>` line): one file, so a batch of thousands
+    /// costs no file creation per certificate.
+    pub const ISSUED_LOG: &str = "issued.pem";
 
     /// File stem of non-device client identities: `client.crt`, `client.key` (+ `ca.crt`).
     pub const CLIENT_STEM: &str = "client";

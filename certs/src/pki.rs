@@ -1,7 +1,9 @@
 //! The PKI directory: CAs, issuing, inventory, revocation.
 
 use std::fs::{self, File, OpenOptions};
+use std::io::Write;
 use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use edgebind_protocol::{DeviceId, Principal};
@@ -152,7 +154,6 @@ impl Pki {
             return Err(Error::Invalid("the fleet name must not be empty".into()));
         }
         create_dir(dir, 0o700)?;
-        create_dir(&dir.join(ISSUED_DIR), 0o700)?;
 
         let root_key = KeyPair::generate().map_err(|e| Error::crypto("root CA key", e))?;
         let root_params = profile::root_ca(&opts.fleet, Validity::days(opts.root_days))?;
@@ -417,19 +418,25 @@ impl Pki {
         Ok(out)
     }
 
-    /// Record issued certificates in the inventory and keep a copy of each
-    /// leaf as `issued/<serial>.pem`.
+    /// Record issued certificates in the inventory and append each leaf to
+    /// `issued.pem`.
     pub fn record(&self, issued: &[IssuedCert]) -> Result<(), Error> {
-        let issued_dir = self.dir.join(ISSUED_DIR);
-        create_dir(&issued_dir, 0o700)?;
-        for cert in issued {
-            write_public(
-                &issued_dir.join(format!("{}.pem", cert.serial)),
-                cert.cert_pem.as_bytes(),
-            )?;
-        }
         let now = OffsetDateTime::now_utc();
         self.update(|inv| {
+            let mut log = String::with_capacity(issued.len() * 800);
+            for cert in issued {
+                log.push_str(&format!("# serial {} cn {}\n", cert.serial, cert.cn));
+                log.push_str(&cert.cert_pem);
+            }
+            let path = self.dir.join(ISSUED_LOG);
+            let mut file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| Error::io(&path, e))?;
+            file.write_all(log.as_bytes())
+                .map_err(|e| Error::io(&path, e))?;
             inv.entries
                 .extend(issued.iter().map(|c| c.inventory_entry(now)));
             Ok(())

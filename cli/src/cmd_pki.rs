@@ -106,8 +106,9 @@ Examples:
 
 A batch file has one device id per line (blank lines and # comments ignored).
 Every id is validated before anything is issued; each gets a bundle directory
-and tar in <home>/bundles/ (or --out), using the broker from `edgebind broker
-config` unless --broker-host is given.")]
+and tar in <home>/bundles/ (or --out; only the tar with --tar-only), using the
+broker from `edgebind broker config` unless --broker-host is given. Progress and
+the rate go to stderr.")]
     Device(IssueDeviceArgs),
     /// The broker's TLS server certificate (serverAuth, SANs); normally `edgebind broker config` does this.
     Broker(IssueBrokerArgs),
@@ -138,6 +139,10 @@ pub struct IssueDeviceArgs {
     /// Issuing threads for --batch (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// With --batch: write only <id>.tar per device (what the image personalization
+    /// consumes), no bundle directories: a third of the file creations.
+    #[arg(long, requires = "batch")]
+    tar_only: bool,
 }
 
 #[derive(Args)]
@@ -442,6 +447,7 @@ fn issue_batch(
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let total = ids.len();
+    let tar_only = a.tar_only;
     let start = Instant::now();
     let step = (total / 20).max(1);
     let progress = |done: usize| {
@@ -455,13 +461,17 @@ fn issue_batch(
         let Some(Principal::Device(id)) = &issued.principal else {
             unreachable!("batch issues device certificates only")
         };
-        bundle::write_bundle(
-            &out.join(id.as_str()),
-            issued,
-            pki.root_pem(),
-            &agent_toml(id, &broker),
-        )
-        .map(|_| ())
+        let toml = agent_toml(id, &broker);
+        if tar_only {
+            bundle::write_tar(
+                &out.join(format!("{id}.tar")),
+                issued,
+                pki.root_pem(),
+                &toml,
+            )
+        } else {
+            bundle::write_bundle(&out.join(id.as_str()), issued, pki.root_pem(), &toml).map(|_| ())
+        }
     };
     let issued = pki.issue_devices(&ids, Validity::days(a.days), threads, each, progress)?;
     let secs = start.elapsed().as_secs_f64();

@@ -13,13 +13,12 @@ pub fn bin_path(name: &str) -> PathBuf {
     if let Some(path) = built.get(name) {
         return path.clone();
     }
-    // <target>/<profile>/deps/<test-binary>
+    // Tests run from <target>/<profile>/deps/, benchmark binaries from <target>/<profile>/.
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binary lives in <target>/<profile>/deps")
-        .to_owned();
+    let mut profile_dir = exe.parent().expect("binary has a directory").to_owned();
+    if profile_dir.file_name().is_some_and(|n| n == "deps") {
+        profile_dir.pop();
+    }
     let target_dir = profile_dir.parent().expect("target dir").to_owned();
     let profile = profile_dir
         .file_name()
