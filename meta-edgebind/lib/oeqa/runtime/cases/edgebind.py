@@ -49,13 +49,20 @@ def make_bundle(openssl, workdir, device_id):
     def run(*args):
         subprocess.run([openssl, *args], cwd=workdir, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # X.509 v3 with the extensions the agent's verifier insists on.
+    with open(os.path.join(workdir, 'leaf.ext'), 'w') as f:
+        f.write('basicConstraints = critical, CA:FALSE\n'
+                'keyUsage = critical, digitalSignature\n'
+                'extendedKeyUsage = clientAuth\n')
     run('ecparam', '-name', 'prime256v1', '-genkey', '-noout', '-out', 'ca.key')
     run('req', '-x509', '-new', '-key', 'ca.key', '-subj', '/CN=edgebind-oeqa-ca',
+        '-addext', 'basicConstraints=critical,CA:TRUE',
+        '-addext', 'keyUsage=critical,keyCertSign,cRLSign',
         '-days', '2', '-out', 'ca.crt')
     run('ecparam', '-name', 'prime256v1', '-genkey', '-noout', '-out', 'device.key')
     run('req', '-new', '-key', 'device.key', '-subj', '/CN=%s' % device_id, '-out', 'device.csr')
     run('x509', '-req', '-in', 'device.csr', '-CA', 'ca.crt', '-CAkey', 'ca.key',
-        '-CAcreateserial', '-days', '2', '-out', 'device.crt')
+        '-CAcreateserial', '-days', '2', '-extfile', 'leaf.ext', '-out', 'device.crt')
     with open(os.path.join(workdir, 'agent.toml'), 'w') as f:
         # No broker answers in QEMU: the agent must stay up and keep retrying.
         f.write('device_id = "%s"\n\n[broker]\nhost = "10.0.2.2"\nport = 8883\n' % device_id)
