@@ -120,11 +120,21 @@ impl TestClient {
         broker: &Broker,
         opts: ClientOptions,
     ) -> anyhow::Result<TestClient> {
+        Self::connect_addr(identity, broker.host(), broker.port(), opts)
+    }
+
+    /// Connect to a broker this harness did not start (e.g. `edgebind broker run`).
+    pub fn connect_addr(
+        identity: &Identity,
+        host: &str,
+        port: u16,
+        opts: ClientOptions,
+    ) -> anyhow::Result<TestClient> {
         let client_id = opts
             .client_id
             .clone()
             .unwrap_or_else(|| identity.name.clone());
-        let mut mqtt = MqttOptions::new(client_id, broker.host(), broker.port());
+        let mut mqtt = MqttOptions::new(client_id, host, port);
         mqtt.set_keep_alive(opts.keep_alive);
         mqtt.set_clean_start(opts.clean_start);
         mqtt.set_connection_timeout(10);

@@ -22,6 +22,23 @@ pub struct Identity {
     pub serial: String,
 }
 
+impl Identity {
+    /// An identity already on disk: `<dir>/<stem>.crt`, `<dir>/<stem>.key`,
+    /// `<dir>/ca.crt` (e.g. `<home>/operator` with stem `client`, or a
+    /// bundle directory with stem `device`). `name` labels it in messages.
+    pub fn from_dir(dir: &Path, stem: &str, name: &str) -> Identity {
+        Identity {
+            principal: Principal::from_cn(name).ok(),
+            name: name.to_owned(),
+            dir: dir.to_owned(),
+            cert: dir.join(format!("{stem}.crt")),
+            key: dir.join(format!("{stem}.key")),
+            ca: dir.join("ca.crt"),
+            serial: String::new(),
+        }
+    }
+}
+
 /// A throwaway fleet home with an initialised PKI (see the crate docs).
 pub struct TestPki {
     home: tempfile::TempDir,

@@ -1,0 +1,251 @@
+//! `edgebind broker config/run/reload` and `edgebind pki revoke` end to end:
+//! the real binary generates the configuration, runs Mosquitto in the
+//! foreground and reloads it through the pid file.
+
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use edgebind_tests::{
+    ClientOptions, Identity, PubAckReason, QoS, TestClient, bin_path, wait_until,
+};
+
+fn run(home: &Path, args: &[&str]) -> Output {
+    Command::new(bin_path("edgebind"))
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .output()
+        .expect("run edgebind")
+}
+
+fn show(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `edgebind broker run` in the background, killed on Drop.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn home() -> tempfile::TempDir {
+    let tmp = tempfile::Builder::new()
+        .prefix("edgebind-cli-")
+        .tempdir()
+        .unwrap();
+    // mosquitto drops to its own user and must traverse the home.
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    tmp
+}
+
+#[test]
+fn config_run_reload_and_revoke_with_the_cli() {
+    let tmp = home();
+    let home = tmp.path();
+    assert!(
+        run(home, &["pki", "init", "--fleet", "acme"])
+            .status
+            .success()
+    );
+    let port = free_port().to_string();
+    let out = run(
+        home,
+        &[
+            "broker",
+            "config",
+            "--host",
+            "localhost",
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+        ],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    let conf = std::fs::read_to_string(home.join("broker/mosquitto.conf")).unwrap();
+    for line in [
+        "require_certificate true",
+        "use_identity_as_username true",
+        "use_username_as_clientid true",
+        "allow_anonymous false",
+        "set_tcp_nodelay true",
+        "max_packet_size 262144",
+        &format!("listener {port} 127.0.0.1"),
+    ] {
+        assert!(
+            conf.lines().any(|l| l == line),
+            "missing {line:?} in:\n{conf}"
+        );
+    }
+    assert_eq!(
+        conf.matches("\nlistener ").count(),
+        1,
+        "one (TLS) listener only"
+    );
+    let key_mode = std::fs::metadata(home.join("broker/server.key")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&key_mode.permissions()) & 0o777,
+        0o600
+    );
+
+    // Re-running keeps the server certificate; --renew-cert replaces it.
+    let again = run(home, &["broker", "config"]);
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("kept the existing server certificate"),
+        "{}",
+        show(&again)
+    );
+    let port: u16 = port.parse().unwrap();
+
+    let log = std::fs::File::create(home.join("broker.log")).unwrap();
+    let child = Command::new(bin_path("edgebind"))
+        .arg("--home")
+        .arg(home)
+        .args(["broker", "run"])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let broker_pid = child.id();
+    let _running = Running(child);
+    assert!(
+        wait_until(Duration::from_secs(20), || TcpStream::connect((
+            Ipv4Addr::LOCALHOST,
+            port
+        ))
+        .is_ok()),
+        "broker did not come up:\n{}",
+        std::fs::read_to_string(home.join("broker.log")).unwrap_or_default()
+    );
+    let pid_file = std::fs::read_to_string(home.join("broker/mosquitto.pid")).unwrap();
+    assert_eq!(
+        pid_file.trim(),
+        broker_pid.to_string(),
+        "run execs mosquitto under its own pid"
+    );
+
+    let out = run(home, &["pki", "issue", "device", "dev-a"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let dev = Identity::from_dir(&home.join("bundles/dev-a"), "device", "dev-a");
+    let op = Identity::from_dir(&home.join("operator"), "client", "operator:admin");
+    let op = TestClient::connect_addr(&op, "127.0.0.1", port, ClientOptions::default()).unwrap();
+    let a = TestClient::connect_addr(&dev, "localhost", port, ClientOptions::default()).unwrap();
+    op.subscribe("edgebind/v1/#").unwrap();
+    let ack = a
+        .publish(
+            "edgebind/v1/devices/dev-a/status",
+            b"on",
+            QoS::AtLeastOnce,
+            false,
+        )
+        .unwrap();
+    assert_eq!(ack, Some(PubAckReason::Success));
+
+    let out = run(home, &["pki", "revoke", "dev-a"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("reloaded"),
+        "{}",
+        show(&out)
+    );
+    // The CLI's SIGHUP is handled asynchronously: wait for the deny to bite.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            a.publish(
+                "edgebind/v1/devices/dev-a/status",
+                b"x",
+                QoS::AtLeastOnce,
+                false,
+            )
+            .unwrap()
+                == Some(PubAckReason::NotAuthorized)
+        }),
+        "revocation did not reach the open connection"
+    );
+    assert!(
+        op.is_connected() && op.connack_count() == 1,
+        "the operator was not disturbed"
+    );
+
+    let out = run(home, &["broker", "reload"]);
+    assert!(out.status.success(), "{}", show(&out));
+}
+
+#[test]
+fn clear_errors_for_missing_mosquitto_and_missing_configuration() {
+    let tmp = home();
+    let home = tmp.path();
+    let out = run(home, &["broker", "run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("edgebind broker config"),
+        "{}",
+        show(&out)
+    );
+
+    assert!(
+        run(home, &["pki", "init", "--fleet", "acme"])
+            .status
+            .success()
+    );
+    let out = run(home, &["broker", "config"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--host"),
+        "{}",
+        show(&out)
+    );
+
+    assert!(
+        run(home, &["broker", "config", "--host", "localhost"])
+            .status
+            .success()
+    );
+    let out = Command::new(bin_path("edgebind"))
+        .arg("--home")
+        .arg(home)
+        .args(["broker", "run"])
+        .env("EDGEBIND_MOSQUITTO", "/nonexistent/mosquitto")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("mosquitto was not found"),
+        "{}",
+        show(&out)
+    );
+
+    let out = run(home, &["broker", "reload"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("not reloaded"),
+        "{}",
+        show(&out)
+    );
+}
