@@ -94,3 +94,46 @@ pub fn key_bytes_remain(image: &Path) -> anyhow::Result<bool> {
     let needle = b"PRIVATE KEY-----";
     Ok(bytes.windows(needle.len()).any(|w| w == needle))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mtool(args: &[&str]) {
+        run(Command::new(args[0]).args(&args[1..])).unwrap();
+    }
+
+    /// Why the boot test scans the raw disk: deleting a file on FAT only
+    /// unlinks it, the key stays readable in the free clusters.
+    #[test]
+    fn a_deleted_file_leaves_its_bytes_on_fat_and_the_scan_finds_them() {
+        let dir = std::env::temp_dir().join(format!("edgebind-bootdisk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = dir.join("boot.img");
+        create_blank(&disk, &dir).unwrap();
+        assert!(!has_identity(&disk).unwrap());
+        assert!(!key_bytes_remain(&disk).unwrap());
+
+        let tar = dir.join("identity.tar");
+        std::fs::write(
+            &tar,
+            "-----BEGIN PRIVATE KEY-----\nMIGH\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let drive = drive(&disk);
+        mtool(&["mmd", "-i", &drive, "::edgebind"]);
+        mtool(&[
+            "mcopy",
+            "-i",
+            &drive,
+            tar.to_str().unwrap(),
+            "::edgebind/identity.tar",
+        ]);
+        assert!(has_identity(&disk).unwrap());
+
+        mtool(&["mdel", "-i", &drive, "::edgebind/identity.tar"]);
+        assert!(!has_identity(&disk).unwrap());
+        assert!(key_bytes_remain(&disk).unwrap(), "mdel should only unlink");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -402,7 +402,10 @@ impl Findings {
         } else {
             let detail = detail();
             println!("  FAILED: {what}\n{}", indent(&detail));
-            self.0.push(format!("{what}: {detail}"));
+            let finding = format!("{what}: {detail}");
+            if !self.0.contains(&finding) {
+                self.0.push(finding);
+            }
         }
     }
 }
