@@ -77,7 +77,7 @@ edgebind_firewall_ssh_rule() {
     if ! ${@bb.utils.contains_any('IMAGE_FEATURES', 'ssh-server-openssh ssh-server-dropbear', 'true', 'false', d)}; then
         for rules in ${IMAGE_ROOTFS}${sysconfdir}/iptables/iptables.rules ${IMAGE_ROOTFS}${sysconfdir}/iptables/ip6tables.rules; do
             if [ -f "$rules" ]; then
-                sed -i -e '/--dport 22 /d' -e '/^# SSH:/,/otherwise/d' "$rules"
+                sed -i -e '/edgebind-ssh/d' -e '/--dport 22 /d' "$rules"
             fi
         done
     fi
