@@ -38,8 +38,15 @@ pub struct Outgoing {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
     Publish(Outgoing),
-    /// Append to the journal durably before the next effect runs.
+    /// Append to the journal durably (fsync) before the next effect runs:
+    /// for commands with a side effect (reboot, restart-agent).
     Record(JournalEntry),
+    /// Append to the journal without waiting for stable storage: for
+    /// outcomes with no side effect (ping, inventory, rejections). A crash of
+    /// the agent keeps it (page cache); only a power cut can lose it, and
+    /// answering such a command again after that is harmless. Saves an fsync
+    /// per ping on flash.
+    Note(JournalEntry),
     /// Rewrite the journal file with exactly these entries.
     Compact(Vec<JournalEntry>),
     /// Start the side-effecting part of an action; report back with
@@ -248,7 +255,7 @@ impl Core {
                     reason: Some(rejection.to_string()),
                     ..rec
                 };
-                self.record(&mut effects, rec.clone());
+                self.note(&mut effects, rec.clone());
                 effects.push(Effect::Publish(self.result_message(&rec.result())));
                 effects.extend(self.maybe_compact(now));
                 return effects;
@@ -270,7 +277,7 @@ impl Core {
                 };
                 let done =
                     self.final_entry(&accepted, CommandStatus::Succeeded, None, Some(output), now);
-                self.record(&mut effects, done.clone());
+                self.note(&mut effects, done.clone());
                 effects.push(Effect::Publish(accepted_msg));
                 effects.push(Effect::Publish(self.result_message(&done.result())));
             }
@@ -518,6 +525,12 @@ impl Core {
         effects.push(Effect::Record(entry));
     }
 
+    fn note(&mut self, effects: &mut Vec<Effect>, entry: JournalEntry) {
+        self.ledger.insert(entry.clone());
+        self.journal_lines += 1;
+        effects.push(Effect::Note(entry));
+    }
+
     /// Once the file holds twice as many lines as live ids (and at least a
     /// few dozen), prune and rewrite it.
     fn maybe_compact(&mut self, now: UnixSeconds) -> Option<Effect> {
@@ -624,7 +637,7 @@ mod tests {
     fn ping_records_before_publishing_accepted_then_succeeded() {
         let mut c = core();
         let fx = c.on_message(&cmd_topic("c1"), br#"{"id":"c1","action":"ping"}"#, NOW);
-        assert!(matches!(fx[0], Effect::Record(ref r) if r.status == CommandStatus::Succeeded));
+        assert!(matches!(fx[0], Effect::Note(ref r) if r.status == CommandStatus::Succeeded));
         assert_eq!(
             statuses(&fx),
             [CommandStatus::Accepted, CommandStatus::Succeeded]
@@ -782,7 +795,7 @@ mod tests {
         let mut c = core();
         for (id, payload, needle) in cases {
             let fx = c.on_message(&cmd_topic(id), &payload, NOW);
-            assert!(matches!(fx[0], Effect::Record(_)), "{id}");
+            assert!(matches!(fx[0], Effect::Note(_)), "{id}");
             let r = results(&fx);
             assert_eq!(r.len(), 1, "{id}");
             assert_eq!(r[0].0, CommandStatus::Rejected, "{id}");

@@ -203,6 +203,16 @@ impl JournalFile {
         Ok(())
     }
 
+    /// Append one record, handed to the kernel but not forced to storage:
+    /// it survives a crash of the agent, not a power cut.
+    pub fn append_unsynced(&mut self, entry: &JournalEntry) -> io::Result<()> {
+        let mut line = serde_json::to_vec(entry).map_err(io::Error::other)?;
+        line.push(b'\n');
+        self.file.write_all(&line)?;
+        self.lines += 1;
+        Ok(())
+    }
+
     /// Replace the file's content by `entries`, atomically and durably.
     pub fn rewrite(&mut self, entries: &[JournalEntry]) -> io::Result<()> {
         let mut buf = Vec::with_capacity(entries.len() * 160);

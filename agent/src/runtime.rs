@@ -49,6 +49,9 @@ pub const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 /// How long a clean stop waits for `offline` and DISCONNECT to go out.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 const SETTINGS_FILE: &str = "settings.json";
+/// Outgoing QoS 1 messages awaiting PUBACK (Mosquitto's default receive
+/// maximum is 20).
+const MAX_INFLIGHT: u16 = 32;
 /// Room for results queued while the connection is down.
 const REQUEST_CHANNEL_CAPACITY: usize = 256;
 
@@ -196,7 +199,7 @@ impl Agent {
         // before anything else; a failure here is a state-dir problem.
         for fx in &startup {
             match fx {
-                Effect::Record(e) => journal.append(e).map_err(state_err)?,
+                Effect::Record(e) | Effect::Note(e) => journal.append(e).map_err(state_err)?,
                 Effect::Compact(all) => journal.rewrite(all).map_err(state_err)?,
                 _ => {}
             }
@@ -234,6 +237,9 @@ impl Agent {
             .set_max_packet_size(Some(MAX_PACKET_BYTES as u32))
             // Ack a command only after its id is recorded.
             .set_manual_acks(true)
+            // rumqttc preallocates one slot per possible in-flight packet id
+            // (65535 by default: ~10 MiB); Mosquitto allows 20 anyway.
+            .set_outgoing_inflight_upper_limit(MAX_INFLIGHT)
             .set_last_will(LastWill::new(
                 will.topic,
                 will.payload,
@@ -409,9 +415,15 @@ impl Agent {
     /// nothing runs whose id is not on disk.
     fn execute(&mut self, effects: Vec<Effect>, io: &mut Io) {
         for fx in effects {
+            let durable = matches!(fx, Effect::Record(_));
             match fx {
-                Effect::Record(entry) => {
-                    if let Err(e) = self.journal.append(&entry) {
+                Effect::Record(entry) | Effect::Note(entry) => {
+                    let written = if durable {
+                        self.journal.append(&entry)
+                    } else {
+                        self.journal.append_unsynced(&entry)
+                    };
+                    if let Err(e) = written {
                         error!(
                             id = %entry.id,
                             file = %self.journal.path().display(),

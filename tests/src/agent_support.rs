@@ -293,3 +293,121 @@ pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A lean MQTT 5 client for latency measurements: TCP_NODELAY on (without
+/// it every QoS 1 exchange waits ~40 ms for Nagle + delayed ACK, which would
+/// hide what is being measured), no recording, events through a channel.
+pub struct FastClient {
+    client: rumqttc::v5::Client,
+    events: std::sync::mpsc::Receiver<FastEvent>,
+}
+
+#[derive(Debug)]
+pub enum FastEvent {
+    Message { topic: String, payload: Vec<u8> },
+    SubAck,
+    Lost(String),
+}
+
+impl FastClient {
+    pub fn connect(identity: &edgebind_tests::Identity, broker: &Broker) -> FastClient {
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        use rumqttc::v5::{Client, Event, MqttOptions};
+        use rumqttc::{NetworkOptions, TlsConfiguration, Transport};
+
+        let load_certs = |p: &Path| {
+            let pem = std::fs::read(p).expect("read certificate");
+            rustls_pemfile::certs(&mut pem.as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .expect("PEM certificates")
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for c in load_certs(&identity.ca) {
+            roots.add(c).expect("root");
+        }
+        let key_pem = std::fs::read(&identity.key).expect("read key");
+        let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+            .expect("PEM key")
+            .expect("a key");
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(load_certs(&identity.cert), key)
+        .expect("client auth");
+
+        let mut opts = MqttOptions::new(identity.name.clone(), broker.host(), broker.port());
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                std::sync::Arc::new(tls),
+            )));
+        let mut net = NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        opts.set_network_options(net);
+        let (client, mut connection) = Client::new(opts, 64);
+        let (tx, events) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for ev in connection.iter() {
+                let out = match ev {
+                    Ok(Event::Incoming(Packet::Publish(p))) => FastEvent::Message {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload.to_vec(),
+                    },
+                    Ok(Event::Incoming(Packet::SubAck(_))) => FastEvent::SubAck,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        let _ = tx.send(FastEvent::Lost(e.to_string()));
+                        return;
+                    }
+                };
+                if tx.send(out).is_err() {
+                    return;
+                }
+            }
+        });
+        FastClient { client, events }
+    }
+
+    pub fn subscribe(&self, filter: &str) {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .expect("subscribe");
+        self.wait(AGENT_DEADLINE, |e| matches!(e, FastEvent::SubAck))
+            .expect("SUBACK");
+    }
+
+    /// Publish at QoS 1 without waiting for the PUBACK.
+    pub fn publish(&self, topic: &str, payload: &[u8]) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+            .expect("publish");
+    }
+
+    /// Consume events until one matches (others are dropped).
+    pub fn wait(&self, timeout: Duration, pred: impl Fn(&FastEvent) -> bool) -> Option<FastEvent> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.events.recv_timeout(left) {
+                Ok(FastEvent::Lost(e)) => panic!("connection lost: {e}"),
+                Ok(ev) if pred(&ev) => return Some(ev),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Wait for a message on `topic` whose payload contains `needle`.
+    pub fn wait_message(&self, topic: &str, needle: &[u8], timeout: Duration) -> bool {
+        self.wait(timeout, |e| match e {
+            FastEvent::Message { topic: t, payload } => {
+                t == topic
+                    && (needle.is_empty() || payload.windows(needle.len()).any(|w| w == needle))
+            }
+            _ => false,
+        })
+        .is_some()
+    }
+}
