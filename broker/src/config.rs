@@ -203,7 +203,8 @@ pub fn render_conf(dir: &Path, settings: &BrokerSettings) -> String {
          acl_file {acl}\n\n\
          # Without it the TLS 1.3 CONNECT/CONNACK exchange waits on Nagle + delayed ACK (~40 ms).\n\
          set_tcp_nodelay true\n\
-         # Largest MQTT packet, from edgebind_protocol::messages::MAX_PACKET_BYTES.\n\
+         # Largest MQTT packet, from edgebind_protocol::messages::MAX_PACKET_BYTES; it also\n\
+         # bounds every message (2.0 deprecates message_size_limit in its favour).\n\
          max_packet_size {max_packet}\n\n\
          {persistence}\n\
          log_dest stderr\n\

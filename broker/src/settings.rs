@@ -133,3 +133,46 @@ impl BrokerSettings {
         broker_dir.join(layout::CA)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_rejects_typos() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = BrokerSettings::new(
+            vec!["broker.example.net".into()],
+            vec!["10.0.0.5".parse().unwrap()],
+        );
+        s.port = 18883;
+        s.save(dir.path()).unwrap();
+        assert_eq!(BrokerSettings::load(dir.path()).unwrap(), s);
+        assert_eq!(s.client_host(), "broker.example.net");
+
+        std::fs::write(
+            BrokerSettings::path(dir.path()),
+            "hosts = [\"a\"]\nprot = 1\n",
+        )
+        .unwrap();
+        let err = BrokerSettings::load(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("settings.toml") && err.contains("prot"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let mut s = BrokerSettings::new(vec![], vec![]);
+        assert!(s.validate().unwrap_err().contains("host"));
+        s.hosts.push("h".into());
+        s.crl_warn_days = s.crl_days;
+        assert!(s.validate().unwrap_err().contains("crl_warn_days"));
+        let missing = BrokerSettings::load(std::path::Path::new("/nonexistent")).unwrap_err();
+        assert!(
+            missing.to_string().contains("edgebind broker config"),
+            "{missing}"
+        );
+    }
+}

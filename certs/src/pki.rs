@@ -450,7 +450,7 @@ impl Pki {
         let cn = principal.cn();
         let now = OffsetDateTime::now_utc();
         let revoked = self.update(|inv| {
-            if inv.by_cn(&cn).next().is_none() {
+            if !inv.by_cn(&cn).any(|e| e.role != "broker") {
                 return Err(Error::UnknownPrincipal { cn: cn.clone() });
             }
             let mut revoked = Vec::new();
