@@ -101,6 +101,8 @@ pub struct Core {
     applied_revision: Option<u64>,
     /// Lines in the journal file; compaction once it doubles the ledger.
     journal_lines: usize,
+    /// When pruning was last tried (see `maybe_compact`).
+    last_prune: UnixSeconds,
     /// Results decided before the first connect (e.g. a reboot that happened).
     deferred: Vec<Outgoing>,
     /// Commands whose side effect is under way right now.
@@ -128,6 +130,7 @@ impl Core {
             ledger,
             applied_revision: None,
             journal_lines,
+            last_prune: now,
             deferred: Vec::new(),
             running: Vec::new(),
             status_topic,
@@ -531,18 +534,30 @@ impl Core {
         effects.push(Effect::Note(entry));
     }
 
-    /// Once the file holds twice as many lines as live ids (and at least a
-    /// few dozen), prune and rewrite it.
+    /// Prune and rewrite the journal when the file holds twice as many lines
+    /// as live ids (superseded records), or when there are more ids than the
+    /// retention keeps. Count-pruning is tried at most once a minute: when
+    /// every id is still protected (young enough to be redelivered) there is
+    /// nothing to gain from trying on every command.
     fn maybe_compact(&mut self, now: UnixSeconds) -> Option<Effect> {
-        if self.journal_lines < 64 || self.journal_lines < 2 * self.ledger.len() {
+        let bloated = self.journal_lines >= 64 && self.journal_lines >= 2 * self.ledger.len();
+        let crowded = self.ledger.over_capacity() && now >= self.last_prune + PRUNE_EVERY_S;
+        if !bloated && !crowded {
             return None;
         }
-        self.ledger.prune(now);
+        self.last_prune = now;
+        let dropped = self.ledger.prune(now);
+        if dropped == 0 && !bloated {
+            return None;
+        }
         let snapshot = self.ledger.snapshot();
         self.journal_lines = snapshot.len();
         Some(Effect::Compact(snapshot))
     }
 }
+
+/// Least interval between count-pruning attempts.
+const PRUNE_EVERY_S: u64 = 60;
 
 fn settings_map(s: Settings) -> Map<String, Value> {
     let mut m = Map::new();
@@ -900,6 +915,52 @@ mod tests {
         // Every id is recorded once, so the file only doubles for redeliveries
         // and multi-record commands; the compaction threshold keeps it bounded.
         assert!(compactions <= 3, "{compactions}");
+    }
+
+    #[test]
+    fn journal_stays_bounded_under_a_stream_of_unique_ids() {
+        let small = Retention {
+            max_age_s: 1_000_000,
+            max_entries: 100,
+            protect_s: 10,
+        };
+        let (mut c, _) = Core::new(cfg("b"), Ledger::new(small, vec![]), 0, None, NOW);
+        let mut lines = 0usize;
+        for i in 0..3000u64 {
+            // One command per second: ids older than 10 s may go.
+            let now = NOW + i;
+            let id = format!("p{i}");
+            let payload = format!(r#"{{"id":"{id}","action":"ping"}}"#);
+            for fx in c.on_message(&cmd_topic(&id), payload.as_bytes(), now) {
+                match fx {
+                    Effect::Note(_) | Effect::Record(_) => lines += 1,
+                    Effect::Compact(all) => lines = all.len(),
+                    _ => {}
+                }
+            }
+            assert!(
+                c.ledger().len() <= 100 + 25 + 60,
+                "ledger {} at {i}",
+                c.ledger().len()
+            );
+            assert!(lines <= 2 * 185, "file lines {lines} at {i}");
+        }
+    }
+
+    #[test]
+    fn protected_ids_are_kept_even_beyond_the_count() {
+        let small = Retention {
+            max_age_s: 1_000_000,
+            max_entries: 16,
+            protect_s: 100_000,
+        };
+        let (mut c, _) = Core::new(cfg("b"), Ledger::new(small, vec![]), 0, None, NOW);
+        for i in 0..200u64 {
+            let id = format!("p{i}");
+            let payload = format!(r#"{{"id":"{id}","action":"ping"}}"#);
+            c.on_message(&cmd_topic(&id), payload.as_bytes(), NOW + i);
+        }
+        assert_eq!(c.ledger().len(), 200, "all young enough to be redelivered");
     }
 
     #[test]

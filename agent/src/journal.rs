@@ -95,6 +95,13 @@ impl Ledger {
         self.entries.len()
     }
 
+    /// More ids than the retention keeps, by a quarter (the slack spares a
+    /// rewrite of the file for every new command).
+    pub fn over_capacity(&self) -> bool {
+        let max = self.retention.max_entries;
+        self.entries.len() > max + max / 4
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

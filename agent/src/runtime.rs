@@ -49,6 +49,10 @@ pub const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 /// How long a clean stop waits for `offline` and DISCONNECT to go out.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 const SETTINGS_FILE: &str = "settings.json";
+/// Delay of the first telemetry sample after start.
+const FIRST_TELEMETRY: Duration = Duration::from_secs(2);
+/// Certificates closer than this to their expiry are warned about at start.
+const EXPIRY_WARNING_DAYS: i64 = 14;
 /// Outgoing QoS 1 messages awaiting PUBACK (Mosquitto's default receive
 /// maximum is 20).
 const MAX_INFLIGHT: u16 = 32;
@@ -289,12 +293,22 @@ impl Agent {
             "edgebind-agent {} starting",
             env!("CARGO_PKG_VERSION")
         );
+        if days_left < EXPIRY_WARNING_DAYS {
+            warn!(
+                device = %self.device,
+                certificate_days_left = days_left,
+                "the device certificate expires soon; issue a new identity bundle"
+            );
+        }
         self.options
             .notifier
             .notify("READY=1\nSTATUS=identity checked; connecting to broker");
 
         let mut period = self.core.settings().telemetry_interval_s;
-        let mut telemetry = telemetry_timer(period);
+        // The first sample soon after start (CPU use needs two readings a
+        // moment apart), then every period.
+        let mut telemetry =
+            telemetry_timer(period, FIRST_TELEMETRY.min(Duration::from_secs(period)));
         let mut watchdog = self
             .options
             .watchdog
@@ -333,7 +347,7 @@ impl Agent {
             if wanted != period {
                 info!(interval_s = wanted, "telemetry period changed");
                 period = wanted;
-                telemetry = telemetry_timer(period);
+                telemetry = telemetry_timer(period, Duration::from_secs(period));
             }
         };
 
@@ -493,9 +507,9 @@ impl Agent {
     }
 }
 
-fn telemetry_timer(period_s: u64) -> tokio::time::Interval {
+fn telemetry_timer(period_s: u64, first: Duration) -> tokio::time::Interval {
     let period = Duration::from_secs(period_s.max(1));
-    let mut t = tokio::time::interval_at(Instant::now() + period, period);
+    let mut t = tokio::time::interval_at(Instant::now() + first, period);
     t.set_missed_tick_behavior(MissedTickBehavior::Delay);
     t
 }
@@ -647,4 +661,12 @@ fn describe(e: &ConnectionError) -> String {
         ConnectionError::Timeout(_) => "connection attempt timed out".into(),
         other => other.to_string(),
     }
+}
+
+/// `Agent::run` must be spawnable on a multi-threaded runtime (the fleet
+/// tests run hundreds of agents in one process): checked at compile time.
+#[allow(dead_code)]
+fn run_future_is_send(agent: Agent, signal: ShutdownSignal) {
+    fn is_send<T: Send>(_: &T) {}
+    is_send(&agent.run(signal));
 }

@@ -235,3 +235,13 @@ fn a_typo_in_the_configuration_names_file_and_key() {
     .unwrap();
     assert_refused(&cfg, &["telemetry.interval_s"]);
 }
+
+#[test]
+fn an_unusable_state_directory_is_refused() {
+    let pki = TestPki::new();
+    let dev = pki.device("dev-a");
+    let cfg = config_for(&pki, "state-file", &dev, None);
+    // `state` (relative to the config) exists but is a file.
+    std::fs::write(cfg.with_file_name("state"), "not a directory").unwrap();
+    assert_refused(&cfg, &["state directory", "state.dir"]);
+}
