@@ -360,9 +360,15 @@ impl Agent {
             io.flush_backlog();
         }
         stopping.store(true, Ordering::SeqCst);
-        let _ = io.client.try_disconnect();
-        if tokio::time::timeout(STOP_GRACE, network).await.is_err() {
-            warn!("broker did not confirm the disconnect in time; leaving anyway");
+        if io.connected {
+            let _ = io.client.try_disconnect();
+            if tokio::time::timeout(STOP_GRACE, network).await.is_err() {
+                warn!("broker did not confirm the disconnect in time; leaving anyway");
+            }
+        } else {
+            // Nothing to say goodbye to (the will has fired or will fire);
+            // don't wait out a reconnect backoff.
+            network.abort();
         }
         info!(exit = ?exit, "edgebind-agent stopped");
         exit

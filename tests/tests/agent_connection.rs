@@ -158,3 +158,65 @@ fn after_a_broker_restart_the_agent_comes_back_online_by_itself() {
     )
     .expect("ping answered after the broker restart");
 }
+
+#[test]
+fn an_agent_kicked_by_a_duplicate_connection_reconnects_by_itself() {
+    let fleet = TestFleet::start();
+    let bundle = AgentBundle::new(&fleet.pki, &fleet.broker, "dev-dup", &AgentSetup::default());
+    let op = Operator::watch(&fleet.pki, &fleet.broker, &bundle.id);
+    let agent = AgentProcess::spawn(&bundle.config);
+    op.wait_status(|s, _| s.state == Presence::Online)
+        .unwrap_or_else(|| panic!("agent not online; stderr:\n{}", agent.stderr()));
+    op.client.clear();
+
+    // Another connection with the same certificate: the broker accepts it
+    // and closes the agent's session (the agent's will fires).
+    let same = edgebind_tests::Identity {
+        principal: None,
+        name: bundle.id.to_string(),
+        dir: bundle.dir.clone(),
+        cert: bundle.dir.join("device.crt"),
+        key: bundle.dir.join("device.key"),
+        ca: bundle.dir.join("ca.crt"),
+        serial: String::new(),
+    };
+    let intruder = TestClient::connect(&same, &fleet.broker).expect("duplicate connects");
+    op.wait_status(|s, _| s.state == Presence::Offline)
+        .expect("the kicked agent's will");
+    // The agent reconnects after its backoff, taking the session back.
+    op.wait_status(|s, _| s.state == Presence::Online)
+        .unwrap_or_else(|| panic!("agent did not come back; stderr:\n{}", agent.stderr()));
+    assert!(
+        intruder.wait_disconnected(AGENT_DEADLINE),
+        "the duplicate was closed in turn"
+    );
+    let log = agent.stderr();
+    assert!(log.contains("connection to broker lost"), "{log}");
+    assert!(log.matches("connected to broker").count() >= 2, "{log}");
+}
+
+#[test]
+fn without_a_broker_the_agent_keeps_retrying_and_still_stops_promptly() {
+    let mut fleet = TestFleet::start();
+    let bundle = AgentBundle::new(&fleet.pki, &fleet.broker, "dev-nb", &AgentSetup::default());
+    fleet.broker.stop();
+    let mut agent = AgentProcess::spawn(&bundle.config);
+    assert!(
+        wait_until(AGENT_DEADLINE, || agent
+            .stderr()
+            .matches("cannot connect to broker")
+            .count()
+            >= 3),
+        "retries are logged:\n{}",
+        agent.stderr()
+    );
+    let asked = std::time::Instant::now();
+    agent.signal(libc::SIGTERM);
+    let status = agent.wait_exit(AGENT_DEADLINE).expect("exits");
+    assert_eq!(status.code(), Some(0), "{}", agent.stderr());
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
+}
