@@ -1,82 +1,180 @@
-//! The host side of the fleet for one boot test: a throwaway PKI (the test
-//! harness's `TestPki`, a real fleet home), Mosquitto with OUR generated
-//! least-privilege config on 127.0.0.1, the operator's MQTT connection, and
-//! the device's identity bundle whose broker address is the guestfwd address.
+//! The host side of the fleet for one boot test, run the way an operator
+//! runs it: the `edgebind` CLI makes the PKI (`pki init`), the broker's
+//! least-privilege Mosquitto config (`broker config`, server certificate for
+//! the guest's broker address and 127.0.0.1), runs it (`broker run`, on
+//! 127.0.0.1 only), writes the device's identity bundle (`pki bundle`, broker
+//! = the guestfwd address) and revokes it (`pki revoke`, which reloads the
+//! running broker). The operator's MQTT connection is the test harness's
+//! `TestClient` with the operator identity `pki init` wrote.
 
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use edgebind_agent::config::AgentConfig;
-use edgebind_broker::BrokerSettings;
-use edgebind_certs::Validity;
-use edgebind_protocol::messages::{Action, Command, CommandResult, Presence, Status};
+use edgebind_protocol::messages::{
+    Action, Command as DeviceCommand, CommandResult, Presence, Status,
+};
 use edgebind_protocol::topics::{Kind, Topic};
-use edgebind_protocol::{CommandId, DeviceId, Principal};
-use edgebind_tests::{Broker, PubAckReason, QoS, Received, TestClient, TestPki};
+use edgebind_protocol::{CommandId, DeviceId};
+use edgebind_tests::{ClientOptions, Identity, PubAckReason, QoS, Received, TestClient};
 
 use crate::vm::{BROKER_GUEST_PORT, GUEST_HOST_ADDR};
 
+const OPERATOR: &str = "boottest";
+
+/// `edgebind broker run` (which execs mosquitto), killed on Drop.
+struct BrokerProcess {
+    child: Child,
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub struct Fleet {
-    // Field order = drop order: operator, then broker, then the PKI tempdir.
-    pub operator: TestClient,
-    pub broker: Broker,
-    pub pki: TestPki,
+    // Field order = drop order: the operator disconnects before the broker stops.
+    operator: TestClient,
+    broker: BrokerProcess,
+    edgebind: PathBuf,
+    home: PathBuf,
+    broker_log: PathBuf,
+    pub broker_port: u16,
     pub device: DeviceId,
 }
 
 impl Fleet {
-    /// PKI, broker (server certificate valid for the guest's broker address
-    /// and 127.0.0.1) and an operator subscribed to the device's status and
-    /// command results.
-    pub fn start(device: &str, workdir: &Path) -> anyhow::Result<Fleet> {
+    /// PKI, broker config, running broker, operator subscribed to the
+    /// device's status and command results.
+    pub fn start(edgebind: &Path, device: &str, workdir: &Path) -> anyhow::Result<Fleet> {
         let device = DeviceId::new(device)?;
-        let pki = TestPki::new();
-        let guest_addr: IpAddr = GUEST_HOST_ADDR.parse()?;
-        let mut settings =
-            BrokerSettings::new(vec![], vec![guest_addr, IpAddr::V4(Ipv4Addr::LOCALHOST)]);
-        settings.port = free_port()?;
-        settings.bind = "127.0.0.1".into();
-        let broker = Broker::start_with(&pki, settings).context("starting mosquitto")?;
-        if let Some(pid) = broker.pid() {
-            std::fs::write(workdir.join("mosquitto.pid"), pid.to_string())?;
+        // Mosquitto drops to its own user and must traverse to <home>/broker;
+        // the CLI keeps pki/ and operator/ at 0700 itself.
+        std::fs::set_permissions(workdir, std::fs::Permissions::from_mode(0o755))?;
+        let home = workdir.join("fleet-home");
+        let port = free_port()?;
+        let cli = |args: &[&str]| run_cli(edgebind, &home, args);
+        cli(&["pki", "init", "--fleet", "boottest", "--operator", OPERATOR])?;
+        cli(&[
+            "broker",
+            "config",
+            "--ip",
+            GUEST_HOST_ADDR,
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])?;
+        let broker_log = workdir.join("broker.log");
+        let child = Command::new(edgebind)
+            .arg("--home")
+            .arg(&home)
+            .args(["broker", "run"])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(workdir.join("broker.stdout"))?)
+            .stderr(std::fs::File::create(&broker_log)?)
+            .spawn()
+            .context("starting `edgebind broker run`")?;
+        // `broker run` execs mosquitto: this pid is the broker's.
+        std::fs::write(workdir.join("mosquitto.pid"), child.id().to_string())?;
+        let mut broker = BrokerProcess { child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
+            if let Some(status) = broker.child.try_wait()? {
+                bail!(
+                    "the broker exited ({status}):\n{}",
+                    std::fs::read_to_string(&broker_log).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("the broker does not accept connections on 127.0.0.1:{port}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        let operator = TestClient::connect(&pki.operator, &broker).context("operator connect")?;
+        let identity = Identity::from_dir(
+            &home.join("operator"),
+            "client",
+            &format!("operator:{OPERATOR}"),
+        );
+        let operator =
+            TestClient::connect_addr(&identity, "127.0.0.1", port, ClientOptions::default())
+                .context("operator connect")?;
         operator.subscribe(&Kind::Status.filter_for(&device))?;
         operator.subscribe(&Kind::CmdResult.filter_for(&device))?;
         Ok(Fleet {
             operator,
             broker,
-            pki,
+            edgebind: edgebind.to_owned(),
+            home,
+            broker_log,
+            broker_port: port,
             device,
         })
     }
 
-    /// Issues the device certificate and writes its identity bundle (dir +
-    /// tar); the agent config names the broker as the guest sees it.
-    pub fn device_bundle(&self) -> anyhow::Result<PathBuf> {
-        let principal = Principal::from_cn(self.device.as_str())?;
-        let issued = self.pki.pki().issue(&principal, Validity::days(30))?;
-        let dir = self.pki.bundles_dir().join(self.device.as_str());
-        let toml =
-            AgentConfig::bundle_template(&self.device, GUEST_HOST_ADDR, BROKER_GUEST_PORT, None);
-        let paths =
-            edgebind_certs::bundle::write_bundle(&dir, &issued, self.pki.pki().root_pem(), &toml)?;
-        Ok(paths.tar)
+    fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        run_cli(&self.edgebind, &self.home, args)
     }
 
-    /// Revokes the device (inventory + CRL) and reloads the broker.
-    pub fn revoke_device(&mut self) -> anyhow::Result<()> {
-        self.pki.revoke(self.device.as_str());
-        self.broker.reload()
+    /// `edgebind pki bundle`: a device certificate and its identity bundle
+    /// whose agent.toml dials the broker as the guest sees it. Returns the tar.
+    pub fn device_bundle(&self) -> anyhow::Result<PathBuf> {
+        self.cli(&[
+            "pki",
+            "bundle",
+            self.device.as_str(),
+            "--broker-host",
+            GUEST_HOST_ADDR,
+            "--broker-port",
+            &BROKER_GUEST_PORT.to_string(),
+        ])?;
+        let tar = self
+            .home
+            .join("bundles")
+            .join(format!("{}.tar", self.device));
+        if !tar.is_file() {
+            bail!("`edgebind pki bundle` wrote no {}", tar.display());
+        }
+        Ok(tar)
+    }
+
+    /// `edgebind pki revoke` (inventory, CRL, ACL, and it reloads the running
+    /// broker); returns once the broker logged the reload.
+    pub fn revoke_device(&self) -> anyhow::Result<()> {
+        let before = self.broker_log().matches("Reloading config").count();
+        self.cli(&["pki", "revoke", self.device.as_str()])?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.broker_log().matches("Reloading config").count() <= before {
+            if Instant::now() > deadline {
+                bail!("the broker did not log a reload after `edgebind pki revoke`");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Everything the broker logged so far.
+    pub fn broker_log(&self) -> String {
+        std::fs::read_to_string(&self.broker_log).unwrap_or_default()
+    }
+
+    /// Whether the broker process is still alive.
+    pub fn broker_running(&mut self) -> bool {
+        matches!(self.broker.child.try_wait(), Ok(None))
     }
 
     /// Sends `action` as the operator (QoS 1). `retain` keeps it on the
     /// broker so that every reconnect of the device gets it delivered again.
     pub fn send(&self, id: &str, action: Action, retain: bool) -> anyhow::Result<CommandId> {
         let id = CommandId::new(id)?;
-        let cmd = Command {
+        let cmd = DeviceCommand {
             id: id.clone(),
             action,
             args: Default::default(),
@@ -91,7 +189,6 @@ impl Fleet {
             other => bail!("the broker did not accept the {action} command: {other:?}"),
         }
     }
-
     /// Waits for an `online` status whose boot id is `boot_id`.
     pub fn wait_online(
         &self,
@@ -177,4 +274,27 @@ pub fn normalize_boot_id(id: &str) -> String {
 fn free_port() -> anyhow::Result<u16> {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding a free port")?;
     Ok(l.local_addr()?.port())
+}
+
+/// Runs `edgebind --home <home> <args>`; fails with its output.
+fn run_cli(edgebind: &Path, home: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(edgebind)
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {}", edgebind.display()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!(
+            "`edgebind {}` failed ({}):\n{text}",
+            args.join(" "),
+            out.status
+        );
+    }
+    Ok(text)
 }

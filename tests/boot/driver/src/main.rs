@@ -66,7 +66,8 @@ struct Args {
     /// what the driver starts land here so tests/boot/run can clean up.
     #[arg(long)]
     workdir: PathBuf,
-    /// The release `edgebind` CLI (factory step: `image personalize`).
+    /// The `edgebind` CLI: PKI, broker config/run, bundle, revoke, and the
+    /// factory step `image personalize`.
     #[arg(long)]
     edgebind: PathBuf,
     /// Only boot, talk over the control channel, reboot and power off (no agent).
@@ -144,9 +145,9 @@ struct Scenario<'a> {
 
 impl Scenario<'_> {
     fn run(args: &Args) -> anyhow::Result<()> {
-        let fleet = Fleet::start(DEVICE, &args.workdir)?;
+        let fleet = Fleet::start(&args.edgebind, DEVICE, &args.workdir)?;
         let ctl = ControlListener::bind()?;
-        let cfg = vm_config(args, &ctl, fleet.broker.port());
+        let cfg = vm_config(args, &ctl, fleet.broker_port);
         let mut s = Scenario {
             args,
             fleet,
@@ -294,7 +295,7 @@ impl Scenario<'_> {
 
         // Revoke, then reboot through the control channel: the new boot must
         // not get back in.
-        let failures_before = tls_failures(&self.fleet.broker.log());
+        let failures_before = tls_failures(&self.fleet.broker_log());
         self.fleet.revoke_device()?;
         println!("[second] device revoked (CRL + broker reload)");
         let b = current.take().expect("booted");
@@ -314,7 +315,7 @@ impl Scenario<'_> {
             );
             std::thread::sleep(Duration::from_millis(500));
         }
-        let failures = tls_failures(&self.fleet.broker.log()) - failures_before;
+        let failures = tls_failures(&self.fleet.broker_log()) - failures_before;
         ensure!(
             failures > 0,
             "the broker logged no rejected TLS handshake from the revoked device"
@@ -356,7 +357,7 @@ impl Scenario<'_> {
     /// Serial console of the last boot, the agent's journal (from the live
     /// guest, or read from the disk image when the VM is gone), what the
     /// operator received and the broker's log.
-    fn report_failure(&self, e: &anyhow::Error, current: Option<&mut Booted>) {
+    fn report_failure(&mut self, e: &anyhow::Error, current: Option<&mut Booted>) {
         eprintln!("boot test: failure report ({e:#})\n");
         let mut journal = None;
         if let Some(b) = current {
@@ -379,7 +380,10 @@ impl Scenario<'_> {
             "----- operator received -----\n{}----- end -----",
             self.fleet.transcript()
         );
-        let log = self.fleet.broker.log();
+        if !self.fleet.broker_running() {
+            eprintln!("(the broker is no longer running)");
+        }
+        let log = self.fleet.broker_log();
         let tail: Vec<&str> = log.lines().rev().take(60).collect();
         eprintln!("----- broker log (last 60 lines) -----");
         for l in tail.iter().rev() {
