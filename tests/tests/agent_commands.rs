@@ -276,3 +276,27 @@ fn desired_settings_change_the_telemetry_period_and_are_reported() {
     assert!(r.bundle.state_dir.join("settings.json").is_file());
     drop(r.fleet);
 }
+
+#[test]
+fn a_command_sent_while_the_agent_is_down_runs_when_it_comes_back() {
+    let fleet = TestFleet::start();
+    let bundle = AgentBundle::new(&fleet.pki, &fleet.broker, "dev-q", &AgentSetup::default());
+    let op = Operator::watch(&fleet.pki, &fleet.broker, &bundle.id);
+    let mut agent = AgentProcess::spawn(&bundle.config);
+    op.wait_status(|s, _| s.state == Presence::Online)
+        .unwrap_or_else(|| panic!("agent not online; stderr:\n{}", agent.stderr()));
+    agent.kill9();
+    op.wait_status(|s, _| s.state == Presence::Offline)
+        .expect("offline");
+
+    // The persistent session queues it at the broker.
+    op.send("queued", "ping", "");
+    let back = AgentProcess::spawn(&bundle.config);
+    op.wait_result("queued", CommandStatus::Succeeded)
+        .unwrap_or_else(|| panic!("queued command not run; stderr:\n{}", back.stderr()));
+    assert!(
+        back.stderr().contains("session_present=true"),
+        "{}",
+        back.stderr()
+    );
+}
