@@ -28,7 +28,11 @@ fn ids(prefix: &str, n: usize) -> Vec<DeviceId> {
         .collect()
 }
 
-fn library_run(n: usize, threads: usize, tar_only: bool) -> anyhow::Result<f64> {
+/// Tempdirs are kept until the end: deleting thousands of files (with the
+/// `discard` mount option here) would stall the disk during the next run.
+type Keep = Vec<tempfile::TempDir>;
+
+fn library_run(n: usize, threads: usize, tar_only: bool, keep: &mut Keep) -> anyhow::Result<f64> {
     let home = tempfile::tempdir()?;
     let pki = Pki::init(&home.path().join("pki"), &InitOptions::new("bench"))?;
     let out = home.path().join("bundles");
@@ -58,10 +62,11 @@ fn library_run(n: usize, threads: usize, tar_only: bool) -> anyhow::Result<f64> 
     let secs = start.elapsed().as_secs_f64();
     assert_eq!(issued.len(), n);
     assert!(out.join(format!("{}.tar", ids[n - 1])).is_file());
+    keep.push(home);
     Ok(secs)
 }
 
-fn cli_run(n: usize, tar_only: bool) -> anyhow::Result<(f64, f64)> {
+fn cli_run(n: usize, tar_only: bool, keep: &mut Keep) -> anyhow::Result<(f64, f64)> {
     let edgebind = edgebind_tests::bin_path("edgebind");
     let home = tempfile::tempdir()?;
     let init = Command::new(&edgebind)
@@ -104,6 +109,7 @@ fn cli_run(n: usize, tar_only: bool) -> anyhow::Result<(f64, f64)> {
         })
         .and_then(|s| s.parse().ok())
         .unwrap_or(f64::NAN);
+    keep.push(home);
     Ok((secs, reported))
 }
 
@@ -116,16 +122,33 @@ fn main() -> anyhow::Result<()> {
         "bench_pki: {n} device identities (P-256 key + cert + bundle dir + tar), {cores} cores"
     );
 
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    println!("median of {rounds} rounds (BENCH_ROUNDS); identities per second");
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut keep = Keep::new();
     for (label, tar_only) in [("dir + tar", false), ("tar only ", true)] {
-        let one = library_run(n, 1, tar_only)?;
-        let par = library_run(n, threads, tar_only)?;
-        let (cli, reported) = cli_run(n, tar_only)?;
+        let (mut one, mut par, mut cli) = (vec![], vec![], vec![]);
+        for _ in 0..rounds {
+            one.push(n as f64 / library_run(n, 1, tar_only, &mut keep)?);
+            par.push(n as f64 / library_run(n, threads, tar_only, &mut keep)?);
+            cli.push(n as f64 / cli_run(n, tar_only, &mut keep)?.0);
+        }
         println!(
-            "{label}: library 1 thread {:>6.0}/s | library {threads} threads {:>6.0}/s | \
-             CLI whole process {:>6.0}/s ({cli:.3} s spawn to exit; CLI's own count {reported:.0}/s)",
-            n as f64 / one,
-            n as f64 / par,
-            n as f64 / cli,
+            "{label}: library 1 thread {:>6.0} | library {threads} threads {:>6.0} | \
+             CLI whole process (spawn to exit) {:>6.0}   [CLI runs: {}]",
+            median(one),
+            median(par),
+            median(cli.clone()),
+            cli.iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     Ok(())
