@@ -220,3 +220,57 @@ fn without_a_broker_the_agent_keeps_retrying_and_still_stops_promptly() {
         asked.elapsed()
     );
 }
+
+#[test]
+fn systemd_gets_ready_watchdog_and_stopping_notifications() {
+    use std::os::unix::net::UnixDatagram;
+    let fleet = TestFleet::start();
+    let bundle = AgentBundle::new(&fleet.pki, &fleet.broker, "dev-sd", &AgentSetup::default());
+    let sock_path = bundle.dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let sock_env = sock_path.to_str().unwrap().to_owned();
+    let mut agent = AgentProcess::spawn_with_env(
+        &bundle.config,
+        &[
+            ("NOTIFY_SOCKET", sock_env.as_str()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let mut seen = String::new();
+    let mut buf = [0u8; 512];
+    // Collect datagrams until `done(all so far)` holds.
+    let mut read_until = |done: &dyn Fn(&str) -> bool, seen: &mut String| {
+        wait_until(AGENT_DEADLINE, || {
+            if let Ok(n) = sock.recv(&mut buf) {
+                seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+                seen.push('\n');
+            }
+            done(seen)
+        })
+    };
+    assert!(
+        read_until(&|s| s.contains("READY=1"), &mut seen),
+        "{seen}\n{}",
+        agent.stderr()
+    );
+    assert!(
+        read_until(&|s| s.contains("STATUS=connected"), &mut seen),
+        "{seen}"
+    );
+    // Every WATCHDOG_USEC / 2 = 200 ms from the main loop.
+    assert!(
+        read_until(&|s| s.matches("WATCHDOG=1").count() >= 3, &mut seen),
+        "{seen}"
+    );
+    agent.signal(libc::SIGTERM);
+    assert!(
+        read_until(&|s| s.contains("STOPPING=1"), &mut seen),
+        "{seen}"
+    );
+    assert_eq!(
+        agent.wait_exit(AGENT_DEADLINE).and_then(|s| s.code()),
+        Some(0)
+    );
+}
