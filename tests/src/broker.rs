@@ -53,8 +53,29 @@ impl Broker {
             child: None,
             starts: 0,
         };
-        broker.spawn()?;
-        Ok(broker)
+        // A free port can be taken by a parallel test between our probe and
+        // mosquitto's bind: retry on a new port then.
+        for attempt in 0.. {
+            match broker.spawn() {
+                Ok(()) => return Ok(broker),
+                Err(e) if attempt < 3 && broker.log().contains("Address already in use") => {
+                    eprintln!("broker port {} was taken ({e}); retrying", broker.port);
+                    let mut settings = settings.clone();
+                    settings.port = free_port()?;
+                    edgebind_broker::generate(
+                        &broker.dir,
+                        pki.pki(),
+                        &settings,
+                        &GenerateOptions::default(),
+                    )?;
+                    broker.port = settings.port;
+                    std::fs::write(&broker.log, "")?;
+                    broker.starts = 0;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!()
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
@@ -77,11 +98,17 @@ impl Broker {
         self.child = Some(child);
         self.starts += 1;
         let port = self.port;
+        let starts = self.starts as usize;
+        // Mosquitto logs "running" once its listeners are open; counting the
+        // lines tells this start from earlier ones, and waiting for it (not
+        // just for the port) cannot mistake another process on a reused port
+        // for ours.
         let up = wait_until(START_DEADLINE, || {
             if self.has_exited() {
                 return true;
             }
-            TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok()
+            self.log().matches(" running").count() >= starts
+                && TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok()
         });
         if self.has_exited() || !up {
             bail!(

@@ -75,3 +75,19 @@ fn bundle_has_four_files_key_private_and_tar_beside_it() {
                 .any(|l| l.starts_with("-rw-------") && l.ends_with("device.key"))
     );
 }
+
+#[test]
+fn start_moves_to_a_new_port_when_the_chosen_one_is_taken() {
+    let pki = edgebind_tests::TestPki::new();
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = squatter.local_addr().unwrap().port();
+    let mut settings = edgebind_broker::BrokerSettings::new(
+        vec!["localhost".into()],
+        vec!["127.0.0.1".parse().unwrap()],
+    );
+    settings.port = taken;
+    settings.bind = "127.0.0.1".into();
+    let broker = edgebind_tests::Broker::start_with(&pki, settings).unwrap();
+    assert_ne!(broker.port(), taken);
+    TestClient::connect(&pki.operator, &broker).unwrap();
+}
