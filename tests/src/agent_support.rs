@@ -25,6 +25,8 @@ pub struct AgentSetup {
     pub telemetry_interval_s: u64,
     /// Extra TOML appended at the top level (before any table).
     pub top_level: String,
+    /// Overrides the broker's real name (to prove it is checked).
+    pub server_name: Option<String>,
 }
 
 impl Default for AgentSetup {
@@ -32,6 +34,7 @@ impl Default for AgentSetup {
         AgentSetup {
             telemetry_interval_s: 60,
             top_level: String::new(),
+            server_name: None,
         }
     }
 }
@@ -81,7 +84,7 @@ level = "debug"
             top = setup.top_level,
             host = broker.host(),
             port = broker.port(),
-            server_name = broker.server_name(),
+            server_name = setup.server_name.as_deref().unwrap_or(broker.server_name()),
             interval = setup.telemetry_interval_s,
             marker = marker.display(),
         );

@@ -274,3 +274,26 @@ fn systemd_gets_ready_watchdog_and_stopping_notifications() {
         Some(0)
     );
 }
+
+#[test]
+fn a_broker_certificate_without_the_configured_name_is_not_trusted() {
+    let fleet = TestFleet::start();
+    let setup = AgentSetup {
+        server_name: Some("broker.elsewhere.example".into()),
+        ..AgentSetup::default()
+    };
+    let bundle = AgentBundle::new(&fleet.pki, &fleet.broker, "dev-name", &setup);
+    let agent = AgentProcess::spawn(&bundle.config);
+    assert!(
+        wait_until(AGENT_DEADLINE, || agent
+            .stderr()
+            .matches("cannot connect to broker")
+            .count()
+            >= 2),
+        "{}",
+        agent.stderr()
+    );
+    let log = agent.stderr();
+    assert!(log.contains("certificate not valid for name"), "{log}");
+    assert!(!log.contains("connected to broker broker="), "{log}");
+}
