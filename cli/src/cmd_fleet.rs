@@ -80,6 +80,7 @@ fn serve(args: ServeArgs, home: &Home) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("invalid --log-level {:?}", args.log_level))?,
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let endpoint = broker_endpoint(home, args.connect.broker.as_deref())?;
     let principal = Principal::from_cn(&format!("service:{}", service::SERVICE_NAME))?;
