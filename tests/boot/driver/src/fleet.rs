@@ -24,6 +24,7 @@ use edgebind_tests::{ClientOptions, Identity, PubAckReason, QoS, Received, TestC
 use crate::vm::{BROKER_GUEST_PORT, GUEST_HOST_ADDR};
 
 const OPERATOR: &str = "boottest";
+const LATE_OPERATOR: &str = "late";
 
 /// `edgebind broker run` (which execs mosquitto), killed on Drop.
 struct BrokerProcess {
@@ -72,6 +73,10 @@ impl Fleet {
             "--bind",
             "127.0.0.1",
         ])?;
+        // A second operator, to see what a late subscriber gets (the same
+        // CN twice would kick the first connection). Issued before the broker
+        // starts so that `broker run` puts it in the ACL.
+        cli(&["pki", "issue", "operator", LATE_OPERATOR])?;
         let broker_log = workdir.join("broker.log");
         let child = Command::new(edgebind)
             .arg("--home")
@@ -211,6 +216,33 @@ impl Fleet {
                     status_of(m).is_some_and(|s| is_online_from(&s, &want))
                 });
         }
+    }
+
+    /// Whether a new subscriber gets the device's `online` status of boot
+    /// `boot_id` as a retained message.
+    pub fn retained_online(&self, boot_id: &str) -> anyhow::Result<bool> {
+        let identity = Identity::from_dir(
+            &self
+                .home
+                .join("identities")
+                .join(format!("operator-{LATE_OPERATOR}")),
+            "client",
+            &format!("operator:{LATE_OPERATOR}"),
+        );
+        let late = TestClient::connect_addr(
+            &identity,
+            "127.0.0.1",
+            self.broker_port,
+            ClientOptions::default(),
+        )
+        .context("second operator connect")?;
+        late.subscribe(&Kind::Status.filter_for(&self.device))?;
+        let want = normalize_boot_id(boot_id);
+        let got = late.wait_for_message(Duration::from_secs(10), |m| {
+            m.retain && status_of(m).is_some_and(|s| is_online_from(&s, &want))
+        });
+        late.disconnect();
+        Ok(got.is_some())
     }
 
     /// Whether an `online` status from boot `boot_id` has arrived so far.

@@ -200,6 +200,12 @@ impl Scenario<'_> {
             first_online.as_secs_f64()
         );
         let first_boot_id = b.guest.boot_id.clone();
+        let retained = self.fleet.retained_online(&first_boot_id)?;
+        self.findings.check(
+            retained,
+            "a new subscriber gets the `online` status as a retained message",
+            || "no retained `online` for this boot within 10 s".to_owned(),
+        );
         check_under_systemd(&mut b.guest, &mut self.findings)?;
 
         // Reboot command, published retained so that the broker delivers it
@@ -445,6 +451,28 @@ fn check_under_systemd(guest: &mut Guest, findings: &mut Findings) -> anyhow::Re
         left.rc == 0,
         "the identity bundle is gone from the mounted boot partition",
         || left.text.clone(),
+    );
+
+    // The layer's other pieces: tmpfiles (state dir), sysctl, the reboot path unit.
+    let state = guest.run("stat -c '%U %a' /var/lib/edgebind")?;
+    findings.check(
+        state.text.trim() == "edgebind 700",
+        "/var/lib/edgebind is edgebind's, mode 0700 (sysusers + tmpfiles)",
+        || state.text.clone(),
+    );
+    let sysctl = guest.run(
+        "sysctl -n kernel.kptr_restrict kernel.dmesg_restrict net.ipv4.conf.all.accept_redirects",
+    )?;
+    findings.check(
+        sysctl.text.split_whitespace().collect::<Vec<_>>() == ["2", "1", "0"],
+        "the layer's sysctl hardening is applied (kptr_restrict 2, dmesg_restrict 1, no redirects)",
+        || sysctl.text.clone(),
+    );
+    let path = guest.run("systemctl is-active edgebind-reboot.path")?;
+    findings.check(
+        path.text.trim() == "active",
+        "edgebind-reboot.path is watching for reboot requests",
+        || path.text.clone(),
     );
 
     let journal = guest.run("journalctl -b -u edgebind-agent.service --no-pager -o cat")?;
