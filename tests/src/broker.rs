@@ -17,6 +17,7 @@ pub struct Broker {
     pki_dir: PathBuf,
     port: u16,
     child: Option<Child>,
+    watchdog: Option<crate::tied::Watchdog>,
     log: PathBuf,
     starts: u32,
 }
@@ -51,6 +52,7 @@ impl Broker {
             pki_dir: pki.pki_dir(),
             port: settings.port,
             child: None,
+            watchdog: None,
             starts: 0,
         };
         // A free port can be taken by a parallel test between our probe and
@@ -89,6 +91,9 @@ impl Broker {
             .stdout(log.try_clone()?)
             .stderr(log);
         let child = cmd.spawn().context("spawn mosquitto")?;
+        // Mosquitto drops root, which clears PR_SET_PDEATHSIG: a watchdog
+        // kills it if this test process dies without running Drop.
+        self.watchdog = Some(crate::tied::Watchdog::watch(child.id())?);
         // Same pid file `edgebind broker run` writes, so the real CLI
         // (`edgebind broker reload`, `pki crl`, `device revoke`) can signal it.
         edgebind_certs::files::write_public(
@@ -181,6 +186,9 @@ impl Broker {
                 let _ = child.kill();
             }
             let _ = child.wait();
+        }
+        if let Some(mut watchdog) = self.watchdog.take() {
+            watchdog.disarm();
         }
     }
 

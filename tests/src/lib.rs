@@ -41,11 +41,16 @@
 //! * [`wait_until`], [`wait_for`] – poll a condition until a deadline.
 //! * [`bin_path`] – builds a workspace binary once (same profile as the test)
 //!   and returns its path: `bin_path("edgebind")`, `bin_path("edgebind-agent")`.
+//! * [`spawn_tied`] – spawn a child process that is SIGKILLed when the test
+//!   process dies, even by SIGKILL or `process::exit` (use it for agents and
+//!   services); [`Watchdog`] does the same for a child that changes its user
+//!   id (the broker uses it: Mosquitto drops root, which clears PDEATHSIG).
 
 mod bins;
 mod broker;
 mod mqtt;
 mod pki;
+mod tied;
 mod wait;
 
 pub use bins::bin_path;
@@ -53,6 +58,7 @@ pub use broker::Broker;
 pub use mqtt::{ClientOptions, PubAckReason, Received, SubscribeReasonCode, TestClient};
 pub use pki::{Identity, TestPki};
 pub use rumqttc::v5::mqttbytes::QoS;
+pub use tied::{Watchdog, spawn_tied};
 pub use wait::{wait_for, wait_until};
 
 /// A throwaway fleet: PKI plus a running broker. The broker is stopped before

@@ -91,3 +91,42 @@ fn start_moves_to_a_new_port_when_the_chosen_one_is_taken() {
     assert_ne!(broker.port(), taken);
     TestClient::connect(&pki.operator, &broker).unwrap();
 }
+
+/// A broker must not outlive a test process that is killed (no Drop runs).
+#[test]
+fn broker_dies_with_a_killed_test_process() {
+    use std::io::{BufRead, BufReader};
+    const CHILD: &str = "EDGEBIND_HARNESS_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        // Child role: start a broker, report its pid, then wait to be killed.
+        let fleet = TestFleet::start();
+        println!("BROKER_PID={}", fleet.broker.pid().unwrap());
+        std::thread::sleep(std::time::Duration::from_secs(120));
+        return;
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "broker_dies_with_a_killed_test_process",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let pid: u32 = stdout
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("BROKER_PID=").map(|p| p.parse().unwrap()))
+        .expect("child reports its broker pid");
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    child.kill().unwrap(); // SIGKILL: no destructor runs in the child
+    child.wait().unwrap();
+    let gone = edgebind_tests::wait_until(DEADLINE, || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.split(' ').nth(2) == Some("Z"))
+            .unwrap_or(true)
+    });
+    assert!(gone, "mosquitto {pid} outlived its killed test process");
+}
