@@ -11,8 +11,8 @@ use edgebind_certs::profile::default_days;
 use edgebind_certs::{Pki, Validity};
 use edgebind_fleet::operator::{self, DeviceOutcome, Outcome};
 use edgebind_fleet::registry::{
-    Board, CertInfo, Delivery, Device, Lifecycle, NewCommand, NewDevice, Selector, Store, Tag,
-    Update, known_setting, parse_args, parse_setting,
+    Board, CertInfo, Delivery, Device, Lifecycle, NewCommand, NewDevice, Selector, Tag, Update,
+    known_setting, parse_args, parse_setting,
 };
 use edgebind_fleet::service::new_command_id;
 use edgebind_protocol::messages::{Action, Command, now_unix};

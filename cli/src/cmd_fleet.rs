@@ -144,8 +144,11 @@ fn stats(args: StatsArgs, home: &Home) -> anyhow::Result<ExitCode> {
 }
 
 /// The registry of this fleet home.
-pub(crate) fn open_registry(home: &Home) -> anyhow::Result<edgebind_fleet::registry::SqliteStore> {
-    Ok(edgebind_fleet::registry::open(&home.registry_db())?)
+pub(crate) fn open_registry(home: &Home) -> anyhow::Result<Box<dyn Store>> {
+    Ok(edgebind_fleet::registry::open_store(
+        &home.registry_db(),
+        edgebind_fleet::registry::Retention::default(),
+    )?)
 }
 
 /// Where to reach the broker: `--broker host:port`, else the broker settings of the home.

@@ -79,7 +79,8 @@ fn agent_shows_online_with_telemetry_then_offline_within_one_and_a_half_keepaliv
     // PINGREQ) is only noticed through the keep-alive. MQTT says 1.5
     // keep-alives; Mosquitto 2.0.11 measurably takes about 2 keep-alives
     // plus up to a second (same with mosquitto_sub -k 5 and no Edgebind code
-    // involved), so the bound here is the broker's, with 2 s for the service.
+    // involved), so the bound here is the broker's, with 3 s for the service
+    // and a loaded machine.
     let mut agent = fleet.spawn_agent(&config);
     fleet.wait_device("dev-a", LONG, "online again", |d| d.online);
     let frozen = Instant::now();
@@ -100,8 +101,8 @@ fn agent_shows_online_with_telemetry_then_offline_within_one_and_a_half_keepaliv
         tweaks.keep_alive_s
     );
     assert!(
-        took <= hung_limit + Duration::from_secs(2),
-        "offline after {took:?}: broker bound {hung_limit:?} + 2 s"
+        took <= hung_limit + Duration::from_secs(3),
+        "offline after {took:?}: broker bound {hung_limit:?} + 3 s"
     );
     agent.kill9();
 

@@ -120,3 +120,9 @@ pub trait Store: Send {
 pub fn open(path: &Path) -> Result<SqliteStore> {
     SqliteStore::open(path, Retention::default())
 }
+
+/// The one place that chooses the backend for everything that only needs
+/// the [`Store`] operations (the fleet service, the CLI).
+pub fn open_store(path: &Path, retention: Retention) -> Result<Box<dyn Store>> {
+    Ok(Box::new(SqliteStore::open(path, retention)?))
+}

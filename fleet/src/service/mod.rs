@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 
 use crate::ingest;
 use crate::mqtt::{self, BrokerEndpoint, ClientIdentity, MqttSetupError};
-use crate::registry::{RegistryError, Retention, SqliteStore};
+use crate::registry::{self, RegistryError, Retention};
 
 /// The CN the fleet service's certificate carries.
 pub const SERVICE_NAME: &str = "fleet";
@@ -119,8 +119,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServiceError> {
     // Open both connections first so a bad registry path fails before connecting.
-    let writer_store = SqliteStore::open(&config.registry, config.retention)?;
-    let outbox_store = SqliteStore::open(&config.registry, config.retention)?;
+    let writer_store = registry::open_store(&config.registry, config.retention)?;
+    let outbox_store = registry::open_store(&config.registry, config.retention)?;
 
     let client_id = format!("service:{SERVICE_NAME}");
     let mut opts = mqtt::options(

@@ -21,12 +21,10 @@ use rumqttc::{AsyncClient, QoS};
 use serde_json::Map;
 
 use super::{Counters, SERVICE_NAME, new_command_id};
-use crate::registry::{
-    CommandRecord, Delivery, Lifecycle, NewCommand, RegistryError, SqliteStore, Store,
-};
+use crate::registry::{CommandRecord, Delivery, Lifecycle, NewCommand, RegistryError, Store};
 
 pub(super) struct Outbox {
-    pub store: SqliteStore,
+    pub store: Box<dyn Store>,
     pub client: AsyncClient,
     pub runtime: tokio::runtime::Handle,
     pub counters: Arc<Counters>,

@@ -13,10 +13,10 @@ use tokio::sync::mpsc::{self, error::TryRecvError};
 
 use super::Counters;
 use crate::ingest::{self, Dropped};
-use crate::registry::{SqliteStore, Store, Update};
+use crate::registry::{Store, Update};
 
 pub(super) struct Writer {
-    pub store: SqliteStore,
+    pub store: Box<dyn Store>,
     pub client: AsyncClient,
     pub runtime: tokio::runtime::Handle,
     pub counters: Arc<Counters>,
