@@ -5,7 +5,7 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use edgebind_tests::{Broker, TestClient, TestPki, QoS};
+//! use edgebind_tests::{Broker, PubAckReason, QoS, TestClient, TestPki};
 //!
 //! let pki = TestPki::new();                       // root + issuing CA, operator + service identities
 //! let broker = Broker::start(&pki).unwrap();      // mosquitto with OUR generated config, free loopback port
@@ -16,7 +16,7 @@
 //! op.subscribe("edgebind/v1/#").unwrap();
 //! let a = TestClient::connect(&dev, &broker).unwrap();
 //! let ack = a.publish("edgebind/v1/devices/dev-a/status", b"{}", QoS::AtLeastOnce, true).unwrap();
-//! assert!(ack.is_success());
+//! assert_eq!(ack, Some(PubAckReason::Success)); // NotAuthorized (0x87) when the ACL forbids it
 //! assert!(op.wait_for_topic("edgebind/v1/devices/dev-a/status", Duration::from_secs(5)).is_some());
 //! ```
 //!
