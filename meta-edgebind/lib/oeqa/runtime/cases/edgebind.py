@@ -32,6 +32,16 @@ ALLOWED_TCP = {22}
 ALLOWED_UDP = {68, 546}
 
 
+def is_loopback(addr):
+    """/proc/net hex address (host byte order per 32-bit word) on loopback?"""
+    if len(addr) == 8:  # IPv4: 127.x.y.z ends in 7F on little-endian hosts
+        return addr.endswith('7F')
+    if addr == '00000000000000000000000001000000':  # ::1
+        return True
+    # ::ffff:127.x.y.z (IPv4-mapped)
+    return addr.startswith('0000000000000000FFFF0000') and addr.endswith('7F')
+
+
 def host_openssl(td):
     """openssl on the build host: PATH, else the openssl-native component."""
     found = shutil.which('openssl')
@@ -134,13 +144,13 @@ class EdgebindTest(OERuntimeTestCase):
             for line in text.splitlines()[1:]:
                 fields = line.split()
                 local, state = fields[1], fields[3]
-                if proto.startswith('tcp') and state != '0A':  # LISTEN
+                # TCP: LISTEN (0A). UDP: unconnected (07); a connected socket
+                # (01, e.g. timesyncd talking to its server) listens to no one.
+                if state != ('0A' if proto.startswith('tcp') else '07'):
                     continue
                 addr, port = local.split(':')
                 port = int(port, 16)
-                loopback = addr in ('0100007F', '00000000000000000000000001000000') \
-                    or addr.endswith('7F')  # 127.x.y.z in host byte order
-                if not loopback and port not in allowed:
+                if not is_loopback(addr) and port not in allowed:
                     offenders.append('%s %s:%d' % (proto, addr, port))
         self.assertEqual(offenders, [], 'unexpected listening sockets: %s' % offenders)
 
