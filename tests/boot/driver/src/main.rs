@@ -331,10 +331,13 @@ impl Scenario<'_> {
             REVOKED_WINDOW.as_secs()
         );
         println!(
-            "[revoked] agent journal:\n{}",
+            "[revoked] agent journal (message and structured error fields):\n{}",
             indent(
                 &b.guest
-                    .run("journalctl -b -u edgebind-agent --no-pager -o cat | tail -n 5")?
+                    .run(
+                        "journalctl -b -u edgebind-agent --no-pager -o verbose \
+                         | grep -E '^ +(MESSAGE|ERROR)=' | tail -n 4"
+                    )?
                     .text
             )
         );
