@@ -151,7 +151,8 @@ pub struct StateConfig {
     #[serde(default = "default_journal_max_age")]
     pub journal_max_age_s: u64,
     /// `journal_max_entries` (default 1000): beyond this many ids the oldest
-    /// are pruned, but never one young enough to be redelivered.
+    /// are pruned, but not one young enough to be redelivered, unless there
+    /// are ten times as many (a flood must not exhaust memory).
     #[serde(default = "default_journal_max_entries")]
     pub journal_max_entries: usize,
 }

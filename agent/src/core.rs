@@ -541,7 +541,8 @@ impl Core {
     /// nothing to gain from trying on every command.
     fn maybe_compact(&mut self, now: UnixSeconds) -> Option<Effect> {
         let bloated = self.journal_lines >= 64 && self.journal_lines >= 2 * self.ledger.len();
-        let crowded = self.ledger.over_capacity() && now >= self.last_prune + PRUNE_EVERY_S;
+        let crowded = self.ledger.over_ceiling()
+            || (self.ledger.over_capacity() && now >= self.last_prune + PRUNE_EVERY_S);
         if !bloated && !crowded {
             return None;
         }
@@ -960,7 +961,14 @@ mod tests {
             let payload = format!(r#"{{"id":"{id}","action":"ping"}}"#);
             c.on_message(&cmd_topic(&id), payload.as_bytes(), NOW + i);
         }
-        assert_eq!(c.ledger().len(), 200, "all young enough to be redelivered");
+        // All young enough to be redelivered: kept up to the hard ceiling.
+        let ceiling = 16 * crate::journal::HARD_CEILING_FACTOR;
+        assert!(
+            c.ledger().len() >= ceiling - ceiling / 10,
+            "{}",
+            c.ledger().len()
+        );
+        assert!(c.ledger().len() <= ceiling, "{}", c.ledger().len());
     }
 
     #[test]

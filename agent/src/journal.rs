@@ -66,6 +66,10 @@ pub struct Retention {
     pub protect_s: u64,
 }
 
+/// Protected ids are kept beyond `max_entries`, but never beyond this many
+/// times it.
+pub const HARD_CEILING_FACTOR: usize = 10;
+
 /// In-memory index of the journal plus the pruning policy. Pure.
 #[derive(Debug, Clone)]
 pub struct Ledger {
@@ -93,6 +97,15 @@ impl Ledger {
 
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// More ids than even protection allows (see [`HARD_CEILING_FACTOR`]).
+    pub fn over_ceiling(&self) -> bool {
+        self.entries.len()
+            > self
+                .retention
+                .max_entries
+                .saturating_mul(HARD_CEILING_FACTOR)
     }
 
     /// More ids than the retention keeps, by a quarter (the slack spares a
@@ -128,6 +141,24 @@ impl Ledger {
             old.sort();
             let excess = self.entries.len() - r.max_entries;
             for (_, id) in old.into_iter().take(excess) {
+                self.entries.remove(&id);
+            }
+        }
+        // A flood of commands must not exhaust a small device's memory: past
+        // the hard ceiling even protected ids go, oldest (least likely to
+        // be redelivered) first.
+        let ceiling = r.max_entries.saturating_mul(HARD_CEILING_FACTOR);
+        if self.entries.len() > ceiling {
+            let mut all: Vec<(UnixSeconds, CommandId)> = self
+                .entries
+                .values()
+                .map(|e| (e.first_seen, e.id.clone()))
+                .collect();
+            all.sort();
+            // A tenth below the ceiling, so that a flood prunes (and
+            // rewrites the file) once per tenth, not once per command.
+            let excess = self.entries.len() - (ceiling - ceiling / 10);
+            for (_, id) in all.into_iter().take(excess) {
                 self.entries.remove(&id);
             }
         }
@@ -312,6 +343,24 @@ mod tests {
         left.sort();
         // Count limit 3 is exceeded, but the four young ids are protected.
         assert_eq!(left, ["young1", "young2", "young3", "young4"]);
+    }
+
+    #[test]
+    fn a_flood_is_capped_even_when_every_id_is_protected() {
+        let r = Retention {
+            max_age_s: 1_000_000,
+            max_entries: 5,
+            protect_s: 1_000_000,
+        };
+        let mut l = Ledger::new(
+            r,
+            (0..80).map(|i| entry(&format!("c{i}"), 1000 + i, CommandStatus::Succeeded)),
+        );
+        l.prune(2000);
+        assert_eq!(l.len(), 45, "a tenth below the ceiling of 50");
+        // The newest ones stay.
+        assert!(l.get(&CommandId::new("c79").unwrap()).is_some());
+        assert!(l.get(&CommandId::new("c0").unwrap()).is_none());
     }
 
     #[test]
