@@ -70,7 +70,24 @@ EXTRA_USERS_PARAMS = "\
     ${@oe.utils.conditional('EDGEBIND_SSH', '1', "useradd -m -d /home/edgeadmin -s /bin/sh -p '*' edgeadmin;", '', d)} \
 "
 
-ROOTFS_POSTPROCESS_COMMAND += "edgebind_firewall_ssh_rule edgebind_authorized_keys"
+ROOTFS_POSTPROCESS_COMMAND += "edgebind_firewall_ssh_rule edgebind_authorized_keys edgebind_no_tools"
+
+# Whatever IMAGE_INSTALL pulled in: no package manager or compiler on a device.
+EDGEBIND_FORBIDDEN_COMMANDS = "opkg rpm dnf apt apt-get dpkg gcc cc c++ g++ clang rustc cargo make as ld"
+edgebind_no_tools() {
+    found=""
+    for cmd in ${EDGEBIND_FORBIDDEN_COMMANDS}; do
+        for dir in ${base_bindir} ${bindir} ${base_sbindir} ${sbindir}; do
+            if [ -e "${IMAGE_ROOTFS}$dir/$cmd" ] || [ -L "${IMAGE_ROOTFS}$dir/$cmd" ]; then
+                found="$found $dir/$cmd"
+            fi
+        done
+    done
+    if [ -n "$found" ]; then
+        bbfatal "edgebind-image: package managers/compilers in the root file system:$found"
+    fi
+}
+edgebind_no_tools[doc] = "Fail the image if a package manager or compiler ended up in it"
 
 edgebind_firewall_ssh_rule() {
     # Port 22 is let in only when an SSH server is part of the image.
