@@ -83,6 +83,9 @@ pub enum Exit {
     Stopped,
     /// `restart-agent` was run: exit with [`RESTART_EXIT_CODE`].
     RestartRequested,
+    /// An internal failure (the network task died): exit status 1, so
+    /// that systemd restarts the agent.
+    Failed,
 }
 
 impl Exit {
@@ -90,11 +93,13 @@ impl Exit {
         match self {
             Exit::Stopped => 0,
             Exit::RestartRequested => RESTART_EXIT_CODE,
+            Exit::Failed => 1,
         }
     }
 }
 
-/// Stops a running agent (cleanly: `offline`, DISCONNECT).
+/// Stops a running agent (cleanly: `offline`, DISCONNECT). Dropping every
+/// handle stops it too.
 #[derive(Debug, Clone)]
 pub struct ShutdownHandle(Arc<watch::Sender<bool>>);
 
@@ -323,7 +328,10 @@ impl Agent {
                     }
                 }
                 event = net_rx.recv() => {
-                    let Some(event) = event else { break Exit::Stopped };
+                    let Some(event) = event else {
+                        error!("the network task ended unexpectedly");
+                        break Exit::Failed;
+                    };
                     self.on_net_event(event, &mut io);
                 }
                 Some((id, outcome)) = done_rx.recv() => {
