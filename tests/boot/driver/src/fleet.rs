@@ -29,12 +29,15 @@ const LATE_OPERATOR: &str = "late";
 /// `edgebind broker run` (which execs mosquitto), killed on Drop.
 struct BrokerProcess {
     child: Child,
+    /// Removed once reaped, so that run's trap never kills a reused pid.
+    pid_file: PathBuf,
 }
 
 impl Drop for BrokerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.pid_file);
     }
 }
 
@@ -88,8 +91,9 @@ impl Fleet {
             .spawn()
             .context("starting `edgebind broker run`")?;
         // `broker run` execs mosquitto: this pid is the broker's.
-        std::fs::write(workdir.join("mosquitto.pid"), child.id().to_string())?;
-        let mut broker = BrokerProcess { child };
+        let pid_file = workdir.join("mosquitto.pid");
+        std::fs::write(&pid_file, child.id().to_string())?;
+        let mut broker = BrokerProcess { child, pid_file };
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
             if let Some(status) = broker.child.try_wait()? {

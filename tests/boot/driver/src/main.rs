@@ -336,7 +336,7 @@ impl Scenario<'_> {
                 &b.guest
                     .run(
                         "journalctl -b -u edgebind-agent --no-pager -o verbose \
-                         | grep -E '^ +(MESSAGE|ERROR)=' | tail -n 4"
+                         | grep -E '^ +(MESSAGE|F_ERROR|F_REASON)=' | tail -n 4"
                     )?
                     .text
             )

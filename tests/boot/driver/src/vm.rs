@@ -31,6 +31,8 @@ pub struct VmConfig {
 
 pub struct Vm {
     child: Option<Child>,
+    /// Removed once QEMU is reaped, so that run's trap never kills a reused pid.
+    pid_file: PathBuf,
     pub started: Instant,
     pub console: PathBuf,
     pub name: String,
@@ -87,12 +89,11 @@ impl Vm {
                 cfg.workdir.join(format!("qemu-{name}.stderr")),
             )?);
         let child = cmd.spawn().context("starting qemu-system-x86_64")?;
-        std::fs::write(
-            cfg.workdir.join(format!("qemu-{name}.pid")),
-            child.id().to_string(),
-        )?;
+        let pid_file = cfg.workdir.join(format!("qemu-{name}.pid"));
+        std::fs::write(&pid_file, child.id().to_string())?;
         Ok(Vm {
             child: Some(child),
+            pid_file,
             started: Instant::now(),
             console,
             name: name.to_owned(),
@@ -127,6 +128,7 @@ impl Vm {
         loop {
             if let Some(status) = child.try_wait()? {
                 self.child = None;
+                let _ = std::fs::remove_file(&self.pid_file);
                 if !status.success() {
                     bail!("QEMU ({} boot) exited with {status}", self.name);
                 }
@@ -143,6 +145,7 @@ impl Vm {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+            let _ = std::fs::remove_file(&self.pid_file);
         }
     }
 }
