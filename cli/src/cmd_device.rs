@@ -11,8 +11,8 @@ use edgebind_certs::profile::default_days;
 use edgebind_certs::{Pki, Validity};
 use edgebind_fleet::operator::{self, DeviceOutcome, Outcome};
 use edgebind_fleet::registry::{
-    Board, CertInfo, Delivery, Device, Lifecycle, NewCommand, NewDevice, Selector, Tag, Update,
-    known_setting, parse_args, parse_setting,
+    Board, CertInfo, CommandState, Delivery, Device, Lifecycle, NewCommand, NewDevice, Selector,
+    Store, Tag, Update, known_setting, parse_args, parse_setting,
 };
 use edgebind_fleet::service::new_command_id;
 use edgebind_protocol::messages::{Action, Command, now_unix};
@@ -87,7 +87,8 @@ pub struct ListArgs {
     edgebind send rpi-0001 ping\n  \
     edgebind send --tag lab inventory --timeout 60\n  \
     edgebind send --all reboot --queue         # delivered when each device is next online\n  \
-    edgebind send rpi-0001 reboot --on-connect  # every time it connects\n\n\
+    edgebind send rpi-0001 reboot --on-connect  # every time it connects\n  \
+    edgebind send rpi-0001 inventory --queue --wait --timeout 3600\n\n\
     Exit status: 0 when every device succeeded, 1 otherwise (failed, rejected, timed out).")]
 pub struct SendArgs {
     /// `DEVICE ACTION [KEY=VALUE]...`, or `ACTION [KEY=VALUE]...` with --tag/--all.
@@ -109,9 +110,14 @@ pub struct SendArgs {
     /// expired command instead of running it late.
     #[arg(long, value_name = "SECONDS")]
     pub expires_in: Option<u64>,
-    /// Queue for the fleet service to deliver when the device is online; do not wait.
+    /// Queue for the fleet service to deliver when the device is online
+    /// (returns at once unless --wait).
     #[arg(long, conflicts_with = "on_connect")]
     pub queue: bool,
+    /// With --queue: wait (up to --timeout) for the results the fleet
+    /// service records, and exit like an immediate send.
+    #[arg(long, requires = "queue")]
+    pub wait: bool,
     /// Run the action every time the device connects (an on-connect rule).
     #[arg(long)]
     pub on_connect: bool,
@@ -605,6 +611,11 @@ pub fn send(args: SendArgs, home: &Home) -> anyhow::Result<ExitCode> {
         .identity
         .clone()
         .unwrap_or_else(|| home.operator_dir());
+    // Queued commands need no connection; still record who asked when the
+    // operator identity is at hand.
+    let queued_by = find_identity(&operator_dir, &["client", "operator"])
+        .ok()
+        .and_then(|id| cert_cn(&id.cert).ok());
     let requested_by = if args.queue {
         None
     } else {
@@ -631,13 +642,25 @@ pub fn send(args: SendArgs, home: &Home) -> anyhow::Result<ExitCode> {
             } else {
                 Delivery::Now
             },
-            requested_by: requested_by.as_ref().map(|(cn, _)| cn.clone()),
+            requested_by: requested_by
+                .as_ref()
+                .map(|(cn, _)| cn.clone())
+                .or_else(|| queued_by.clone()),
             expires_at,
             rule_id: None,
         })
         .collect();
     store.insert_commands(&new)?;
 
+    if args.queue && args.wait {
+        let outcomes = wait_in_registry(
+            store.as_ref(),
+            &new,
+            Duration::from_secs(args.timeout),
+            !args.json && new.len() > 1,
+        )?;
+        return report_outcomes(&outcomes, action, args.json);
+    }
     if args.queue {
         if args.json {
             let rows: Vec<Value> = new
@@ -718,17 +741,90 @@ pub fn send(args: SendArgs, home: &Home) -> anyhow::Result<ExitCode> {
         eprintln!("edgebind: warning: results not recorded in the registry: {e}");
     }
 
-    let ok = report.outcomes.iter().all(|o| o.outcome.is_success());
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report.outcomes)?);
+    report_outcomes(&report.outcomes, action, args.json)
+}
+
+/// Print outcomes (human or JSON); success only if every device succeeded.
+fn report_outcomes(
+    outcomes: &[DeviceOutcome],
+    action: Action,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(outcomes)?);
     } else {
-        print_outcomes(&report.outcomes, action);
+        print_outcomes(outcomes, action);
     }
-    Ok(if ok {
+    Ok(if outcomes.iter().all(|o| o.outcome.is_success()) {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Wait for queued commands to reach a final state in the registry (the
+/// fleet service delivers them and records the results).
+fn wait_in_registry(
+    store: &dyn Store,
+    commands: &[NewCommand],
+    timeout: Duration,
+    progress: bool,
+) -> anyhow::Result<Vec<DeviceOutcome>> {
+    let started = std::time::Instant::now();
+    let mut outcomes: Vec<Option<DeviceOutcome>> = vec![None; commands.len()];
+    let mut failures = 0usize;
+    loop {
+        let mut done = 0usize;
+        for (slot, c) in outcomes.iter_mut().zip(commands) {
+            if slot.is_some() {
+                done += 1;
+                continue;
+            }
+            let record = store.command(&c.id)?;
+            let outcome = match record.state {
+                CommandState::Succeeded => Outcome::Succeeded {
+                    output: record.output,
+                },
+                CommandState::Failed => Outcome::Failed {
+                    reason: record.reason,
+                    output: record.output,
+                },
+                CommandState::Rejected => Outcome::Rejected {
+                    reason: record.reason,
+                },
+                _ if started.elapsed() >= timeout => Outcome::TimedOut {
+                    accepted: record.state == CommandState::Accepted,
+                },
+                _ => continue,
+            };
+            if !outcome.is_success() {
+                failures += 1;
+            }
+            *slot = Some(DeviceOutcome {
+                device: c.device.clone(),
+                command: c.id.clone(),
+                outcome,
+                elapsed_ms: started.elapsed().as_millis() as u64,
+            });
+            done += 1;
+        }
+        if progress {
+            eprint!(
+                "\r[{done:>width$}/{total}] {} ok, {failures} not ok",
+                done - failures,
+                total = commands.len(),
+                width = commands.len().to_string().len()
+            );
+            let _ = std::io::stderr().flush();
+        }
+        if done == commands.len() {
+            if progress {
+                eprintln!();
+            }
+            return Ok(outcomes.into_iter().flatten().collect());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 fn print_outcomes(outcomes: &[DeviceOutcome], action: Action) {

@@ -60,6 +60,30 @@ fn send_waits_for_the_result_and_the_exit_code_says_how_it_ended() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).contains("timed out"), "{}", stdout(&out));
 
+    // Queued through the fleet service, waiting for the recorded result.
+    let out = fleet.cli(&[
+        "send",
+        "dev-a",
+        "ping",
+        "--queue",
+        "--wait",
+        "--timeout",
+        "30",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("succeeded"), "{}", stdout(&out));
+    let out = fleet.cli(&[
+        "send",
+        "dev-off",
+        "ping",
+        "--queue",
+        "--wait",
+        "--timeout",
+        "2",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("timed out"), "{}", stdout(&out));
+
     // Every command and its final state is in the registry's command log.
     let store = fleet.registry();
     let log = store.commands_for(&dev("dev-a"), 50).unwrap();
@@ -78,10 +102,15 @@ fn send_waits_for_the_result_and_the_exit_code_says_how_it_ended() {
         "{log:#?}"
     );
     assert_eq!(state_of("reboot"), vec![CommandState::Failed], "{log:#?}");
-    assert!(
-        log.iter()
-            .all(|c| c.requested_by.is_some() || c.delivery == Delivery::Auto)
-    );
+    // Who asked is recorded: the operator's CN, or the service for its own.
+    for c in &log {
+        let by = c.requested_by.as_deref().unwrap_or("");
+        match c.delivery {
+            Delivery::Now | Delivery::Queued => assert_eq!(by, "operator:tester", "{c:?}"),
+            Delivery::Auto | Delivery::OnConnect => assert_eq!(by, "service:fleet", "{c:?}"),
+        }
+    }
+
     // Unknown action names never leave the CLI.
     let out = fleet.cli(&["send", "dev-a", "format-disk"]);
     assert_ne!(out.status.code(), Some(0));
