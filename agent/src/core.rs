@@ -501,7 +501,8 @@ impl Core {
             output: None,
             first_seen: now,
             ts: now,
-            boot_id: Some(self.cfg.boot_id.clone()),
+            // Only a reboot needs to know the boot it was accepted in.
+            boot_id: (action == Some(Action::Reboot)).then(|| self.cfg.boot_id.clone()),
         }
     }
 
@@ -516,7 +517,7 @@ impl Core {
         JournalEntry {
             status,
             reason,
-            output,
+            output: output.as_ref().and_then(JournalEntry::compact_output),
             ts: now,
             ..base.clone()
         }

@@ -19,6 +19,7 @@ use edgebind_protocol::CommandId;
 use edgebind_protocol::messages::{Action, CommandResult, CommandStatus, UnixSeconds};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// One record: the latest known state of a command id.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,8 +31,10 @@ pub struct JournalEntry {
     pub status: CommandStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Result output as compact JSON text: one allocation per entry instead
+    /// of a tree of maps (thousands of ids may be held in memory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub output: Option<Value>,
+    pub output: Option<CompactJson>,
     /// When the id was first recorded (pruning age).
     pub first_seen: UnixSeconds,
     /// When this record was written.
@@ -42,15 +45,36 @@ pub struct JournalEntry {
 }
 
 impl JournalEntry {
+    /// Store `value` as the entry's output.
+    pub fn compact_output(value: &Value) -> Option<CompactJson> {
+        RawValue::from_string(value.to_string())
+            .ok()
+            .map(CompactJson)
+    }
+
     /// The result message this record stands for.
     pub fn result(&self) -> CommandResult {
         CommandResult {
             id: self.id.clone(),
             status: self.status,
             reason: self.reason.clone(),
-            output: self.output.clone(),
+            output: self
+                .output
+                .as_ref()
+                .and_then(|raw| serde_json::from_str(raw.0.get()).ok()),
             ts: self.ts,
         }
+    }
+}
+
+/// A JSON value kept as its compact text (written to the file verbatim).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CompactJson(Box<RawValue>);
+
+impl PartialEq for CompactJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
     }
 }
 
@@ -361,6 +385,19 @@ mod tests {
         // The newest ones stay.
         assert!(l.get(&CommandId::new("c79").unwrap()).is_some());
         assert!(l.get(&CommandId::new("c0").unwrap()).is_none());
+    }
+
+    #[test]
+    fn outputs_survive_the_file_verbatim() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut f, _, _) = JournalFile::open(dir.path()).unwrap();
+        let value = serde_json::json!({"previous_boot_id": "b1", "boot_id": "b2"});
+        let mut e = entry("r", 1, CommandStatus::Succeeded);
+        e.output = JournalEntry::compact_output(&value);
+        f.append(&e).unwrap();
+        let (_, recs, _) = JournalFile::open(dir.path()).unwrap();
+        assert_eq!(recs, vec![e]);
+        assert_eq!(recs[0].result().output, Some(value));
     }
 
     #[test]
