@@ -137,6 +137,11 @@ impl TestClient {
         let mut mqtt = MqttOptions::new(client_id, host, port);
         mqtt.set_keep_alive(opts.keep_alive);
         mqtt.set_clean_start(opts.clean_start);
+        // rumqttc refuses incoming packets over 10 KiB by default; accept
+        // everything the broker may deliver (the protocol's packet limit).
+        mqtt.set_max_packet_size(Some(
+            u32::try_from(edgebind_protocol::messages::MAX_PACKET_BYTES).expect("fits u32"),
+        ));
         mqtt.set_connection_timeout(10);
         if let Some((topic, payload, qos, retain)) = opts.will.clone() {
             mqtt.set_last_will(LastWill::new(topic, payload, qos, retain, None));

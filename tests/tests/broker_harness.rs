@@ -130,3 +130,23 @@ fn broker_dies_with_a_killed_test_process() {
     });
     assert!(gone, "mosquitto {pid} outlived its killed test process");
 }
+
+/// The test client receives anything up to the protocol's packet limit.
+#[test]
+fn large_messages_reach_the_test_client() {
+    let fleet = TestFleet::start();
+    let dev = fleet.pki.device("dev-a");
+    let topic = Topic::Telemetry(DeviceId::new("dev-a").unwrap()).render();
+    let op = TestClient::connect(&fleet.pki.operator, &fleet.broker).unwrap();
+    op.subscribe(&topic).unwrap();
+    let a = TestClient::connect(&dev, &fleet.broker).unwrap();
+    let big = vec![b'x'; 200 * 1024];
+    assert_eq!(
+        a.publish(&topic, &big, QoS::AtLeastOnce, false).unwrap(),
+        Some(PubAckReason::Success)
+    );
+    let got = op
+        .wait_for_topic(&topic, DEADLINE)
+        .expect("200 KiB message delivered");
+    assert_eq!(got.payload.len(), big.len());
+}
