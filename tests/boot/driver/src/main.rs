@@ -330,16 +330,19 @@ impl Scenario<'_> {
             "[revoked] no `online` within {}s; broker rejected {failures} TLS handshake(s)",
             REVOKED_WINDOW.as_secs()
         );
+        // tracing-journald stores the error as the F_ERROR field.
+        let why = b.guest.run(
+            "journalctl -b -u edgebind-agent --no-pager -o verbose \
+             | grep -E '^ +(MESSAGE|F_ERROR|F_REASON)=' | tail -n 4",
+        )?;
         println!(
             "[revoked] agent journal (message and structured error fields):\n{}",
-            indent(
-                &b.guest
-                    .run(
-                        "journalctl -b -u edgebind-agent --no-pager -o verbose \
-                         | grep -E '^ +(MESSAGE|F_ERROR|F_REASON)=' | tail -n 4"
-                    )?
-                    .text
-            )
+            indent(&why.text)
+        );
+        self.findings.check(
+            why.text.to_ascii_lowercase().contains("revoked"),
+            "the agent's journal says the broker refused it as revoked",
+            || why.text.clone(),
         );
 
         let Booted { mut vm, guest } = current.take().expect("booted");
