@@ -418,9 +418,9 @@ impl Agent {
             }
             NetEvent::Lost { error, retry_in } => {
                 if io.connected {
-                    warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "connection to broker lost");
+                    warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "connection to broker lost: {error}");
                 } else {
-                    warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "cannot connect to broker");
+                    warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "cannot connect to broker: {error}");
                 }
                 io.connected = false;
                 self.options
