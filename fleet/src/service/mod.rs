@@ -139,10 +139,22 @@ pub async fn run(
     let stopping = Arc::new(AtomicBool::new(false));
     let runtime = tokio::runtime::Handle::current();
 
+    // Acks are sent from a task of their own so that neither the writer nor
+    // the event loop ever waits for the other.
+    let (acks, mut acks_rx) = mpsc::unbounded_channel::<Vec<rumqttc::Publish>>();
+    let ack_client = client.clone();
+    let acker = tokio::spawn(async move {
+        while let Some(batch) = acks_rx.recv().await {
+            for p in &batch {
+                if ack_client.ack(p).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
     let writer = writer::Writer {
         store: writer_store,
-        client: client.clone(),
-        runtime: runtime.clone(),
+        acks,
         counters: counters.clone(),
         connected: connected_tx.clone(),
         batch_max: config.batch_max.max(1),
@@ -215,16 +227,18 @@ pub async fn run(
     tracing::info!("fleet service stopping");
     stopping.store(true, Ordering::Relaxed);
     drop(to_writer);
-    let writer_done = tokio::task::spawn_blocking(move || writer_thread.join());
+    let writer_done = async move {
+        let joined = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+        if !matches!(joined, Ok(Ok(()))) {
+            tracing::error!("the writer thread panicked");
+        }
+        // The writer's sender is gone now: the ack task ends after the last batch.
+        let _ = acker.await;
+    };
     tokio::pin!(writer_done);
     loop {
         tokio::select! {
-            done = &mut writer_done => {
-                if !matches!(done, Ok(Ok(()))) {
-                    tracing::error!("the writer thread panicked");
-                }
-                break;
-            }
+            () = &mut writer_done => break,
             event = eventloop.poll() => if event.is_err() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

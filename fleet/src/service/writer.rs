@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use edgebind_protocol::DeviceId;
 use edgebind_protocol::messages::now_unix;
-use rumqttc::{AsyncClient, Publish};
+use rumqttc::Publish;
 use tokio::sync::mpsc::{self, error::TryRecvError};
 
 use super::Counters;
@@ -17,8 +17,9 @@ use crate::registry::{Store, Update};
 
 pub(super) struct Writer {
     pub store: Box<dyn Store>,
-    pub client: AsyncClient,
-    pub runtime: tokio::runtime::Handle,
+    /// Committed messages go to the ack task. Never blocking here matters:
+    /// the event loop may itself be waiting for room in the writer's channel.
+    pub acks: mpsc::UnboundedSender<Vec<Publish>>,
     pub counters: Arc<Counters>,
     pub connected: std::sync::mpsc::Sender<Vec<DeviceId>>,
     pub batch_max: usize,
@@ -80,12 +81,13 @@ impl Writer {
                 .iter()
                 .filter(|u| report.unknown_devices.contains(u.device()))
                 .count() as u64;
-            for p in &publishes {
-                // The event loop may already be gone at shutdown; the broker
-                // then re-sends, which is the safe direction.
-                let _ = self.runtime.block_on(self.client.ack(p));
-            }
             let n = publishes.len() as u64;
+            // The ack task may be gone at shutdown; the broker then re-sends,
+            // which is the safe direction.
+            let _ = self.acks.send(std::mem::replace(
+                &mut publishes,
+                Vec::with_capacity(self.batch_max),
+            ));
             self.counters
                 .dropped
                 .fetch_add(dropped + unknown_msgs, Ordering::Relaxed);

@@ -268,6 +268,12 @@ fn main() -> anyhow::Result<()> {
             last = now;
         }
         if Instant::now() >= next_second {
+            eprintln!(
+                "  t={:>3}s committed {:>7} of {total}, broker acked {:>7}",
+                start.elapsed().as_secs(),
+                now - committed_at_start,
+                acked.load(Ordering::Relaxed)
+            );
             samples.push(now - second_start);
             second_start = now;
             next_second += Duration::from_secs(1);
@@ -277,17 +283,20 @@ fn main() -> anyhow::Result<()> {
             samples.push(now - second_start);
             break;
         }
-        if last_change.elapsed() > Duration::from_secs(15) {
+        if last_change.elapsed() > Duration::from_secs(15)
+            || start.elapsed() > Duration::from_secs(args.seconds * 3 + 60)
+        {
             break;
         }
     }
     let publish_results = runtime.block_on(async {
         let mut errors = Vec::new();
         for t in tasks {
-            match t.await {
-                Ok(Ok(())) => {}
+            match tokio::time::timeout(Duration::from_secs(30), t).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => errors.push(e.to_string()),
                 Ok(Err(e)) => errors.push(e.to_string()),
-                Err(e) => errors.push(e.to_string()),
+                Err(_) => errors.push("device did not finish within 30 s".into()),
             }
         }
         errors
@@ -329,7 +338,15 @@ fn main() -> anyhow::Result<()> {
                 t.as_secs_f64()
             );
         }
-        None => println!("end-to-end                  NOT all persisted (stalled)"),
+        None => {
+            println!("end-to-end                  NOT all persisted (stalled)");
+            let log = broker.log();
+            let tail: Vec<&str> = log.lines().rev().take(25).collect();
+            println!("broker log (last lines):");
+            for l in tail.iter().rev() {
+                println!("  {l}");
+            }
+        }
     }
     // Steady state: the full seconds between the first and the last.
     let steady: Vec<u64> = samples
