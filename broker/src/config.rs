@@ -85,8 +85,24 @@ pub fn regenerate_policy(
     pki: &Pki,
     settings: &BrokerSettings,
 ) -> Result<Generated, Error> {
+    regenerate_policy_with_crl_lifetime(
+        dir,
+        pki,
+        settings,
+        Duration::days(i64::from(settings.crl_days)),
+    )
+}
+
+/// [`regenerate_policy`] with an explicit CRL lifetime (`broker run`'s
+/// test knob issues CRLs that live seconds).
+pub fn regenerate_policy_with_crl_lifetime(
+    dir: &Path,
+    pki: &Pki,
+    settings: &BrokerSettings,
+    crl_lifetime: Duration,
+) -> Result<Generated, Error> {
     let now = OffsetDateTime::now_utc();
-    let crl = pki.refresh_crl_valid_for(Duration::days(i64::from(settings.crl_days)))?;
+    let crl = pki.refresh_crl_valid_for(crl_lifetime)?;
     write_public(&dir.join(CRL), crl.as_bytes())?;
     let inventory = pki.inventory()?;
     let active = inventory.active_principals(now);
@@ -100,6 +116,25 @@ pub fn regenerate_policy(
         crl: edgebind_certs::pki::crl_status(&dir.join(CRL))?,
         revoked: revoked.iter().map(|p| p.cn()).collect(),
     })
+}
+
+/// Re-issue only the CRL (valid for `lifetime`, signed by the issuing CA)
+/// and replace the broker's copy atomically, readable by the user Mosquitto
+/// drops to. The running broker loads it on SIGHUP. Used by `broker run`'s
+/// refresh loop; the ACL is left as it is.
+pub fn install_fresh_crl(
+    dir: &Path,
+    pki: &Pki,
+    settings: &BrokerSettings,
+    lifetime: Duration,
+) -> Result<CrlStatus, Error> {
+    let crl = pki.refresh_crl_valid_for(lifetime)?;
+    let path = dir.join(CRL);
+    write_public(&path, crl.as_bytes())?;
+    if let Some((uid, gid)) = process::broker_user_ids(settings) {
+        std::os::unix::fs::chown(&path, Some(uid), Some(gid)).map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(edgebind_certs::pki::crl_status(&path)?)
 }
 
 /// Does `<dir>/server.crt` exist, chain to the current issuing CA, carry

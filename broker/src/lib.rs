@@ -11,20 +11,28 @@
 //! ca.crt           fleet root + issuing CA (verifies client chains)
 //! server.crt/.key  the broker's own identity (serverAuth, SANs = hosts and IPs)
 //! data/            persistence (retained status/desired messages survive a restart)
-//! mosquitto.pid    written by `edgebind broker run`, read by `edgebind broker reload`
+//! mosquitto.pid    pid of `edgebind broker run` (the supervisor, which forwards
+//!                  signals to its mosquitto child) or of a mosquitto started
+//!                  another way; read by `edgebind broker reload`
 //! ```
 //!
 //! [`regenerate_policy`] re-renders only the ACL and the CRL, and
 //! [`process::reload`] sends SIGHUP so a running broker applies them without
-//! dropping any connection.
+//! dropping any connection. [`supervise::run`] is `edgebind broker run`:
+//! Mosquitto as a child, signals forwarded, and the CRL re-issued before it
+//! lapses (a lapsed CRL makes Mosquitto refuse every client).
 
 pub mod acl;
 pub mod config;
 mod error;
 pub mod process;
 pub mod settings;
+pub mod supervise;
 
-pub use config::{GenerateOptions, Generated, generate, regenerate_policy};
+pub use config::{
+    GenerateOptions, Generated, generate, install_fresh_crl, regenerate_policy,
+    regenerate_policy_with_crl_lifetime,
+};
 pub use error::Error;
 pub use settings::BrokerSettings;
 

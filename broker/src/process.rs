@@ -1,4 +1,4 @@
-//! Starting Mosquitto in the foreground and reloading it with SIGHUP.
+//! Finding and starting Mosquitto, and reloading it with SIGHUP.
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
@@ -52,28 +52,9 @@ pub fn command(broker_dir: &Path) -> Result<Command, Error> {
     Ok(cmd)
 }
 
-/// Record our pid and replace this process with mosquitto (same pid, so
-/// `reload` can signal it and a service manager sees one process). Returns
-/// only on failure.
-pub fn exec_foreground(broker_dir: &Path) -> Error {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = match command(broker_dir) {
-        Ok(cmd) => cmd,
-        Err(e) => return e,
-    };
-    let pid_path = broker_dir.join(PID);
-    if let Err(e) = edgebind_certs::files::write_public(
-        &pid_path,
-        format!("{}\n", std::process::id()).as_bytes(),
-    ) {
-        return e.into();
-    }
-    let err = cmd.exec();
-    let _ = std::fs::remove_file(&pid_path);
-    Error::io(broker_dir.join(CONF), err)
-}
-
-/// The pid from `<broker_dir>/mosquitto.pid` if that process is a running mosquitto.
+/// The pid from `<broker_dir>/mosquitto.pid` if that process is a running
+/// mosquitto or an `edgebind broker run` supervisor (which forwards SIGHUP
+/// to its mosquitto child).
 pub fn running_pid(broker_dir: &Path) -> Result<u32, Error> {
     let pid_path = broker_dir.join(PID);
     let text = std::fs::read_to_string(&pid_path).map_err(|_| {
@@ -87,13 +68,24 @@ pub fn running_pid(broker_dir: &Path) -> Result<u32, Error> {
         .parse()
         .map_err(|_| Error::NotRunning(format!("{} does not hold a pid", pid_path.display())))?;
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    if comm.trim() != "mosquitto" {
+    if comm.trim() != "mosquitto" && !is_broker_run(pid) {
         return Err(Error::NotRunning(format!(
-            "process {pid} from {} is not a running mosquitto (stale pid file?)",
+            "process {pid} from {} is neither a running mosquitto nor `edgebind broker run` (stale pid file?)",
             pid_path.display()
         )));
     }
     Ok(pid)
+}
+
+/// Is `pid` an `edgebind ... broker run` process (its arguments contain
+/// `broker` followed by `run`)?
+fn is_broker_run(pid: u32) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    args.windows(2)
+        .any(|w| w[0] == b"broker".as_slice() && w[1] == b"run".as_slice())
 }
 
 /// Send SIGHUP: Mosquitto re-reads the ACL file and the CRL without dropping

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use edgebind_broker::{BrokerSettings, GenerateOptions, Generated, process};
+use edgebind_broker::{BrokerSettings, GenerateOptions, Generated, process, supervise};
 use edgebind_certs::Pki;
 use time::OffsetDateTime;
 
@@ -35,18 +35,50 @@ names change, or when it expires within 30 days (--renew-cert forces it).
 When run as root the files are given to the user Mosquitto drops to (default
 `mosquitto`); keys keep mode 0600.")]
     Config(ConfigArgs),
-    /// Run Mosquitto in the foreground with the generated configuration.
+    /// Run Mosquitto in the foreground with the generated configuration, keeping its CRL fresh.
     #[command(after_help = "\
-Refreshes the ACL and CRL from the PKI first (when this home has the PKI), records its pid in
-<home>/broker/mosquitto.pid and replaces itself with `mosquitto -c <home>/broker/mosquitto.conf`
-(set EDGEBIND_MOSQUITTO to use another binary). Stop it with Ctrl-C or SIGTERM.")]
-    Run,
+Refreshes the ACL and CRL from the PKI first (when this home has the PKI), then starts
+`mosquitto -c <home>/broker/mosquitto.conf` as its child (set EDGEBIND_MOSQUITTO to use another
+binary) and stays in the foreground as a small supervisor:
+  - its own pid goes to <home>/broker/mosquitto.pid; SIGHUP to it (`edgebind broker reload`,
+    systemd's ExecReload=kill -HUP $MAINPID) is forwarded to mosquitto;
+  - Ctrl-C / SIGTERM stop mosquitto cleanly (SIGKILL after 10 s); the exit status is mosquitto's;
+  - if mosquitto exits by itself, it says so and exits non-zero (it does not respawn it: leave
+    restarts to the service manager, e.g. Restart=on-failure); if the supervisor is SIGKILLed,
+    a watchdog stops mosquitto, so no orphan keeps the port.
+Keeping the CRL fresh: a CRL past its nextUpdate makes Mosquitto refuse EVERY client. While
+`broker run` runs it checks the broker's CRL every 10 minutes and, once less than half of its
+lifetime (crl_days, default 7) remains, or at the latest when it enters the crl_warn_days window,
+re-issues it with the issuing CA, replaces <home>/broker/crl.pem atomically and sends mosquitto
+SIGHUP: no client is disconnected. It warns on stderr when that fails (e.g. the issuing key is
+unreadable) and while the CRL lapses within crl_warn_days. So no cron job or timer is needed for
+a broker run this way (`edgebind pki crl --help` has one for brokers run otherwise).
+
+Examples:
+  edgebind broker run
+  systemd: ExecStart=/usr/bin/edgebind --home /srv/edgebind broker run
+           ExecReload=/bin/kill -HUP $MAINPID   KillMode=mixed   Restart=on-failure")]
+    Run(RunArgs),
     /// Regenerate the ACL and CRL and make the running broker apply them (SIGHUP).
     #[command(after_help = "\
 No connection is dropped: Mosquitto re-reads the ACL (applied to connected clients too) and the
-CRL (applied to new connections). Run after issuing operator/service identities, after revoking,
-and at least daily to keep the CRL fresh (see `edgebind pki crl --help`).")]
+CRL (applied to new connections). Run after issuing operator/service identities and after
+revoking. `edgebind broker run` keeps the CRL fresh by itself; a broker run some other way needs
+`edgebind pki crl` daily (see `edgebind pki crl --help`).")]
     Reload,
+}
+
+/// Expert/test options of `broker run`, shown by `--help` only (not `-h`).
+#[derive(Args)]
+pub struct RunArgs {
+    /// EXPERT/TEST: check the broker's CRL every SECONDS instead of every 600.
+    #[arg(long, value_name = "SECONDS", hide_short_help = true, value_parser = clap::value_parser!(u64).range(1..))]
+    crl_check_secs: Option<u64>,
+    /// TEST ONLY: CRLs issued by this run (at start and by the refresh loop)
+    /// live SECONDS instead of crl_days (refreshed below half, warned below a
+    /// quarter of that), so a test can watch a refresh. Never in production.
+    #[arg(long, value_name = "SECONDS", hide_short_help = true, value_parser = clap::value_parser!(u32).range(1..))]
+    test_crl_lifetime_secs: Option<u32>,
 }
 
 #[derive(Args)]
@@ -83,7 +115,7 @@ pub struct ConfigArgs {
 pub fn run(cmd: BrokerCommand, home: &Home) -> anyhow::Result<ExitCode> {
     match cmd {
         BrokerCommand::Config(a) => config(a, home),
-        BrokerCommand::Run => run_foreground(home),
+        BrokerCommand::Run(a) => run_foreground(a, home),
         BrokerCommand::Reload => reload(home),
     }
 }
@@ -168,17 +200,34 @@ fn report(generated: &Generated, settings: &BrokerSettings) {
     }
 }
 
-fn run_foreground(home: &Home) -> anyhow::Result<ExitCode> {
+fn run_foreground(a: RunArgs, home: &Home) -> anyhow::Result<ExitCode> {
     let dir = home.broker_dir();
     let settings = BrokerSettings::load(&dir)?;
     process::find_mosquitto()?;
+    let mut opts = supervise::RunOptions::from_settings(&settings, None);
+    if let Some(seconds) = a.test_crl_lifetime_secs {
+        eprintln!("warning: TEST knob --test-crl-lifetime-secs {seconds}: CRLs live {seconds} s");
+        opts = opts.with_test_crl_lifetime(seconds);
+    }
+    if let Some(seconds) = a.crl_check_secs {
+        opts.check_every = std::time::Duration::from_secs(seconds);
+    }
     match Pki::open(&home.pki_dir()) {
         Ok(pki) => {
-            let generated = edgebind_broker::regenerate_policy(&dir, &pki, &settings)?;
+            let generated = edgebind_broker::regenerate_policy_with_crl_lifetime(
+                &dir,
+                &pki,
+                &settings,
+                opts.crl_lifetime,
+            )?;
             report(&generated, &settings);
+            opts.pki_dir = Some(home.pki_dir());
         }
         Err(e) => {
-            eprintln!("note: PKI not available here ({e}); using the existing ACL and CRL");
+            eprintln!(
+                "warning: PKI not available here ({e}); using the existing ACL and CRL, which \
+                 this run can NOT refresh (run `edgebind pki crl` where the issuing CA is)"
+            );
             warn_crl(home);
         }
     }
@@ -188,7 +237,8 @@ fn run_foreground(home: &Home) -> anyhow::Result<ExitCode> {
         settings.port,
         dir.join(edgebind_broker::layout::CONF).display()
     );
-    Err(process::exec_foreground(&dir).into())
+    let code = supervise::run(&dir, &settings, &opts)?;
+    Ok(ExitCode::from(code))
 }
 
 fn reload(home: &Home) -> anyhow::Result<ExitCode> {

@@ -19,7 +19,10 @@ const CRL_SCHEDULE_HELP: &str = "\
 Keeping the CRL fresh: a CRL past its nextUpdate makes Mosquitto refuse EVERY
 client. `edgebind pki crl` re-issues it (default lifetime 7 days) and, when the
 broker is configured in this home, copies it there and reloads the broker.
-Run it daily, e.g.
+A broker started with `edgebind broker run` needs nothing more: while it runs
+it re-issues the CRL itself once half of its lifetime is gone and reloads
+Mosquitto (see `edgebind broker run --help`). Only for a broker run some other
+way (its own mosquitto unit, another host without `broker run`), run this daily, e.g.
   cron:    17 3 * * *  edgebind --home /srv/edgebind pki crl
   systemd: edgebind-crl.service (Type=oneshot, ExecStart=edgebind --home /srv/edgebind pki crl)
            + edgebind-crl.timer (OnCalendar=daily, Persistent=true)

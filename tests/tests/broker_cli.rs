@@ -147,7 +147,7 @@ fn config_run_reload_and_revoke_with_the_cli() {
     assert_eq!(
         pid_file.trim(),
         broker_pid.to_string(),
-        "run execs mosquitto under its own pid"
+        "the pid file names `broker run` (it forwards SIGHUP to its mosquitto child)"
     );
 
     let out = run(home, &["pki", "issue", "device", "dev-a"]);
