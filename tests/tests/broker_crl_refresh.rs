@@ -331,3 +331,27 @@ fn broker_run_exits_nonzero_when_mosquitto_dies_and_forwards_reload() {
     // It does not respawn mosquitto.
     assert!(TcpStream::connect((Ipv4Addr::LOCALHOST, broker.port)).is_err());
 }
+
+#[test]
+fn a_sigkilled_broker_run_leaves_no_mosquitto_behind() {
+    let tmp = home();
+    let mut broker = BrokerRun::start(tmp.path());
+    assert!(pid_alive(broker.mosquitto));
+    // SIGKILL cannot be forwarded: the watchdog sees the supervisor's pipe
+    // close and stops mosquitto.
+    broker.signal(libc::SIGKILL);
+    broker.wait_exit(Duration::from_secs(10));
+    assert!(
+        wait_until(Duration::from_secs(15), || !pid_alive(broker.mosquitto)),
+        "mosquitto (pid {}) outlived a SIGKILLed `broker run`",
+        broker.mosquitto
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || TcpStream::connect((
+            Ipv4Addr::LOCALHOST,
+            broker.port
+        ))
+        .is_err()),
+        "the port is still open"
+    );
+}
