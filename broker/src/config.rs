@@ -180,6 +180,11 @@ fn server_cert_fits(dir: &Path, pki: &Pki, settings: &BrokerSettings) -> bool {
     dns == want_dns && ips == want_ips
 }
 
+/// Messages Mosquitto queues per client beyond those in flight (its default is 1000).
+const MAX_QUEUED_MESSAGES: u32 = 100_000;
+/// Bytes Mosquitto queues per client, so a deep queue cannot exhaust memory.
+const MAX_QUEUED_BYTES: u64 = 64 * 1024 * 1024;
+
 /// Mosquitto started as root drops to an unprivileged user before it reads
 /// certificates, keys, the CRL and the ACL (also on every SIGHUP). The
 /// public files are world-readable already; the server key (0600) and the
@@ -240,7 +245,13 @@ pub fn render_conf(dir: &Path, settings: &BrokerSettings) -> String {
          set_tcp_nodelay true\n\
          # Largest MQTT packet, from edgebind_protocol::messages::MAX_PACKET_BYTES; it also\n\
          # bounds every message (2.0 deprecates message_size_limit in its favour).\n\
-         max_packet_size {max_packet}\n\n\
+         max_packet_size {max_packet}\n\
+         # The fleet service subscribes to every device's telemetry at QoS 1: with the\n\
+         # default queue of 1000 Mosquitto silently drops messages it already PUBACKed\n\
+         # to devices whenever ingest lags for a moment. Devices only ever queue their\n\
+         # own commands, so the deeper queue costs nothing there; bytes stay bounded.\n\
+         max_queued_messages {max_queued}\n\
+         max_queued_bytes {max_queued_bytes}\n\n\
          {persistence}\n\
          log_dest stderr\n\
          log_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
@@ -260,6 +271,8 @@ pub fn render_conf(dir: &Path, settings: &BrokerSettings) -> String {
          use_username_as_clientid true\n",
         acl = path(ACL),
         max_packet = MAX_PACKET_BYTES,
+        max_queued = MAX_QUEUED_MESSAGES,
+        max_queued_bytes = MAX_QUEUED_BYTES,
         port = settings.port,
         bind = settings.bind,
         ca = path(CA),
