@@ -514,13 +514,15 @@ fn revoke(args: RevokeArgs, home: &Home) -> anyhow::Result<ExitCode> {
             revoked_certs.len()
         );
         if reloaded {
-            println!("broker reloaded: new connections with its certificate are refused");
+            println!(
+                "broker reloaded: its certificate is refused at every new handshake, and a connection \
+                 that is already open is denied every topic (ACL) until it drops"
+            );
         } else {
             println!(
                 "broker not running here: the new ACL/CRL apply at its next start or `edgebind broker reload`"
             );
         }
-        println!("note: a connection that is already open stays up until the broker restarts");
     }
     Ok(ExitCode::SUCCESS)
 }

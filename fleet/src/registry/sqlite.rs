@@ -302,6 +302,14 @@ struct RawDevice {
     telemetry_count: i64,
 }
 
+/// Every write starts as IMMEDIATE: a deferred transaction that reads and
+/// then writes cannot wait for the lock (SQLite answers SQLITE_BUSY at once
+/// to avoid a deadlock), so a CLI write racing the fleet service's batch
+/// writer would fail with "database is locked" despite the busy timeout.
+fn write_tx(conn: &mut Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+}
+
 impl RawDevice {
     fn into_device(self, tags: BTreeSet<Tag>) -> Result<Device> {
         let what = |field: &str| format!("{field} of device {}", self.id);
@@ -522,7 +530,7 @@ impl Store for SqliteStore {
     }
 
     fn add_device(&mut self, new: &NewDevice) -> Result<Device> {
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         if exists(&tx, &new.id)? {
             return Err(RegistryError::DuplicateDevice(new.id.clone()));
         }
@@ -602,7 +610,7 @@ impl Store for SqliteStore {
     }
 
     fn revoke(&mut self, id: &DeviceId) -> Result<Device> {
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let device = load_device(&tx, id)?;
         if device.lifecycle == Lifecycle::Revoked {
             return Err(RegistryError::Revoked(id.clone()));
@@ -630,7 +638,7 @@ impl Store for SqliteStore {
         for key in changes.keys() {
             validate_setting_key(key)?;
         }
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let device = load_device(&tx, id)?;
         if device.lifecycle == Lifecycle::Revoked {
             return Err(RegistryError::Revoked(id.clone()));
@@ -692,7 +700,7 @@ impl Store for SqliteStore {
     }
 
     fn insert_commands(&mut self, commands: &[NewCommand]) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let now = now_unix() as i64;
         for c in commands {
             let device = load_device(&tx, &c.device)?;
@@ -773,7 +781,7 @@ impl Store for SqliteStore {
     }
 
     fn mark_sent(&mut self, ids: &[CommandId], at: UnixSeconds) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         for id in ids {
             tx.prepare_cached(
                 "UPDATE commands SET state = 'sent', sent_at = ?2 WHERE id = ?1 AND state = 'queued'",
@@ -790,7 +798,7 @@ impl Store for SqliteStore {
         action: Action,
         args: &Map<String, Value>,
     ) -> Result<OnConnectRule> {
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let d = load_device(&tx, device)?;
         if d.lifecycle == Lifecycle::Revoked {
             return Err(RegistryError::Revoked(device.clone()));
@@ -851,7 +859,7 @@ impl Store for SqliteStore {
 
     fn apply(&mut self, batch: &[Update]) -> Result<BatchReport> {
         let retention = self.retention;
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let mut report = BatchReport::default();
         let mut known: HashMap<DeviceId, bool> = HashMap::new();
         let mut touched: HashMap<DeviceId, Touched> = HashMap::new();
