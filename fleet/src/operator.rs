@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use edgebind_protocol::messages::{Command, CommandResult, CommandStatus};
 use edgebind_protocol::topics::{Kind, Topic};
 use edgebind_protocol::{CommandId, DeviceId};
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use rumqttc::{Event, Incoming, MqttOptions, QoS};
 use serde::Serialize;
 
 /// How one device's command ended.
@@ -89,7 +89,7 @@ pub async fn send_and_wait(
 ) -> Result<SendReport, SendError> {
     opts.set_clean_session(true);
     let total = commands.len();
-    let (client, mut eventloop) = AsyncClient::new(opts, total.max(16) * 2 + 16);
+    let (client, mut eventloop) = crate::mqtt::connect(opts, total.max(16) * 2 + 16);
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
 

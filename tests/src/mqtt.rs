@@ -10,7 +10,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
 pub use rumqttc::v5::mqttbytes::v5::{PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::{Client, Event, MqttOptions};
-use rumqttc::{Outgoing, TlsConfiguration, Transport};
+use rumqttc::{NetworkOptions, Outgoing, TlsConfiguration, Transport};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::DEADLINE;
@@ -142,7 +142,11 @@ impl TestClient {
         mqtt.set_max_packet_size(Some(
             u32::try_from(edgebind_protocol::messages::MAX_PACKET_BYTES).expect("fits u32"),
         ));
-        mqtt.set_connection_timeout(10);
+        // Without TCP_NODELAY every QoS 1 exchange waits ~40 ms (Nagle + delayed ACK).
+        let mut net = NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        net.set_connection_timeout(10);
+        mqtt.set_network_options(net);
         if let Some((topic, payload, qos, retain)) = opts.will.clone() {
             mqtt.set_last_will(LastWill::new(topic, payload, qos, retain, None));
         }

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use edgebind_protocol::CommandId;
 use edgebind_protocol::messages::now_unix;
-use rumqttc::{AsyncClient, Event, Incoming, QoS};
+use rumqttc::{Event, Incoming, QoS};
 use tokio::sync::mpsc;
 
 use crate::ingest;
@@ -132,7 +132,7 @@ pub async fn run(
     opts.set_clean_session(false);
     opts.set_manual_acks(true);
     opts.set_inflight(100);
-    let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
+    let (client, mut eventloop) = crate::mqtt::connect(opts, 10_000);
 
     let (to_writer, writer_rx) = mpsc::channel::<rumqttc::Publish>(20_000);
     let (connected_tx, connected_rx) = std::sync::mpsc::channel();

@@ -13,7 +13,7 @@ use edgebind_fleet::registry::{self, Device, SqliteStore, Store};
 use edgebind_protocol::DeviceId;
 use edgebind_tests::{TestFleet, bin_path, wait_for};
 
-pub const LONG: Duration = Duration::from_secs(30);
+pub const LONG: Duration = Duration::from_secs(60);
 
 pub struct Fleet {
     pub env: TestFleet,
