@@ -8,88 +8,81 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use crate::config::{AgentConfig, CONFIG_ENV, DEFAULT_CONFIG_PATH};
+use clap::Parser;
+use clap::error::ErrorKind;
+
+use crate::config::AgentConfig;
 use crate::runtime::{Agent, REFUSED_EXIT_CODE, RunOptions, shutdown_channel};
 
 pub const USAGE_EXIT_CODE: i32 = 64;
 
-const HELP: &str = "\
-edgebind-agent: the Edgebind device agent (mTLS MQTT, status, telemetry, remote actions)
-
-Usage: edgebind-agent [--config PATH] [--check]
-
-Options:
-  -c, --config PATH  configuration file (env EDGEBIND_AGENT_CONFIG;
-                     default /var/lib/edgebind/identity/agent.toml)
-      --check        check configuration, identity and state directory, then exit
-  -V, --version      print the version
-  -h, --help         print this help
-
+// Must match config::CONFIG_ENV and config::DEFAULT_CONFIG_PATH: clap's
+// attributes need literals, the `consts_match_clap_attributes` test checks.
+const AFTER_HELP: &str = "\
 Environment:
-  EDGEBIND_LOG       log filter overriding the configured level, e.g. debug
-  NOTIFY_SOCKET, WATCHDOG_USEC   set by systemd (Type=notify, WatchdogSec=)
+  EDGEBIND_AGENT_CONFIG  configuration file when --config is not given
+  EDGEBIND_LOG           log filter overriding the configured level, e.g. debug
+  NOTIFY_SOCKET, WATCHDOG_USEC
+                         set by systemd (Type=notify, WatchdogSec=)
 
-Exit codes: 0 stopped, 75 restart requested, 78 refused to start, 64 usage.
+Exit codes:
+  0 stopped (SIGTERM/SIGINT), 75 restart requested (systemd restarts it),
+  78 refused to start (the message names the file and key), 64 bad command line,
+  1 unexpected runtime failure.
 
 Example:
   edgebind-agent --config /var/lib/edgebind/identity/agent.toml
-";
+  edgebind-agent --config ./bundle/agent.toml --check";
 
-#[derive(Debug, PartialEq)]
+/// edgebind-agent: the Edgebind device agent (mTLS MQTT, status, telemetry,
+/// remote actions)
+#[derive(Debug, PartialEq, Parser)]
+#[command(name = "edgebind-agent", version, after_help = AFTER_HELP)]
 struct Args {
+    /// Configuration file (an identity bundle's agent.toml)
+    /// [env: EDGEBIND_AGENT_CONFIG] [default: /var/lib/edgebind/identity/agent.toml]
+    // Written out above (clap would append both to the first line, 150
+    // columns wide without the wrap_help feature the binary goes without).
+    #[arg(
+        short,
+        long,
+        verbatim_doc_comment,
+        hide_env = true,
+        hide_default_value = true,
+        value_name = "PATH",
+        env = "EDGEBIND_AGENT_CONFIG",
+        default_value = "/var/lib/edgebind/identity/agent.toml"
+    )]
     config: PathBuf,
+    /// Check configuration, identity and state directory, then exit
+    #[arg(long)]
     check: bool,
 }
 
-enum Parsed {
-    Run(Args),
-    Exit(i32),
+/// Parses the arguments (`args` includes the program name).
+fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args, clap::Error> {
+    Args::try_parse_from(args)
 }
 
-fn parse(mut args: impl Iterator<Item = OsString>) -> Parsed {
-    let mut config = None;
-    let mut check = false;
-    while let Some(arg) = args.next() {
-        match arg.to_str() {
-            Some("-h" | "--help") => {
-                print!("{HELP}");
-                return Parsed::Exit(0);
-            }
-            Some("-V" | "--version") => {
-                println!("edgebind-agent {}", env!("CARGO_PKG_VERSION"));
-                return Parsed::Exit(0);
-            }
-            Some("--check") => check = true,
-            Some("-c" | "--config") => match args.next() {
-                Some(p) => config = Some(PathBuf::from(p)),
-                None => {
-                    eprintln!("edgebind-agent: --config needs a PATH\n\n{HELP}");
-                    return Parsed::Exit(USAGE_EXIT_CODE);
-                }
-            },
-            Some(s) if s.starts_with("--config=") => {
-                config = Some(PathBuf::from(&s["--config=".len()..]));
-            }
-            _ => {
-                eprintln!(
-                    "edgebind-agent: unexpected argument {:?}\n\n{HELP}",
-                    arg.to_string_lossy()
-                );
-                return Parsed::Exit(USAGE_EXIT_CODE);
-            }
-        }
+/// Help and version are successes (exit 0); any other problem is 64
+/// (EX_USAGE) rather than clap's own 2, which systemd and scripts would take
+/// for a runtime failure.
+fn exit_code_for(e: &clap::Error) -> i32 {
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
+        _ => USAGE_EXIT_CODE,
     }
-    let config = config
-        .or_else(|| std::env::var_os(CONFIG_ENV).map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
-    Parsed::Run(Args { config, check })
 }
 
 /// The whole program; returns the exit code.
 pub fn main() -> i32 {
-    let args = match parse(std::env::args_os().skip(1)) {
-        Parsed::Run(a) => a,
-        Parsed::Exit(code) => return code,
+    let args = match parse(std::env::args_os()) {
+        Ok(a) => a,
+        Err(e) => {
+            // print() sends help/version to stdout and errors to stderr.
+            let _ = e.print();
+            return exit_code_for(&e);
+        }
     };
     let config = match AgentConfig::load(&args.config) {
         Ok(c) => c,
@@ -161,12 +154,22 @@ async fn wait_for_termination() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{CONFIG_ENV, DEFAULT_CONFIG_PATH};
+
+    fn parse_args(args: &[&str]) -> Result<Args, clap::Error> {
+        parse(
+            std::iter::once("edgebind-agent")
+                .chain(args.iter().copied())
+                .map(OsString::from),
+        )
+    }
 
     fn run(args: &[&str]) -> Option<Args> {
-        match parse(args.iter().map(OsString::from)) {
-            Parsed::Run(a) => Some(a),
-            Parsed::Exit(_) => None,
-        }
+        parse_args(args).ok()
+    }
+
+    fn exit_code(args: &[&str]) -> Option<i32> {
+        parse_args(args).err().map(|e| exit_code_for(&e))
     }
 
     #[test]
@@ -186,7 +189,54 @@ mod tests {
                 check: true
             }
         );
-        assert!(run(&["--bogus"]).is_none());
-        assert!(run(&["--config"]).is_none());
+    }
+
+    #[test]
+    fn usage_errors_exit_64_help_and_version_exit_0() {
+        assert_eq!(exit_code(&["--bogus"]), Some(USAGE_EXIT_CODE));
+        assert_eq!(exit_code(&["--config"]), Some(USAGE_EXIT_CODE));
+        assert_eq!(exit_code(&["stray"]), Some(USAGE_EXIT_CODE));
+        assert_eq!(exit_code(&["--check", "--check"]), Some(USAGE_EXIT_CODE));
+        assert_eq!(exit_code(&["--help"]), Some(0));
+        assert_eq!(exit_code(&["-h"]), Some(0));
+        assert_eq!(exit_code(&["--version"]), Some(0));
+        assert_eq!(exit_code(&["-V"]), Some(0));
+    }
+
+    #[test]
+    fn consts_match_clap_attributes() {
+        use clap::CommandFactory;
+        let cmd = Args::command();
+        let config = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == "config")
+            .unwrap();
+        assert_eq!(config.get_env(), Some(std::ffi::OsStr::new(CONFIG_ENV)));
+        assert_eq!(
+            config.get_default_values(),
+            [std::ffi::OsStr::new(DEFAULT_CONFIG_PATH)]
+        );
+        cmd.debug_assert();
+    }
+
+    /// The only test in this crate that touches EDGEBIND_AGENT_CONFIG (every
+    /// other one passes --config), so changing it here races with nothing.
+    #[test]
+    fn config_from_env_then_default() {
+        // SAFETY: no other test in this process reads or writes this variable.
+        unsafe { std::env::set_var(CONFIG_ENV, "/from/env.toml") };
+        let from_env = run(&[]).unwrap().config;
+        let flag_wins = run(&["-c", "/flag.toml"]).unwrap().config;
+        unsafe { std::env::remove_var(CONFIG_ENV) };
+        let default = run(&["--check"]).unwrap();
+        assert_eq!(from_env, PathBuf::from("/from/env.toml"));
+        assert_eq!(flag_wins, PathBuf::from("/flag.toml"));
+        assert_eq!(
+            default,
+            Args {
+                config: DEFAULT_CONFIG_PATH.into(),
+                check: true
+            }
+        );
     }
 }
