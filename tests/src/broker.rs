@@ -1,5 +1,5 @@
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
@@ -24,11 +24,6 @@ pub struct Broker {
 
 const START_DEADLINE: Duration = Duration::from_secs(20);
 
-fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("bind a free port")?;
-    Ok(listener.local_addr()?.port())
-}
-
 impl Broker {
     /// Generate `<home>/broker` for 127.0.0.1 / localhost on a free port and start mosquitto.
     pub fn start(pki: &TestPki) -> anyhow::Result<Broker> {
@@ -36,7 +31,7 @@ impl Broker {
             vec!["localhost".into()],
             vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
         );
-        settings.port = free_port()?;
+        settings.port = crate::cli::free_port().context("bind a free port")?;
         settings.bind = "127.0.0.1".into();
         Self::start_with(pki, settings)
     }
@@ -63,7 +58,7 @@ impl Broker {
                 Err(e) if attempt < 3 && broker.log().contains("Address already in use") => {
                     eprintln!("broker port {} was taken ({e}); retrying", broker.port);
                     let mut settings = settings.clone();
-                    settings.port = free_port()?;
+                    settings.port = crate::cli::free_port().context("bind a free port")?;
                     edgebind_broker::generate(
                         &broker.dir,
                         pki.pki(),

@@ -48,6 +48,7 @@
 
 mod bins;
 mod broker;
+pub mod cli;
 mod mqtt;
 mod pki;
 mod tied;

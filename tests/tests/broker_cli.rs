@@ -2,32 +2,14 @@
 //! the real binary generates the configuration, runs Mosquitto in the
 //! foreground and reloads it through the pid file.
 
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::net::{Ipv4Addr, TcpStream};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use edgebind_tests::cli::{free_port, run, show};
 use edgebind_tests::{
     ClientOptions, Identity, PubAckReason, QoS, TestClient, bin_path, wait_until,
 };
-
-fn run(home: &Path, args: &[&str]) -> Output {
-    Command::new(bin_path("edgebind"))
-        .arg("--home")
-        .arg(home)
-        .args(args)
-        .output()
-        .expect("run edgebind")
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// `edgebind broker run` in the background, killed on Drop.
 struct Running(Child);
@@ -37,14 +19,6 @@ impl Drop for Running {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn home() -> tempfile::TempDir {
@@ -70,7 +44,7 @@ fn config_run_reload_and_revoke_with_the_cli() {
             .status
             .success()
     );
-    let port = free_port().to_string();
+    let port = free_port().unwrap().to_string();
     let out = run(
         home,
         &[

@@ -6,43 +6,18 @@
 //! fails, stops Mosquitto on SIGTERM (no orphan) and exits non-zero when
 //! Mosquitto dies by itself. Real CLI binary, real Mosquitto.
 
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
+use edgebind_tests::cli::{free_port, run, show};
 use edgebind_tests::{
     ClientOptions, Identity, PubAckReason, QoS, TestClient, bin_path, wait_for, wait_until,
 };
 use time::OffsetDateTime;
 
 const CRL_LIFETIME_SECS: &str = "20";
-
-fn run(home: &Path, args: &[&str]) -> Output {
-    Command::new(bin_path("edgebind"))
-        .arg("--home")
-        .arg(home)
-        .args(args)
-        .output()
-        .expect("run edgebind")
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn pid_alive(pid: u32) -> bool {
     // A zombie still has /proc/<pid>; "State: Z" means it is gone for our purposes.
@@ -67,7 +42,7 @@ impl BrokerRun {
     fn start(home: &Path) -> BrokerRun {
         let out = run(home, &["pki", "init", "--fleet", "acme"]);
         assert!(out.status.success(), "{}", show(&out));
-        let port = free_port();
+        let port = free_port().unwrap();
         let out = run(
             home,
             &[

@@ -3,29 +3,12 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use edgebind_agent::config::AgentConfig;
 use edgebind_certs::Inventory;
-use edgebind_tests::{Broker, PubAckReason, QoS, TestClient, TestPki, bin_path};
-
-fn run(home: &Path, args: &[&str]) -> Output {
-    Command::new(bin_path("edgebind"))
-        .arg("--home")
-        .arg(home)
-        .args(args)
-        .output()
-        .expect("run edgebind")
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use edgebind_tests::cli::{run, show};
+use edgebind_tests::{Broker, PubAckReason, QoS, TestClient, TestPki};
 
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
