@@ -46,12 +46,7 @@ pub fn write_bundle(
     agent_toml: &str,
 ) -> Result<BundlePaths, Error> {
     create_dir(dir, 0o700)?;
-    let files: [(&str, &[u8], u32); 4] = [
-        (AGENT_CONFIG, agent_toml.as_bytes(), PUBLIC_MODE),
-        (DEVICE_CERT, issued.chain_pem.as_bytes(), PUBLIC_MODE),
-        (DEVICE_KEY, issued.key_pem.as_bytes(), PRIVATE_MODE),
-        (CA_CERT, root_pem.as_bytes(), PUBLIC_MODE),
-    ];
+    let files = bundle_files(issued, root_pem, agent_toml);
     for (name, bytes, mode) in files {
         if mode == PRIVATE_MODE {
             write_private(&dir.join(name), bytes)?;
@@ -75,13 +70,51 @@ pub fn write_tar(
     root_pem: &str,
     agent_toml: &str,
 ) -> Result<(), Error> {
-    let files: [(&str, &[u8], u32); 4] = [
+    let files = bundle_files(issued, root_pem, agent_toml);
+    write_tar_file(tar, &files)
+}
+
+/// The four bundle files with their modes, in bundle order.
+fn bundle_files<'a>(
+    issued: &'a IssuedCert,
+    root_pem: &'a str,
+    agent_toml: &'a str,
+) -> [(&'static str, &'a [u8], u32); 4] {
+    [
         (AGENT_CONFIG, agent_toml.as_bytes(), PUBLIC_MODE),
         (DEVICE_CERT, issued.chain_pem.as_bytes(), PUBLIC_MODE),
         (DEVICE_KEY, issued.key_pem.as_bytes(), PRIVATE_MODE),
         (CA_CERT, root_pem.as_bytes(), PUBLIC_MODE),
-    ];
-    write_tar_file(tar, &files)
+    ]
+}
+
+/// What a batch writes per device into its output directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundleForm {
+    /// `<out>/<id>/` and `<out>/<id>.tar`.
+    DirectoryAndTar,
+    /// Only `<out>/<id>.tar`: one file per device, the cheapest for a factory line.
+    TarOnly,
+}
+
+/// Write the bundle of `issued` (a device certificate) into `out`, named by
+/// its device id, in the given form.
+pub fn write_into(
+    out: &Path,
+    form: BundleForm,
+    id: &edgebind_protocol::DeviceId,
+    issued: &IssuedCert,
+    root_pem: &str,
+    agent_toml: &str,
+) -> Result<(), Error> {
+    match form {
+        BundleForm::TarOnly => {
+            write_tar(&out.join(format!("{id}.tar")), issued, root_pem, agent_toml)
+        }
+        BundleForm::DirectoryAndTar => {
+            write_bundle(&out.join(id.as_str()), issued, root_pem, agent_toml).map(|_| ())
+        }
+    }
 }
 
 fn write_tar_file(tar: &Path, files: &[(&str, &[u8], u32)]) -> Result<(), Error> {

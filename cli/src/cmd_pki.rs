@@ -450,7 +450,11 @@ fn issue_batch(
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let total = ids.len();
-    let tar_only = a.tar_only;
+    let form = if a.tar_only {
+        bundle::BundleForm::TarOnly
+    } else {
+        bundle::BundleForm::DirectoryAndTar
+    };
     let start = Instant::now();
     let step = (total / 20).max(1);
     let progress = |done: usize| {
@@ -465,16 +469,7 @@ fn issue_batch(
             unreachable!("batch issues device certificates only")
         };
         let toml = agent_toml(id, &broker);
-        if tar_only {
-            bundle::write_tar(
-                &out.join(format!("{id}.tar")),
-                issued,
-                pki.root_pem(),
-                &toml,
-            )
-        } else {
-            bundle::write_bundle(&out.join(id.as_str()), issued, pki.root_pem(), &toml).map(|_| ())
-        }
+        bundle::write_into(&out, form, id, issued, pki.root_pem(), &toml)
     };
     let issued = pki.issue_devices(&ids, Validity::days(a.days), threads, each, progress)?;
     let secs = start.elapsed().as_secs_f64();

@@ -1,6 +1,7 @@
 //! Running the real `edgebind` binary the way an operator does, for tests.
 
 use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -31,4 +32,17 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
         .port())
+}
+
+/// A fresh fleet home in a tempdir that Mosquitto can traverse: started as
+/// root it drops to user `mosquitto` and must reach `<home>/broker` (the PKI
+/// directory inside stays 0700).
+pub fn broker_home(prefix: &str) -> tempfile::TempDir {
+    let home = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("tempdir");
+    std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod tempdir");
+    home
 }

@@ -1,4 +1,3 @@
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use edgebind_certs::{InitOptions, IssuedCert, Pki, Validity};
@@ -58,14 +57,7 @@ impl Default for TestPki {
 impl TestPki {
     /// A fresh fleet PKI (fleet name "test") in a new tempdir. Panics on failure.
     pub fn new() -> TestPki {
-        let home = tempfile::Builder::new()
-            .prefix("edgebind-test-")
-            .tempdir()
-            .expect("tempdir");
-        // Mosquitto (started as root) drops to user `mosquitto` and must be able
-        // to traverse the home to reach <home>/broker; the PKI dir stays 0700.
-        std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod tempdir");
+        let home = crate::cli::broker_home("edgebind-test-");
         let pki = Pki::init(&home.path().join("pki"), &InitOptions::new("test")).expect("pki init");
         let mut me = TestPki {
             pki,

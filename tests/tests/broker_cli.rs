@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use edgebind_tests::cli::{free_port, run, show};
+use edgebind_tests::cli::{broker_home, free_port, run, show};
 use edgebind_tests::{
     ClientOptions, Identity, PubAckReason, QoS, TestClient, bin_path, wait_until,
 };
@@ -22,17 +22,7 @@ impl Drop for Running {
 }
 
 fn home() -> tempfile::TempDir {
-    let tmp = tempfile::Builder::new()
-        .prefix("edgebind-cli-")
-        .tempdir()
-        .unwrap();
-    // mosquitto drops to its own user and must traverse the home.
-    std::fs::set_permissions(
-        tmp.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    tmp
+    broker_home("edgebind-cli-")
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use edgebind_tests::cli::{free_port, run, show};
+use edgebind_tests::cli::{broker_home, free_port, run, show};
 use edgebind_tests::{
     ClientOptions, Identity, PubAckReason, QoS, TestClient, bin_path, wait_for, wait_until,
 };
@@ -145,17 +145,7 @@ impl Drop for BrokerRun {
 }
 
 fn home() -> tempfile::TempDir {
-    let tmp = tempfile::Builder::new()
-        .prefix("edgebind-crl-refresh-")
-        .tempdir()
-        .unwrap();
-    // mosquitto drops to its own user and must traverse the home.
-    std::fs::set_permissions(
-        tmp.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    tmp
+    broker_home("edgebind-crl-refresh-")
 }
 
 #[test]

@@ -47,16 +47,12 @@ fn library_run(n: usize, threads: usize, tar_only: bool, keep: &mut Keep) -> any
             8883,
             None,
         );
-        if tar_only {
-            bundle::write_tar(
-                &out.join(format!("{id}.tar")),
-                issued,
-                pki.root_pem(),
-                &toml,
-            )
+        let form = if tar_only {
+            bundle::BundleForm::TarOnly
         } else {
-            bundle::write_bundle(&out.join(id.as_str()), issued, pki.root_pem(), &toml).map(|_| ())
-        }
+            bundle::BundleForm::DirectoryAndTar
+        };
+        bundle::write_into(&out, form, &id, issued, pki.root_pem(), &toml)
     };
     let issued = pki.issue_devices(&ids, Validity::days(1825), threads, each, |_| {})?;
     let secs = start.elapsed().as_secs_f64();
