@@ -618,7 +618,7 @@ mod tests {
     }
 
     fn cmd_topic(id: &str) -> String {
-        format!("edgebind/v1/devices/dev-a/cmd/{id}")
+        format!("edgebind/v2/cmd/dev-a/{id}")
     }
 
     /// Results published by `effects`, as (status, reason).
@@ -644,8 +644,8 @@ mod tests {
         assert_eq!(
             core().subscriptions(),
             [
-                "edgebind/v1/devices/dev-a/cmd/+".to_string(),
-                "edgebind/v1/devices/dev-a/desired".to_string()
+                "edgebind/v2/cmd/dev-a/+".to_string(),
+                "edgebind/v2/desired/dev-a".to_string()
             ]
         );
     }
@@ -741,7 +741,7 @@ mod tests {
         let connected = after.on_connected(5, vec![], NOW + 60);
         assert_eq!(statuses(&connected), [CommandStatus::Succeeded]);
         assert!(
-            matches!(&connected[0], Effect::Publish(o) if o.retain && o.topic.ends_with("/status"))
+            matches!(&connected[0], Effect::Publish(o) if o.retain && o.topic.starts_with("edgebind/v2/status/"))
         );
         // A redelivery of the reboot after it happened repeats `succeeded`.
         let again = after.on_message(
@@ -828,9 +828,9 @@ mod tests {
     fn foreign_or_odd_topics_are_ignored() {
         let mut c = core();
         for t in [
-            "edgebind/v1/devices/dev-b/cmd/c1",
-            "edgebind/v1/devices/dev-a/telemetry",
-            "edgebind/v1/devices/dev-a/cmd",
+            "edgebind/v2/cmd/dev-b/c1",
+            "edgebind/v2/telemetry/dev-a",
+            "edgebind/v2/cmd/dev-a",
             "something/else",
             "",
         ] {
@@ -848,7 +848,7 @@ mod tests {
     fn desired_settings_are_applied_saved_and_reported_once_per_revision() {
         let mut c = core();
         let desired = br#"{"revision":3,"settings":{"telemetry_interval_s":5,"log_level":"debug","colour":"red"}}"#;
-        let fx = c.on_message("edgebind/v1/devices/dev-a/desired", desired, NOW);
+        let fx = c.on_message("edgebind/v2/desired/dev-a", desired, NOW);
         assert!(fx.contains(&Effect::Apply(Settings {
             telemetry_interval_s: 5,
             log_level: LogLevel::Debug
@@ -860,7 +860,7 @@ mod tests {
         let reported = fx
             .iter()
             .find_map(|e| match e {
-                Effect::Publish(o) if o.topic.ends_with("/reported") => Some(o),
+                Effect::Publish(o) if o.topic.starts_with("edgebind/v2/reported/") => Some(o),
                 _ => None,
             })
             .unwrap();
@@ -871,12 +871,12 @@ mod tests {
         assert_eq!(r.applied["telemetry_interval_s"], 5);
         // Same revision again (retained redelivery on reconnect): nothing.
         assert!(
-            c.on_message("edgebind/v1/devices/dev-a/desired", desired, NOW)
+            c.on_message("edgebind/v2/desired/dev-a", desired, NOW)
                 .is_empty()
         );
         // A bad value is ignored and the default stays.
         let fx = c.on_message(
-            "edgebind/v1/devices/dev-a/desired",
+            "edgebind/v2/desired/dev-a",
             br#"{"revision":4,"settings":{"telemetry_interval_s":0}}"#,
             NOW,
         );
@@ -885,8 +885,10 @@ mod tests {
             log_level: LogLevel::Info
         })));
         // Garbage becomes an event, not a crash.
-        let fx = c.on_message("edgebind/v1/devices/dev-a/desired", b"[1,2", NOW);
-        assert!(matches!(&fx[..], [Effect::Publish(o)] if o.topic.ends_with("/events")));
+        let fx = c.on_message("edgebind/v2/desired/dev-a", b"[1,2", NOW);
+        assert!(
+            matches!(&fx[..], [Effect::Publish(o)] if o.topic.starts_with("edgebind/v2/events/"))
+        );
     }
 
     #[test]
@@ -983,7 +985,7 @@ mod tests {
             let len = (seed % 64) as usize;
             let bytes: Vec<u8> = (0..len).map(|j| (seed >> (j % 8 * 8)) as u8).collect();
             c.on_message(&cmd_topic(&format!("f{i}")), &bytes, NOW);
-            c.on_message("edgebind/v1/devices/dev-a/desired", &bytes, NOW);
+            c.on_message("edgebind/v2/desired/dev-a", &bytes, NOW);
         }
     }
 }

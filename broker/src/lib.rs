@@ -5,8 +5,9 @@
 //!
 //! ```text
 //! settings.toml    what `edgebind broker config` was given (hosts, port, ...); see BrokerSettings
-//! mosquitto.conf   TLS-only listener, identity = certificate CN, no anonymous access
-//! acl              rendered from edgebind_protocol::acl (patterns + one block per back-end user)
+//! mosquitto.conf   TLS-only listeners, identity = certificate CN, no anonymous access
+//! acl              device listener's ACL, from edgebind_protocol::acl (patterns + a block per non-device principal)
+//! acl-provisioning provisioning listener's ACL (no patterns), used when a provisioning port is set
 //! crl.pem          copy of the PKI's current CRL
 //! ca.crt           fleet root + issuing CA (verifies client chains)
 //! server.crt/.key  the broker's own identity (serverAuth, SANs = hosts and IPs)
@@ -41,6 +42,7 @@ pub mod layout {
     pub const SETTINGS: &str = "settings.toml";
     pub const CONF: &str = "mosquitto.conf";
     pub const ACL: &str = "acl";
+    pub const ACL_PROVISIONING: &str = "acl-provisioning";
     pub const CRL: &str = "crl.pem";
     pub const CA: &str = "ca.crt";
     pub const SERVER_CERT: &str = "server.crt";

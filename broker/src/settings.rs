@@ -39,9 +39,13 @@ pub struct BrokerSettings {
     /// TLS listener port.
     #[serde(default = "default_port")]
     pub port: u16,
-    /// Address the listener binds to.
+    /// Address the listeners bind to.
     #[serde(default = "default_bind")]
     pub bind: String,
+    /// Port of the provisioning listener, where claim identities connect and
+    /// no device pattern applies. None = no provisioning listener.
+    #[serde(default)]
+    pub provisioning_port: Option<u16>,
     /// Lifetime of each CRL the broker loads; `pki crl` / `broker reload` renew it.
     #[serde(default = "default_crl_days")]
     pub crl_days: u32,
@@ -64,6 +68,7 @@ impl BrokerSettings {
             ips,
             port: default_port(),
             bind: default_bind(),
+            provisioning_port: None,
             crl_days: default_crl_days(),
             crl_warn_days: default_crl_warn_days(),
             persistence: true,
@@ -108,8 +113,14 @@ impl BrokerSettings {
         if self.hosts.is_empty() && self.ips.is_empty() {
             return Err("at least one host name or IP address is needed".into());
         }
-        if self.port == 0 {
+        if self.port == 0 || self.provisioning_port == Some(0) {
             return Err("port 0 is not a usable listener port".into());
+        }
+        if self.provisioning_port == Some(self.port) {
+            return Err(format!(
+                "provisioning_port must differ from port ({}): the two listeners have different policies",
+                self.port
+            ));
         }
         if self.crl_warn_days >= self.crl_days {
             return Err(format!(
@@ -167,6 +178,9 @@ mod tests {
         let mut s = BrokerSettings::new(vec![], vec![]);
         assert!(s.validate().unwrap_err().contains("host"));
         s.hosts.push("h".into());
+        s.provisioning_port = Some(s.port);
+        assert!(s.validate().unwrap_err().contains("provisioning_port"));
+        s.provisioning_port = None;
         s.crl_warn_days = s.crl_days;
         assert!(s.validate().unwrap_err().contains("crl_warn_days"));
         let missing = BrokerSettings::load(std::path::Path::new("/nonexistent")).unwrap_err();

@@ -126,6 +126,51 @@ impl Inventory {
     }
 }
 
+/// A certificate the fleet should not have signed: its CN is no valid
+/// principal name, or names another role than it was issued for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditFinding {
+    pub serial: String,
+    pub cn: String,
+    pub role: String,
+    /// Still usable for a TLS handshake (not revoked, inside its validity).
+    pub active: bool,
+    pub problem: String,
+}
+
+/// Why `cn` is not a name the fleet may sign for `role` (None = fine).
+/// The same rule the issuing code applies, written once in `protocol`.
+pub fn name_problem(cn: &str, role: &str) -> Option<String> {
+    match Principal::from_cn(cn) {
+        Err(e) => Some(format!("CN is not a valid principal name: {e}")),
+        Ok(p) if p.role() != role => Some(format!(
+            "CN names a {} but the certificate was issued as {role}",
+            p.role()
+        )),
+        Ok(_) => None,
+    }
+}
+
+impl Inventory {
+    /// Every client certificate whose CN breaks the naming rules (broker
+    /// server certificates carry a host name and are not checked).
+    pub fn audit(&self, now: OffsetDateTime) -> Vec<AuditFinding> {
+        self.entries
+            .iter()
+            .filter(|e| e.role != "broker")
+            .filter_map(|e| {
+                name_problem(&e.cn, &e.role).map(|problem| AuditFinding {
+                    serial: e.serial.clone(),
+                    cn: e.cn.clone(),
+                    role: e.role.clone(),
+                    active: e.is_active(now),
+                    problem,
+                })
+            })
+            .collect()
+    }
+}
+
 /// Serials are compared as lower-case hex without `:` separators or leading zero octets.
 pub fn normalize_serial(serial: &str) -> String {
     let hex: String = serial
@@ -165,5 +210,54 @@ impl CrlStatus {
     /// True when the CRL lapses within `days` days (time to refresh).
     pub fn expires_within(&self, now: OffsetDateTime, days: u32) -> bool {
         self.remaining(now) <= time::Duration::days(i64::from(days))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(cn: &str, role: &str, revoked: bool) -> InventoryEntry {
+        let now = OffsetDateTime::now_utc();
+        InventoryEntry {
+            serial: format!("{:x}", cn.len()),
+            cn: cn.into(),
+            role: role.into(),
+            fingerprint_sha256: String::new(),
+            not_before: now - time::Duration::days(1),
+            not_after: now + time::Duration::days(1),
+            issued_at: now,
+            revoked_at: revoked.then_some(now),
+        }
+    }
+
+    #[test]
+    fn audit_flags_names_the_fleet_must_not_sign() {
+        let mut inv = Inventory::new();
+        inv.entries = vec![
+            entry("dev-a", "device", false),
+            entry("operator:alice", "operator", false),
+            entry("broker.example.net", "broker", false),
+            entry("dev-b/cmd", "device", false),
+            entry("Dev-C", "device", true),
+            entry("operator:eve", "device", false),
+        ];
+        let found = inv.audit(OffsetDateTime::now_utc());
+        let cns: Vec<_> = found.iter().map(|f| (f.cn.as_str(), f.active)).collect();
+        assert_eq!(
+            cns,
+            [
+                ("dev-b/cmd", true),
+                ("Dev-C", false),
+                ("operator:eve", true)
+            ]
+        );
+        assert!(found[0].problem.contains("'/'"), "{}", found[0].problem);
+        assert!(
+            found[1].problem.contains("lowercase"),
+            "{}",
+            found[1].problem
+        );
+        assert!(found[2].problem.contains("issued as device"));
     }
 }

@@ -27,7 +27,7 @@ pub mod pki;
 pub mod profile;
 
 pub use error::Error;
-pub use inventory::{CrlStatus, Inventory, InventoryEntry};
+pub use inventory::{AuditFinding, CrlStatus, Inventory, InventoryEntry};
 pub use pki::{InitOptions, IssuedCert, Pki};
 pub use profile::Validity;
 

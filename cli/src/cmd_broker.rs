@@ -21,13 +21,16 @@ Examples:
   edgebind broker config --host localhost --ip 127.0.0.1 --port 18883 --bind 127.0.0.1
 
 What is generated (in <home>/broker):
-  mosquitto.conf  TLS-only listener: require_certificate, use_identity_as_username,
-                  use_username_as_clientid (no client-id takeover), allow_anonymous false,
-                  set_tcp_nodelay, max_packet_size from the protocol, persistence (retained
-                  status/desired survive restarts), log to stderr
-  acl             from edgebind_protocol::acl: every client only its own device subtree (%u
-                  patterns); operator/service principals from the PKI inventory get their user
-                  block; revoked principals are denied everything
+  mosquitto.conf  TLS-only listeners with per_listener_settings: require_certificate,
+                  use_identity_as_username, use_username_as_clientid (no client-id takeover),
+                  allow_anonymous false, set_tcp_nodelay, max_packet_size from the protocol,
+                  persistence (retained status/desired survive restarts), log to stderr
+  acl             device listener, from edgebind_protocol::acl: every client only its own
+                  device topics (%u patterns under edgebind/v2/<kind>/<id>, which no CN can
+                  widen); every operator/service/claim principal from the PKI inventory gets a
+                  user block that takes the device patterns away again (plus its grants);
+                  revoked principals are denied everything
+  acl-provisioning  provisioning listener (--provisioning-port): no patterns at all
   crl.pem         fresh CRL (lifetime --crl-days); ca.crt, server.crt, server.key (0600)
   settings.toml   these options; re-running without --host/--ip reuses them
 The server certificate (serverAuth, SANs = --host/--ip) is issued when missing, when the
@@ -66,6 +69,26 @@ CRL (applied to new connections). Run after issuing operator/service identities 
 revoking. `edgebind broker run` keeps the CRL fresh by itself; a broker run some other way needs
 `edgebind pki crl` daily (see `edgebind pki crl --help`).")]
     Reload,
+    /// Check every issued certificate in the PKI inventory for names the fleet must not sign.
+    #[command(after_help = "\
+Reads <home>/pki/inventory.json and flags every client certificate whose CN is not a valid
+principal name under the one id rule of edgebind_protocol (lowercase ASCII letters, digits,
+'-', '_', '.'; role prefixes operator:, service:, claim:), or names another role than it was
+issued as. The topic layout keeps such a certificate away from other devices' topics anyway,
+but it should not exist: revoke it (`edgebind pki revoke --serial SERIAL`) and find out how it
+was signed. `broker config` and `broker reload` run the same check and warn.
+
+Exit status: 0 when no usable certificate is flagged, 1 when at least one is (revoked or
+expired ones are listed but do not fail the check).
+
+Examples:
+  edgebind broker audit
+  edgebind broker audit --json | jq '.findings[] | select(.active)'")]
+    Audit {
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Expert/test options of `broker run`, shown by `--help` only (not `-h`).
@@ -92,9 +115,13 @@ pub struct ConfigArgs {
     /// TLS listener port.
     #[arg(long)]
     port: Option<u16>,
-    /// Address the listener binds to (default 0.0.0.0).
+    /// Address the listeners bind to (default 0.0.0.0).
     #[arg(long)]
     bind: Option<String>,
+    /// Also open the provisioning listener on this port (claim identities; its ACL has no
+    /// device patterns). Off by default.
+    #[arg(long)]
+    provisioning_port: Option<u16>,
     /// Lifetime of each CRL in days (refresh it more often than that).
     #[arg(long)]
     crl_days: Option<u32>,
@@ -117,6 +144,7 @@ pub fn run(cmd: BrokerCommand, home: &Home) -> anyhow::Result<ExitCode> {
         BrokerCommand::Config(a) => config(a, home),
         BrokerCommand::Run(a) => run_foreground(a, home),
         BrokerCommand::Reload => reload(home),
+        BrokerCommand::Audit { json } => audit(home, json),
     }
 }
 
@@ -143,6 +171,9 @@ fn config(a: ConfigArgs, home: &Home) -> anyhow::Result<ExitCode> {
     if let Some(bind) = a.bind {
         settings.bind = bind;
     }
+    if a.provisioning_port.is_some() {
+        settings.provisioning_port = a.provisioning_port;
+    }
     if let Some(days) = a.crl_days {
         settings.crl_days = days;
     }
@@ -162,6 +193,7 @@ fn config(a: ConfigArgs, home: &Home) -> anyhow::Result<ExitCode> {
         server_cert_days: None,
     };
     let generated = edgebind_broker::generate(&dir, &pki, &settings, &opts)?;
+    warn_misissued(&pki);
     println!(
         "broker configuration written to {}",
         generated.dir.display()
@@ -182,6 +214,63 @@ fn config(a: ConfigArgs, home: &Home) -> anyhow::Result<ExitCode> {
         settings.port
     );
     Ok(ExitCode::SUCCESS)
+}
+
+fn audit(home: &Home, json: bool) -> anyhow::Result<ExitCode> {
+    let pki = cmd_pki::open(home)?;
+    let inventory = pki.inventory()?;
+    let findings = inventory.audit(OffsetDateTime::now_utc());
+    let active = findings.iter().filter(|f| f.active).count();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "checked": inventory.entries.len(),
+                "findings": findings,
+            }))?
+        );
+    } else {
+        for f in &findings {
+            println!(
+                "{} serial {} CN {:?} ({}): {}",
+                if f.active { "USABLE " } else { "inactive" },
+                f.serial,
+                f.cn,
+                f.role,
+                f.problem
+            );
+        }
+        println!(
+            "{} certificate(s) checked: {} flagged, {} of them still usable",
+            inventory.entries.len(),
+            findings.len(),
+            active
+        );
+    }
+    Ok(if active > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `broker config`/`reload` warn about mis-issued certificates (the full
+/// list is `broker audit`'s).
+fn warn_misissued(pki: &Pki) {
+    let Ok(inventory) = pki.inventory() else {
+        return;
+    };
+    let usable = inventory
+        .audit(OffsetDateTime::now_utc())
+        .into_iter()
+        .filter(|f| f.active)
+        .count();
+    if usable > 0 {
+        eprintln!(
+            "warning: {usable} usable certificate(s) carry a name the fleet must not sign; \
+             run `edgebind broker audit` and revoke them"
+        );
+    }
 }
 
 fn report(generated: &Generated, settings: &BrokerSettings) {
@@ -265,6 +354,7 @@ pub fn apply_policy_if_configured(home: &Home, pki: &Pki) -> anyhow::Result<bool
     };
     let generated = edgebind_broker::regenerate_policy(&dir, pki, &settings)?;
     report(&generated, &settings);
+    warn_misissued(pki);
     match process::reload(&dir) {
         Ok(pid) => println!(
             "broker (pid {pid}) reloaded: new ACL and CRL in force, no client disconnected"

@@ -145,7 +145,7 @@ mod tests {
     fn decodes_status_telemetry_and_results() {
         let dev = DeviceId::new("a").unwrap();
         let status = decode(
-            "edgebind/v1/devices/a/status",
+            "edgebind/v2/status/a",
             br#"{"state":"online","agent_version":"0.1.0","ts":5}"#,
             7,
         )
@@ -163,7 +163,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let payload = telemetry_json(42);
-        match decode("edgebind/v1/devices/a/telemetry", payload.as_bytes(), 43) {
+        match decode("edgebind/v2/telemetry/a", payload.as_bytes(), 43) {
             Ok(Update::Telemetry { ts, payload: p, .. }) => {
                 assert_eq!(ts, 42);
                 assert_eq!(p, payload, "stored verbatim");
@@ -171,7 +171,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let r = decode(
-            "edgebind/v1/devices/a/cmd-result/c1",
+            "edgebind/v2/cmd-result/a/c1",
             br#"{"id":"c1","status":"rejected","reason":"no","ts":1}"#,
             2,
         )
@@ -184,30 +184,27 @@ mod tests {
     fn bad_messages_are_dropped_with_a_reason() {
         let cases: &[(&str, &[u8])] = &[
             ("other/topic", b"{}"),
-            ("edgebind/v1/devices/a+b/status", b"{}"),
-            ("edgebind/v1/devices/a/status", b""),
-            ("edgebind/v1/devices/a/status", b"not json"),
-            ("edgebind/v1/devices/a/status", br#"{"state":"sleeping"}"#),
-            ("edgebind/v1/devices/a/telemetry", br#"{"ts":"yesterday"}"#),
+            ("edgebind/v2/status/a+b", b"{}"),
+            ("edgebind/v2/status/a", b""),
+            ("edgebind/v2/status/a", b"not json"),
+            ("edgebind/v2/status/a", br#"{"state":"sleeping"}"#),
+            ("edgebind/v2/telemetry/a", br#"{"ts":"yesterday"}"#),
             (
-                "edgebind/v1/devices/a/cmd-result/c1",
+                "edgebind/v2/cmd-result/a/c1",
                 br#"{"id":"c2","status":"failed","ts":1}"#,
             ),
             (
-                "edgebind/v1/devices/a/cmd/c1",
+                "edgebind/v2/cmd/a/c1",
                 br#"{"id":"c1","action":"format-disk"}"#,
             ),
-            (
-                "edgebind/v1/devices/a/desired",
-                br#"{"revision":1,"settings":{}}"#,
-            ),
+            ("edgebind/v2/desired/a", br#"{"revision":1,"settings":{}}"#),
         ];
         for (topic, payload) in cases {
             let err = decode(topic, payload, 0).unwrap_err();
             assert!(!err.to_string().is_empty(), "{topic}");
         }
         let err = decode(
-            "edgebind/v1/devices/a/cmd-result/c1",
+            "edgebind/v2/cmd-result/a/c1",
             br#"{"id":"c2","status":"failed","ts":1}"#,
             0,
         )

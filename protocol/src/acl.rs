@@ -39,8 +39,9 @@ fn direction_access(kind: Kind) -> Access {
     }
 }
 
-/// Grants every device has on its own subtree, as `%u` patterns: write what it
-/// reports, read what it is told. Nothing outside `devices/%u/`.
+/// Grants every device has on its own topics, as `%u` patterns: write what it
+/// reports, read what it is told. Mosquitto applies pattern lines to every
+/// authenticated user of the listener, whatever its CN.
 pub fn device_patterns() -> Vec<Grant> {
     Kind::ALL
         .into_iter()
@@ -51,34 +52,81 @@ pub fn device_patterns() -> Vec<Grant> {
         .collect()
 }
 
-/// Grants of the back-end roles: read everything devices report, write what
-/// devices are told (commands, desired settings). Never device-side topics,
-/// so an operator cannot forge a device's status or results.
-fn backend_grants() -> Vec<Grant> {
-    let mut grants = vec![Grant {
-        access: Access::Read,
-        filter: format!("{NAMESPACE}/#"),
-    }];
-    grants.extend(
-        Kind::ALL
-            .into_iter()
-            .filter(|k| k.direction() == Direction::ToDevice)
-            .map(|kind| Grant {
-                access: Access::Write,
-                filter: kind.filter_all(),
-            }),
-    );
-    grants
+/// Mosquitto's `%u` substitution: the username (the certificate CN) is
+/// pasted in verbatim, `/` included. Mosquitto 2.0 refuses pattern access
+/// altogether to a username containing `+` or `#` (`None` here), so no name
+/// can turn a pattern into a wildcard.
+pub fn expand_pattern(filter: &str, username: &str) -> Option<String> {
+    if username.contains(['+', '#']) {
+        return None;
+    }
+    Some(filter.replace("%u", username))
 }
 
-/// Grants given to one named principal in addition to the device patterns
-/// (which Mosquitto applies to every user). Devices need none; claim
-/// identities get none until the claim flow defines its topics.
+/// What the device patterns give a client whose certificate CN is `cn`,
+/// valid principal name or not: the expansions Mosquitto would check.
+pub fn pattern_grants(cn: &str) -> Vec<Grant> {
+    device_patterns()
+        .into_iter()
+        .filter_map(|g| {
+            expand_pattern(&g.filter, cn).map(|filter| Grant {
+                access: g.access,
+                filter,
+            })
+        })
+        .collect()
+}
+
+/// Filters denied to a non-device principal ahead of the patterns: the
+/// device patterns expanded with its own CN. Mosquitto applies patterns to
+/// every user; these `topic deny` lines in its `user` block take them away
+/// again, so an operator, service or claim identity holds no device-side
+/// grant at all. A device principal has none.
+pub fn pattern_denies(principal: &Principal) -> Vec<String> {
+    match principal {
+        Principal::Device(_) => Vec::new(),
+        _ => pattern_grants(&principal.cn())
+            .into_iter()
+            .map(|g| g.filter)
+            .collect(),
+    }
+}
+
+/// Grants of the back-end roles: read every kind (what devices report and
+/// what they are told, so operators see the fleet's intent), write only what
+/// devices are told (commands, desired settings): an operator cannot forge a
+/// device's status or results. Exact-depth filters, like every consumer of
+/// the namespace, so a deeper topic a hostile CN could write reaches no one.
+fn backend_grants() -> Vec<Grant> {
+    let read = Kind::ALL.into_iter().map(|kind| Grant {
+        access: Access::Read,
+        filter: kind.filter_all(),
+    });
+    let write = Kind::ALL
+        .into_iter()
+        .filter(|k| k.direction() == Direction::ToDevice)
+        .map(|kind| Grant {
+            access: Access::Write,
+            filter: kind.filter_all(),
+        });
+    read.chain(write).collect()
+}
+
+/// Grants given to one named principal on the device listener, in addition
+/// to the device patterns. Devices need none; claim identities get none
+/// there (the claim exchange lives on the provisioning listener).
 pub fn user_grants(principal: &Principal) -> Vec<Grant> {
     match principal {
         Principal::Device(_) | Principal::Claim(_) => Vec::new(),
         Principal::Operator(_) | Principal::Service(_) => backend_grants(),
     }
+}
+
+/// Grants on the provisioning listener, which has no device patterns at all.
+/// Nothing yet: the zero-touch claim flow will define its exchange here, and
+/// until then a claim identity can connect and do nothing.
+pub fn provisioning_grants(_principal: &Principal) -> Vec<Grant> {
+    Vec::new()
 }
 
 /// Everything under the namespace: what a revoked principal is denied.
@@ -104,16 +152,51 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
     }
 }
 
-/// The policy model: may `principal` (not revoked) do `access` on `topic`?
-pub fn allows(principal: &Principal, access: Access, topic: &str) -> bool {
-    let cn = principal.cn();
-    let by_pattern = device_patterns()
+/// Whether some topic matches both filters (wildcards on either side).
+pub fn filters_overlap(a: &str, b: &str) -> bool {
+    if a.starts_with('$') != b.starts_with('$') {
+        return false;
+    }
+    let mut x = a.split('/');
+    let mut y = b.split('/');
+    loop {
+        match (x.next(), y.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (None, None) => return true,
+            (Some(p), Some(q)) if p == "+" || q == "+" || p == q => {}
+            _ => return false,
+        }
+    }
+}
+
+fn any_grant(grants: &[Grant], access: Access, topic: &str) -> bool {
+    grants
         .iter()
-        .any(|g| g.access == access && filter_matches(&g.filter.replace("%u", &cn), topic));
-    by_pattern
-        || user_grants(principal)
-            .iter()
-            .any(|g| g.access == access && filter_matches(&g.filter, topic))
+        .any(|g| g.access == access && filter_matches(&g.filter, topic))
+}
+
+/// The policy model of the device listener: may `principal` (not revoked)
+/// do `access` on `topic`? Mirrors Mosquitto's order: the user block's
+/// denies, then its grants, then the patterns.
+pub fn allows(principal: &Principal, access: Access, topic: &str) -> bool {
+    if pattern_denies(principal)
+        .iter()
+        .any(|f| filter_matches(f, topic))
+    {
+        return false;
+    }
+    any_grant(&user_grants(principal), access, topic)
+        || any_grant(&pattern_grants(&principal.cn()), access, topic)
+}
+
+/// The model for a certificate CN that is not a valid principal name (one
+/// the fleet should never have signed, so it has no `user` block): only the
+/// pattern expansions apply.
+pub fn allows_cn(cn: &str, access: Access, topic: &str) -> bool {
+    match Principal::from_cn(cn) {
+        Ok(p) => allows(&p, access, topic),
+        Err(_) => any_grant(&pattern_grants(cn), access, topic),
+    }
 }
 
 #[cfg(test)]
@@ -127,7 +210,7 @@ mod tests {
     }
 
     #[test]
-    fn device_touches_only_its_own_subtree() {
+    fn device_touches_only_its_own_topics() {
         let a = DeviceId::new("dev-a").unwrap();
         let b = DeviceId::new("dev-b").unwrap();
         let c = CommandId::new("c1").unwrap();
@@ -192,11 +275,160 @@ mod tests {
     }
 
     #[test]
+    fn non_device_principals_get_no_device_patterns() {
+        for cn in ["operator:alice", "service:fleet", "claim:line-1"] {
+            let who = p(cn);
+            let denied = pattern_denies(&who);
+            assert_eq!(denied.len(), device_patterns().len(), "{cn}");
+            for g in pattern_grants(cn) {
+                let topic = g.filter.replace('+', "c1");
+                assert!(!allows(&who, g.access, &topic), "{cn} must not {topic}");
+            }
+        }
+        assert!(pattern_denies(&p("dev-a")).is_empty());
+        // A claim identity can do nothing at all on either listener.
+        let claim = p("claim:line-1");
+        assert!(user_grants(&claim).is_empty() && provisioning_grants(&claim).is_empty());
+    }
+
+    #[test]
     fn filter_matching_follows_mqtt_rules() {
         assert!(filter_matches("a/+/c", "a/b/c"));
         assert!(filter_matches("a/#", "a"));
         assert!(filter_matches("a/#", "a/b/c"));
         assert!(!filter_matches("a/+", "a/b/c"));
         assert!(!filter_matches("#", "$SYS/x"));
+        assert!(filter_matches("a/+", "a/"));
+    }
+
+    #[test]
+    fn overlap_is_symmetric_and_sees_wildcards_on_both_sides() {
+        for (a, b, want) in [
+            ("a/+/c", "a/b/+", true),
+            ("a/b", "a/b/c", false),
+            ("a/#", "a/b/+", true),
+            ("a/+", "b/+", false),
+            ("#", "$SYS/x", false),
+            ("a//b", "a/+/b", true),
+        ] {
+            assert_eq!(filters_overlap(a, b), want, "{a} vs {b}");
+            assert_eq!(filters_overlap(b, a), want, "{b} vs {a}");
+        }
+    }
+
+    /// Names a certificate could carry if the fleet ever signed one it should
+    /// not have: every concatenation of up to three hostile fragments (ids,
+    /// kind segments, `/`, empty, `..`, wildcards, Mosquitto substitutions,
+    /// upper case, unicode, NUL), plus very long names.
+    fn hostile_names(victims: &[&str]) -> Vec<String> {
+        let mut fragments: Vec<String> = victims.iter().map(|v| (*v).to_owned()).collect();
+        fragments.extend(
+            [
+                "", "/", "//", "..", ".", "+", "#", "%u", "%c", "c1", "DEV-B", "é", "\0", " ",
+            ]
+            .map(String::from),
+        );
+        fragments.extend(Kind::ALL.map(|k| k.segment().to_owned()));
+        fragments.push(NAMESPACE.to_owned());
+        let mut names = vec![String::new()];
+        let mut frontier = vec![String::new()];
+        for _ in 0..3 {
+            let mut next = Vec::new();
+            for prefix in &frontier {
+                for f in &fragments {
+                    next.push(format!("{prefix}{f}"));
+                }
+            }
+            names.extend(next.iter().cloned());
+            frontier = next;
+        }
+        for v in victims {
+            names.push(format!("{v}/").repeat(200));
+            names.push(format!("{}{v}", "/".repeat(1000)));
+            names.push(format!("{v}/{}", "x".repeat(10_000)));
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// The property the namespace exists for: whatever a certificate CN
+    /// holds, the device patterns expanded with it never equal or match a
+    /// topic of another principal, and the fleet's own consumers never read
+    /// such an expansion as another device's message.
+    #[test]
+    fn no_certificate_name_reaches_another_principals_topics() {
+        // Legitimate devices, including ids that spell kind segments.
+        let victims = ["dev-b", "dev-a", "cmd", "status", "cmd-result", "x"];
+        let names = hostile_names(&victims);
+        assert!(names.len() > 10_000, "{} names", names.len());
+        let victim_filters: Vec<(&str, String)> = victims
+            .iter()
+            .flat_map(|v| {
+                let id = DeviceId::new(*v).unwrap();
+                Kind::ALL.map(move |k| (*v, k.filter_for(&id)))
+            })
+            .collect();
+        let mut checked = 0u64;
+        for name in &names {
+            let grants = pattern_grants(name);
+            if name.contains(['+', '#']) {
+                assert!(grants.is_empty(), "Mosquitto refuses patterns for {name:?}");
+                continue;
+            }
+            for g in &grants {
+                for (victim, filter) in &victim_filters {
+                    if name == victim {
+                        continue; // the victim's own certificate
+                    }
+                    checked += 1;
+                    assert!(
+                        !filters_overlap(&g.filter, filter),
+                        "CN {name:?} gets {:?} {}, which reaches {victim}'s {filter}",
+                        g.access,
+                        g.filter
+                    );
+                }
+                // What the fleet service would make of a message there.
+                let concrete = g.filter.replace('+', "c1");
+                if let Some(topic) = Topic::parse(&concrete) {
+                    assert_eq!(topic.device().as_str(), name, "{concrete}");
+                }
+                // No subscription filter any consumer uses sees it as another device's.
+                for kind in Kind::ALL {
+                    if filter_matches(&kind.filter_all(), &concrete) {
+                        let parsed = Topic::parse(&concrete);
+                        assert!(
+                            parsed.is_none_or(|t| t.device().as_str() == name),
+                            "{concrete} read as another device's {kind:?}"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(checked > 2_000_000, "{checked} checks");
+    }
+
+    /// The same check catches the v1 layout's flaw, so it is not vacuous.
+    #[test]
+    fn the_property_check_rejects_the_v1_layout() {
+        let v1_status = ["edgebind", "v1", "devices", "%u", "status"].join("/");
+        let v1_cmd_of_b = ["edgebind", "v1", "devices", "dev-b", "cmd", "+"].join("/");
+        let hostile = expand_pattern(&v1_status, "dev-b/cmd").unwrap();
+        assert!(filters_overlap(&hostile, &v1_cmd_of_b));
+    }
+
+    #[test]
+    fn consumers_use_exact_depth_filters() {
+        let d = DeviceId::new("dev-a").unwrap();
+        for kind in Kind::ALL {
+            for f in [kind.filter_all(), kind.filter_for(&d), kind.acl_pattern()] {
+                assert!(!f.contains('#'), "{f}");
+                assert_eq!(f.split('/').count(), 2 + kind.depth(), "{f}");
+            }
+        }
+        for g in backend_grants() {
+            assert!(!g.filter.contains('#'), "{}", g.filter);
+        }
     }
 }

@@ -4,7 +4,14 @@
 //! it for `%u` in pattern ACLs. An id containing `/`, `+` or `#` would widen
 //! that pattern to other devices' topics, so ids are restricted to a small,
 //! boring charset here, once, and every other crate accepts only the
-//! validated types.
+//! validated types. (The topic layout does not rely on this: see
+//! [`crate::topics`] for why a hostile CN still cannot reach other topics.)
+//!
+//! Device ids, and the names of every other principal, are lowercase only.
+//! Host names, DNS and many factory systems ignore case, so `Rpi-1` and
+//! `rpi-1` would be one device to them and two to the broker. Refusing upper
+//! case (rather than folding it) keeps the certificate CN, the MQTT username
+//! and the registry key byte-identical, with no second spelling to confuse.
 
 use std::fmt;
 use std::str::FromStr;
@@ -35,9 +42,24 @@ pub enum IdError {
     },
     #[error("{kind} {value:?} must start with an ASCII letter or digit")]
     BadStart { kind: &'static str, value: String },
+    #[error(
+        "{kind} {value:?} contains upper case; {kind}s are lowercase (host names and factory systems ignore case, so two ids differing only in case would be one device to them): use {lower:?}"
+    )]
+    UpperCase {
+        kind: &'static str,
+        value: String,
+        lower: String,
+    },
 }
 
-fn validate(kind: &'static str, value: &str) -> Result<(), IdError> {
+/// Which letters an id may use.
+#[derive(Clone, Copy)]
+enum Case {
+    Lower,
+    Any,
+}
+
+fn validate(kind: &'static str, value: &str, case: Case) -> Result<(), IdError> {
     if value.is_empty() {
         return Err(IdError::Empty { kind });
     }
@@ -65,11 +87,18 @@ fn validate(kind: &'static str, value: &str) -> Result<(), IdError> {
             value: value.to_owned(),
         });
     }
+    if matches!(case, Case::Lower) && value.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(IdError::UpperCase {
+            kind,
+            value: value.to_owned(),
+            lower: value.to_ascii_lowercase(),
+        });
+    }
     Ok(())
 }
 
 macro_rules! validated_id {
-    ($(#[$meta:meta])* $name:ident, $kind:literal) => {
+    ($(#[$meta:meta])* $name:ident, $kind:literal, $case:expr) => {
         $(#[$meta])*
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub struct $name(String);
@@ -77,7 +106,7 @@ macro_rules! validated_id {
         impl $name {
             pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
                 let value = value.into();
-                validate($kind, &value)?;
+                validate($kind, &value, $case)?;
                 Ok(Self(value))
             }
 
@@ -130,13 +159,15 @@ macro_rules! validated_id {
 validated_id!(
     /// A device's identity: the CN of its certificate and its MQTT client id.
     DeviceId,
-    "device id"
+    "device id",
+    Case::Lower
 );
 validated_id!(
     /// The id of one remote command; it appears in the command and result topics
     /// and is what the agent records to run each command at most once.
     CommandId,
-    "command id"
+    "command id",
+    Case::Any
 );
 
 #[cfg(test)]
@@ -145,7 +176,7 @@ mod tests {
 
     #[test]
     fn accepts_plain_ids() {
-        for id in ["dev-a", "rpi3-0001", "A.b_c-9", "x"] {
+        for id in ["dev-a", "rpi3-0001", "a.b_c-9", "x"] {
             assert_eq!(DeviceId::new(id).unwrap().as_str(), id);
         }
         assert!(DeviceId::new("a".repeat(MAX_ID_LEN)).is_ok());
@@ -177,6 +208,15 @@ mod tests {
             DeviceId::new("a".repeat(MAX_ID_LEN + 1)),
             Err(IdError::TooLong { .. })
         ));
+    }
+
+    #[test]
+    fn device_ids_are_lowercase_command_ids_any_case() {
+        let err = DeviceId::new("Rpi-1").unwrap_err();
+        assert!(matches!(&err, IdError::UpperCase { lower, .. } if lower == "rpi-1"));
+        assert!(err.to_string().contains("\"rpi-1\""), "{err}");
+        assert!(DeviceId::new("RPI-1").is_err());
+        assert!(CommandId::new("Op-1A").is_ok());
     }
 
     #[test]

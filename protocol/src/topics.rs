@@ -1,21 +1,34 @@
 //! The MQTT topic namespace.
 //!
 //! ```text
-//! edgebind/v1/devices/{id}/status              device -> fleet, retained (online / offline will)
-//! edgebind/v1/devices/{id}/telemetry           device -> fleet
-//! edgebind/v1/devices/{id}/events              device -> fleet
-//! edgebind/v1/devices/{id}/reported            device -> fleet, retained (settings in force)
-//! edgebind/v1/devices/{id}/cmd/{cmd-id}        fleet -> device, QoS 1
-//! edgebind/v1/devices/{id}/cmd-result/{cmd-id} device -> fleet, QoS 1
-//! edgebind/v1/devices/{id}/desired             fleet -> device, retained
+//! edgebind/v2/status/{id}                 device -> fleet, retained (online / offline will)
+//! edgebind/v2/telemetry/{id}              device -> fleet
+//! edgebind/v2/events/{id}                 device -> fleet
+//! edgebind/v2/reported/{id}               device -> fleet, retained (settings in force)
+//! edgebind/v2/cmd/{id}/{cmd-id}           fleet -> device, QoS 1
+//! edgebind/v2/cmd-result/{id}/{cmd-id}    device -> fleet, QoS 1
+//! edgebind/v2/desired/{id}                fleet -> device, retained
 //! ```
+//!
+//! Why the kind comes before the id: Mosquitto expands `%u` in an ACL
+//! pattern with the certificate CN verbatim, `/` included. In the v1 layout
+//! (`edgebind/v1/devices/{id}/{kind}`) a certificate named `dev-b/cmd` turned
+//! `devices/%u/status` into `devices/dev-b/cmd/status`, one of dev-b's
+//! command topics. Here every kind fixes the level right after the namespace
+//! and has a fixed depth below it (one level for the id, one more for the
+//! command id), so whatever a CN contains, its expansions stay under their
+//! own kind and either equal that principal's own topic or are deeper than
+//! any real topic of that kind. Every consumer subscribes with exact-depth
+//! filters (`+`, never `#` below the id), so those deeper topics reach no one.
+//! `acl::tests` proves this for a generated set of hostile names, and the
+//! broker tests prove it by delivery.
 
 use crate::ids::{CommandId, DeviceId};
 
 /// Root of everything Edgebind publishes. Bump the version segment for
-/// incompatible schema changes so old and new agents can share a broker.
-pub const NAMESPACE: &str = "edgebind/v1";
-const DEVICES: &str = "devices";
+/// incompatible layout or schema changes so old and new agents are not
+/// confused on one broker (v1 put the id before the kind; see the module doc).
+pub const NAMESPACE: &str = "edgebind/v2";
 
 /// Which way a topic's messages flow; the ACL rules are derived from it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,10 +84,22 @@ impl Kind {
         matches!(self, Kind::Cmd | Kind::CmdResult)
     }
 
+    /// The kind whose [`Kind::segment`] is `segment`.
+    pub fn from_segment(segment: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.segment() == segment)
+    }
+
+    /// Number of topic levels below the namespace: the kind, the id, and the
+    /// command id where there is one. Fixed per kind, which is what keeps a
+    /// hostile `%u` expansion out of other principals' topics.
+    pub fn depth(self) -> usize {
+        if self.has_command_id() { 3 } else { 2 }
+    }
+
     /// A topic or filter for this kind with `device` and `command` already
     /// rendered (they may be ids, `+`, or Mosquitto's `%u`).
     fn render(self, device: &str, command: &str) -> String {
-        let base = format!("{NAMESPACE}/{DEVICES}/{device}/{}", self.segment());
+        let base = format!("{NAMESPACE}/{}/{device}", self.segment());
         if self.has_command_id() {
             format!("{base}/{command}")
         } else {
@@ -152,11 +177,9 @@ impl Topic {
     /// the namespace or with an invalid id, which callers drop.
     pub fn parse(topic: &str) -> Option<Topic> {
         let rest = topic.strip_prefix(NAMESPACE)?.strip_prefix('/')?;
-        let rest = rest.strip_prefix(DEVICES)?.strip_prefix('/')?;
         let mut parts = rest.split('/');
+        let kind = Kind::from_segment(parts.next()?)?;
         let device = DeviceId::new(parts.next()?).ok()?;
-        let segment = parts.next()?;
-        let kind = Kind::ALL.into_iter().find(|k| k.segment() == segment)?;
         let command = if kind.has_command_id() {
             Some(CommandId::new(parts.next()?).ok()?)
         } else {
@@ -198,18 +221,15 @@ mod tests {
         let c = CommandId::new("c1").unwrap();
         assert_eq!(
             Topic::Status(d.clone()).render(),
-            "edgebind/v1/devices/dev-a/status"
+            "edgebind/v2/status/dev-a"
         );
         assert_eq!(
             Topic::CmdResult(d.clone(), c.clone()).render(),
-            "edgebind/v1/devices/dev-a/cmd-result/c1"
+            "edgebind/v2/cmd-result/dev-a/c1"
         );
-        assert_eq!(Kind::Cmd.filter_for(&d), "edgebind/v1/devices/dev-a/cmd/+");
-        assert_eq!(
-            Kind::Telemetry.filter_all(),
-            "edgebind/v1/devices/+/telemetry"
-        );
-        assert_eq!(Kind::Cmd.acl_pattern(), "edgebind/v1/devices/%u/cmd/+");
+        assert_eq!(Kind::Cmd.filter_for(&d), "edgebind/v2/cmd/dev-a/+");
+        assert_eq!(Kind::Telemetry.filter_all(), "edgebind/v2/telemetry/+");
+        assert_eq!(Kind::Cmd.acl_pattern(), "edgebind/v2/cmd/%u/+");
     }
 
     #[test]
@@ -233,13 +253,20 @@ mod tests {
     #[test]
     fn parse_drops_foreign_or_malformed_topics() {
         for bad in [
+            "edgebind/v1/devices/a/status",
+            "edgebind/v3/status/a",
+            "edgebind/v2/status/a/extra",
+            "edgebind/v2/status/a/cmd/c1",
+            "edgebind/v2/cmd/a",
+            "edgebind/v2/cmd/a/c1/extra",
+            "edgebind/v2/status/a+b",
+            "edgebind/v2/status/A",
+            "edgebind/v2/unknown/a",
             "edgebind/v2/devices/a/status",
-            "edgebind/v1/devices/a/status/extra",
-            "edgebind/v1/devices/a/cmd",
-            "edgebind/v1/devices/a+b/status",
-            "edgebind/v1/devices/a/unknown",
             "$SYS/broker/uptime",
-            "edgebind/v1/devices//status",
+            "edgebind/v2/status/",
+            "edgebind/v2/status",
+            "edgebind/v2//a",
         ] {
             assert_eq!(Topic::parse(bad), None, "{bad}");
         }

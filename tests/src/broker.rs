@@ -16,6 +16,7 @@ pub struct Broker {
     dir: PathBuf,
     pki_dir: PathBuf,
     port: u16,
+    provisioning_port: Option<u16>,
     child: Option<Child>,
     watchdog: Option<crate::tied::Watchdog>,
     log: PathBuf,
@@ -32,6 +33,7 @@ impl Broker {
             vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
         );
         settings.port = crate::cli::free_port().context("bind a free port")?;
+        settings.provisioning_port = Some(crate::cli::free_port().context("bind a free port")?);
         settings.bind = "127.0.0.1".into();
         Self::start_with(pki, settings)
     }
@@ -46,6 +48,7 @@ impl Broker {
             dir,
             pki_dir: pki.pki_dir(),
             port: settings.port,
+            provisioning_port: settings.provisioning_port,
             child: None,
             watchdog: None,
             starts: 0,
@@ -59,6 +62,10 @@ impl Broker {
                     eprintln!("broker port {} was taken ({e}); retrying", broker.port);
                     let mut settings = settings.clone();
                     settings.port = crate::cli::free_port().context("bind a free port")?;
+                    if settings.provisioning_port.is_some() {
+                        settings.provisioning_port =
+                            Some(crate::cli::free_port().context("bind a free port")?);
+                    }
                     edgebind_broker::generate(
                         &broker.dir,
                         pki.pki(),
@@ -66,6 +73,7 @@ impl Broker {
                         &GenerateOptions::default(),
                     )?;
                     broker.port = settings.port;
+                    broker.provisioning_port = settings.provisioning_port;
                     std::fs::write(&broker.log, "")?;
                     broker.starts = 0;
                 }
@@ -147,6 +155,11 @@ impl Broker {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Port of the provisioning listener (claim identities; no device patterns).
+    pub fn provisioning_port(&self) -> Option<u16> {
+        self.provisioning_port
     }
 
     /// `<home>/broker` (mosquitto.conf, acl, crl.pem, ...).

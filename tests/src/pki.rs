@@ -137,6 +137,25 @@ impl TestPki {
         self.write(label.to_owned(), None, &issued)
     }
 
+    /// A client certificate for an arbitrary CN, signed by the fleet's
+    /// issuing CA with rcgen directly: none of edgebind's name checks run, as
+    /// if a buggy claim flow or renewal had signed whatever it was asked to.
+    /// Not recorded in the inventory. `name` is a file-safe label.
+    pub fn hostile(&self, cn: &str) -> Identity {
+        use std::hash::{Hash, Hasher};
+        let mut params = edgebind_certs::profile::client(
+            &Principal::from_cn("placeholder").expect("valid"),
+            Validity::days(30),
+        )
+        .expect("client profile");
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(rcgen::DnType::CommonName, cn);
+        params.distinguished_name = dn;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        cn.hash(&mut h);
+        self.custom(&format!("hostile-{:016x}", h.finish()), params)
+    }
+
     fn write(
         &self,
         dir_name: String,
@@ -187,6 +206,39 @@ impl TestPki {
             .expect("write bundle");
         dir
     }
+}
+
+/// Certificate names a fleet should never sign, for the isolation tests:
+/// other devices' ids with topic levels appended or prepended, empty and
+/// dot levels, names spelling kind segments or whole topics, wildcards,
+/// Mosquitto substitutions, upper case, unicode and a very long name. Each
+/// is aimed at `dev-b`.
+pub fn hostile_cns() -> Vec<String> {
+    let mut cns: Vec<String> = [
+        "dev-b/cmd",
+        "dev-b/cmd-result",
+        "dev-b/desired",
+        "dev-b/c1",
+        "dev-b/",
+        "/dev-b",
+        "dev-b//",
+        "..",
+        "../dev-b",
+        "cmd/dev-b",
+        "status/dev-b",
+        "edgebind/v2/cmd/dev-b",
+        "cmd",
+        "DEV-B",
+        "dév-b",
+        "dev-b/+",
+        "+",
+        "#",
+        "%u",
+    ]
+    .map(String::from)
+    .to_vec();
+    cns.push("dev-b/".repeat(40));
+    cns
 }
 
 fn placeholder() -> Identity {

@@ -120,14 +120,9 @@ fn config_run_reload_and_revoke_with_the_cli() {
     let op = Identity::from_dir(&home.join("operator"), "client", "operator:admin");
     let op = TestClient::connect_addr(&op, "127.0.0.1", port, ClientOptions::default()).unwrap();
     let a = TestClient::connect_addr(&dev, "localhost", port, ClientOptions::default()).unwrap();
-    op.subscribe("edgebind/v1/#").unwrap();
+    op.subscribe("edgebind/v2/#").unwrap();
     let ack = a
-        .publish(
-            "edgebind/v1/devices/dev-a/status",
-            b"on",
-            QoS::AtLeastOnce,
-            false,
-        )
+        .publish("edgebind/v2/status/dev-a", b"on", QoS::AtLeastOnce, false)
         .unwrap();
     assert_eq!(ack, Some(PubAckReason::Success));
 
@@ -141,13 +136,8 @@ fn config_run_reload_and_revoke_with_the_cli() {
     // The CLI's SIGHUP is handled asynchronously: wait for the deny to bite.
     assert!(
         wait_until(Duration::from_secs(10), || {
-            a.publish(
-                "edgebind/v1/devices/dev-a/status",
-                b"x",
-                QoS::AtLeastOnce,
-                false,
-            )
-            .unwrap()
+            a.publish("edgebind/v2/status/dev-a", b"x", QoS::AtLeastOnce, false)
+                .unwrap()
                 == Some(PubAckReason::NotAuthorized)
         }),
         "revocation did not reach the open connection"
@@ -212,4 +202,60 @@ fn clear_errors_for_missing_mosquitto_and_missing_configuration() {
         "{}",
         show(&out)
     );
+}
+
+/// `edgebind broker audit` flags a certificate whose name the fleet must not
+/// sign (here an entry an older edgebind could have written: an upper-case
+/// id, and a `/` name) and fails while one is usable; revoking it clears
+/// the failure but keeps it listed.
+#[test]
+fn broker_audit_flags_misissued_certificates() {
+    let tmp = home();
+    let home = tmp.path();
+    assert!(
+        run(home, &["pki", "init", "--fleet", "acme"])
+            .status
+            .success()
+    );
+    let clean = run(home, &["broker", "audit"]);
+    assert!(clean.status.success(), "{}", show(&clean));
+
+    let path = home.join("pki/inventory.json");
+    let mut inv: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let template = inv["entries"][0].clone();
+    for (serial, cn) in [("aa01", "Dev-B"), ("aa02", "dev-b/cmd")] {
+        let mut e = template.clone();
+        e["serial"] = serial.into();
+        e["cn"] = cn.into();
+        e["role"] = "device".into();
+        e["revoked_at"] = serde_json::Value::Null;
+        inv["entries"].as_array_mut().unwrap().push(e);
+    }
+    std::fs::write(&path, serde_json::to_string(&inv).unwrap()).unwrap();
+
+    let flagged = run(home, &["broker", "audit"]);
+    assert_eq!(flagged.status.code(), Some(1), "{}", show(&flagged));
+    let text = String::from_utf8_lossy(&flagged.stdout);
+    assert!(
+        text.contains("\"Dev-B\"") && text.contains("lowercase"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\"dev-b/cmd\"") && text.contains("'/'"),
+        "{text}"
+    );
+    let json = run(home, &["broker", "audit", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["findings"].as_array().unwrap().len(), 2, "{v}");
+
+    for e in inv["entries"].as_array_mut().unwrap() {
+        if e["serial"].as_str().unwrap().starts_with("aa") {
+            e["revoked_at"] = e["issued_at"].clone();
+        }
+    }
+    std::fs::write(&path, serde_json::to_string(&inv).unwrap()).unwrap();
+    let revoked = run(home, &["broker", "audit"]);
+    assert!(revoked.status.success(), "{}", show(&revoked));
+    assert!(String::from_utf8_lossy(&revoked.stdout).contains("2 flagged, 0 of them still usable"));
 }

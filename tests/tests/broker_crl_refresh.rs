@@ -169,7 +169,7 @@ fn broker_run_refreshes_a_short_lived_crl_without_dropping_anyone() {
 
     let op = Identity::from_dir(&tmp.path().join("operator"), "client", "operator:admin");
     let op = broker.connect(&op).unwrap();
-    op.subscribe("edgebind/v1/#").unwrap();
+    op.subscribe("edgebind/v2/#").unwrap();
     let early = broker.connect(&broker.identity("dev-early")).unwrap();
     let late = broker.identity("dev-late");
 
@@ -201,7 +201,7 @@ fn broker_run_refreshes_a_short_lived_crl_without_dropping_anyone() {
     });
     let ack = new
         .publish(
-            "edgebind/v1/devices/dev-late/status",
+            "edgebind/v2/status/dev-late",
             b"on",
             QoS::AtLeastOnce,
             false,
@@ -217,7 +217,7 @@ fn broker_run_refreshes_a_short_lived_crl_without_dropping_anyone() {
     }
     let ack = early
         .publish(
-            "edgebind/v1/devices/dev-early/status",
+            "edgebind/v2/status/dev-early",
             b"on",
             QoS::AtLeastOnce,
             false,
@@ -225,7 +225,7 @@ fn broker_run_refreshes_a_short_lived_crl_without_dropping_anyone() {
         .unwrap();
     assert_eq!(ack, Some(PubAckReason::Success));
     for id in ["dev-late", "dev-early"] {
-        let topic = format!("edgebind/v1/devices/{id}/status");
+        let topic = format!("edgebind/v2/status/{id}");
         assert!(
             op.wait_for_topic(&topic, Duration::from_secs(10)).is_some(),
             "the operator did not receive {topic}"

@@ -12,7 +12,7 @@ fn device_status_reaches_operator_and_survives_restart_and_reload() {
     let status = Topic::Status(DeviceId::new("dev-a").unwrap()).render();
 
     let op = TestClient::connect(&fleet.pki.operator, &fleet.broker).unwrap();
-    op.subscribe("edgebind/v1/#").unwrap();
+    op.subscribe("edgebind/v2/#").unwrap();
     let a = TestClient::connect(&dev, &fleet.broker).unwrap();
     let ack = a
         .publish(&status, b"online", QoS::AtLeastOnce, true)

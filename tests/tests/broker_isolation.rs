@@ -1,6 +1,8 @@
 //! Least privilege proved by DELIVERY on a real Mosquitto running the
-//! generated configuration: two devices, an operator, a claim identity and a
-//! stranger (a valid fleet certificate for an unrelated id); every topic kind
+//! generated configuration: two devices, an operator, a claim identity, a
+//! stranger (a valid fleet certificate for an unrelated id) and hostile
+//! certificates the fleet should never have signed (`dev-b/cmd`, `/dev-b`,
+//! `DEV-B`), each also trying the topics its own CN expands to; every topic kind
 //! of every device, both directions, live and retained, through wildcard
 //! subscriptions. Mosquitto grants SUBACKs for forbidden filters and filters
 //! at delivery, so only what arrives counts.
@@ -11,7 +13,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use edgebind_protocol::acl::{Access, allows};
+use edgebind_protocol::acl::{Access, allows_cn as allows, pattern_grants};
 use edgebind_protocol::topics::{Kind, Topic};
 use edgebind_protocol::{CommandId, DeviceId, Principal};
 use edgebind_tests::{
@@ -19,12 +21,7 @@ use edgebind_tests::{
 };
 
 const SETTLE: Duration = Duration::from_millis(500);
-const FILTERS: [&str; 4] = [
-    "#",
-    "edgebind/v1/devices/+/#",
-    "edgebind/v1/devices/dev-b/#",
-    "$SYS/#",
-];
+const FILTERS: [&str; 4] = ["#", "edgebind/v2/+/dev-b/#", "edgebind/v2/+/+/#", "$SYS/#"];
 
 fn topic_of(kind: Kind, device: &str) -> String {
     let d = DeviceId::new(device).unwrap();
@@ -41,32 +38,47 @@ fn topic_of(kind: Kind, device: &str) -> String {
     .render()
 }
 
-/// Every topic kind of dev-a, dev-b and the stranger, plus topics outside the namespace.
-fn all_topics() -> Vec<String> {
+/// Every topic kind of dev-a, dev-b and the stranger, what the device
+/// patterns expand to for every CN of the cast, plus topics outside the namespace.
+fn all_topics(cast: &Cast) -> Vec<String> {
     let mut topics: Vec<String> = ["dev-a", "dev-b", "stranger"]
         .iter()
         .flat_map(|d| Kind::ALL.into_iter().map(move |k| topic_of(k, d)))
         .collect();
-    topics.push("edgebind/v1/fleet/announce".into());
+    for (cn, _) in &cast.people {
+        for g in pattern_grants(cn) {
+            let t = g.filter.replace('+', "c1");
+            if !topics.contains(&t) {
+                topics.push(t);
+            }
+        }
+    }
+    topics.push("edgebind/v2/fleet/announce".into());
     topics.push("elsewhere/topic".into());
     topics
 }
 
+/// The cast, by certificate CN (hostile ones are no valid principal).
 struct Cast {
     fleet: TestFleet,
-    people: Vec<(Principal, Identity)>,
+    people: Vec<(String, Identity)>,
 }
 
 fn cast() -> Cast {
-    let fleet = TestFleet::start();
+    let mut fleet = TestFleet::start();
     let mut people = Vec::new();
     for cn in ["dev-a", "dev-b", "claim:factory", "stranger"] {
         let p = Principal::from_cn(cn).unwrap();
         let ident = fleet.pki.identity(&p);
-        people.push((p, ident));
+        people.push((cn.to_owned(), ident));
     }
     let op = fleet.pki.operator.clone();
-    people.insert(2, (op.principal.clone().unwrap(), op));
+    people.insert(2, (op.name.clone(), op));
+    for cn in ["dev-b/cmd", "/dev-b", "DEV-B"] {
+        people.push((cn.to_owned(), fleet.pki.hostile(cn)));
+    }
+    // The claim identity was issued after the broker started: its ACL block.
+    fleet.broker.reload().unwrap();
     Cast { fleet, people }
 }
 
@@ -95,14 +107,14 @@ fn got(client: &TestClient) -> BTreeSet<(String, String)> {
 fn live_messages_reach_exactly_the_allowed_readers() {
     let c = cast();
     let clients = connect_all(&c);
-    let topics = all_topics();
+    let topics = all_topics(&c);
 
     // Every principal publishes to every topic (QoS 1): the PUBACK says
     // whether the broker accepted it, the payload names the publisher.
     for ((publisher, _), client) in c.people.iter().zip(&clients) {
         for t in &topics {
             let ack = client
-                .publish(t, publisher.cn().as_bytes(), QoS::AtLeastOnce, false)
+                .publish(t, publisher.as_bytes(), QoS::AtLeastOnce, false)
                 .unwrap()
                 .unwrap();
             let allowed = allows(publisher, Access::Write, t);
@@ -133,7 +145,7 @@ fn live_messages_reach_exactly_the_allowed_readers() {
             for (writer, _) in &c.people {
                 for t in &topics {
                     if allows(writer, Access::Write, t) && allows(reader, Access::Read, t) {
-                        set.insert((t.clone(), writer.cn()));
+                        set.insert((t.clone(), writer.clone()));
                     }
                 }
             }
@@ -159,31 +171,43 @@ fn live_messages_reach_exactly_the_allowed_readers() {
     }
 
     // Literal expectations, independent of the model.
-    let by = |cn: &str| &clients[c.people.iter().position(|(p, _)| p.cn() == cn).unwrap()];
+    let by = |cn: &str| &clients[c.people.iter().position(|(p, _)| p == cn).unwrap()];
     let dev_a: BTreeSet<_> = got(by("dev-a")).into_iter().collect();
     assert_eq!(
         dev_a,
         BTreeSet::from([
             (
-                "edgebind/v1/devices/dev-a/cmd/c1".to_owned(),
+                "edgebind/v2/cmd/dev-a/c1".to_owned(),
                 "operator:tester".to_owned()
             ),
             (
-                "edgebind/v1/devices/dev-a/desired".to_owned(),
+                "edgebind/v2/desired/dev-a".to_owned(),
                 "operator:tester".to_owned()
             ),
         ])
     );
     assert!(got(by("claim:factory")).is_empty());
+    for hostile in ["dev-b/cmd", "/dev-b", "DEV-B"] {
+        // At most what was sent to the topics its own CN spells (`DEV-B` is
+        // another string than dev-b to the broker), never dev-b's.
+        let own: Vec<String> = pattern_grants(hostile)
+            .into_iter()
+            .map(|g| g.filter.replace('+', "c1"))
+            .collect();
+        for (t, _) in got(by(hostile)) {
+            assert!(own.contains(&t), "{hostile} read {t}");
+        }
+        assert!(
+            !got(by("operator:tester")).iter().any(|(t, w)| w == hostile
+                && Topic::parse(t).is_some_and(|t| t.device().as_str() == "dev-b")),
+            "{hostile} forged dev-b"
+        );
+    }
     let op = got(by("operator:tester"));
-    assert!(op.contains(&("edgebind/v1/devices/dev-b/telemetry".into(), "dev-b".into())));
-    assert!(op.contains(&(
-        "edgebind/v1/devices/dev-a/cmd-result/c1".into(),
-        "dev-a".into()
-    )));
+    assert!(op.contains(&("edgebind/v2/telemetry/dev-b".into(), "dev-b".into())));
+    assert!(op.contains(&("edgebind/v2/cmd-result/dev-a/c1".into(), "dev-a".into())));
     assert!(
-        !op.iter()
-            .any(|(t, w)| t.contains("/dev-a/") && w == "dev-b"),
+        !op.iter().any(|(t, w)| t.contains("/dev-a") && w == "dev-b"),
         "dev-b forged dev-a"
     );
     assert!(
@@ -192,21 +216,21 @@ fn live_messages_reach_exactly_the_allowed_readers() {
     );
     assert!(
         !op.iter()
-            .any(|(t, w)| t == "edgebind/v1/devices/dev-a/status" && w == "operator:tester"),
+            .any(|(t, w)| t == "edgebind/v2/status/dev-a" && w == "operator:tester"),
         "the operator must not forge device status"
     );
     let stranger = got(by("stranger"));
     assert!(
         stranger
             .iter()
-            .all(|(t, _)| t.starts_with("edgebind/v1/devices/stranger/"))
+            .all(|(t, _)| Topic::parse(t).is_some_and(|t| t.device().as_str() == "stranger"))
     );
 }
 
 #[test]
 fn retained_messages_reach_only_allowed_late_subscribers() {
     let c = cast();
-    let topics = all_topics();
+    let topics = all_topics(&c);
     {
         // Everyone tries to leave a retained message everywhere.
         let clients: Vec<TestClient> = c
@@ -217,7 +241,7 @@ fn retained_messages_reach_only_allowed_late_subscribers() {
         for ((publisher, _), client) in c.people.iter().zip(&clients) {
             for t in &topics {
                 client
-                    .publish(t, publisher.cn().as_bytes(), QoS::AtLeastOnce, true)
+                    .publish(t, publisher.as_bytes(), QoS::AtLeastOnce, true)
                     .unwrap();
             }
         }
@@ -233,7 +257,7 @@ fn retained_messages_reach_only_allowed_late_subscribers() {
                 .iter()
                 .rev()
                 .find(|(w, _)| allows(w, Access::Write, t))
-                .map(|(w, _)| w.cn());
+                .map(|(w, _)| w.clone());
             if let Some(w) = last_writer
                 && allows(reader, Access::Read, t)
             {
@@ -254,11 +278,11 @@ fn retained_messages_reach_only_allowed_late_subscribers() {
         got(dev_b),
         BTreeSet::from([
             (
-                "edgebind/v1/devices/dev-b/cmd/c1".to_owned(),
+                "edgebind/v2/cmd/dev-b/c1".to_owned(),
                 "operator:tester".to_owned()
             ),
             (
-                "edgebind/v1/devices/dev-b/desired".to_owned(),
+                "edgebind/v2/desired/dev-b".to_owned(),
                 "operator:tester".to_owned()
             ),
         ])
@@ -271,7 +295,7 @@ fn client_id_takeover_fails() {
     let a_ident = fleet.pki.device("dev-a");
     let b_ident = fleet.pki.device("dev-b");
     let a = TestClient::connect(&a_ident, &fleet.broker).unwrap();
-    a.subscribe("edgebind/v1/devices/dev-a/cmd/+").unwrap();
+    a.subscribe("edgebind/v2/cmd/dev-a/+").unwrap();
 
     // dev-b presents dev-a's client id: the broker uses the CN instead.
     let opts = ClientOptions {
@@ -280,38 +304,23 @@ fn client_id_takeover_fails() {
     };
     let b = TestClient::connect_with(&b_ident, &fleet.broker, opts).unwrap();
     assert_eq!(
-        b.publish(
-            "edgebind/v1/devices/dev-a/status",
-            b"x",
-            QoS::AtLeastOnce,
-            false
-        )
-        .unwrap(),
+        b.publish("edgebind/v2/status/dev-a", b"x", QoS::AtLeastOnce, false)
+            .unwrap(),
         Some(PubAckReason::NotAuthorized),
         "dev-b must not act as dev-a"
     );
     assert!(matches!(
-        b.publish(
-            "edgebind/v1/devices/dev-b/status",
-            b"x",
-            QoS::AtLeastOnce,
-            false
-        )
-        .unwrap(),
+        b.publish("edgebind/v2/status/dev-b", b"x", QoS::AtLeastOnce, false)
+            .unwrap(),
         Some(PubAckReason::Success | PubAckReason::NoMatchingSubscribers)
     ));
 
     // dev-a was not kicked: same connection, still receiving its commands.
     let op = TestClient::connect(&fleet.pki.operator, &fleet.broker).unwrap();
-    op.publish(
-        "edgebind/v1/devices/dev-a/cmd/k1",
-        b"{}",
-        QoS::AtLeastOnce,
-        false,
-    )
-    .unwrap();
+    op.publish("edgebind/v2/cmd/dev-a/k1", b"{}", QoS::AtLeastOnce, false)
+        .unwrap();
     assert!(
-        a.wait_for_topic("edgebind/v1/devices/dev-a/cmd/k1", DEADLINE)
+        a.wait_for_topic("edgebind/v2/cmd/dev-a/k1", DEADLINE)
             .is_some()
     );
     assert!(a.is_connected());

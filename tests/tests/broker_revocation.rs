@@ -1,11 +1,12 @@
 //! Revocation through `edgebind_broker` + SIGHUP, observed by delivery on a
 //! real Mosquitto: a revoked device that is still connected loses all access
 //! at once, new connections with its certificate fail, and every other
-//! client keeps its very same connection.
+//! client keeps its very same connection. Hostile certificates (names the
+//! fleet should never sign) stay connected throughout and receive nothing.
 
 use edgebind_protocol::topics::Topic;
 use edgebind_protocol::{CommandId, DeviceId};
-use edgebind_tests::{DEADLINE, PubAckReason, QoS, TestClient, TestFleet};
+use edgebind_tests::{DEADLINE, HostileCrowd, PubAckReason, QoS, TestClient, TestFleet};
 use std::time::Duration;
 
 fn id(s: &str) -> DeviceId {
@@ -22,9 +23,10 @@ fn revoked_device_loses_delivery_while_others_stay_connected() {
     let a_ident = fleet.pki.device("dev-a");
     let b_ident = fleet.pki.device("dev-b");
     let (a_id, b_id) = (id("dev-a"), id("dev-b"));
+    let crowd = HostileCrowd::connect(&fleet);
 
     let op = TestClient::connect(&fleet.pki.operator, &fleet.broker).unwrap();
-    op.subscribe("edgebind/v1/#").unwrap();
+    op.subscribe("edgebind/v2/#").unwrap();
     let a = TestClient::connect(&a_ident, &fleet.broker).unwrap();
     let b = TestClient::connect(&b_ident, &fleet.broker).unwrap();
     a.subscribe(&edgebind_protocol::topics::Kind::Cmd.filter_for(&a_id))
@@ -98,6 +100,7 @@ fn revoked_device_loses_delivery_while_others_stay_connected() {
     // ...while dev-b can still open a new one.
     drop(b);
     TestClient::connect(&b_ident, &fleet.broker).unwrap();
+    crowd.assert_received_nothing_foreign();
 }
 
 #[test]
@@ -109,8 +112,9 @@ fn revoked_operator_can_no_longer_read_or_command() {
     fleet.broker.reload().unwrap(); // bob's user block enters the ACL
     let dev = fleet.pki.device("dev-a");
     let a_id = id("dev-a");
+    let crowd = HostileCrowd::connect(&fleet);
     let bob_c = TestClient::connect(&bob, &fleet.broker).unwrap();
-    bob_c.subscribe("edgebind/v1/#").unwrap();
+    bob_c.subscribe("edgebind/v2/#").unwrap();
     let a = TestClient::connect(&dev, &fleet.broker).unwrap();
     a.subscribe(&edgebind_protocol::topics::Kind::Cmd.filter_for(&a_id))
         .unwrap();
@@ -145,4 +149,5 @@ fn revoked_operator_can_no_longer_read_or_command() {
         a.received().is_empty(),
         "revoked operator's command arrived"
     );
+    crowd.assert_received_nothing_foreign();
 }

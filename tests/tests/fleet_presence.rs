@@ -131,7 +131,7 @@ fn messages_from_devices_not_in_the_registry_are_ignored_and_logged_once() {
     for _ in 0..3 {
         let ack = client
             .publish(
-                "edgebind/v1/devices/stranger/status",
+                "edgebind/v2/status/stranger",
                 status,
                 edgebind_tests::QoS::AtLeastOnce,
                 false,

@@ -245,12 +245,7 @@ fn renewal_keeps_the_id_and_the_old_certificate_works_until_revoked() {
     for ident in [&old, &new] {
         let c = TestClient::connect(ident, &broker).expect("both certificates are valid");
         let ack = c
-            .publish(
-                "edgebind/v1/devices/dev-r/status",
-                b"x",
-                QoS::AtLeastOnce,
-                false,
-            )
+            .publish("edgebind/v2/status/dev-r", b"x", QoS::AtLeastOnce, false)
             .unwrap();
         assert!(matches!(
             ack,
@@ -274,12 +269,7 @@ fn renewal_keeps_the_id_and_the_old_certificate_works_until_revoked() {
     assert!(err.to_string().contains("CertificateRevoked"), "{err}");
     let c = TestClient::connect(&new, &broker).expect("renewed certificate still valid");
     let ack = c
-        .publish(
-            "edgebind/v1/devices/dev-r/status",
-            b"y",
-            QoS::AtLeastOnce,
-            false,
-        )
+        .publish("edgebind/v2/status/dev-r", b"y", QoS::AtLeastOnce, false)
         .unwrap();
     assert!(matches!(
         ack,

@@ -1,11 +1,12 @@
 //! Certificates the broker must refuse, each tried against a real Mosquitto
 //! running the generated configuration, next to a valid control identity
-//! that connects (so a refusal is never just a broken broker).
+//! that connects (so a refusal is never just a broken broker), with the
+//! hostile-name crowd connected throughout (it must receive nothing).
 
 use edgebind_certs::Validity;
 use edgebind_certs::profile;
 use edgebind_protocol::Principal;
-use edgebind_tests::{ClientOptions, Identity, QoS, TestClient, TestFleet, TestPki};
+use edgebind_tests::{ClientOptions, HostileCrowd, Identity, QoS, TestClient, TestFleet, TestPki};
 use rcgen::{DistinguishedName, ExtendedKeyUsagePurpose};
 use time::{Duration, OffsetDateTime};
 
@@ -18,7 +19,7 @@ fn refused(fleet: &TestFleet, ident: &Identity, opts: ClientOptions) -> String {
         Ok(client) => {
             // Connected? Then it must at least be unable to do anything.
             let ack = client.publish(
-                &format!("edgebind/v1/devices/{}/status", ident.name),
+                &format!("edgebind/v2/status/{}", ident.name),
                 b"x",
                 QoS::AtLeastOnce,
                 false,
@@ -32,25 +33,35 @@ fn refused(fleet: &TestFleet, ident: &Identity, opts: ClientOptions) -> String {
     }
 }
 
-fn assert_control_connects(fleet: &TestFleet) {
+/// The valid control identity connects and publishes; the hostile crowd,
+/// connected since the start, received nothing that is not its own.
+fn assert_control_connects(fleet: &TestFleet, crowd: &HostileCrowd) {
     let ok = fleet.pki.device("control");
-    TestClient::connect(&ok, &fleet.broker).expect("a valid device certificate connects");
+    let control =
+        TestClient::connect(&ok, &fleet.broker).expect("a valid device certificate connects");
+    let status = edgebind_protocol::topics::Topic::Status("control".parse().unwrap()).render();
+    control
+        .publish(&status, b"x", QoS::AtLeastOnce, true)
+        .unwrap();
+    crowd.assert_received_nothing_foreign();
 }
 
 #[test]
 fn certificate_from_a_foreign_ca_is_refused() {
     let fleet = TestFleet::start();
+    let crowd = HostileCrowd::connect(&fleet);
     let foreign = TestPki::new();
     let mut ident = foreign.device("dev-a");
     ident.ca = fleet.pki.root_ca(); // trust our broker, present the foreign cert
     let why = refused(&fleet, &ident, ClientOptions::default());
     assert!(why.contains("UnknownCA"), "{why}");
-    assert_control_connects(&fleet);
+    assert_control_connects(&fleet, &crowd);
 }
 
 #[test]
 fn expired_certificate_is_refused() {
     let fleet = TestFleet::start();
+    let crowd = HostileCrowd::connect(&fleet);
     let now = OffsetDateTime::now_utc();
     let params = profile::client(
         &dev("dev-old"),
@@ -60,12 +71,13 @@ fn expired_certificate_is_refused() {
     let ident = fleet.pki.custom("dev-old", params);
     let why = refused(&fleet, &ident, ClientOptions::default());
     assert!(why.contains("CertificateExpired"), "{why}");
-    assert_control_connects(&fleet);
+    assert_control_connects(&fleet, &crowd);
 }
 
 #[test]
 fn revoked_certificate_is_refused() {
     let mut fleet = TestFleet::start();
+    let crowd = HostileCrowd::connect(&fleet);
     let ident = fleet.pki.device("dev-gone");
     TestClient::connect(&ident, &fleet.broker)
         .expect("valid before revocation")
@@ -74,12 +86,13 @@ fn revoked_certificate_is_refused() {
     fleet.broker.reload().unwrap();
     let why = refused(&fleet, &ident, ClientOptions::default());
     assert!(why.contains("CertificateRevoked"), "{why}");
-    assert_control_connects(&fleet);
+    assert_control_connects(&fleet, &crowd);
 }
 
 #[test]
 fn certificate_without_cn_is_refused() {
     let fleet = TestFleet::start();
+    let crowd = HostileCrowd::connect(&fleet);
     let mut params = profile::client(&dev("dev-nocn"), Validity::days(1)).unwrap();
     params.distinguished_name = DistinguishedName::new();
     params.subject_alt_names = vec![rcgen::SanType::DnsName("dev-nocn".try_into().unwrap())];
@@ -87,23 +100,25 @@ fn certificate_without_cn_is_refused() {
     let why = refused(&fleet, &ident, ClientOptions::default());
     // TLS accepts it (the chain is valid); Mosquitto has no username to use.
     assert!(why.contains("BadUserNamePassword"), "{why}");
-    assert_control_connects(&fleet);
+    assert_control_connects(&fleet, &crowd);
 }
 
 #[test]
 fn server_auth_only_certificate_is_refused_as_client() {
     let fleet = TestFleet::start();
+    let crowd = HostileCrowd::connect(&fleet);
     let mut params = profile::client(&dev("dev-srv"), Validity::days(1)).unwrap();
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let ident = fleet.pki.custom("dev-srv", params);
     let why = refused(&fleet, &ident, ClientOptions::default());
     assert!(why.contains("UnsupportedCertificate"), "{why}");
-    assert_control_connects(&fleet);
+    assert_control_connects(&fleet, &crowd);
 }
 
 #[test]
 fn connection_without_client_certificate_is_refused() {
     let fleet = TestFleet::start();
+    let crowd = HostileCrowd::connect(&fleet);
     let ident = fleet.pki.device("dev-a");
     let opts = ClientOptions {
         no_client_cert: true,
@@ -111,5 +126,5 @@ fn connection_without_client_certificate_is_refused() {
     };
     let why = refused(&fleet, &ident, opts);
     assert!(why.contains("CertificateRequired"), "{why}");
-    assert_control_connects(&fleet);
+    assert_control_connects(&fleet, &crowd);
 }
