@@ -1,8 +1,11 @@
 //! `edgebind image ...`: helpers around the Yocto image.
 //!
-//! * `crates-inc` writes the agent recipe's crate list from `Cargo.lock`, in the
-//!   format of oe-core's `cargo-update-recipe-crates` class, and `--check`s that
-//!   the committed list still matches the lock file (CI runs the check).
+//! * `crates-inc` writes the agent's build workspace (`agent-workspace/`: its
+//!   manifest and the root `Cargo.lock` pruned to the agent's crates) and the
+//!   recipe's crate list from it, in the format of oe-core's
+//!   `cargo-update-recipe-crates` class, and `--check`s that all three still
+//!   match the root lock (CI runs the check, then builds the agent offline
+//!   from exactly those crates).
 //! * `personalize` writes a device identity bundle onto the FAT boot partition of
 //!   a raw disk image (`.wic` / `.img`) as `edgebind/identity.tar`, where the
 //!   image's first-boot import unit looks for it.
@@ -24,13 +27,16 @@ mod tarball;
 const DEFAULT_CRATES_INC: &str =
     "meta-edgebind/recipes-edgebind/edgebind-agent/edgebind-agent-crates.inc";
 
+/// The agent's build workspace (see `crates_inc`), beside the root Cargo.toml.
+const AGENT_WORKSPACE: &str = "agent-workspace";
+
 /// Where the first-boot import unit looks on the FAT boot partition.
 const IDENTITY_DIR_ON_BOOT: &str = "edgebind";
 const IDENTITY_TAR_ON_BOOT: &str = "edgebind/identity.tar";
 
 #[derive(Subcommand)]
 pub enum ImageCommand {
-    /// Generate (or --check) the agent recipe's crate list from Cargo.lock.
+    /// Generate (or --check) the agent's build workspace and recipe crate list from Cargo.lock.
     #[command(after_help = "Examples:\n  \
         edgebind image crates-inc                 # rewrite the recipe's .inc\n  \
         edgebind image crates-inc --check         # exit 1 if the .inc is stale\n  \
@@ -88,7 +94,14 @@ pub fn run(cmd: ImageCommand, _home: &Home) -> anyhow::Result<ExitCode> {
 fn crates_inc_cmd(args: &CratesIncArgs) -> anyhow::Result<ExitCode> {
     let lock_text = fs::read_to_string(&args.lock)
         .with_context(|| format!("cannot read lock file {}", args.lock.display()))?;
-    let crates = crates_inc::crates_from_lock(&lock_text)
+    let root_dir = args.lock.parent().unwrap_or(Path::new("."));
+    let root_manifest = root_dir.join("Cargo.toml");
+    let manifest_text = fs::read_to_string(&root_manifest)
+        .with_context(|| format!("cannot read {}", root_manifest.display()))?;
+    let agent_manifest = crates_inc::agent_workspace_manifest(&manifest_text)?;
+    let agent_lock = crates_inc::agent_lock(root_dir, &agent_manifest, &lock_text)
+        .with_context(|| format!("pruning {} for the agent", args.lock.display()))?;
+    let crates = crates_inc::crates_from_lock(&agent_lock)
         .with_context(|| format!("in lock file {}", args.lock.display()))?;
     let rendered = crates_inc::render(&crates);
 
@@ -96,35 +109,71 @@ fn crates_inc_cmd(args: &CratesIncArgs) -> anyhow::Result<ExitCode> {
         print!("{rendered}");
         return Ok(ExitCode::SUCCESS);
     }
+    let ws = root_dir.join(AGENT_WORKSPACE);
+    let files = [
+        (ws.join("Cargo.toml"), agent_manifest),
+        (ws.join("Cargo.lock"), agent_lock),
+        (args.output.clone(), rendered),
+    ];
     if args.check {
-        let committed = fs::read_to_string(&args.output)
-            .with_context(|| format!("cannot read crate list {}", args.output.display()))?;
-        if committed == rendered {
-            println!(
-                "crates-inc: {} matches {} ({} crates)",
-                args.output.display(),
-                args.lock.display(),
-                crates.len()
-            );
-            return Ok(ExitCode::SUCCESS);
+        let mut stale = 0;
+        for (path, want) in &files {
+            let have = fs::read_to_string(path).unwrap_or_default();
+            if &have != want {
+                stale += 1;
+                eprintln!(
+                    "crates-inc: {} disagrees with {}:",
+                    path.display(),
+                    args.lock.display()
+                );
+                for line in crates_inc::describe_differences(&have, want)
+                    .into_iter()
+                    .take(20)
+                {
+                    eprintln!("  {line}");
+                }
+            }
         }
-        eprintln!(
-            "crates-inc: {} disagrees with {}:",
+        for member in ["agent", "protocol"] {
+            let link = ws.join(member);
+            let target = fs::read_link(&link).ok();
+            if target.as_deref() != Some(Path::new(&format!("../{member}"))) {
+                stale += 1;
+                eprintln!(
+                    "crates-inc: {} must be a symlink to ../{member}",
+                    link.display()
+                );
+            }
+        }
+        if stale > 0 {
+            eprintln!("regenerate with: edgebind image crates-inc");
+            return Ok(ExitCode::FAILURE);
+        }
+        println!(
+            "crates-inc: {} and {} match {} ({} crates for the agent)",
             args.output.display(),
-            args.lock.display()
+            ws.display(),
+            args.lock.display(),
+            crates.len()
         );
-        for line in crates_inc::describe_differences(&committed, &rendered) {
-            eprintln!("  {line}");
-        }
-        eprintln!("regenerate it with: edgebind image crates-inc");
-        return Ok(ExitCode::FAILURE);
+        return Ok(ExitCode::SUCCESS);
     }
-    fs::write(&args.output, &rendered)
-        .with_context(|| format!("cannot write crate list {}", args.output.display()))?;
+    fs::create_dir_all(&ws).with_context(|| format!("cannot create {}", ws.display()))?;
+    for member in ["agent", "protocol"] {
+        let link = ws.join(member);
+        if fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("../{member}"), &link)
+                .with_context(|| format!("cannot create {}", link.display()))?;
+        }
+    }
+    for (path, text) in &files {
+        fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
     println!(
-        "crates-inc: wrote {} crates to {}",
+        "crates-inc: wrote {} crates to {}, and {}",
         crates.len(),
-        args.output.display()
+        args.output.display(),
+        ws.display()
     );
     Ok(ExitCode::SUCCESS)
 }

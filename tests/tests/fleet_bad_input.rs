@@ -72,6 +72,18 @@ fn each_bad_input_is_a_clear_error_and_changes_nothing() {
         &["device", "add", "bad/id", "--board", "qemux86-64"],
         &["device id", "'/'"],
     );
+    // Case: `DEV-A` next to `dev-a` would be one device to DNS and factory
+    // systems, so upper case is refused with the lowercase spelling.
+    assert_refused(
+        &fleet,
+        &["device", "add", "DEV-A", "--board", "qemux86-64"],
+        &["device id", "lowercase", "\"dev-a\""],
+    );
+    assert_refused(
+        &fleet,
+        &["device", "show", "Dev-A"],
+        &["device id", "lowercase"],
+    );
     assert_refused(
         &fleet,
         &["device", "add", "dev-x", "--board", "esp32"],

@@ -2,8 +2,18 @@
 //! `cargo-update-recipe-crates` class (`bitbake -c update_crates`) does, so a
 //! firmware engineer can use either tool and get the same file apart from the
 //! first comment line.
+//!
+//! Why the agent has a build workspace of its own (`agent-workspace/`): cargo
+//! resolves a whole workspace, so building `edgebind-agent` inside the root
+//! workspace needs every crate of the root `Cargo.lock`, PostgreSQL driver and
+//! web stack included, although the device never runs them. The recipe
+//! therefore builds from `agent-workspace/`, whose members are the agent and
+//! `protocol` (symlinks to the very same directories) and whose lock file is
+//! the root lock pruned to what those members reach. Versions are never
+//! resolved twice: what the tests ran is what the image ships.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
@@ -32,6 +42,102 @@ struct LockPackage {
     version: String,
     source: Option<String>,
     checksum: Option<String>,
+}
+
+/// The members of the agent's build workspace (the recipe builds the first).
+pub const AGENT_MEMBERS: [&str; 2] = ["edgebind-agent", "edgebind-protocol"];
+
+/// The root lock pruned to the agent build workspace, by cargo itself
+/// (`cargo update --workspace --offline` in a scratch copy of the
+/// workspace: it drops what the members do not use, feature unification
+/// included, and resolves nothing anew). Fails if any version would differ
+/// from the root lock.
+pub fn agent_lock(root_dir: &Path, manifest: &str, root_lock: &str) -> anyhow::Result<String> {
+    let scratch = tempfile::tempdir().context("scratch directory")?;
+    std::fs::write(scratch.path().join("Cargo.toml"), manifest)?;
+    std::fs::write(scratch.path().join("Cargo.lock"), root_lock)?;
+    for member in ["agent", "protocol"] {
+        let target = std::fs::canonicalize(root_dir.join(member))
+            .with_context(|| format!("{}/{member}", root_dir.display()))?;
+        std::os::unix::fs::symlink(target, scratch.path().join(member))?;
+    }
+    let out = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["update", "--workspace", "--offline", "--manifest-path"])
+        .arg(scratch.path().join("Cargo.toml"))
+        .output()
+        .context("run cargo (needed to prune the lock file)")?;
+    if !out.status.success() {
+        bail!(
+            "cargo update --workspace --offline failed in the agent workspace:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let pruned = std::fs::read_to_string(scratch.path().join("Cargo.lock"))?;
+    check_subset(&pruned, root_lock)?;
+    Ok(pruned)
+}
+
+/// Every package of `pruned` is in `root` with the same version and checksum:
+/// the agent build resolves nothing the root workspace did not test.
+pub fn check_subset(pruned: &str, root: &str) -> anyhow::Result<()> {
+    let parse = |text: &str| -> anyhow::Result<BTreeSet<(String, String, Option<String>)>> {
+        let lock: LockFile = toml::from_str(text).context("not a valid Cargo.lock")?;
+        Ok(lock
+            .package
+            .into_iter()
+            .map(|p| (p.name, p.version, p.checksum))
+            .collect())
+    };
+    let root = parse(root)?;
+    let extra: Vec<String> = parse(pruned)?
+        .difference(&root)
+        .map(|(n, v, _)| format!("{n} {v}"))
+        .collect();
+    if !extra.is_empty() {
+        bail!(
+            "the agent workspace would use versions the root lock does not have: {}",
+            extra.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The agent build workspace's manifest, from the root one: its members,
+/// and the root's `[workspace.package]`, `[workspace.dependencies]` (minus
+/// path dependencies on crates outside it) and release profile.
+pub fn agent_workspace_manifest(root_manifest: &str) -> anyhow::Result<String> {
+    let root: toml::Table = toml::from_str(root_manifest).context("root Cargo.toml")?;
+    let ws = root
+        .get("workspace")
+        .and_then(|w| w.as_table())
+        .context("the root Cargo.toml has no [workspace]")?;
+    let mut deps = ws
+        .get("dependencies")
+        .and_then(|d| d.as_table())
+        .cloned()
+        .unwrap_or_default();
+    deps.retain(|name, spec| spec.get("path").is_none() || AGENT_MEMBERS.contains(&name));
+    let mut out_ws = toml::Table::new();
+    out_ws.insert("resolver".into(), "3".into());
+    out_ws.insert(
+        "members".into(),
+        toml::Value::Array(vec!["agent".into(), "protocol".into()]),
+    );
+    if let Some(package) = ws.get("package") {
+        out_ws.insert("package".into(), package.clone());
+    }
+    out_ws.insert("dependencies".into(), toml::Value::Table(deps));
+    let mut out = toml::Table::new();
+    out.insert("workspace".into(), toml::Value::Table(out_ws));
+    if let Some(profile) = root.get("profile") {
+        out.insert("profile".into(), profile.clone());
+    }
+    Ok(format!(
+        "# Generated by `edgebind image crates-inc` from the root Cargo.toml; do not edit.\n\
+         # The device agent's build workspace (see meta-edgebind's agent recipe): the same\n\
+         # agent and protocol sources, resolved with only the crates they need.\n\n{}",
+        toml::to_string(&out).context("render agent-workspace/Cargo.toml")?
+    ))
 }
 
 /// The crates.io packages of a Cargo.lock, in lock-file order. Workspace members
@@ -109,4 +215,20 @@ pub fn describe_differences(committed: &str, expected: &str) -> Vec<String> {
         out.push("same entries, different order or layout".to_string());
     }
     out
+}
+
+#[cfg(test)]
+mod prune_tests {
+    use super::*;
+
+    const ROOT: &str = "version = 4\n\n[[package]]\nname = \"b\"\nversion = \"1.0.0\"\nsource = \"registry+https://github.com/rust-lang/crates.io-index\"\nchecksum = \"00\"\n";
+
+    #[test]
+    fn a_pruned_lock_may_only_drop_packages() {
+        assert!(check_subset("version = 4\n", ROOT).is_ok());
+        assert!(check_subset(ROOT, ROOT).is_ok());
+        let bumped = ROOT.replace("1.0.0", "1.0.1");
+        let err = check_subset(&bumped, ROOT).unwrap_err().to_string();
+        assert!(err.contains("b 1.0.1"), "{err}");
+    }
 }

@@ -38,14 +38,18 @@ CVE_PRODUCT = "edgebind"
 # The checkout holding this recipe: meta-edgebind/recipes-edgebind/edgebind-agent/../../..
 EDGEBIND_REPO_ROOT = "${@os.path.normpath(os.path.join(d.getVar('FILE_DIRNAME'), '..', '..', '..'))}"
 
-# Every crates.io dependency, fetched with crate:// (do_fetch) and vendored;
-# cargo then builds --frozen/offline. Generated from Cargo.lock with
-# `edgebind image crates-inc`; `--check` in CI keeps it in step.
+# Every crates.io crate the agent build needs and no other, fetched with
+# crate:// (do_fetch) and vendored; cargo then builds --frozen/offline from
+# agent-workspace/, the agent's own build workspace (the agent and protocol
+# sources, the root Cargo.lock pruned to their crates). Generated with
+# `edgebind image crates-inc`; CI checks it and builds the agent offline from
+# exactly these crates (tests/layer/agent-offline-build).
 require ${BPN}-crates.inc
 
 inherit cargo systemd useradd
 
-# Build only the agent out of the workspace.
+# Build only the agent, from its build workspace (see above).
+CARGO_SRC_DIR = "agent-workspace"
 CARGO_BUILD_FLAGS += "--package edgebind-agent --bin edgebind-agent"
 
 USERADD_PACKAGES = "${PN}"
