@@ -7,20 +7,20 @@
 //!   match the root lock (CI runs the check, then builds the agent offline
 //!   from exactly those crates).
 //! * `personalize` writes a device identity bundle onto the FAT boot partition of
-//!   a raw disk image (`.wic` / `.img`) as `edgebind/identity.tar`, where the
-//!   image's first-boot import unit looks for it.
+//!   a raw disk image (`.wic` / `.img`, MBR or GPT) as `edgebind/identity.tar`,
+//!   where the image's first-boot import unit looks for it, in-process with
+//!   `edgebind-image` (no mount, no root, no mtools).
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use crate::home::Home;
 
 mod crates_inc;
-mod mbr;
 mod tarball;
 
 /// Where the agent recipe keeps its crate list, relative to the repository root.
@@ -31,7 +31,6 @@ const DEFAULT_CRATES_INC: &str =
 const AGENT_WORKSPACE: &str = "agent-workspace";
 
 /// Where the first-boot import unit looks on the FAT boot partition.
-const IDENTITY_DIR_ON_BOOT: &str = "edgebind";
 const IDENTITY_TAR_ON_BOOT: &str = "edgebind/identity.tar";
 
 #[derive(Subcommand)]
@@ -69,7 +68,8 @@ pub struct CratesIncArgs {
 
 #[derive(Args)]
 pub struct PersonalizeArgs {
-    /// Raw disk image with an MBR partition table (uncompressed .wic or .img).
+    /// Raw disk image with an MBR or GPT partition table (uncompressed .wic or
+    /// .img), or a flashed card's block device.
     #[arg(long)]
     image: PathBuf,
     /// Identity bundle: a tar of agent.toml, device.crt, device.key and ca.crt,
@@ -79,7 +79,7 @@ pub struct PersonalizeArgs {
     /// Write a personalized copy here instead of modifying --image in place.
     #[arg(long)]
     output: Option<PathBuf>,
-    /// 1-based MBR partition number of the boot partition (default: the first FAT one).
+    /// 1-based partition number of the boot partition (default: the first FAT one).
     #[arg(long)]
     partition: Option<usize>,
 }
@@ -189,13 +189,14 @@ fn personalize_cmd(args: &PersonalizeArgs) -> anyhow::Result<ExitCode> {
         }
         None => args.image.clone(),
     };
-    let partition = mbr::boot_partition(&target, args.partition)?;
-    write_to_fat(&target, partition.byte_offset(), &bundle)?;
+    let partition = edgebind_image::personalize(&target, args.partition, &bundle)
+        .with_context(|| format!("personalize {}", target.display()))?;
     println!(
-        "personalize: wrote {} ({} bytes) to partition {} of {}",
+        "personalize: wrote {} ({} bytes) to partition {} ({:?}) of {}",
         IDENTITY_TAR_ON_BOOT,
         bundle.len(),
         partition.number,
+        partition.scheme,
         target.display()
     );
     Ok(ExitCode::SUCCESS)
@@ -226,70 +227,6 @@ fn load_bundle(path: &Path) -> anyhow::Result<Vec<u8>> {
     tarball::check_identity_files(&entries)
         .with_context(|| format!("bundle {} is not an identity bundle", path.display()))?;
     Ok(bytes)
-}
-
-/// Copies the bundle into the FAT file system at `offset` with mtools, then reads
-/// it back to prove it landed intact.
-fn write_to_fat(image: &Path, offset: u64, bundle: &[u8]) -> anyhow::Result<()> {
-    let drive = format!("{}@@{offset}", image.display());
-    let scratch = tempfile::tempdir().context("cannot create a temporary directory")?;
-    let staged = scratch.path().join("identity.tar");
-    fs::write(&staged, bundle).context("cannot stage the bundle")?;
-
-    // Re-personalizing an image finds edgebind/ already there (mmd would fail).
-    let dir = format!("::/{IDENTITY_DIR_ON_BOOT}");
-    if mtool("mdir", &["-b", "-i", &drive, &dir]).is_err() {
-        mtool("mmd", &["-i", &drive, &dir])?;
-    }
-    let staged_arg = staged.to_string_lossy();
-    mtool(
-        "mcopy",
-        &[
-            "-o",
-            "-i",
-            &drive,
-            &staged_arg,
-            &format!("::/{IDENTITY_TAR_ON_BOOT}"),
-        ],
-    )?;
-
-    let readback = scratch.path().join("readback.tar");
-    let readback_arg = readback.to_string_lossy();
-    mtool(
-        "mcopy",
-        &[
-            "-n",
-            "-i",
-            &drive,
-            &format!("::/{IDENTITY_TAR_ON_BOOT}"),
-            &readback_arg,
-        ],
-    )?;
-    if fs::read(&readback).context("cannot read the bundle back")? != bundle {
-        bail!(
-            "{IDENTITY_TAR_ON_BOOT} read back from {} differs from the bundle",
-            image.display()
-        );
-    }
-    Ok(())
-}
-
-fn mtool(tool: &str, args: &[&str]) -> anyhow::Result<()> {
-    let output = Command::new(tool)
-        .args(args)
-        // The partition need not start on a cylinder boundary mtools expects.
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .output()
-        .with_context(|| format!("cannot run {tool} (install mtools)"))?;
-    if !output.status.success() {
-        bail!(
-            "{tool} {} failed ({}): {}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]

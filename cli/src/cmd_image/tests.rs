@@ -2,7 +2,7 @@ use std::fs;
 use std::process::Command;
 
 use super::crates_inc::{self, Crate};
-use super::{PersonalizeArgs, mbr, personalize_cmd, tarball};
+use super::{PersonalizeArgs, personalize_cmd, tarball};
 
 const LOCK: &str = r#"
 version = 4
@@ -65,37 +65,6 @@ fn differences_name_missing_and_stale_crates() {
         diff.contains("stale:   crate://crates.io/figlet-rs/0.1.4"),
         "{diff}"
     );
-}
-
-fn mbr_sector(entries: &[(u8, u32, u32)]) -> Vec<u8> {
-    let mut s = vec![0u8; 512];
-    for (i, (kind, start, len)) in entries.iter().enumerate() {
-        let e = 446 + 16 * i;
-        s[e + 4] = *kind;
-        s[e + 8..e + 12].copy_from_slice(&start.to_le_bytes());
-        s[e + 12..e + 16].copy_from_slice(&len.to_le_bytes());
-    }
-    s[510] = 0x55;
-    s[511] = 0xaa;
-    s
-}
-
-#[test]
-fn mbr_entries_are_parsed_and_bad_images_explained() {
-    let parts = mbr::parse(&mbr_sector(&[(0x0c, 8192, 204800), (0x83, 212992, 100)])).unwrap();
-    assert_eq!(parts.len(), 2);
-    assert!(parts[0].is_fat() && !parts[1].is_fat());
-    assert_eq!(parts[0].byte_offset(), 8192 * 512);
-    assert_eq!(parts[1].number, 2);
-
-    let gpt = mbr::parse(&mbr_sector(&[(0xee, 1, 100)])).unwrap_err();
-    assert!(gpt.to_string().contains("GPT"), "{gpt}");
-    let mut bz = vec![0u8; 512];
-    bz[..3].copy_from_slice(b"BZh");
-    let bz = mbr::parse(&bz).unwrap_err();
-    assert!(bz.to_string().contains("bz2-compressed"), "{bz}");
-    let raw = mbr::parse(&[0u8; 512]).unwrap_err();
-    assert!(raw.to_string().contains("0x55AA"), "{raw}");
 }
 
 fn identity_entries() -> Vec<tarball::Entry> {
@@ -172,6 +141,21 @@ fn bundle_with_extra_or_missing_files_is_refused() {
         data: b"x".to_vec(),
     });
     assert!(tarball::check_identity_files(&entries).is_err());
+}
+
+/// An MBR sector with the given (type, start LBA, sectors) entries, written
+/// by hand so the fixture does not share code with the reader under test.
+fn mbr_sector(entries: &[(u8, u32, u32)]) -> Vec<u8> {
+    let mut s = vec![0u8; 512];
+    for (i, (kind, start, len)) in entries.iter().enumerate() {
+        let e = 446 + 16 * i;
+        s[e + 4] = *kind;
+        s[e + 8..e + 12].copy_from_slice(&start.to_le_bytes());
+        s[e + 12..e + 16].copy_from_slice(&len.to_le_bytes());
+    }
+    s[510] = 0x55;
+    s[511] = 0xaa;
+    s
 }
 
 /// A 12 MiB disk image laid out like wic's: FAT boot partition at 1 MiB,
@@ -260,7 +244,7 @@ fn personalize_puts_the_bundle_on_the_fat_partition_and_can_redo_it() {
     personalize_cmd(&args).unwrap();
     assert_eq!(read_back(&img, 2048 * 512), fs::read(&tar).unwrap());
 
-    // Partition 2 is ext4-typed: refused with its type named.
+    // Partition 2 is Linux: refused, naming it.
     let args = PersonalizeArgs {
         image: img,
         bundle: tar,
@@ -268,7 +252,10 @@ fn personalize_puts_the_bundle_on_the_fat_partition_and_can_redo_it() {
         partition: Some(2),
     };
     let err = personalize_cmd(&args).unwrap_err();
-    assert!(format!("{err:#}").contains("type 0x83, not FAT"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("partition 2 holds no FAT file system"),
+        "{err:#}"
+    );
 }
 
 #[test]
