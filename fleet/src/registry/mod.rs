@@ -30,7 +30,7 @@ pub mod rules;
 pub mod sqlite;
 pub mod storage;
 
-#[cfg(feature = "conformance")]
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 
 use std::fmt;

@@ -363,12 +363,8 @@ impl<S: Storage> Store for S {
                     } => {
                         t.state = rules::heard_from(&t.state, *received_at);
                         let existing = tx.command(&result.id)?;
-                        let effect = rules::command_result(
-                            existing.as_ref(),
-                            device,
-                            result,
-                            *received_at,
-                        );
+                        let effect =
+                            rules::command_result(existing.as_ref(), device, result, *received_at);
                         match (&effect.command, effect.new_entry) {
                             (Some(c), true) => tx.insert_command(c)?,
                             (Some(c), false) => tx.save_command(c)?,

@@ -227,7 +227,8 @@ impl PostgresStore {
             given: location.clone(),
             why,
         };
-        let mut config = tokio_postgres::Config::from_str(url).map_err(|e| invalid(e.to_string()))?;
+        let mut config =
+            tokio_postgres::Config::from_str(url).map_err(|e| invalid(e.to_string()))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
@@ -260,9 +261,7 @@ impl PostgresStore {
             location,
             retention,
         };
-        store
-            .migrate()
-            .map_err(|e| e.located(&store.location))?;
+        store.migrate().map_err(|e| e.located(&store.location))?;
         Ok(store)
     }
 
@@ -392,11 +391,7 @@ impl Drop for PgTx<'_> {
         let Some(client) = self.client.take() else {
             return;
         };
-        if self
-            .store
-            .block(client.batch_execute("ROLLBACK"))
-            .is_err()
-        {
+        if self.store.block(client.batch_execute("ROLLBACK")).is_err() {
             // A connection in an unknown transaction state must not go back
             // to the pool.
             drop(Object::take(client));
@@ -477,10 +472,16 @@ fn raw_command(r: &Row) -> RawCommand {
 
 impl PgTx<'_> {
     fn client(&self) -> &Object {
-        self.client.as_ref().expect("a transaction is used until commit")
+        self.client
+            .as_ref()
+            .expect("a transaction is used until commit")
     }
 
-    fn query(&self, sql: &str, params: &Params<'_>) -> std::result::Result<Vec<Row>, tokio_postgres::Error> {
+    fn query(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> std::result::Result<Vec<Row>, tokio_postgres::Error> {
         let client = self.client();
         self.store.block(async move {
             let stmt = client.prepare_cached(sql).await?;
@@ -531,9 +532,7 @@ impl PgTx<'_> {
             &format!("SELECT {COMMAND_COLUMNS} FROM commands {sql_tail}"),
             params,
         )?;
-        rows.iter()
-            .map(|r| raw_command(r).into_command())
-            .collect()
+        rows.iter().map(|r| raw_command(r).into_command()).collect()
     }
 }
 
@@ -937,9 +936,7 @@ impl StorageTx for PgTx<'_> {
             ],
         );
         match inserted {
-            Err(e) if is_unique_violation(&e) => {
-                Err(RegistryError::DuplicateCommand(c.id.clone()))
-            }
+            Err(e) if is_unique_violation(&e) => Err(RegistryError::DuplicateCommand(c.id.clone())),
             other => other.map(drop).map_err(db),
         }
     }

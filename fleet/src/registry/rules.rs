@@ -108,7 +108,7 @@ pub fn new_command(command: &NewCommand, now: UnixSeconds) -> CommandRecord {
         finished_at: None,
         expires_at: command.expires_at,
         reason: None,
-    output: None,
+        output: None,
     }
 }
 
@@ -134,9 +134,8 @@ pub fn on_status(
             let connected_at = status.ts.unwrap_or(received_at);
             // A retained `online` replayed after a service restart carries
             // the same ts: not a new connection.
-            let new_connection = !state.online
-                || status.ts.is_none()
-                || state.connected_at != Some(connected_at);
+            let new_connection =
+                !state.online || status.ts.is_none() || state.connected_at != Some(connected_at);
             let lifecycle = match state.lifecycle {
                 Lifecycle::Registered => Lifecycle::Provisioned,
                 other => other,
@@ -246,15 +245,12 @@ pub fn command_result(
         None => orphan_entry(&result.id, device, at),
     };
     let moved = match result.status {
-        CommandStatus::Accepted => {
-            matches!(base.state, CommandState::Queued | CommandState::Sent).then(|| {
-                CommandRecord {
-                    state: CommandState::Accepted,
-                    accepted_at: Some(at),
-                    ..base.clone()
-                }
-            })
-        }
+        CommandStatus::Accepted => matches!(base.state, CommandState::Queued | CommandState::Sent)
+            .then(|| CommandRecord {
+                state: CommandState::Accepted,
+                accepted_at: Some(at),
+                ..base.clone()
+            }),
         final_status => (!base.state.is_final()).then(|| CommandRecord {
             state: final_state(final_status),
             finished_at: Some(at),

@@ -159,8 +159,10 @@ impl SqliteStore {
             }
             let mut conn = Connection::open(path).map_err(db)?;
             conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
-            conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
-            conn.pragma_update(None, "synchronous", "NORMAL").map_err(db)?;
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .map_err(db)?;
+            conn.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(db)?;
             conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
             migrate(&mut conn, &location)?;
             conn.set_prepared_statement_cache_capacity(64);
@@ -585,11 +587,7 @@ impl SqliteTx<'_> {
             .collect()
     }
 
-    fn query_devices(
-        &self,
-        sql_tail: &str,
-        params: impl rusqlite::Params,
-    ) -> Result<Vec<Device>> {
+    fn query_devices(&self, sql_tail: &str, params: impl rusqlite::Params) -> Result<Vec<Device>> {
         let mut stmt = self
             .tx
             .prepare_cached(&format!("SELECT {DEVICE_COLUMNS} FROM devices {sql_tail}"))
@@ -640,9 +638,7 @@ impl StorageTx for SqliteTx<'_> {
     }
 
     fn device(&mut self, id: &DeviceId) -> Result<Option<Device>> {
-        Ok(self
-            .query_devices("WHERE id = ?1", [id.as_str()])?
-            .pop())
+        Ok(self.query_devices("WHERE id = ?1", [id.as_str()])?.pop())
     }
 
     fn existing(&mut self, ids: &[DeviceId]) -> Result<Vec<DeviceId>> {

@@ -64,8 +64,12 @@ pub trait StorageTx {
         received_at: UnixSeconds,
         payload: &str,
     ) -> Result<()>;
-    fn insert_event(&mut self, id: &DeviceId, event: &Event, received_at: UnixSeconds)
-    -> Result<()>;
+    fn insert_event(
+        &mut self,
+        id: &DeviceId,
+        event: &Event,
+        received_at: UnixSeconds,
+    ) -> Result<()>;
     /// Keep only the newest `keep` entries of one device's `history`.
     fn prune(&mut self, history: History, id: &DeviceId, keep: u32) -> Result<()>;
     fn telemetry(&mut self, id: &DeviceId, limit: u32) -> Result<Vec<TelemetryRow>>;

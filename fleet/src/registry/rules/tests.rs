@@ -89,7 +89,11 @@ fn first_connection_provisions_and_later_ones_keep_the_first_time() {
     assert!(s.online);
     let (s, _) = on_status(&s, &offline(), 70);
     assert!(!s.online);
-    assert_eq!(s.last_seen, Some(60), "a will does not mean the device was heard");
+    assert_eq!(
+        s.last_seen,
+        Some(60),
+        "a will does not mean the device was heard"
+    );
     let (s, new) = on_status(&s, &online(Some(80)), 90);
     assert!(new);
     assert_eq!(s.provisioned_at, Some(60));
@@ -98,12 +102,19 @@ fn first_connection_provisions_and_later_ones_keep_the_first_time() {
 
 #[test]
 fn a_replayed_retained_online_is_not_a_new_connection() {
-    let (s, _) = on_status(&device(Lifecycle::Registered).state(), &online(Some(50)), 60);
+    let (s, _) = on_status(
+        &device(Lifecycle::Registered).state(),
+        &online(Some(50)),
+        60,
+    );
     let (again, new) = on_status(&s, &online(Some(50)), 200);
     assert!(!new);
     assert_eq!(again.connected_at, Some(50));
     let (_, new) = on_status(&s, &online(None), 200);
-    assert!(new, "without a ts it cannot be told apart from a new connection");
+    assert!(
+        new,
+        "without a ts it cannot be told apart from a new connection"
+    );
 }
 
 #[test]
@@ -154,7 +165,10 @@ fn only_queued_commands_are_rejected_on_revocation_or_sent() {
     assert_eq!(rejected.reason.as_deref(), Some("device revoked"));
     assert!(reject_for_revocation(&sent(Some("ping")), 9).is_none());
     assert_eq!(mark_sent(&queued, 7).unwrap().sent_at, Some(7));
-    assert!(mark_sent(&sent(Some("ping")), 7).is_none(), "never sent twice");
+    assert!(
+        mark_sent(&sent(Some("ping")), 7).is_none(),
+        "never sent twice"
+    );
 }
 
 #[test]
@@ -227,7 +241,10 @@ fn an_orphan_result_gets_a_log_entry_and_the_command_later_its_action() {
     let effect = command_result(None, &id("d1"), &result(CommandStatus::Succeeded, None), 5);
     assert!(effect.new_entry);
     let entry = effect.command.unwrap();
-    assert_eq!((entry.state, entry.action.clone()), (CommandState::Succeeded, None));
+    assert_eq!(
+        (entry.state, entry.action.clone()),
+        (CommandState::Succeeded, None)
+    );
     let cmd = Command {
         id: entry.id.clone(),
         action: Action::Ping,
@@ -276,9 +293,16 @@ fn desired_settings_merge_and_null_removes() {
     changes.insert("telemetry_interval_s".into(), json!(5));
     let next = merge_desired(&d, &changes).unwrap();
     assert_eq!(next.revision, 4);
-    assert_eq!(Value::Object(next.settings), json!({"telemetry_interval_s": 5}));
+    assert_eq!(
+        Value::Object(next.settings),
+        json!({"telemetry_interval_s": 5})
+    );
     d.desired_published_revision = 4;
-    assert_eq!(published_revision(&d, 2), 4, "a late publish never lowers it");
+    assert_eq!(
+        published_revision(&d, 2),
+        4,
+        "a late publish never lowers it"
+    );
 }
 
 #[test]
