@@ -39,6 +39,10 @@
 //!   connection".
 //! * [`TestFleet`] – a `TestPki` with a started `Broker`.
 //! * [`wait_until`], [`wait_for`] – poll a condition until a deadline.
+//! * [`PgCluster`] – a real PostgreSQL in a tempdir (`initdb` + `pg_ctl`,
+//!   free 127.0.0.1 port), one per test process ([`PgCluster::shared`]),
+//!   a database per test ([`PgCluster::database`]); stopped and removed
+//!   on drop or when the test process dies.
 //! * [`bin_path`] – builds a workspace binary once (same profile as the test)
 //!   and returns its path: `bin_path("edgebind")`, `bin_path("edgebind-agent")`.
 //! * [`spawn_tied`] – spawn a child process that is SIGKILLed when the test
@@ -51,6 +55,7 @@ mod broker;
 pub mod cli;
 mod mqtt;
 mod pki;
+pub mod postgres;
 mod tied;
 mod wait;
 
@@ -58,6 +63,7 @@ pub use bins::bin_path;
 pub use broker::Broker;
 pub use mqtt::{ClientOptions, PubAckReason, Received, SubscribeReasonCode, TestClient};
 pub use pki::{Identity, TestPki};
+pub use postgres::PgCluster;
 pub use rumqttc::v5::mqttbytes::QoS;
 pub use tied::{Watchdog, spawn_tied};
 pub use wait::{wait_for, wait_until};
