@@ -88,11 +88,13 @@ pub enum RegistryError {
     },
     /// The database itself failed (cannot open, connection lost, disk full,
     /// lock timeout). `location` is the file or the URL without its password.
-    #[error("registry {location}: {source}")]
+    /// The driver's error is kept for callers that look into it, but not
+    /// chained as a `source`: its text is already in the message, and a
+    /// journal line that repeats it three times helps nobody.
+    #[error("registry {location}: {}", describe(error.as_ref()))]
     Backend {
         location: String,
-        #[source]
-        source: BackendSource,
+        error: BackendSource,
     },
     #[error("registry: stored {what} is not valid: {detail}")]
     Corrupt { what: String, detail: String },
@@ -103,22 +105,38 @@ impl RegistryError {
     pub fn backend(source: impl Into<BackendSource>) -> Self {
         RegistryError::Backend {
             location: String::new(),
-            source: source.into(),
+            error: source.into(),
         }
     }
 
     /// Name the registry in a backend error that does not say where it happened.
     pub fn located(self, at: &str) -> Self {
         match self {
-            RegistryError::Backend { location, source } if location.is_empty() => {
+            RegistryError::Backend { location, error } if location.is_empty() => {
                 RegistryError::Backend {
                     location: at.to_owned(),
-                    source,
+                    error,
                 }
             }
             other => other,
         }
     }
+}
+
+/// An error and its causes in one line, each cause once: drivers often
+/// repeat their cause inside their own message.
+fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
@@ -268,3 +286,6 @@ pub fn open_store(url: &RegistryUrl, retention: Retention) -> Result<Box<dyn Sto
         RegistryUrl::Postgres(url) => Box::new(PostgresStore::open(url, retention)?),
     })
 }
+
+#[cfg(test)]
+mod tests;

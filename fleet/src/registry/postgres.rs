@@ -178,8 +178,12 @@ fn db(e: tokio_postgres::Error) -> RegistryError {
     RegistryError::backend(e)
 }
 
-fn pool_err(e: impl std::error::Error + Send + Sync + 'static) -> RegistryError {
-    RegistryError::backend(e)
+/// The driver's own error when the pool only wraps it (a refused connection).
+fn pool_err(e: deadpool_postgres::PoolError) -> RegistryError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => db(e),
+        other => RegistryError::backend(other),
+    }
 }
 
 /// Whether `url` is one the driver accepts; the reason if not.
@@ -254,7 +258,7 @@ impl PostgresStore {
             .create_timeout(Some(Duration::from_secs(15)))
             .wait_timeout(Some(Duration::from_secs(60)))
             .build()
-            .map_err(|e| pool_err(e).located(&location))?;
+            .map_err(|e| RegistryError::backend(e).located(&location))?;
         let store = PostgresStore {
             runtime: Some(runtime),
             pool,

@@ -1005,8 +1005,8 @@ impl StorageTx for SqliteTx<'_> {
             ],
         );
         match inserted {
-            Err(RegistryError::Backend { source, .. })
-                if source
+            Err(RegistryError::Backend { error, .. })
+                if error
                     .downcast_ref::<rusqlite::Error>()
                     .is_some_and(is_unique_violation) =>
             {
