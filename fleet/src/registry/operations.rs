@@ -71,7 +71,7 @@ impl<S: Storage> Store for S {
         let now = now_unix();
         write(self, |tx| {
             let batch = std::slice::from_ref(new);
-            rules::check_new_devices(batch, &tx.existing(&[new.id.clone()])?)?;
+            rules::check_new_devices(batch, &tx.existing(std::slice::from_ref(&new.id))?)?;
             tx.insert_devices(batch, now)?;
             load(tx, &new.id)
         })
