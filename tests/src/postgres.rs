@@ -146,6 +146,30 @@ impl PgCluster {
         Ok(self.url(&name))
     }
 
+    /// Run `sql` with `psql` on the database of `url` (for tests that
+    /// tamper with a registry behind the store's back).
+    pub fn psql(&self, url: &str, sql: &str) -> anyhow::Result<String> {
+        let out = Command::new(self.bin.join("psql"))
+            .args([
+                "-X",
+                "-q",
+                "-t",
+                "-A",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                url,
+                "-c",
+                sql,
+            ])
+            .output()
+            .context("run psql")?;
+        if !out.status.success() {
+            bail!("psql {sql:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
     pub fn url(&self, database: &str) -> String {
         format!("postgres://{DB_USER}@127.0.0.1:{}/{database}", self.port)
     }

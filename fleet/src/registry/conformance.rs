@@ -49,6 +49,7 @@ macro_rules! conformance_tests {
             listing_filters_by_tag_state_presence_and_text,
             listing_refuses_an_empty_or_huge_page,
             a_final_result_survives_a_duplicate_delivery_in_a_later_batch,
+            a_revocation_is_not_undone_by_a_concurrent_batch_writer,
         );
     };
     (@each $fixture:expr; $($check:ident),+ $(,)?) => {
@@ -313,6 +314,38 @@ pub fn listing_refuses_an_empty_or_huge_page(registry: &dyn Fixture) {
             .unwrap_err();
         assert!(matches!(err, RegistryError::InvalidQuery(_)), "{err}");
     }
+}
+
+/// The batch writer decides on the state it loaded; a revocation committed
+/// by another process meanwhile must not be overwritten by that decision.
+pub fn a_revocation_is_not_undone_by_a_concurrent_batch_writer(registry: &dyn Fixture) {
+    let mut writer = registry.open(Retention::default());
+    let mut operator = registry.open(Retention::default());
+    writer.add_device(&new_device("a", &[])).unwrap();
+    let batches = 200u64;
+    let ingest = std::thread::spawn(move || {
+        for i in 1..=batches {
+            writer
+                .apply(&[online("a", i), telemetry("a", i), offline("a", i)])
+                .unwrap();
+        }
+        writer
+    });
+    // Revoke while batches are being written.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while operator.device(&id("a")).unwrap().telemetry_count < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer made no progress"
+        );
+        std::thread::yield_now();
+    }
+    operator.revoke(&id("a")).unwrap();
+    let writer = ingest.join().unwrap();
+    let d = writer.device(&id("a")).unwrap();
+    assert_eq!(d.telemetry_count, batches, "every batch committed");
+    assert_eq!(d.lifecycle, Lifecycle::Revoked);
+    assert!(d.revoked_at.is_some());
 }
 
 pub fn a_final_result_survives_a_duplicate_delivery_in_a_later_batch(registry: &dyn Fixture) {
