@@ -174,6 +174,11 @@ impl PgCluster {
         format!("postgres://{DB_USER}@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// Where the server's Unix socket (`.s.PGSQL.<port>`) is.
+    pub fn socket_dir(&self) -> &std::path::Path {
+        &self.data
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

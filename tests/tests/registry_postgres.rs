@@ -69,3 +69,22 @@ fn a_missing_database_is_named() {
     let err = PostgresStore::open(&url, Retention::default()).unwrap_err();
     assert!(err.to_string().contains("no_such_db"), "{err}");
 }
+
+#[test]
+fn a_unix_socket_url_reaches_the_server() {
+    let cluster = PgCluster::shared();
+    let tcp = cluster.database().unwrap();
+    let database = tcp.rsplit('/').next().unwrap();
+    let dir = cluster
+        .socket_dir()
+        .display()
+        .to_string()
+        .replace('/', "%2F");
+    let url = format!(
+        "postgres://{}@{dir}:{}/{database}",
+        edgebind_tests::postgres::DB_USER,
+        cluster.port()
+    );
+    let store = PostgresStore::open(&url, Retention::default()).unwrap();
+    assert_eq!(store.schema_version().unwrap(), 1);
+}
