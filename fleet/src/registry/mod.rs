@@ -26,6 +26,7 @@
 mod model;
 mod operations;
 pub mod postgres;
+mod rows;
 pub mod rules;
 pub mod sqlite;
 pub mod storage;

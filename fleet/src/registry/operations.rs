@@ -180,9 +180,9 @@ impl<S: Storage> Store for S {
         let now = now_unix();
         let keep = self.retention().commands_per_device;
         write(self, |tx| {
-            let mut checked: HashMap<&DeviceId, ()> = HashMap::new();
+            let mut checked: BTreeSet<&DeviceId> = BTreeSet::new();
             for c in commands {
-                if checked.insert(&c.device, ()).is_none() {
+                if checked.insert(&c.device) {
                     rules::ensure_active(&load(tx, &c.device)?)?;
                 }
                 if tx.command(&c.id)?.is_some() {
@@ -190,7 +190,7 @@ impl<S: Storage> Store for S {
                 }
                 tx.insert_command(&rules::new_command(c, now))?;
             }
-            for device in checked.keys() {
+            for device in checked {
                 tx.prune(History::Commands, device, keep)?;
             }
             Ok(())

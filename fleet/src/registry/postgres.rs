@@ -32,7 +32,7 @@ use serde_json::{Map, Value};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use super::sqlite::{
+use super::rows::{
     COMMAND_COLUMNS, DEVICE_COLUMNS, RawCommand, RawDevice, RawState, STATE_COLUMNS, action_of,
     history_table, parse_id, parse_json,
 };
