@@ -125,6 +125,7 @@ pub async fn run(
     // Open both connections first so a bad registry path fails before connecting.
     let writer_store = registry::open_store(&config.registry, config.retention)?;
     let outbox_store = registry::open_store(&config.registry, config.retention)?;
+    tracing::info!(registry = %config.registry, "registry open");
 
     let client_id = format!("service:{SERVICE_NAME}");
     let mut opts = mqtt::options(
