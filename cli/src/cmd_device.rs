@@ -11,8 +11,8 @@ use edgebind_certs::profile::default_days;
 use edgebind_certs::{Pki, Validity};
 use edgebind_fleet::operator::{self, DeviceOutcome, Outcome};
 use edgebind_fleet::registry::{
-    Board, CertInfo, CommandState, Delivery, Device, Lifecycle, NewCommand, NewDevice, Selector,
-    Store, Tag, Update, known_setting, parse_args, parse_setting,
+    Board, CertInfo, CommandState, Delivery, Device, DeviceQuery, Lifecycle, NewCommand, NewDevice,
+    Selector, Store, Tag, Update, known_setting, parse_args, parse_setting,
 };
 use edgebind_fleet::service::new_command_id;
 use edgebind_protocol::messages::{Action, Command, now_unix};
@@ -74,12 +74,52 @@ pub struct ShowArgs {
 }
 
 #[derive(Args)]
+#[command(after_help = "Examples:\n  \
+    edgebind devices --state online --tag lab\n  \
+    edgebind devices --search rpi-00 --limit 20\n  \
+    edgebind devices --after rpi-0100          # the page after the one that ended at rpi-0100\n\n\
+    Devices come sorted by id, one page at a time; when more match, the id to pass to \
+    --after is printed on stderr.")]
 pub struct ListArgs {
     /// Only devices with this tag.
     #[arg(long)]
     pub tag: Option<String>,
+    /// Only devices in this state.
+    #[arg(long, value_enum)]
+    pub state: Option<StateFilter>,
+    /// Only devices whose id contains this text.
+    #[arg(long)]
+    pub search: Option<String>,
+    /// Devices per page (1-1000).
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+    /// Start after this device id (the previous page's last one).
+    #[arg(long)]
+    pub after: Option<String>,
     #[arg(long)]
     pub json: bool,
+}
+
+/// The STATE column of `edgebind devices`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum StateFilter {
+    Online,
+    Offline,
+    NeverSeen,
+    Revoked,
+}
+
+impl StateFilter {
+    fn narrow(self, query: &mut DeviceQuery) {
+        let (lifecycle, online) = match self {
+            StateFilter::Online => (None, Some(true)),
+            StateFilter::Offline => (Some(Lifecycle::Provisioned), Some(false)),
+            StateFilter::NeverSeen => (Some(Lifecycle::Registered), None),
+            StateFilter::Revoked => (Some(Lifecycle::Revoked), None),
+        };
+        query.lifecycle = lifecycle;
+        query.online = online;
+    }
 }
 
 #[derive(Args)]
@@ -385,11 +425,26 @@ fn show(args: ShowArgs, home: &Home) -> anyhow::Result<ExitCode> {
 }
 
 fn list(args: ListArgs, home: &Home) -> anyhow::Result<ExitCode> {
-    let selector = match &args.tag {
-        Some(t) => Selector::Tag(t.parse()?),
-        None => Selector::All,
+    let mut query = DeviceQuery {
+        tag: args.tag.as_deref().map(str::parse).transpose()?,
+        search: args.search.clone(),
+        after: args
+            .after
+            .as_deref()
+            .map(DeviceId::new)
+            .transpose()
+            .context("--after")?,
+        limit: args.limit,
+        ..DeviceQuery::default()
     };
-    let devices = open_registry(home)?.devices(&selector)?;
+    if let Some(state) = args.state {
+        state.narrow(&mut query);
+    }
+    let page = open_registry(home)?.list_devices(&query)?;
+    if let Some(after) = &page.next_after {
+        eprintln!("(more devices: --after {after})");
+    }
+    let devices = page.devices;
     if args.json {
         let rows: Vec<Value> = devices
             .iter()
@@ -458,7 +513,12 @@ fn list(args: ListArgs, home: &Home) -> anyhow::Result<ExitCode> {
         })
         .collect();
     print_table(&header, &rows);
-    if devices.is_empty() {
+    let filtered = query
+        != DeviceQuery {
+            limit: query.limit,
+            ..DeviceQuery::default()
+        };
+    if devices.is_empty() && !filtered {
         eprintln!("(no devices; add one with `edgebind device add <id> --board <board>`)");
     }
     Ok(ExitCode::SUCCESS)

@@ -93,7 +93,7 @@ fn serve(args: ServeArgs, home: &Home) -> anyhow::Result<ExitCode> {
             default_days::SERVICE,
         )?,
     };
-    let mut config = ServiceConfig::new(home.registry_db(), endpoint, identity);
+    let mut config = ServiceConfig::new(home.registry(), endpoint, identity);
     config.batch_max = args.batch_max;
     config.batch_window = Duration::from_millis(args.batch_window_ms);
     config.inventory_on_connect = !args.no_inventory_on_connect;
@@ -129,7 +129,7 @@ fn stats(args: StatsArgs, home: &Home) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
-        println!("registry           {}", home.registry_db().display());
+        println!("registry           {}", store.location());
         println!("devices            {}", s.devices);
         println!("telemetry rows     {}", s.telemetry_rows);
         println!("telemetry received {}", s.telemetry_received);
@@ -146,7 +146,7 @@ fn stats(args: StatsArgs, home: &Home) -> anyhow::Result<ExitCode> {
 /// The registry of this fleet home.
 pub(crate) fn open_registry(home: &Home) -> anyhow::Result<Box<dyn Store>> {
     Ok(edgebind_fleet::registry::open_store(
-        &home.registry_db(),
+        &home.registry(),
         edgebind_fleet::registry::Retention::default(),
     )?)
 }

@@ -37,6 +37,11 @@ struct Cli {
     )]
     home: std::path::PathBuf,
 
+    /// Device registry: `sqlite:PATH` (or a plain path) or
+    /// `postgres://USER@HOST:PORT/DATABASE` [default: <home>/registry.db].
+    #[arg(long, global = true, env = "EDGEBIND_REGISTRY", value_name = "URL")]
+    registry: Option<edgebind_fleet::registry::RegistryUrl>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -70,7 +75,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let home = Home::new(cli.home);
+    let home = Home::new(cli.home).with_registry(cli.registry);
     let result = match cli.command {
         Command::Pki(c) => cmd_pki::run(c, &home),
         Command::Broker(c) => cmd_broker::run(c, &home),

@@ -4,10 +4,14 @@
 //! - [`registry`]: the single source of truth per device (board, tags,
 //!   certificate, lifecycle, presence, desired vs reported settings,
 //!   inventory, telemetry with a bounded history, command log, on-connect
-//!   rules) behind the [`registry::Store`] trait. The SQLite backend keeps
-//!   everything in one file (`<home>/registry.db`, WAL, versioned
-//!   migrations); every call is one transaction, so a bad input changes
-//!   nothing.
+//!   rules) behind the [`registry::Store`] trait. The domain rules are plain
+//!   functions ([`registry::rules`]); the operations are written once over a
+//!   store-and-load [`registry::storage::Storage`] trait with two backends:
+//!   SQLite (one file, `<home>/registry.db` by default, WAL, versioned
+//!   migrations) and PostgreSQL (`postgres://…`, a connection pool,
+//!   versioned migrations), chosen by a registry URL in
+//!   [`registry::open_store`]. Every call is one transaction, so a bad input
+//!   changes nothing; one conformance suite runs on both backends.
 //! - [`ingest`]: broker message -> [`registry::Update`], pure and tested
 //!   without a broker.
 //! - [`service`]: `edgebind fleet serve`. Subscribes (QoS 1, persistent
@@ -35,10 +39,11 @@
 //!
 //! # Another database
 //!
-//! A PostgreSQL backend would implement [`registry::Store`] (the SQL is
-//! plain; the schema is in the migrations of `registry/sqlite.rs`) and be
-//! chosen in [`registry::open_store`]: the service and the CLI only use the
-//! trait, through that function.
+//! A third backend implements [`registry::storage::Storage`] (transactions
+//! that store and load; no decisions), is added to [`registry::RegistryUrl`]
+//! and [`registry::open_store`], and runs `conformance_tests!` in
+//! `tests/tests/registry_conformance.rs`. The service and the CLI only use
+//! the [`registry::Store`] trait, through that function.
 
 pub mod ingest;
 pub mod mqtt;

@@ -41,6 +41,10 @@
 //!   connection". [`TestClient311`] is its MQTT 3.1.1 counterpart.
 //! * [`TestFleet`] – a `TestPki` with a started `Broker`.
 //! * [`wait_until`], [`wait_for`] – poll a condition until a deadline.
+//! * [`PgCluster`] – a real PostgreSQL in a tempdir (`initdb` + `pg_ctl`,
+//!   free 127.0.0.1 port), one per test process ([`PgCluster::shared`]),
+//!   a database per test ([`PgCluster::database`]); stopped and removed
+//!   on drop or when the test process dies.
 //! * [`bin_path`] – builds a workspace binary once (same profile as the test)
 //!   and returns its path: `bin_path("edgebind")`, `bin_path("edgebind-agent")`.
 //! * [`spawn_tied`] – spawn a child process that is SIGKILLed when the test
@@ -55,6 +59,7 @@ mod hostile;
 mod mqtt;
 mod mqtt311;
 mod pki;
+pub mod postgres;
 mod tied;
 mod wait;
 
@@ -64,6 +69,7 @@ pub use hostile::HostileCrowd;
 pub use mqtt::{ClientOptions, PubAckReason, Received, SubscribeReasonCode, TestClient};
 pub use mqtt311::TestClient311;
 pub use pki::{Identity, TestPki, hostile_cns};
+pub use postgres::PgCluster;
 pub use rumqttc::v5::mqttbytes::QoS;
 pub use tied::{Watchdog, spawn_tied};
 pub use wait::{wait_for, wait_until};

@@ -72,10 +72,17 @@ pub struct Watchdog {
 
 impl Watchdog {
     pub fn watch(pid: u32) -> io::Result<Watchdog> {
+        Self::on_death(&format!("kill -9 {pid} 2>/dev/null"))
+    }
+
+    /// Run the shell command `script` when this process dies (not when
+    /// disarmed): for a server that needs more than a signal to go away,
+    /// such as a PostgreSQL cluster and its directory.
+    pub fn on_death(script: &str) -> io::Result<Watchdog> {
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
             .arg(format!(
-                "read line || true; [ \"$line\" = disarm ] || kill -9 {pid} 2>/dev/null; exit 0"
+                "read line || true; [ \"$line\" = disarm ] || {{ {script}; }}; exit 0"
             ))
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())

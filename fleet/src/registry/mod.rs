@@ -1,21 +1,53 @@
 //! The device registry: the fleet's single source of truth.
 //!
-//! Everything outside this module talks to the [`Store`] trait; the only
-//! implementation today is [`sqlite::SqliteStore`] (one file, WAL). A
-//! PostgreSQL backend would be a second implementation of the same trait and
-//! nothing else would change.
+//! Three layers, so that a rule is written once and every database obeys it:
+//! - [`rules`]: the domain rules (lifecycle transitions, "a final command
+//!   state is never overwritten", presence from connection events, inventory
+//!   from results) as plain functions over plain values, the clock passed in;
+//! - [`Store`]: the operations everything outside this module calls, written
+//!   once (`operations.rs`) over
+//! - [`storage::Storage`]: what a backend implements, transactions that only
+//!   store and load. Two backends: [`SqliteStore`] (one file, WAL; the
+//!   default) and [`PostgresStore`] (a server, a connection pool).
+//!
+//! [`open_store`] chooses the backend from a registry URL ([`RegistryUrl`]):
+//! `sqlite:PATH` or a plain path, or `postgres://user@host:port/db`.
+//!
+//! # Why the operations stay synchronous
+//!
+//! Every caller is a blocking thread: the fleet service's batch writer and
+//! outbox threads, and the CLI. SQLite is a blocking library, so an async
+//! trait would make the default backend and every caller wrap each call in
+//! `spawn_blocking` to gain nothing. The PostgreSQL store instead owns a
+//! one-thread tokio runtime that drives its pool's connections and blocks on
+//! each statement; the async driver stays an implementation detail of
+//! `postgres.rs`.
 
 mod model;
+mod operations;
+pub mod postgres;
+mod rows;
+pub mod rules;
 pub mod sqlite;
+pub mod storage;
 
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use edgebind_protocol::messages::{Action, Desired, UnixSeconds};
 use edgebind_protocol::{CommandId, DeviceId, IdError};
 use serde_json::{Map, Value};
 
 pub use model::*;
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
+
+/// A boxed error from a database driver, kept as the source of [`RegistryError::Backend`].
+pub type BackendSource = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -35,6 +67,8 @@ pub enum RegistryError {
     InvalidTag(String),
     #[error("invalid setting {key:?}: {why}")]
     InvalidSetting { key: String, why: String },
+    #[error("invalid device listing: {0}")]
+    InvalidQuery(String),
     #[error("command {0} is not in the registry")]
     UnknownCommand(CommandId),
     #[error("command id {0} is already used")]
@@ -42,40 +76,92 @@ pub enum RegistryError {
     #[error("on-connect rule {0} does not exist")]
     UnknownRule(i64),
     #[error(
-        "registry {path}: schema version {found} is newer than this edgebind understands (up to {known}); upgrade edgebind"
+        "invalid registry URL {given:?}: {why} (use sqlite:PATH, a plain file path, or postgres://USER@HOST:PORT/DATABASE)"
+    )]
+    InvalidUrl { given: String, why: String },
+    #[error(
+        "registry {location}: schema version {found} is newer than this edgebind understands (up to {known}); upgrade edgebind"
     )]
     SchemaTooNew {
-        path: PathBuf,
+        location: String,
         found: i64,
         known: i64,
     },
-    #[error("registry {path}: {source}")]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: rusqlite::Error,
+    /// The database itself failed (cannot open, connection lost, disk full,
+    /// lock timeout). `location` is the file or the URL without its password.
+    /// The driver's error is kept for callers that look into it, but not
+    /// chained as a `source`: its text is already in the message, and a
+    /// journal line that repeats it three times helps nobody.
+    #[error("registry {location}: {}", describe(error.as_ref()))]
+    Backend {
+        location: String,
+        error: BackendSource,
     },
-    #[error("registry: {0}")]
-    Db(#[from] rusqlite::Error),
     #[error("registry: stored {what} is not valid: {detail}")]
     Corrupt { what: String, detail: String },
+}
+
+impl RegistryError {
+    /// A database failure whose location the caller fills in ([`RegistryError::located`]).
+    pub fn backend(source: impl Into<BackendSource>) -> Self {
+        RegistryError::Backend {
+            location: String::new(),
+            error: source.into(),
+        }
+    }
+
+    /// Name the registry in a backend error that does not say where it happened.
+    pub fn located(self, at: &str) -> Self {
+        match self {
+            RegistryError::Backend { location, error } if location.is_empty() => {
+                RegistryError::Backend {
+                    location: at.to_owned(),
+                    error,
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// An error and its causes in one line, each cause once: drivers often
+/// repeat their cause inside their own message.
+fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
 
 /// The registry operations. Every mutating call is one transaction: it either
-/// happens completely or, on any error, changes nothing.
+/// happens completely or, on any error, changes nothing. Implemented once,
+/// for every [`storage::Storage`] backend.
 pub trait Store: Send {
+    /// The registry file, or its URL without a password.
+    fn location(&self) -> String;
     /// Fail (without writing) if `id` could not be added: already present.
     /// Lets callers check before issuing a certificate.
     fn check_new_device(&self, id: &DeviceId) -> Result<()>;
     fn add_device(&mut self, new: &NewDevice) -> Result<Device>;
+    /// Register many devices in one transaction (a factory batch): all or none.
+    fn add_devices(&mut self, new: &[NewDevice]) -> Result<()>;
     /// Record (or replace) the certificate of an existing device.
     fn set_certificate(&mut self, id: &DeviceId, cert: &CertInfo) -> Result<()>;
     fn device(&self, id: &DeviceId) -> Result<Device>;
     /// Devices matching `selector`, sorted by id. `Selector::Ids` fails on the
     /// first unknown id instead of silently skipping it.
     fn devices(&self, selector: &Selector) -> Result<Vec<Device>>;
+    /// One page of devices, filtered and paged in the database (see [`DeviceQuery`]).
+    fn list_devices(&self, query: &DeviceQuery) -> Result<DevicePage>;
     fn revoke(&mut self, id: &DeviceId) -> Result<Device>;
 
     /// Merge `changes` into the desired settings (a `null` value removes the
@@ -121,8 +207,86 @@ pub fn open(path: &Path) -> Result<SqliteStore> {
     SqliteStore::open(path, Retention::default())
 }
 
-/// The one place that chooses the backend for everything that only needs
-/// the [`Store`] operations (the fleet service, the CLI).
-pub fn open_store(path: &Path, retention: Retention) -> Result<Box<dyn Store>> {
-    Ok(Box::new(SqliteStore::open(path, retention)?))
+/// Where a registry lives, parsed from `--registry` / `EDGEBIND_REGISTRY`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RegistryUrl {
+    /// `sqlite:PATH`, or a plain path.
+    Sqlite(PathBuf),
+    /// `postgres://…` or `postgresql://…`, kept whole for the driver.
+    Postgres(String),
 }
+
+impl FromStr for RegistryUrl {
+    type Err = RegistryError;
+    fn from_str(s: &str) -> Result<Self> {
+        let invalid = |why: &str| RegistryError::InvalidUrl {
+            given: postgres::redact(s),
+            why: why.to_owned(),
+        };
+        if s.is_empty() {
+            return Err(invalid("empty"));
+        }
+        if let Some(path) = s.strip_prefix("sqlite:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err(invalid("no file path after sqlite:"));
+            }
+            return Ok(RegistryUrl::Sqlite(PathBuf::from(path)));
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            postgres::check_url(s).map_err(|why| invalid(&why))?;
+            return Ok(RegistryUrl::Postgres(s.to_owned()));
+        }
+        // Something that looks like another scheme is a mistake, not a file
+        // name: creating `mysql:/…` as an empty SQLite file would hide it.
+        if let Some((scheme, _)) = s.split_once("://")
+            && !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        {
+            return Err(invalid(&format!("unsupported scheme {scheme:?}")));
+        }
+        Ok(RegistryUrl::Sqlite(PathBuf::from(s)))
+    }
+}
+
+impl From<PathBuf> for RegistryUrl {
+    fn from(path: PathBuf) -> Self {
+        RegistryUrl::Sqlite(path)
+    }
+}
+
+impl From<&Path> for RegistryUrl {
+    fn from(path: &Path) -> Self {
+        RegistryUrl::Sqlite(path.to_owned())
+    }
+}
+
+/// Shows the URL without its password, so it can go into logs and errors.
+impl fmt::Display for RegistryUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RegistryUrl::Sqlite(path) => write!(f, "sqlite:{}", path.display()),
+            RegistryUrl::Postgres(url) => f.write_str(&postgres::redact(url)),
+        }
+    }
+}
+
+impl fmt::Debug for RegistryUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RegistryUrl({self})")
+    }
+}
+
+/// The one place that chooses the backend for everything that only needs
+/// the [`Store`] operations (the fleet service, the CLI, the benchmarks).
+pub fn open_store(url: &RegistryUrl, retention: Retention) -> Result<Box<dyn Store>> {
+    Ok(match url {
+        RegistryUrl::Sqlite(path) => Box::new(SqliteStore::open(path, retention)?),
+        RegistryUrl::Postgres(url) => Box::new(PostgresStore::open(url, retention)?),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -198,6 +198,97 @@ impl Device {
     }
 }
 
+/// Lifecycle and presence of a device: what the broker's status messages
+/// change, loaded and saved as one piece by [`super::rules::on_status`]'s callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceState {
+    pub lifecycle: Lifecycle,
+    pub provisioned_at: Option<UnixSeconds>,
+    pub revoked_at: Option<UnixSeconds>,
+    pub online: bool,
+    pub last_seen: Option<UnixSeconds>,
+    pub connected_at: Option<UnixSeconds>,
+    pub agent_version: Option<String>,
+    pub boot_id: Option<String>,
+    pub addresses: Vec<String>,
+}
+
+impl Device {
+    pub fn state(&self) -> DeviceState {
+        DeviceState {
+            lifecycle: self.lifecycle,
+            provisioned_at: self.provisioned_at,
+            revoked_at: self.revoked_at,
+            online: self.online,
+            last_seen: self.last_seen,
+            connected_at: self.connected_at,
+            agent_version: self.agent_version.clone(),
+            boot_id: self.boot_id.clone(),
+            addresses: self.addresses.clone(),
+        }
+    }
+}
+
+/// Largest page [`super::Store::list_devices`] returns.
+pub const MAX_PAGE: u32 = 1000;
+
+/// One page of a device listing, filtered and paged by the database. Pages
+/// are keyed by id (`after`), so a page stays cheap however deep it is and
+/// a device added meanwhile neither repeats nor hides another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceQuery {
+    pub tag: Option<Tag>,
+    pub lifecycle: Option<Lifecycle>,
+    pub online: Option<bool>,
+    /// Part of the device id (plain text, not a pattern).
+    pub search: Option<String>,
+    /// Only devices whose id sorts after this one (the previous page's `next_after`).
+    pub after: Option<DeviceId>,
+    /// At most this many devices (1..=[`MAX_PAGE`]).
+    pub limit: u32,
+}
+
+impl Default for DeviceQuery {
+    fn default() -> Self {
+        DeviceQuery {
+            tag: None,
+            lifecycle: None,
+            online: None,
+            search: None,
+            after: None,
+            limit: 100,
+        }
+    }
+}
+
+/// What [`super::Store::list_devices`] returns.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DevicePage {
+    /// Sorted by id.
+    pub devices: Vec<Device>,
+    /// `Some(last id)` when more devices match: pass it as `after`.
+    pub next_after: Option<DeviceId>,
+}
+
+/// The command lists a backend can load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandQuery<'a> {
+    /// Latest first.
+    Device { device: &'a DeviceId, limit: u32 },
+    /// Queued commands of one device, oldest first.
+    QueuedFor(&'a DeviceId),
+    /// Queued commands whose device is online, oldest first.
+    QueuedOnline,
+}
+
+/// The per-device histories that are capped by [`Retention`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum History {
+    Telemetry,
+    Events,
+    Commands,
+}
+
 /// Which devices a listing or a fan-out addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selector {

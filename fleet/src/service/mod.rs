@@ -1,7 +1,7 @@
 //! The fleet service: keeps the registry in step with the broker.
 //!
 //! ```text
-//!  broker ──QoS1──> event loop ──channel──> writer thread ──> SQLite (one transaction per batch)
+//!  broker ──QoS1──> event loop ──channel──> writer thread ──> registry (one transaction per batch)
 //!                      ^                         │
 //!                      └──── PUBACK after commit ┘
 //!                                                └──connected devices──> outbox thread
@@ -21,7 +21,6 @@
 mod outbox;
 mod writer;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -33,14 +32,15 @@ use tokio::sync::mpsc;
 
 use crate::ingest;
 use crate::mqtt::{self, BrokerEndpoint, ClientIdentity, MqttSetupError};
-use crate::registry::{self, RegistryError, Retention};
+use crate::registry::{self, RegistryError, RegistryUrl, Retention};
 
 /// The CN the fleet service's certificate carries.
 pub const SERVICE_NAME: &str = "fleet";
 
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
-    pub registry: PathBuf,
+    /// `sqlite:PATH` (or a plain path) or `postgres://…`.
+    pub registry: RegistryUrl,
     pub endpoint: BrokerEndpoint,
     pub identity: ClientIdentity,
     pub keep_alive: Duration,
@@ -57,9 +57,13 @@ pub struct ServiceConfig {
 }
 
 impl ServiceConfig {
-    pub fn new(registry: PathBuf, endpoint: BrokerEndpoint, identity: ClientIdentity) -> Self {
+    pub fn new(
+        registry: impl Into<RegistryUrl>,
+        endpoint: BrokerEndpoint,
+        identity: ClientIdentity,
+    ) -> Self {
         ServiceConfig {
-            registry,
+            registry: registry.into(),
             endpoint,
             identity,
             keep_alive: Duration::from_secs(30),
@@ -121,6 +125,7 @@ pub async fn run(
     // Open both connections first so a bad registry path fails before connecting.
     let writer_store = registry::open_store(&config.registry, config.retention)?;
     let outbox_store = registry::open_store(&config.registry, config.retention)?;
+    tracing::info!(registry = %config.registry, "registry open");
 
     let client_id = format!("service:{SERVICE_NAME}");
     let mut opts = mqtt::options(

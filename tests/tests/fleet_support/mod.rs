@@ -19,6 +19,8 @@ pub struct Fleet {
     pub env: TestFleet,
     service: Option<Child>,
     service_starts: u32,
+    /// `EDGEBIND_REGISTRY` for the CLI and the service; `None`: `<home>/registry.db`.
+    registry_url: Option<String>,
 }
 
 /// A child process killed (SIGKILL) on drop.
@@ -85,6 +87,7 @@ impl Fleet {
             env,
             service: None,
             service_starts: 0,
+            registry_url: None,
         };
         // The CLI's default operator identity lives in <home>/operator/.
         let op = &me.env.pki.operator;
@@ -107,6 +110,32 @@ impl Fleet {
         me
     }
 
+    /// A fleet whose registry is a fresh database on the test PostgreSQL.
+    pub fn start_on_postgres() -> Fleet {
+        let url = edgebind_tests::PgCluster::shared()
+            .database()
+            .expect("create the registry database");
+        let mut fleet = Fleet::start();
+        fleet.registry_url = Some(url);
+        fleet
+    }
+
+    /// The registry the CLI and the service use, whichever backend it is on.
+    pub fn store(&self) -> Box<dyn Store> {
+        let url: registry::RegistryUrl = match &self.registry_url {
+            Some(u) => u.parse().expect("registry URL"),
+            None => self.registry_path().into(),
+        };
+        registry::open_store(&url, registry::Retention::default()).expect("open registry")
+    }
+
+    fn with_registry<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
+        match &self.registry_url {
+            Some(url) => cmd.env("EDGEBIND_REGISTRY", url),
+            None => cmd.env_remove("EDGEBIND_REGISTRY"),
+        }
+    }
+
     pub fn home(&self) -> &Path {
         self.env.pki.home()
     }
@@ -121,7 +150,8 @@ impl Fleet {
 
     /// `edgebind --home <home> args...`
     pub fn cli(&self, args: &[&str]) -> Output {
-        let out = Command::new(bin_path("edgebind"))
+        let out = self
+            .with_registry(&mut Command::new(bin_path("edgebind")))
             .arg("--home")
             .arg(self.home())
             .args(args)
@@ -160,7 +190,8 @@ impl Fleet {
             .home()
             .join(format!("fleet-service-{}.log", self.service_starts));
         let file = File::create(&log).unwrap();
-        let child = Command::new(bin_path("edgebind"))
+        let child = self
+            .with_registry(&mut Command::new(bin_path("edgebind")))
             .arg("--home")
             .arg(self.home())
             .args(["fleet", "serve", "--log-level", "info,edgebind_fleet=debug"])
@@ -301,7 +332,7 @@ impl Fleet {
         what: &str,
         pred: impl Fn(&Device) -> bool,
     ) -> Device {
-        let store = self.registry();
+        let store = self.store();
         let id = DeviceId::new(id).unwrap();
         let found = wait_for(timeout, || {
             let d = store.device(&id).ok()?;

@@ -1,0 +1,823 @@
+//! The backend conformance suite: every behaviour of [`Store`], written once
+//! against the trait. Each backend runs all of it through
+//! [`conformance_tests!`](crate::conformance_tests) with a [`Fixture`] that
+//! hands out stores on one fresh, empty registry (the SQLite run and the
+//! run on a real PostgreSQL are in `tests/tests/registry_conformance.rs`).
+//! A check that is added here runs on every backend, because the macro
+//! lists every check.
+
+#![allow(clippy::missing_panics_doc)]
+
+use std::collections::BTreeSet;
+
+use edgebind_protocol::messages::{
+    Action, Command, CommandResult, CommandStatus, Event, Presence, Reported, Status,
+};
+use edgebind_protocol::{CommandId, DeviceId};
+use serde_json::{Map, Value, json};
+
+use super::*;
+
+/// One fresh registry of one backend.
+pub trait Fixture {
+    /// Another store on the same registry (a second process, in effect).
+    fn open(&self, retention: Retention) -> Box<dyn Store>;
+}
+
+/// Runs every check of this module as a `#[test]` of the calling module:
+/// `conformance_tests!(|| MyFixture::new());`
+#[macro_export]
+macro_rules! conformance_tests {
+    ($fixture:expr) => {
+        $crate::conformance_tests!(@each $fixture;
+            add_and_read_back_a_device,
+            bad_inputs_are_clear_errors_and_change_nothing,
+            duplicate_command_ids_insert_nothing,
+            status_moves_online_offline_and_provisions_once,
+            unknown_devices_are_reported_and_skipped,
+            telemetry_keeps_latest_and_a_bounded_history,
+            events_are_stored_latest_first,
+            desired_settings_merge_bump_revision_and_track_convergence,
+            queued_commands_wait_for_online_and_results_are_recorded,
+            commands_seen_on_the_wire_and_orphan_results_enter_the_log,
+            revoke_marks_device_drops_queue_and_rules_and_is_not_repeatable,
+            selectors_by_tag_and_all,
+            on_connect_rules_round_trip,
+            two_stores_share_one_registry,
+            a_batch_of_devices_is_added_whole_or_not_at_all,
+            listing_pages_by_id_without_gaps_or_repeats,
+            listing_filters_by_tag_state_presence_and_text,
+            listing_refuses_an_empty_or_huge_page,
+            a_final_result_survives_a_duplicate_delivery_in_a_later_batch,
+            a_revocation_is_not_undone_by_a_concurrent_batch_writer,
+        );
+    };
+    (@each $fixture:expr; $($check:ident),+ $(,)?) => {
+        $(
+            #[test]
+            fn $check() {
+                let fixture = ($fixture)();
+                $crate::registry::conformance::$check(&fixture);
+            }
+        )+
+    };
+}
+
+fn id(s: &str) -> DeviceId {
+    DeviceId::new(s).unwrap()
+}
+
+fn cid(s: &str) -> CommandId {
+    CommandId::new(s).unwrap()
+}
+
+fn new_device(s: &str, tags: &[&str]) -> NewDevice {
+    NewDevice {
+        id: id(s),
+        board: "raspberrypi3-64".parse().unwrap(),
+        tags: tags.iter().map(|t| t.parse().unwrap()).collect(),
+        cert: Some(CertInfo {
+            serial: "0a1b".into(),
+            fingerprint_sha256: "ff".repeat(32),
+            not_after: 2_000_000_000,
+        }),
+    }
+}
+
+/// Everything the trait can read back, to prove that a failed call changed nothing.
+fn snapshot(store: &dyn Store) -> Vec<String> {
+    let mut out = Vec::new();
+    for d in store.devices(&Selector::All).unwrap() {
+        out.push(format!("{d:?}"));
+        out.push(format!("{:?}", store.commands_for(&d.id, 10_000).unwrap()));
+        out.push(format!("{:?}", store.on_connect_rules(&d.id).unwrap()));
+        out.push(format!(
+            "{:?}",
+            store.telemetry_history(&d.id, 10_000).unwrap()
+        ));
+        out.push(format!("{:?}", store.events(&d.id, 10_000).unwrap()));
+    }
+    let s = store.stats().unwrap();
+    out.push(format!(
+        "{} {} {} {} {}",
+        s.devices, s.telemetry_rows, s.telemetry_received, s.events, s.commands
+    ));
+    out
+}
+
+fn online(device: &str, ts: u64) -> Update {
+    Update::Status {
+        device: id(device),
+        status: Status {
+            state: Presence::Online,
+            agent_version: Some("0.1.0".into()),
+            boot_id: Some("b1".into()),
+            uptime_s: Some(5),
+            addresses: vec!["10.0.2.15".into()],
+            ts: Some(ts),
+        },
+        received_at: ts,
+    }
+}
+
+fn offline(device: &str, at: u64) -> Update {
+    Update::Status {
+        device: id(device),
+        status: Status::offline(),
+        received_at: at,
+    }
+}
+
+fn telemetry(device: &str, ts: u64) -> Update {
+    Update::Telemetry {
+        device: id(device),
+        ts,
+        payload: json!({"ts": ts, "cpu_pct": 12.5, "mem_used_bytes": 1000}).to_string(),
+        received_at: ts,
+    }
+}
+
+fn ids(devices: &[Device]) -> Vec<String> {
+    devices.iter().map(|d| d.id.to_string()).collect()
+}
+
+pub fn two_stores_share_one_registry(registry: &dyn Fixture) {
+    let mut writer = registry.open(Retention::default());
+    let reader = registry.open(Retention::default());
+    writer.add_device(&new_device("a", &[])).unwrap();
+    writer.apply(&[telemetry("a", 1)]).unwrap();
+    assert_eq!(reader.device(&id("a")).unwrap().telemetry_count, 1);
+    // A device added by one is a duplicate for the other.
+    assert!(matches!(
+        reader.check_new_device(&id("a")).unwrap_err(),
+        RegistryError::DuplicateDevice(_)
+    ));
+}
+
+pub fn a_batch_of_devices_is_added_whole_or_not_at_all(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    let batch: Vec<NewDevice> = (0..250)
+        .map(|i| new_device(&format!("dev-{i:04}"), &["factory"]))
+        .collect();
+    store.add_devices(&batch).unwrap();
+    assert_eq!(store.stats().unwrap().devices, 250);
+    let before = snapshot(store.as_ref());
+    let clash = vec![new_device("new-1", &[]), new_device("dev-0100", &[])];
+    assert!(matches!(
+        store.add_devices(&clash).unwrap_err(),
+        RegistryError::DuplicateDevice(d) if d.as_str() == "dev-0100"
+    ));
+    let twice = vec![new_device("new-2", &[]), new_device("new-2", &[])];
+    assert!(matches!(
+        store.add_devices(&twice).unwrap_err(),
+        RegistryError::DuplicateDevice(_)
+    ));
+    assert_eq!(snapshot(store.as_ref()), before);
+    let d = store.device(&id("dev-0249")).unwrap();
+    assert_eq!(d.tags, ["factory".parse().unwrap()].into());
+    assert_eq!(d.cert.unwrap().serial, "0a1b");
+}
+
+pub fn listing_pages_by_id_without_gaps_or_repeats(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    // Ids whose byte order differs from a locale's order ('-' vs '.' vs '_', case).
+    let names: Vec<String> = (0..23)
+        .map(|i| format!("d{}{i:02}", ["-", ".", "_", "A", "a"][i % 5]))
+        .collect();
+    let batch: Vec<NewDevice> = names.iter().map(|n| new_device(n, &[])).collect();
+    store.add_devices(&batch).unwrap();
+    let mut expected = names.clone();
+    expected.sort();
+    let mut seen = Vec::new();
+    let mut query = DeviceQuery {
+        limit: 5,
+        ..DeviceQuery::default()
+    };
+    let mut pages = 0;
+    loop {
+        let page = store.list_devices(&query).unwrap();
+        pages += 1;
+        assert!(page.devices.len() <= 5);
+        seen.extend(ids(&page.devices));
+        match page.next_after {
+            Some(after) => query.after = Some(after),
+            None => break,
+        }
+    }
+    assert_eq!(seen, expected, "byte order, every device once");
+    assert_eq!(pages, 5);
+    // Exactly a full last page says there is nothing more.
+    let all = store
+        .list_devices(&DeviceQuery {
+            limit: 23,
+            ..DeviceQuery::default()
+        })
+        .unwrap();
+    assert_eq!(all.devices.len(), 23);
+    assert_eq!(all.next_after, None);
+}
+
+pub fn listing_filters_by_tag_state_presence_and_text(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    store.add_device(&new_device("lab-1", &["lab"])).unwrap();
+    store
+        .add_device(&new_device("lab-2", &["lab", "eu"]))
+        .unwrap();
+    store.add_device(&new_device("field_1", &["eu"])).unwrap();
+    store.add_device(&new_device("field-2", &[])).unwrap();
+    store
+        .apply(&[
+            online("lab-1", 10),
+            online("field_1", 10),
+            offline("field_1", 20),
+        ])
+        .unwrap();
+    store.revoke(&id("field-2")).unwrap();
+    let list = |q: DeviceQuery| ids(&store.list_devices(&q).unwrap().devices);
+    let q = DeviceQuery::default;
+    assert_eq!(
+        list(DeviceQuery {
+            tag: Some("lab".parse().unwrap()),
+            ..q()
+        }),
+        ["lab-1", "lab-2"]
+    );
+    assert_eq!(
+        list(DeviceQuery {
+            online: Some(true),
+            ..q()
+        }),
+        ["lab-1"]
+    );
+    assert_eq!(
+        list(DeviceQuery {
+            lifecycle: Some(Lifecycle::Provisioned),
+            online: Some(false),
+            ..q()
+        }),
+        ["field_1"]
+    );
+    assert_eq!(
+        list(DeviceQuery {
+            lifecycle: Some(Lifecycle::Registered),
+            ..q()
+        }),
+        ["lab-2"]
+    );
+    assert_eq!(
+        list(DeviceQuery {
+            lifecycle: Some(Lifecycle::Revoked),
+            ..q()
+        }),
+        ["field-2"]
+    );
+    // Text is matched as typed: '_' is not a wildcard.
+    assert_eq!(
+        list(DeviceQuery {
+            search: Some("_".into()),
+            ..q()
+        }),
+        ["field_1"]
+    );
+    assert_eq!(
+        list(DeviceQuery {
+            search: Some("ab-".into()),
+            tag: Some("eu".parse().unwrap()),
+            ..q()
+        }),
+        ["lab-2"]
+    );
+    assert!(
+        list(DeviceQuery {
+            search: Some("%".into()),
+            ..q()
+        })
+        .is_empty()
+    );
+    assert_eq!(
+        list(DeviceQuery {
+            after: Some(id("field_1")),
+            ..q()
+        }),
+        ["lab-1", "lab-2"]
+    );
+}
+
+pub fn listing_refuses_an_empty_or_huge_page(registry: &dyn Fixture) {
+    let store = registry.open(Retention::default());
+    for limit in [0, MAX_PAGE + 1] {
+        let err = store
+            .list_devices(&DeviceQuery {
+                limit,
+                ..DeviceQuery::default()
+            })
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::InvalidQuery(_)), "{err}");
+    }
+}
+
+/// The batch writer decides on the state it loaded; a revocation committed
+/// by another process meanwhile must not be overwritten by that decision.
+pub fn a_revocation_is_not_undone_by_a_concurrent_batch_writer(registry: &dyn Fixture) {
+    let mut writer = registry.open(Retention::default());
+    let mut operator = registry.open(Retention::default());
+    writer.add_device(&new_device("a", &[])).unwrap();
+    let batches = 200u64;
+    let ingest = std::thread::spawn(move || {
+        for i in 1..=batches {
+            writer
+                .apply(&[online("a", i), telemetry("a", i), offline("a", i)])
+                .unwrap();
+        }
+        writer
+    });
+    // Revoke while batches are being written.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while operator.device(&id("a")).unwrap().telemetry_count < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer made no progress"
+        );
+        std::thread::yield_now();
+    }
+    operator.revoke(&id("a")).unwrap();
+    let writer = ingest.join().unwrap();
+    let d = writer.device(&id("a")).unwrap();
+    assert_eq!(d.telemetry_count, batches, "every batch committed");
+    assert_eq!(d.lifecycle, Lifecycle::Revoked);
+    assert!(d.revoked_at.is_some());
+}
+
+pub fn a_final_result_survives_a_duplicate_delivery_in_a_later_batch(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    store.add_device(&new_device("a", &[])).unwrap();
+    store.add_device(&new_device("b", &[])).unwrap();
+    store
+        .insert_commands(&[NewCommand {
+            id: cid("r1"),
+            device: id("a"),
+            action: Action::Reboot,
+            args: Map::new(),
+            delivery: Delivery::Now,
+            requested_by: None,
+            expires_at: None,
+            rule_id: None,
+        }])
+        .unwrap();
+    let result = |device: &str, status, at| Update::CommandResult {
+        device: id(device),
+        result: CommandResult {
+            id: cid("r1"),
+            status,
+            reason: None,
+            output: None,
+            ts: at,
+        },
+        received_at: at,
+    };
+    store
+        .apply(&[result("a", CommandStatus::Failed, 5)])
+        .unwrap();
+    store
+        .apply(&[
+            result("a", CommandStatus::Succeeded, 6),
+            result("a", CommandStatus::Accepted, 7),
+            // Another device cannot finish someone else's command.
+            result("b", CommandStatus::Succeeded, 8),
+        ])
+        .unwrap();
+    let c = store.command(&cid("r1")).unwrap();
+    assert_eq!(c.state, CommandState::Failed);
+    assert_eq!(c.finished_at, Some(5));
+    assert_eq!(c.device, id("a"));
+}
+
+pub fn add_and_read_back_a_device(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    let d = store
+        .add_device(&new_device("rpi-1", &["lab", "eu"]))
+        .unwrap();
+    assert_eq!(d.lifecycle, Lifecycle::Registered);
+    assert!(!d.online);
+    let tags: BTreeSet<String> = d.tags.iter().map(|t| t.to_string()).collect();
+    assert_eq!(tags, ["eu", "lab"].map(String::from).into());
+    assert_eq!(store.device(&id("rpi-1")).unwrap(), d);
+    assert_eq!(d.cert.unwrap().not_after, 2_000_000_000);
+}
+
+pub fn bad_inputs_are_clear_errors_and_change_nothing(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    store.add_device(&new_device("rpi-1", &["lab"])).unwrap();
+    let before = snapshot(store.as_ref());
+
+    let dup = store.add_device(&new_device("rpi-1", &[])).unwrap_err();
+    assert!(matches!(dup, RegistryError::DuplicateDevice(_)), "{dup}");
+    assert!(dup.to_string().contains("rpi-1"));
+    assert!(store.check_new_device(&id("rpi-1")).is_err());
+
+    let ghost = id("ghost");
+    let errors = [
+        store.device(&ghost).unwrap_err(),
+        store.revoke(&ghost).unwrap_err(),
+        store
+            .set_desired(
+                &ghost,
+                &json!({"log_level": "debug"}).as_object().unwrap().clone(),
+            )
+            .unwrap_err(),
+        store.mark_desired_published(&ghost, 3).unwrap_err(),
+        store
+            .set_certificate(
+                &ghost,
+                &CertInfo {
+                    serial: "1".into(),
+                    fingerprint_sha256: "2".into(),
+                    not_after: 3,
+                },
+            )
+            .unwrap_err(),
+        store
+            .add_on_connect(&ghost, Action::Reboot, &Map::new())
+            .unwrap_err(),
+        store.commands_for(&ghost, 10).unwrap_err(),
+        store
+            .devices(&Selector::Ids(vec![id("rpi-1"), ghost.clone()]))
+            .unwrap_err(),
+    ];
+    for e in &errors {
+        assert!(matches!(e, RegistryError::UnknownDevice(_)), "{e}");
+        assert!(e.to_string().contains("ghost"), "{e}");
+    }
+    // A batch of commands where one targets an unknown device inserts none.
+    let cmds = [
+        NewCommand {
+            id: cid("c1"),
+            device: id("rpi-1"),
+            action: Action::Ping,
+            args: Map::new(),
+            delivery: Delivery::Queued,
+            requested_by: None,
+            expires_at: None,
+            rule_id: None,
+        },
+        NewCommand {
+            id: cid("c2"),
+            device: ghost.clone(),
+            action: Action::Ping,
+            args: Map::new(),
+            delivery: Delivery::Queued,
+            requested_by: None,
+            expires_at: None,
+            rule_id: None,
+        },
+    ];
+    assert!(matches!(
+        store.insert_commands(&cmds).unwrap_err(),
+        RegistryError::UnknownDevice(_)
+    ));
+    // Invalid setting key: nothing written.
+    let bad = json!({"Bad Key": 1}).as_object().unwrap().clone();
+    assert!(matches!(
+        store.set_desired(&id("rpi-1"), &bad).unwrap_err(),
+        RegistryError::InvalidSetting { .. }
+    ));
+    assert!(matches!(
+        store.remove_on_connect(42).unwrap_err(),
+        RegistryError::UnknownRule(42)
+    ));
+    // Invalid ids and boards never get as far as the store.
+    assert!("rpi/1".parse::<DeviceId>().is_err());
+    assert!(matches!(
+        "esp32".parse::<Board>().unwrap_err(),
+        RegistryError::UnknownBoard { .. }
+    ));
+    assert_eq!(snapshot(store.as_ref()), before);
+}
+
+pub fn duplicate_command_ids_insert_nothing(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    store.add_device(&new_device("a", &[])).unwrap();
+    let c = |i: &str| NewCommand {
+        id: cid(i),
+        device: id("a"),
+        action: Action::Ping,
+        args: Map::new(),
+        delivery: Delivery::Now,
+        requested_by: Some("operator:t".into()),
+        expires_at: None,
+        rule_id: None,
+    };
+    store.insert_commands(&[c("c1")]).unwrap();
+    let before = snapshot(store.as_ref());
+    let err = store.insert_commands(&[c("c2"), c("c1")]).unwrap_err();
+    assert!(matches!(err, RegistryError::DuplicateCommand(_)), "{err}");
+    assert_eq!(snapshot(store.as_ref()), before);
+}
+
+pub fn status_moves_online_offline_and_provisions_once(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    store.add_device(&new_device("a", &[])).unwrap();
+    let r = store.apply(&[online("a", 100)]).unwrap();
+    assert_eq!(r.connected, vec![id("a")]);
+    let d = store.device(&id("a")).unwrap();
+    assert!(d.online);
+    assert_eq!(d.lifecycle, Lifecycle::Provisioned);
+    assert_eq!(d.provisioned_at, Some(100));
+    assert_eq!(d.last_seen, Some(100));
+    assert_eq!(d.agent_version.as_deref(), Some("0.1.0"));
+
+    // The same retained status replayed (service restart) is not a new connection.
+    let r = store.apply(&[online("a", 100)]).unwrap();
+    assert!(r.connected.is_empty());
+
+    store.apply(&[offline("a", 190)]).unwrap();
+    let d = store.device(&id("a")).unwrap();
+    assert!(!d.online);
+    assert_eq!(d.last_seen, Some(100), "a will does not count as seen");
+
+    let r = store.apply(&[online("a", 200)]).unwrap();
+    assert_eq!(r.connected, vec![id("a")]);
+    let d = store.device(&id("a")).unwrap();
+    assert_eq!(d.provisioned_at, Some(100));
+}
+
+pub fn unknown_devices_are_reported_and_skipped(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    store.add_device(&new_device("a", &[])).unwrap();
+    let r = store
+        .apply(&[
+            telemetry("stranger", 1),
+            telemetry("a", 1),
+            online("stranger", 2),
+        ])
+        .unwrap();
+    assert_eq!(r.applied, 1);
+    assert_eq!(r.unknown_devices, [id("stranger")].into());
+    assert_eq!(store.stats().unwrap().telemetry_rows, 1);
+}
+
+pub fn telemetry_keeps_latest_and_a_bounded_history(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention {
+        telemetry_per_device: 5,
+        ..Retention::default()
+    });
+    store.add_device(&new_device("a", &[])).unwrap();
+    store.add_device(&new_device("b", &[])).unwrap();
+    for chunk in (1..=23).collect::<Vec<u64>>().chunks(4) {
+        let batch: Vec<Update> = chunk
+            .iter()
+            .flat_map(|t| [telemetry("a", *t), telemetry("b", *t + 100)])
+            .collect();
+        store.apply(&batch).unwrap();
+    }
+    let a = store.device(&id("a")).unwrap();
+    assert_eq!(a.telemetry_count, 23);
+    assert_eq!(a.telemetry_at, Some(23));
+    assert_eq!(a.telemetry.unwrap()["ts"], 23);
+    let hist = store.telemetry_history(&id("a"), 100).unwrap();
+    let ts: Vec<u64> = hist.iter().map(|r| r.ts).collect();
+    assert_eq!(ts, vec![23, 22, 21, 20, 19]);
+    let stats = store.stats().unwrap();
+    assert_eq!(stats.telemetry_rows, 10);
+    assert_eq!(stats.telemetry_received, 46);
+}
+
+pub fn events_are_stored_latest_first(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    store.add_device(&new_device("a", &[])).unwrap();
+    let ev = |ts: u64, msg: &str| Update::Event {
+        device: id("a"),
+        event: Event {
+            ts,
+            kind: "boot".into(),
+            message: msg.into(),
+        },
+        received_at: ts,
+    };
+    store.apply(&[ev(1, "first"), ev(2, "second")]).unwrap();
+    let events = store.events(&id("a"), 10).unwrap();
+    assert_eq!(events[0].message, "second");
+    assert_eq!(events.len(), 2);
+}
+
+pub fn desired_settings_merge_bump_revision_and_track_convergence(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    store.add_device(&new_device("a", &[])).unwrap();
+    let d1 = store
+        .set_desired(
+            &id("a"),
+            json!({"telemetry_interval_s": 5, "log_level": "debug"})
+                .as_object()
+                .unwrap(),
+        )
+        .unwrap();
+    assert_eq!(d1.revision, 1);
+    let d2 = store
+        .set_desired(&id("a"), json!({"log_level": null}).as_object().unwrap())
+        .unwrap();
+    assert_eq!(d2.revision, 2);
+    assert_eq!(
+        d2.settings,
+        *json!({"telemetry_interval_s": 5}).as_object().unwrap()
+    );
+
+    assert_eq!(
+        store.unpublished_desired().unwrap(),
+        vec![(id("a"), d2.clone())]
+    );
+    store.mark_desired_published(&id("a"), 2).unwrap();
+    assert!(store.unpublished_desired().unwrap().is_empty());
+    assert!(!store.device(&id("a")).unwrap().converged());
+
+    store
+        .apply(&[Update::Reported {
+            device: id("a"),
+            reported: Reported {
+                revision: 2,
+                applied: json!({"telemetry_interval_s": 5, "log_level": "info"})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+                ignored: Map::new(),
+                ts: 50,
+            },
+            received_at: 50,
+        }])
+        .unwrap();
+    let d = store.device(&id("a")).unwrap();
+    assert_eq!(d.reported.as_ref().unwrap().revision, 2);
+    assert!(d.converged());
+}
+
+pub fn queued_commands_wait_for_online_and_results_are_recorded(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    store.add_device(&new_device("a", &[])).unwrap();
+    store
+        .insert_commands(&[NewCommand {
+            id: cid("q1"),
+            device: id("a"),
+            action: Action::Inventory,
+            args: Map::new(),
+            delivery: Delivery::Queued,
+            requested_by: Some("operator:t".into()),
+            expires_at: None,
+            rule_id: None,
+        }])
+        .unwrap();
+    assert!(
+        store.deliverable_queued().unwrap().is_empty(),
+        "device offline"
+    );
+    assert_eq!(store.queued_for(&id("a")).unwrap().len(), 1);
+    store.apply(&[online("a", 10)]).unwrap();
+    let q = store.deliverable_queued().unwrap();
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].state, CommandState::Queued);
+    store.mark_sent(&[cid("q1")], 11).unwrap();
+    assert!(store.deliverable_queued().unwrap().is_empty());
+
+    let result = |status, output: Option<Value>| Update::CommandResult {
+        device: id("a"),
+        result: CommandResult {
+            id: cid("q1"),
+            status,
+            reason: None,
+            output,
+            ts: 12,
+        },
+        received_at: 12,
+    };
+    store
+        .apply(&[
+            result(CommandStatus::Accepted, None),
+            result(
+                CommandStatus::Succeeded,
+                Some(json!({"agent_version": "0.1.0", "kernel": "6.1"})),
+            ),
+            // A late duplicate must not turn a final state back.
+            result(CommandStatus::Accepted, None),
+        ])
+        .unwrap();
+    let c = store.command(&cid("q1")).unwrap();
+    assert_eq!(c.state, CommandState::Succeeded);
+    assert_eq!(c.sent_at, Some(11));
+    assert_eq!(c.accepted_at, Some(12));
+    assert_eq!(c.finished_at, Some(12));
+    let d = store.device(&id("a")).unwrap();
+    assert_eq!(d.inventory.unwrap()["kernel"], "6.1");
+}
+
+pub fn commands_seen_on_the_wire_and_orphan_results_enter_the_log(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    store.add_device(&new_device("a", &[])).unwrap();
+    let seen = Update::CommandSeen {
+        device: id("a"),
+        command: Command {
+            id: cid("w1"),
+            action: Action::Ping,
+            args: Map::new(),
+            expires_at: None,
+        },
+        received_at: 5,
+    };
+    let orphan = Update::CommandResult {
+        device: id("a"),
+        result: CommandResult {
+            id: cid("o1"),
+            status: CommandStatus::Rejected,
+            reason: Some("unknown action".into()),
+            output: None,
+            ts: 6,
+        },
+        received_at: 6,
+    };
+    store.apply(&[seen, orphan]).unwrap();
+    assert_eq!(
+        store.command(&cid("w1")).unwrap().action.as_deref(),
+        Some("ping")
+    );
+    let o = store.command(&cid("o1")).unwrap();
+    assert_eq!(o.state, CommandState::Rejected);
+    assert_eq!(o.action, None);
+    assert_eq!(o.reason.as_deref(), Some("unknown action"));
+    assert_eq!(store.commands_for(&id("a"), 10).unwrap().len(), 2);
+}
+
+pub fn revoke_marks_device_drops_queue_and_rules_and_is_not_repeatable(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    store.add_device(&new_device("a", &[])).unwrap();
+    store
+        .add_on_connect(&id("a"), Action::Reboot, &Map::new())
+        .unwrap();
+    store
+        .insert_commands(&[NewCommand {
+            id: cid("q1"),
+            device: id("a"),
+            action: Action::Ping,
+            args: Map::new(),
+            delivery: Delivery::Queued,
+            requested_by: None,
+            expires_at: None,
+            rule_id: None,
+        }])
+        .unwrap();
+    let d = store.revoke(&id("a")).unwrap();
+    assert_eq!(d.lifecycle, Lifecycle::Revoked);
+    assert!(d.revoked_at.is_some());
+    assert_eq!(
+        store.command(&cid("q1")).unwrap().state,
+        CommandState::Rejected
+    );
+    assert!(store.on_connect_rules(&id("a")).unwrap().is_empty());
+    let before = snapshot(store.as_ref());
+    assert!(matches!(
+        store.revoke(&id("a")).unwrap_err(),
+        RegistryError::Revoked(_)
+    ));
+    assert!(matches!(
+        store
+            .set_desired(&id("a"), json!({"log_level": "info"}).as_object().unwrap())
+            .unwrap_err(),
+        RegistryError::Revoked(_)
+    ));
+    assert_eq!(snapshot(store.as_ref()), before);
+}
+
+pub fn selectors_by_tag_and_all(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    store.add_device(&new_device("b", &["lab"])).unwrap();
+    store.add_device(&new_device("a", &["lab", "eu"])).unwrap();
+    store.add_device(&new_device("c", &[])).unwrap();
+    let ids = |sel| -> Vec<String> {
+        store
+            .devices(&sel)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.id.to_string())
+            .collect()
+    };
+    assert_eq!(ids(Selector::All), ["a", "b", "c"]);
+    assert_eq!(ids(Selector::Tag("lab".parse().unwrap())), ["a", "b"]);
+    assert_eq!(
+        ids(Selector::Tag("none".parse().unwrap())),
+        Vec::<String>::new()
+    );
+}
+
+pub fn on_connect_rules_round_trip(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    store.add_device(&new_device("a", &[])).unwrap();
+    let rule = store
+        .add_on_connect(
+            &id("a"),
+            Action::Inventory,
+            json!({"x": 1}).as_object().unwrap(),
+        )
+        .unwrap();
+    assert_eq!(
+        store.on_connect_rules(&id("a")).unwrap(),
+        vec![rule.clone()]
+    );
+    store.remove_on_connect(rule.id).unwrap();
+    assert!(store.on_connect_rules(&id("a")).unwrap().is_empty());
+}

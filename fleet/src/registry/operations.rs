@@ -1,0 +1,414 @@
+//! The [`Store`] operations, written once for every backend: each one opens
+//! a transaction, loads what the rule needs, lets [`rules`] decide, stores
+//! the outcome and commits. An error anywhere drops the transaction, so a
+//! failed call changes nothing.
+
+use std::collections::{BTreeSet, HashMap};
+
+use edgebind_protocol::messages::{Action, Desired, UnixSeconds, now_unix};
+use edgebind_protocol::{CommandId, DeviceId};
+use serde_json::{Map, Value};
+
+use super::storage::{Storage, StorageTx};
+use super::*;
+
+fn located<T>(storage: &impl Storage, r: Result<T>) -> Result<T> {
+    r.map_err(|e| e.located(storage.location()))
+}
+
+fn read<S: Storage, T>(s: &S, f: impl FnOnce(&mut dyn StorageTx) -> Result<T>) -> Result<T> {
+    let r = s.read().and_then(|mut tx| {
+        let out = f(tx.as_mut())?;
+        // A read snapshot has nothing to keep; ending it cleanly frees it at once.
+        tx.commit()?;
+        Ok(out)
+    });
+    located(s, r)
+}
+
+fn write<S: Storage, T>(s: &mut S, f: impl FnOnce(&mut dyn StorageTx) -> Result<T>) -> Result<T> {
+    let r = s.write().and_then(|mut tx| {
+        let out = f(tx.as_mut())?;
+        tx.commit()?;
+        Ok(out)
+    });
+    located(s, r)
+}
+
+fn load(tx: &mut dyn StorageTx, id: &DeviceId) -> Result<Device> {
+    tx.device(id)?
+        .ok_or_else(|| RegistryError::UnknownDevice(id.clone()))
+}
+
+fn require(tx: &mut dyn StorageTx, id: &DeviceId) -> Result<()> {
+    if tx.existing(std::slice::from_ref(id))?.is_empty() {
+        return Err(RegistryError::UnknownDevice(id.clone()));
+    }
+    Ok(())
+}
+
+/// Per-device outcome of a batch, stored once at its end.
+struct Touched {
+    state: DeviceState,
+    changed: bool,
+    latest_telemetry: Option<(UnixSeconds, String)>,
+    telemetry_added: u64,
+    events_added: bool,
+}
+
+impl<S: Storage> Store for S {
+    fn location(&self) -> String {
+        Storage::location(self).to_owned()
+    }
+
+    fn check_new_device(&self, id: &DeviceId) -> Result<()> {
+        read(self, |tx| {
+            rules::check_new_devices(&[], &tx.existing(std::slice::from_ref(id))?)
+        })
+    }
+
+    fn add_device(&mut self, new: &NewDevice) -> Result<Device> {
+        let now = now_unix();
+        write(self, |tx| {
+            let batch = std::slice::from_ref(new);
+            rules::check_new_devices(batch, &tx.existing(std::slice::from_ref(&new.id))?)?;
+            tx.insert_devices(batch, now)?;
+            load(tx, &new.id)
+        })
+    }
+
+    fn add_devices(&mut self, new: &[NewDevice]) -> Result<()> {
+        let now = now_unix();
+        write(self, |tx| {
+            let ids: Vec<DeviceId> = new.iter().map(|d| d.id.clone()).collect();
+            rules::check_new_devices(new, &tx.existing(&ids)?)?;
+            tx.insert_devices(new, now)
+        })
+    }
+
+    fn set_certificate(&mut self, id: &DeviceId, cert: &CertInfo) -> Result<()> {
+        write(self, |tx| {
+            if !tx.save_certificate(id, cert)? {
+                return Err(RegistryError::UnknownDevice(id.clone()));
+            }
+            Ok(())
+        })
+    }
+
+    fn device(&self, id: &DeviceId) -> Result<Device> {
+        read(self, |tx| load(tx, id))
+    }
+
+    fn devices(&self, selector: &Selector) -> Result<Vec<Device>> {
+        read(self, |tx| match selector {
+            Selector::All => tx.list(&DeviceQuery::default(), None),
+            Selector::Tag(tag) => tx.list(
+                &DeviceQuery {
+                    tag: Some(tag.clone()),
+                    ..DeviceQuery::default()
+                },
+                None,
+            ),
+            Selector::Ids(ids) => {
+                let sorted: BTreeSet<&DeviceId> = ids.iter().collect();
+                sorted.into_iter().map(|id| load(tx, id)).collect()
+            }
+        })
+    }
+
+    fn list_devices(&self, query: &DeviceQuery) -> Result<DevicePage> {
+        if query.limit == 0 || query.limit > MAX_PAGE {
+            return Err(RegistryError::InvalidQuery(format!(
+                "a page holds 1 to {MAX_PAGE} devices, not {}",
+                query.limit
+            )));
+        }
+        read(self, |tx| {
+            // One more than asked tells whether another page follows.
+            let mut devices = tx.list(query, Some(query.limit + 1))?;
+            let next_after = if devices.len() > query.limit as usize {
+                devices.truncate(query.limit as usize);
+                devices.last().map(|d| d.id.clone())
+            } else {
+                None
+            };
+            Ok(DevicePage {
+                devices,
+                next_after,
+            })
+        })
+    }
+
+    fn revoke(&mut self, id: &DeviceId) -> Result<Device> {
+        let now = now_unix();
+        write(self, |tx| {
+            let device = load(tx, id)?;
+            tx.save_state(id, &rules::revoke(&device, now)?)?;
+            for queued in tx.commands(CommandQuery::QueuedFor(id))? {
+                if let Some(rejected) = rules::reject_for_revocation(&queued, now) {
+                    tx.save_command(&rejected)?;
+                }
+            }
+            tx.delete_rules_of(id)?;
+            load(tx, id)
+        })
+    }
+
+    fn set_desired(&mut self, id: &DeviceId, changes: &Map<String, Value>) -> Result<Desired> {
+        for key in changes.keys() {
+            validate_setting_key(key)?;
+        }
+        write(self, |tx| {
+            let desired = rules::merge_desired(&load(tx, id)?, changes)?;
+            tx.save_desired(id, &desired)?;
+            Ok(desired)
+        })
+    }
+
+    fn unpublished_desired(&self) -> Result<Vec<(DeviceId, Desired)>> {
+        read(self, |tx| tx.unpublished_desired())
+    }
+
+    fn mark_desired_published(&mut self, id: &DeviceId, revision: u64) -> Result<()> {
+        write(self, |tx| {
+            let device = load(tx, id)?;
+            tx.save_desired_published(id, rules::published_revision(&device, revision))
+        })
+    }
+
+    fn insert_commands(&mut self, commands: &[NewCommand]) -> Result<()> {
+        let now = now_unix();
+        let keep = self.retention().commands_per_device;
+        write(self, |tx| {
+            let mut checked: BTreeSet<&DeviceId> = BTreeSet::new();
+            for c in commands {
+                if checked.insert(&c.device) {
+                    rules::ensure_active(&load(tx, &c.device)?)?;
+                }
+                if tx.command(&c.id)?.is_some() {
+                    return Err(RegistryError::DuplicateCommand(c.id.clone()));
+                }
+                tx.insert_command(&rules::new_command(c, now))?;
+            }
+            for device in checked {
+                tx.prune(History::Commands, device, keep)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn command(&self, id: &CommandId) -> Result<CommandRecord> {
+        read(self, |tx| {
+            tx.command(id)?
+                .ok_or_else(|| RegistryError::UnknownCommand(id.clone()))
+        })
+    }
+
+    fn commands_for(&self, device: &DeviceId, limit: u32) -> Result<Vec<CommandRecord>> {
+        read(self, |tx| {
+            require(tx, device)?;
+            tx.commands(CommandQuery::Device { device, limit })
+        })
+    }
+
+    fn deliverable_queued(&self) -> Result<Vec<CommandRecord>> {
+        read(self, |tx| tx.commands(CommandQuery::QueuedOnline))
+    }
+
+    fn queued_for(&self, device: &DeviceId) -> Result<Vec<CommandRecord>> {
+        read(self, |tx| tx.commands(CommandQuery::QueuedFor(device)))
+    }
+
+    fn mark_sent(&mut self, ids: &[CommandId], at: UnixSeconds) -> Result<()> {
+        write(self, |tx| {
+            for id in ids {
+                if let Some(sent) = tx.command(id)?.and_then(|c| rules::mark_sent(&c, at)) {
+                    tx.save_command(&sent)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn add_on_connect(
+        &mut self,
+        device: &DeviceId,
+        action: Action,
+        args: &Map<String, Value>,
+    ) -> Result<OnConnectRule> {
+        let now = now_unix();
+        write(self, |tx| {
+            rules::ensure_active(&load(tx, device)?)?;
+            let id = tx.insert_rule(device, action, args, now)?;
+            Ok(OnConnectRule {
+                id,
+                device: device.clone(),
+                action,
+                args: args.clone(),
+                created_at: now,
+            })
+        })
+    }
+
+    fn on_connect_rules(&self, device: &DeviceId) -> Result<Vec<OnConnectRule>> {
+        read(self, |tx| {
+            require(tx, device)?;
+            tx.rules(device)
+        })
+    }
+
+    fn remove_on_connect(&mut self, rule: i64) -> Result<()> {
+        write(self, |tx| {
+            if !tx.delete_rule(rule)? {
+                return Err(RegistryError::UnknownRule(rule));
+            }
+            Ok(())
+        })
+    }
+
+    fn apply(&mut self, batch: &[Update]) -> Result<BatchReport> {
+        let retention = self.retention();
+        write(self, |tx| {
+            let ids: Vec<DeviceId> = batch
+                .iter()
+                .map(|u| u.device().clone())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let mut touched: HashMap<DeviceId, Touched> = tx
+                .states(&ids)?
+                .into_iter()
+                .map(|(id, state)| {
+                    let t = Touched {
+                        state,
+                        changed: false,
+                        latest_telemetry: None,
+                        telemetry_added: 0,
+                        events_added: false,
+                    };
+                    (id, t)
+                })
+                .collect();
+            let mut report = BatchReport::default();
+            for update in batch {
+                let device = update.device();
+                let Some(t) = touched.get_mut(device) else {
+                    report.unknown_devices.insert(device.clone());
+                    continue;
+                };
+                let before = t.state.clone();
+                match update {
+                    Update::Status {
+                        status,
+                        received_at,
+                        ..
+                    } => {
+                        let (next, new_connection) =
+                            rules::on_status(&t.state, status, *received_at);
+                        t.state = next;
+                        if new_connection {
+                            report.connected.push(device.clone());
+                        }
+                    }
+                    Update::Telemetry {
+                        ts,
+                        payload,
+                        received_at,
+                        ..
+                    } => {
+                        tx.insert_telemetry(device, *ts, *received_at, payload)?;
+                        t.latest_telemetry = Some((*ts, payload.clone()));
+                        t.telemetry_added += 1;
+                        t.state = rules::heard_from(&t.state, *received_at);
+                    }
+                    Update::Event {
+                        event, received_at, ..
+                    } => {
+                        tx.insert_event(device, event, *received_at)?;
+                        t.events_added = true;
+                        t.state = rules::heard_from(&t.state, *received_at);
+                    }
+                    Update::Reported {
+                        reported,
+                        received_at,
+                        ..
+                    } => {
+                        let stored = ReportedState {
+                            revision: reported.revision,
+                            applied: reported.applied.clone(),
+                            ignored: reported.ignored.clone(),
+                            at: reported.ts,
+                        };
+                        tx.save_reported(device, &stored)?;
+                        t.state = rules::heard_from(&t.state, *received_at);
+                    }
+                    Update::CommandSeen {
+                        command,
+                        received_at,
+                        ..
+                    } => {
+                        let existing = tx.command(&command.id)?;
+                        let seen =
+                            rules::command_seen(existing.as_ref(), device, command, *received_at);
+                        match (seen, existing) {
+                            (Some(c), None) => tx.insert_command(&c)?,
+                            (Some(c), Some(_)) => tx.save_command(&c)?,
+                            (None, _) => {}
+                        }
+                    }
+                    Update::CommandResult {
+                        result,
+                        received_at,
+                        ..
+                    } => {
+                        t.state = rules::heard_from(&t.state, *received_at);
+                        let existing = tx.command(&result.id)?;
+                        let effect =
+                            rules::command_result(existing.as_ref(), device, result, *received_at);
+                        match (&effect.command, effect.new_entry) {
+                            (Some(c), true) => tx.insert_command(c)?,
+                            (Some(c), false) => tx.save_command(c)?,
+                            (None, _) => {}
+                        }
+                        if let Some(inventory) = &effect.inventory {
+                            tx.save_inventory(device, inventory, *received_at)?;
+                        }
+                    }
+                }
+                t.changed |= t.state != before;
+                report.applied += 1;
+            }
+            for (device, t) in &touched {
+                if t.changed {
+                    tx.save_state(device, &t.state)?;
+                }
+                if let Some((ts, payload)) = &t.latest_telemetry {
+                    tx.save_latest_telemetry(device, *ts, payload, t.telemetry_added)?;
+                    tx.prune(History::Telemetry, device, retention.telemetry_per_device)?;
+                }
+                if t.events_added {
+                    tx.prune(History::Events, device, retention.events_per_device)?;
+                }
+            }
+            Ok(report)
+        })
+    }
+
+    fn telemetry_history(&self, device: &DeviceId, limit: u32) -> Result<Vec<TelemetryRow>> {
+        read(self, |tx| {
+            require(tx, device)?;
+            tx.telemetry(device, limit)
+        })
+    }
+
+    fn events(&self, device: &DeviceId, limit: u32) -> Result<Vec<EventRow>> {
+        read(self, |tx| {
+            require(tx, device)?;
+            tx.events(device, limit)
+        })
+    }
+
+    fn stats(&self) -> Result<Stats> {
+        read(self, |tx| tx.stats())
+    }
+}

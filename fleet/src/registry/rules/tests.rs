@@ -1,0 +1,349 @@
+use std::collections::BTreeSet;
+
+use edgebind_protocol::messages::{Command, CommandResult, CommandStatus, Presence, Status};
+use serde_json::json;
+
+use super::*;
+
+fn id(s: &str) -> DeviceId {
+    DeviceId::new(s).unwrap()
+}
+
+fn device(lifecycle: Lifecycle) -> Device {
+    Device {
+        id: id("d1"),
+        board: "qemux86-64".parse().unwrap(),
+        tags: BTreeSet::new(),
+        lifecycle,
+        registered_at: 10,
+        provisioned_at: None,
+        revoked_at: None,
+        cert: None,
+        online: false,
+        last_seen: None,
+        connected_at: None,
+        agent_version: None,
+        boot_id: None,
+        addresses: vec![],
+        desired: Map::new(),
+        desired_revision: 0,
+        desired_published_revision: 0,
+        reported: None,
+        inventory: None,
+        inventory_at: None,
+        telemetry: None,
+        telemetry_at: None,
+        telemetry_count: 0,
+    }
+}
+
+fn online(ts: Option<u64>) -> Status {
+    Status {
+        state: Presence::Online,
+        agent_version: Some("1.0".into()),
+        boot_id: Some("boot-a".into()),
+        uptime_s: None,
+        addresses: vec!["10.0.0.2".into()],
+        ts,
+    }
+}
+
+fn offline() -> Status {
+    Status {
+        state: Presence::Offline,
+        agent_version: None,
+        boot_id: None,
+        uptime_s: None,
+        addresses: vec![],
+        ts: None,
+    }
+}
+
+fn sent(action: Option<&str>) -> CommandRecord {
+    CommandRecord {
+        action: action.map(str::to_owned),
+        ..orphan_entry(&CommandId::new("c1").unwrap(), &id("d1"), 100)
+    }
+}
+
+fn result(status: CommandStatus, output: Option<Value>) -> CommandResult {
+    CommandResult {
+        id: CommandId::new("c1").unwrap(),
+        status,
+        reason: None,
+        output,
+        ts: 0,
+    }
+}
+
+#[test]
+fn first_connection_provisions_and_later_ones_keep_the_first_time() {
+    let start = device(Lifecycle::Registered).state();
+    let (s, new) = on_status(&start, &online(Some(50)), 60);
+    assert!(new);
+    assert_eq!(s.lifecycle, Lifecycle::Provisioned);
+    assert_eq!(
+        (s.provisioned_at, s.connected_at, s.last_seen),
+        (Some(60), Some(50), Some(60))
+    );
+    assert!(s.online);
+    let (s, _) = on_status(&s, &offline(), 70);
+    assert!(!s.online);
+    assert_eq!(
+        s.last_seen,
+        Some(60),
+        "a will does not mean the device was heard"
+    );
+    let (s, new) = on_status(&s, &online(Some(80)), 90);
+    assert!(new);
+    assert_eq!(s.provisioned_at, Some(60));
+    assert_eq!(s.connected_at, Some(80));
+}
+
+#[test]
+fn a_replayed_retained_online_is_not_a_new_connection() {
+    let (s, _) = on_status(
+        &device(Lifecycle::Registered).state(),
+        &online(Some(50)),
+        60,
+    );
+    let (again, new) = on_status(&s, &online(Some(50)), 200);
+    assert!(!new);
+    assert_eq!(again.connected_at, Some(50));
+    let (_, new) = on_status(&s, &online(None), 200);
+    assert!(
+        new,
+        "without a ts it cannot be told apart from a new connection"
+    );
+}
+
+#[test]
+fn an_online_status_without_version_keeps_the_known_one() {
+    let (s, _) = on_status(&device(Lifecycle::Registered).state(), &online(Some(1)), 1);
+    let bare = Status {
+        agent_version: None,
+        boot_id: None,
+        ..online(Some(2))
+    };
+    let (s, _) = on_status(&s, &bare, 2);
+    assert_eq!(s.agent_version.as_deref(), Some("1.0"));
+    assert_eq!(s.boot_id.as_deref(), Some("boot-a"));
+}
+
+#[test]
+fn last_seen_never_moves_back() {
+    let s = heard_from(&device(Lifecycle::Provisioned).state(), 100);
+    assert_eq!(heard_from(&s, 90).last_seen, Some(100));
+    assert_eq!(heard_from(&s, 110).last_seen, Some(110));
+}
+
+#[test]
+fn revoking_takes_the_device_offline_once() {
+    let mut d = device(Lifecycle::Provisioned);
+    d.online = true;
+    let s = revoke(&d, 500).unwrap();
+    assert_eq!(
+        (s.lifecycle, s.revoked_at, s.online),
+        (Lifecycle::Revoked, Some(500), false)
+    );
+    d.lifecycle = Lifecycle::Revoked;
+    assert!(matches!(revoke(&d, 600), Err(RegistryError::Revoked(_))));
+    assert!(matches!(
+        merge_desired(&d, &Map::new()),
+        Err(RegistryError::Revoked(_))
+    ));
+}
+
+#[test]
+fn only_queued_commands_are_rejected_on_revocation_or_sent() {
+    let queued = CommandRecord {
+        state: CommandState::Queued,
+        ..sent(Some("ping"))
+    };
+    let rejected = reject_for_revocation(&queued, 9).unwrap();
+    assert_eq!(rejected.state, CommandState::Rejected);
+    assert_eq!(rejected.reason.as_deref(), Some("device revoked"));
+    assert!(reject_for_revocation(&sent(Some("ping")), 9).is_none());
+    assert_eq!(mark_sent(&queued, 7).unwrap().sent_at, Some(7));
+    assert!(
+        mark_sent(&sent(Some("ping")), 7).is_none(),
+        "never sent twice"
+    );
+}
+
+#[test]
+fn a_final_command_state_is_never_overwritten() {
+    let done = command_result(
+        Some(&sent(Some("ping"))),
+        &id("d1"),
+        &result(CommandStatus::Succeeded, None),
+        200,
+    )
+    .command
+    .unwrap();
+    assert_eq!(done.state, CommandState::Succeeded);
+    for late in [
+        CommandStatus::Accepted,
+        CommandStatus::Failed,
+        CommandStatus::Succeeded,
+    ] {
+        let effect = command_result(Some(&done), &id("d1"), &result(late, None), 300);
+        assert_eq!(effect.command, None, "{late:?} after succeeded");
+    }
+}
+
+#[test]
+fn accepted_then_final_records_both_times() {
+    let accepted = command_result(
+        Some(&sent(Some("reboot"))),
+        &id("d1"),
+        &result(CommandStatus::Accepted, None),
+        150,
+    )
+    .command
+    .unwrap();
+    assert_eq!(
+        (accepted.state, accepted.accepted_at),
+        (CommandState::Accepted, Some(150))
+    );
+    let failed = command_result(
+        Some(&accepted),
+        &id("d1"),
+        &CommandResult {
+            reason: Some("busy".into()),
+            ..result(CommandStatus::Failed, None)
+        },
+        160,
+    )
+    .command
+    .unwrap();
+    assert_eq!(failed.state, CommandState::Failed);
+    assert_eq!(
+        (failed.accepted_at, failed.finished_at),
+        (Some(150), Some(160))
+    );
+    assert_eq!(failed.reason.as_deref(), Some("busy"));
+}
+
+#[test]
+fn a_result_never_moves_another_devices_command() {
+    let effect = command_result(
+        Some(&sent(Some("ping"))),
+        &id("intruder"),
+        &result(CommandStatus::Succeeded, None),
+        1,
+    );
+    assert_eq!(effect.command, None);
+}
+
+#[test]
+fn an_orphan_result_gets_a_log_entry_and_the_command_later_its_action() {
+    let effect = command_result(None, &id("d1"), &result(CommandStatus::Succeeded, None), 5);
+    assert!(effect.new_entry);
+    let entry = effect.command.unwrap();
+    assert_eq!(
+        (entry.state, entry.action.clone()),
+        (CommandState::Succeeded, None)
+    );
+    let cmd = Command {
+        id: entry.id.clone(),
+        action: Action::Ping,
+        args: Map::new(),
+        expires_at: None,
+    };
+    let learned = command_seen(Some(&entry), &id("d1"), &cmd, 6).unwrap();
+    assert_eq!(learned.action.as_deref(), Some("ping"));
+    assert_eq!(learned.state, CommandState::Succeeded, "state kept");
+    assert!(command_seen(Some(&learned), &id("d1"), &cmd, 7).is_none());
+}
+
+#[test]
+fn only_a_succeeded_inventory_becomes_the_inventory() {
+    let inv = json!({"agent_version": "1.0"});
+    let ok = command_result(
+        Some(&sent(Some("inventory"))),
+        &id("d1"),
+        &result(CommandStatus::Succeeded, Some(inv.clone())),
+        1,
+    );
+    assert_eq!(ok.inventory, Some(inv.clone()));
+    let failed = command_result(
+        Some(&sent(Some("inventory"))),
+        &id("d1"),
+        &result(CommandStatus::Failed, Some(inv.clone())),
+        1,
+    );
+    assert_eq!(failed.inventory, None);
+    let ping = command_result(
+        Some(&sent(Some("ping"))),
+        &id("d1"),
+        &result(CommandStatus::Succeeded, Some(inv)),
+        1,
+    );
+    assert_eq!(ping.inventory, None);
+}
+
+#[test]
+fn desired_settings_merge_and_null_removes() {
+    let mut d = device(Lifecycle::Provisioned);
+    d.desired.insert("log_level".into(), json!("info"));
+    d.desired_revision = 3;
+    let mut changes = Map::new();
+    changes.insert("log_level".into(), Value::Null);
+    changes.insert("telemetry_interval_s".into(), json!(5));
+    let next = merge_desired(&d, &changes).unwrap();
+    assert_eq!(next.revision, 4);
+    assert_eq!(
+        Value::Object(next.settings),
+        json!({"telemetry_interval_s": 5})
+    );
+    d.desired_published_revision = 4;
+    assert_eq!(
+        published_revision(&d, 2),
+        4,
+        "a late publish never lowers it"
+    );
+}
+
+#[test]
+fn new_devices_are_refused_whole_on_any_duplicate() {
+    let new = |s: &str| NewDevice {
+        id: id(s),
+        board: "qemux86-64".parse().unwrap(),
+        tags: BTreeSet::new(),
+        cert: None,
+    };
+    assert!(check_new_devices(&[new("a"), new("b")], &[]).is_ok());
+    assert!(matches!(
+        check_new_devices(&[new("a"), new("a")], &[]),
+        Err(RegistryError::DuplicateDevice(d)) if d.as_str() == "a"
+    ));
+    assert!(matches!(
+        check_new_devices(&[new("a")], &[id("a")]),
+        Err(RegistryError::DuplicateDevice(_))
+    ));
+}
+
+#[test]
+fn a_queued_command_waits_and_others_are_on_their_way() {
+    let c = NewCommand {
+        id: CommandId::new("c9").unwrap(),
+        device: id("d1"),
+        action: Action::Reboot,
+        args: Map::new(),
+        delivery: Delivery::Queued,
+        requested_by: None,
+        expires_at: None,
+        rule_id: None,
+    };
+    let queued = new_command(&c, 42);
+    assert_eq!((queued.state, queued.sent_at), (CommandState::Queued, None));
+    let now = new_command(
+        &NewCommand {
+            delivery: Delivery::Now,
+            ..c
+        },
+        42,
+    );
+    assert_eq!((now.state, now.sent_at), (CommandState::Sent, Some(42)));
+}

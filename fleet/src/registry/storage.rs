@@ -1,0 +1,98 @@
+//! What a registry backend implements: transactions that store and load
+//! plain values. Nothing here decides anything; the operations in
+//! `operations.rs` load what a rule needs, ask [`super::rules`], and store
+//! the answer, the same way on every backend.
+
+use std::collections::HashMap;
+
+use edgebind_protocol::messages::{Action, Desired, Event, UnixSeconds};
+use edgebind_protocol::{CommandId, DeviceId};
+use serde_json::{Map, Value};
+
+use super::{
+    CertInfo, CommandQuery, CommandRecord, Device, DeviceQuery, DeviceState, EventRow, History,
+    NewDevice, OnConnectRule, ReportedState, Result, Retention, Stats, TelemetryRow,
+};
+
+/// A registry backend: a database the operations run transactions on.
+pub trait Storage: Send {
+    /// Where the registry lives (a file, or a URL without its password), for errors.
+    fn location(&self) -> &str;
+    fn retention(&self) -> Retention;
+    /// A consistent snapshot for reading.
+    fn read(&self) -> Result<Box<dyn StorageTx + '_>>;
+    /// A transaction that writes. While it is open, rows it loaded stay as
+    /// it saw them: no other writer changes them before it commits (SQLite
+    /// admits one writer at a time, PostgreSQL locks the rows it loads).
+    fn write(&mut self) -> Result<Box<dyn StorageTx + '_>>;
+}
+
+/// One transaction. Dropping it without [`StorageTx::commit`] rolls back.
+pub trait StorageTx {
+    fn commit(self: Box<Self>) -> Result<()>;
+
+    fn device(&mut self, id: &DeviceId) -> Result<Option<Device>>;
+    /// Those of `ids` that are registered.
+    fn existing(&mut self, ids: &[DeviceId]) -> Result<Vec<DeviceId>>;
+    /// Lifecycle and presence of the registered ones of `ids`.
+    fn states(&mut self, ids: &[DeviceId]) -> Result<HashMap<DeviceId, DeviceState>>;
+    /// Devices matching `query` (its `limit` ignored), sorted by id, at most `limit`.
+    fn list(&mut self, query: &DeviceQuery, limit: Option<u32>) -> Result<Vec<Device>>;
+    fn insert_devices(&mut self, devices: &[NewDevice], at: UnixSeconds) -> Result<()>;
+    /// False when the device is not registered.
+    fn save_certificate(&mut self, id: &DeviceId, cert: &CertInfo) -> Result<bool>;
+    fn save_state(&mut self, id: &DeviceId, state: &DeviceState) -> Result<()>;
+    fn save_desired(&mut self, id: &DeviceId, desired: &Desired) -> Result<()>;
+    fn save_desired_published(&mut self, id: &DeviceId, revision: u64) -> Result<()>;
+    /// Devices whose desired revision is newer than the published one, by id.
+    fn unpublished_desired(&mut self) -> Result<Vec<(DeviceId, Desired)>>;
+    fn save_reported(&mut self, id: &DeviceId, reported: &ReportedState) -> Result<()>;
+    fn save_inventory(&mut self, id: &DeviceId, inventory: &Value, at: UnixSeconds) -> Result<()>;
+    /// The latest sample as the device's current telemetry, and `added` more
+    /// samples counted.
+    fn save_latest_telemetry(
+        &mut self,
+        id: &DeviceId,
+        ts: UnixSeconds,
+        payload: &str,
+        added: u64,
+    ) -> Result<()>;
+    fn insert_telemetry(
+        &mut self,
+        id: &DeviceId,
+        ts: UnixSeconds,
+        received_at: UnixSeconds,
+        payload: &str,
+    ) -> Result<()>;
+    fn insert_event(
+        &mut self,
+        id: &DeviceId,
+        event: &Event,
+        received_at: UnixSeconds,
+    ) -> Result<()>;
+    /// Keep only the newest `keep` entries of one device's `history`.
+    fn prune(&mut self, history: History, id: &DeviceId, keep: u32) -> Result<()>;
+    fn telemetry(&mut self, id: &DeviceId, limit: u32) -> Result<Vec<TelemetryRow>>;
+    fn events(&mut self, id: &DeviceId, limit: u32) -> Result<Vec<EventRow>>;
+
+    fn command(&mut self, id: &CommandId) -> Result<Option<CommandRecord>>;
+    fn commands(&mut self, query: CommandQuery<'_>) -> Result<Vec<CommandRecord>>;
+    /// Fails with [`super::RegistryError::DuplicateCommand`] if the id is taken.
+    fn insert_command(&mut self, command: &CommandRecord) -> Result<()>;
+    /// Store every mutable field of an existing command.
+    fn save_command(&mut self, command: &CommandRecord) -> Result<()>;
+
+    fn insert_rule(
+        &mut self,
+        device: &DeviceId,
+        action: Action,
+        args: &Map<String, Value>,
+        at: UnixSeconds,
+    ) -> Result<i64>;
+    fn rules(&mut self, device: &DeviceId) -> Result<Vec<OnConnectRule>>;
+    /// False when there was no such rule.
+    fn delete_rule(&mut self, rule: i64) -> Result<bool>;
+    fn delete_rules_of(&mut self, device: &DeviceId) -> Result<()>;
+
+    fn stats(&mut self) -> Result<Stats>;
+}
