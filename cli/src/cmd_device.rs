@@ -205,12 +205,7 @@ fn add(args: AddArgs, home: &Home) -> anyhow::Result<ExitCode> {
     let pki = Pki::open(&home.pki_dir()).context("open the fleet PKI (run `edgebind pki init`)")?;
 
     let issued = pki.issue_device(&id, Validity::days(args.days))?;
-    let toml = edgebind_agent::config::AgentConfig::bundle_template(
-        &id,
-        &host,
-        port,
-        server_name.as_deref(),
-    );
+    let toml = edgebind_certs::bundle::agent_toml(&id, &host, port, server_name.as_deref());
     let written =
         edgebind_certs::bundle::write_bundle(&bundle_dir, &issued, pki.root_pem(), &toml)?;
     let cert = CertInfo {

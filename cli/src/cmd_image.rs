@@ -24,9 +24,7 @@ mod tarball;
 const DEFAULT_CRATES_INC: &str =
     "meta-edgebind/recipes-edgebind/edgebind-agent/edgebind-agent-crates.inc";
 
-/// Where the first-boot import unit looks on the FAT boot partition.
-const IDENTITY_DIR_ON_BOOT: &str = "edgebind";
-const IDENTITY_TAR_ON_BOOT: &str = "edgebind/identity.tar";
+use edgebind_protocol::bundle::{IDENTITY_DIR_ON_BOOT, IDENTITY_TAR_ON_BOOT};
 
 #[derive(Subcommand)]
 pub enum ImageCommand {
@@ -157,11 +155,10 @@ fn personalize_cmd(args: &PersonalizeArgs) -> anyhow::Result<ExitCode> {
 fn load_bundle(path: &Path) -> anyhow::Result<Vec<u8>> {
     let bytes = if path.is_dir() {
         let mut files = Vec::new();
-        for name in tarball::IDENTITY_FILES {
+        for (name, mode) in edgebind_protocol::bundle::FILES {
             let file = path.join(name);
             let data = fs::read(&file)
                 .with_context(|| format!("identity bundle {} lacks {name}", path.display()))?;
-            let mode = if name == "device.key" { 0o600 } else { 0o644 };
             files.push(tarball::Entry {
                 name: name.to_string(),
                 mode,

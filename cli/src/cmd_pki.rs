@@ -384,12 +384,7 @@ fn resolve_broker(home: &Home, t: &BrokerTarget) -> anyhow::Result<(String, u16,
 }
 
 fn agent_toml(id: &DeviceId, broker: &(String, u16, Option<String>)) -> String {
-    edgebind_agent::config::AgentConfig::bundle_template(
-        id,
-        &broker.0,
-        broker.1,
-        broker.2.as_deref(),
-    )
+    edgebind_certs::bundle::agent_toml(id, &broker.0, broker.1, broker.2.as_deref())
 }
 
 fn bundle_cmd(a: BundleArgs, home: &Home) -> anyhow::Result<ExitCode> {

@@ -10,6 +10,7 @@ use edgebind_agent::{Agent, AgentConfig, RunOptions, shutdown_channel};
 use edgebind_certs::Validity;
 use edgebind_fleet::registry::{CertInfo, CommandState, Delivery, NewDevice, Selector, Store, Tag};
 use edgebind_protocol::DeviceId;
+use edgebind_protocol::bundle::agent_toml;
 use edgebind_tests::wait_until;
 use fleet_support::{AgentTweaks, Fleet, stdout};
 use serde_json::Value;
@@ -36,8 +37,7 @@ fn fan_out_to_200_agents_completes_with_every_result_recorded() {
             2,
             |cert| {
                 let id = DeviceId::new(cert.cn.clone()).unwrap();
-                let toml =
-                    AgentConfig::bundle_template(&id, &settings.client_host(), settings.port, None);
+                let toml = agent_toml(&id, &settings.client_host(), settings.port, None);
                 edgebind_certs::bundle::write_bundle(
                     &bundles.join(id.as_str()),
                     cert,

@@ -41,12 +41,7 @@ fn library_run(n: usize, threads: usize, tar_only: bool, keep: &mut Keep) -> any
     let start = Instant::now();
     let each = |issued: &IssuedCert| {
         let id = DeviceId::new(issued.cn.clone())?;
-        let toml = edgebind_agent::config::AgentConfig::bundle_template(
-            &id,
-            "broker.example.net",
-            8883,
-            None,
-        );
+        let toml = bundle::agent_toml(&id, "broker.example.net", 8883, None);
         let form = if tar_only {
             bundle::BundleForm::TarOnly
         } else {
