@@ -43,5 +43,6 @@
 pub mod ingest;
 pub mod mqtt;
 pub mod operator;
+pub mod ops;
 pub mod registry;
 pub mod service;
