@@ -14,7 +14,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
-use crate::home::Home;
+use edgebind_fleet::ops::FleetHome;
 
 mod crates_inc;
 mod mbr;
@@ -76,7 +76,7 @@ pub struct PersonalizeArgs {
     partition: Option<usize>,
 }
 
-pub fn run(cmd: ImageCommand, _home: &Home) -> anyhow::Result<ExitCode> {
+pub fn run(cmd: ImageCommand, _home: &FleetHome) -> anyhow::Result<ExitCode> {
     match cmd {
         ImageCommand::CratesInc(args) => crates_inc_cmd(&args),
         ImageCommand::Personalize(args) => personalize_cmd(&args),

@@ -19,8 +19,9 @@ pub struct AppliedPolicy {
     pub crl: CrlStatus,
     /// Principals the ACL denies everything (all their certificates revoked).
     pub denied: Vec<String>,
-    /// The CRL lapses within the broker's warning window.
+    /// The CRL lapses within the broker's warning window of this many days.
     pub crl_lapses_soon: bool,
+    pub crl_warn_days: u32,
     /// Usable certificates whose names the fleet must not sign (`broker audit`).
     pub misissued_usable: usize,
     /// Pid of the broker that was signalled, or why none was.
@@ -64,6 +65,7 @@ pub fn refresh_broker_policy(home: &FleetHome, pki: &Pki) -> Result<PolicyRefres
     Ok(PolicyRefresh {
         applied: Some(AppliedPolicy {
             crl_lapses_soon: generated.crl.expires_within(now, settings.crl_warn_days),
+            crl_warn_days: settings.crl_warn_days,
             crl: generated.crl,
             denied: generated.revoked,
             misissued_usable,

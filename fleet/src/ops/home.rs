@@ -71,8 +71,9 @@ impl FleetHome {
         )?)
     }
 
-    /// The fleet PKI of this home.
+    /// The fleet PKI of this home (its error says to run `edgebind pki init`
+    /// when there is none).
     pub fn open_pki(&self) -> Result<Pki, OpsError> {
-        Pki::open(&self.pki_dir()).map_err(OpsError::NoPki)
+        Ok(Pki::open(&self.pki_dir())?)
     }
 }

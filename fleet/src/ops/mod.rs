@@ -49,8 +49,6 @@ pub enum OpsError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Pki(#[from] edgebind_certs::Error),
-    #[error("open the fleet PKI (run `edgebind pki init`): {0}")]
-    NoPki(#[source] edgebind_certs::Error),
     #[error(transparent)]
     Broker(#[from] edgebind_broker::Error),
     #[error("broker policy (ACL, CRL) not written: {0}")]
