@@ -104,7 +104,10 @@ impl BrokerRun {
     }
 
     fn identity(&self, id: &str) -> Identity {
-        let out = run(&self.home, &["pki", "issue", "device", id]);
+        let out = run(
+            &self.home,
+            &["pki", "issue", "device", id, "--board", "qemux86-64"],
+        );
         assert!(out.status.success(), "{}", show(&out));
         Identity::from_dir(&self.home.join("bundles").join(id), "device", id)
     }

@@ -74,7 +74,12 @@ fn cli_run(n: usize, tar_only: bool, keep: &mut Keep) -> anyhow::Result<(f64, f6
         .arg(home.path())
         .args(["pki", "issue", "device", "--batch"])
         .arg(&list)
-        .args(["--broker-host", "broker.example.net"]);
+        .args([
+            "--broker-host",
+            "broker.example.net",
+            "--board",
+            "qemux86-64",
+        ]);
     if tar_only {
         cmd.arg("--tar-only");
     }
