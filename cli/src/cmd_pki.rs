@@ -112,9 +112,9 @@ pub enum IssueCommand {
     /// Device certificate (CN = id, clientAuth only), or a batch of bundles.
     #[command(after_help = "\
 Examples:
-  edgebind pki issue device rpi-0001 --board raspberrypi3-64   # -> <home>/bundles/rpi-0001/device.{crt,key}, ca.crt
-  edgebind pki issue device rpi-0001 --days 3650 --out /secure/rpi-0001   # renewal of a registered device
-  edgebind pki issue device --batch ids.txt --board raspberrypi3-64   # factory line: one full bundle per id
+  edgebind pki issue device rpi-0001 --board raspberrypi3-64   # new: <home>/bundles/rpi-0001/
+  edgebind pki issue device rpi-0001 --days 3650 --out /secure/rpi-0001   # renewal
+  edgebind pki issue device --batch ids.txt --board raspberrypi3-64       # factory line
 
 Every device identity is registered: a device the registry does not know yet is
 registered with --board (and --tag), like `edgebind device add`; without --board

@@ -1,5 +1,7 @@
 //! `edgebind`: the one command a fleet operator, a factory line or a firmware
-//! engineer meets. Each subcommand is a thin layer over one library crate.
+//! engineer meets. Each subcommand parses its arguments, calls a library
+//! (`edgebind_fleet::ops` for the operator's use cases, the PKI, broker and
+//! image crates for the rest) and renders the result; nothing else.
 
 mod cmd_broker;
 mod cmd_fleet;

@@ -11,7 +11,9 @@ pub enum DeviceCommand {
     #[command(after_help = "Examples:\n  \
         edgebind device add rpi-0001 --board raspberrypi3-64 --tag lab --tag eu\n\n\
         The bundle (agent.toml, device.crt, device.key, ca.crt) is written to \
-        <home>/bundles/<id>/ and as <home>/bundles/<id>.tar for the factory line.")]
+        <home>/bundles/<id>/ and as <home>/bundles/<id>.tar for the factory line. \
+        If a step fails (bundle, broker ACL/CRL, registry), nothing stays: the new \
+        certificate is revoked, the bundle removed, the registry untouched.")]
     Add(AddArgs),
     /// Everything the registry knows about one device.
     Show(ShowArgs),
