@@ -336,7 +336,10 @@ pub fn register_devices(
         store.check_new_device(id)?;
         output.check_free()?;
     }
-    let broker = resolve_broker(home, batch.broker.as_ref(), &outputs[0])?
+    let bundle = IdentityOutput::Bundle {
+        dir: batch.out.clone(),
+    };
+    let broker = resolve_broker(home, batch.broker.as_ref(), &bundle)?
         .expect("bundles need the broker address");
     let pki = home.open_pki()?;
     std::fs::create_dir_all(&batch.out).map_err(|e| OpsError::Io {

@@ -374,3 +374,67 @@ fn sends_resolve_only_non_revoked_targets() {
     assert_eq!(q.len(), 1);
     assert_eq!(h.store.queued_for(&q[0].device).unwrap().len(), 1);
 }
+
+#[test]
+fn a_batch_whose_bundle_fails_mid_way_removes_every_bundle_and_records_nothing() {
+    let mut h = Home::new();
+    let out = h.home.bundles_dir();
+    std::fs::create_dir_all(&out).unwrap();
+    // Looks free (a dangling link), but nothing can be written through it.
+    std::os::unix::fs::symlink("/nonexistent/edgebind", out.join("d-2")).unwrap();
+    let batch = BatchRegistration {
+        ids: ["d-1", "d-2", "d-3"]
+            .map(|i| DeviceId::new(i).unwrap())
+            .to_vec(),
+        board: "qemux86-64".parse().unwrap(),
+        tags: BTreeSet::new(),
+        validity_days: 30,
+        broker: Some(AgentBroker::from_addr("broker.test:8883").unwrap()),
+        out: out.clone(),
+        form: edgebind_certs::bundle::BundleForm::DirectoryAndTar,
+        threads: 1,
+    };
+    register_devices(&h.home, &mut h.store, &batch, |_| {}).unwrap_err();
+    for id in ["d-1", "d-2", "d-3"] {
+        assert!(
+            std::fs::symlink_metadata(out.join(id)).is_err(),
+            "{id} left"
+        );
+        assert!(!out.join(format!("{id}.tar")).exists(), "{id}.tar left");
+        assert_eq!(h.certificates(id), (0, 0), "{id}: nothing recorded");
+        assert!(h.store.device(&DeviceId::new(id).unwrap()).is_err());
+    }
+}
+
+#[test]
+fn an_identity_the_broker_policy_cannot_take_is_revoked_and_removed() {
+    let h = Home::new();
+    h.broken_broker_policy();
+    let dir = h.home.operator_dir();
+    let op = Principal::from_cn("operator:alice").unwrap();
+    let err = identity::ensure_identity(&h.home, &dir, &op, 30).unwrap_err();
+    assert!(matches!(err, OpsError::Policy(_)), "{err}");
+    assert!(!dir.join("client.crt").exists() && !dir.join("client.key").exists());
+    assert_eq!(h.certificates("operator:alice").1, 1, "revoked");
+}
+
+#[test]
+fn a_renewal_whose_files_cannot_be_written_is_undone() {
+    let mut h = Home::new();
+    let first = h.register("dev-w").unwrap();
+    let blocked = h.home.root().join("blocked");
+    std::fs::write(&blocked, "a file where the identity directory goes").unwrap();
+    let err = renew_device(
+        &h.home,
+        &mut h.store,
+        &first.device.id,
+        30,
+        None,
+        &IdentityOutput::CertificateFiles { dir: blocked },
+    )
+    .unwrap_err();
+    assert!(matches!(err, OpsError::RenewalUndone { .. }), "{err}");
+    assert_eq!(h.certificates("dev-w"), (1, 1));
+    let kept = h.store.device(&first.device.id).unwrap().cert.unwrap();
+    assert_eq!(kept.serial, first.serial);
+}
