@@ -33,7 +33,8 @@ use super::{FleetHome, OpsError, PolicyRefresh, refresh_broker_policy};
 use crate::registry::{Board, CertInfo, Device, Lifecycle, NewDevice, Store, Tag};
 
 /// What a new device's identity is written as.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum IdentityOutput {
     /// A bundle directory (the four bundle files) and `<dir>.tar` beside it.
     Bundle { dir: PathBuf },
@@ -131,7 +132,6 @@ pub struct Registered {
     pub fingerprint_sha256: String,
     /// What `agent.toml` dials (none for certificate files alone).
     pub broker: Option<AgentBroker>,
-    #[serde(skip)]
     pub output: IdentityOutput,
     pub policy: PolicyRefresh,
 }
