@@ -8,8 +8,9 @@
 //! Relative paths inside the file are resolved against the directory holding
 //! the file, so a bundle works wherever it is unpacked.
 //!
-//! [`AgentConfig::bundle_template`] renders the documented file that goes into
-//! identity bundles; a unit test proves the template loads back.
+//! The file that goes into identity bundles is rendered by
+//! [`edgebind_protocol::bundle::agent_toml`], the one bundle contract; a unit
+//! test here proves this parser accepts exactly what that template writes.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -24,24 +25,18 @@ pub const DEFAULT_CONFIG_PATH: &str = "/var/lib/edgebind/identity/agent.toml";
 /// Environment variable naming the configuration file.
 pub const CONFIG_ENV: &str = "EDGEBIND_AGENT_CONFIG";
 
-/// Default MQTT-over-TLS port.
-pub const DEFAULT_PORT: u16 = 8883;
-pub const DEFAULT_KEEP_ALIVE_S: u64 = 30;
-/// One day: commands queued while the device is offline for less than this
-/// are delivered when it comes back.
-pub const DEFAULT_SESSION_EXPIRY_S: u32 = 86_400;
-pub const DEFAULT_RECONNECT_MIN_MS: u64 = 500;
-pub const DEFAULT_RECONNECT_MAX_S: u64 = 60;
-pub const DEFAULT_CERT: &str = "device.crt";
-pub const DEFAULT_KEY: &str = "device.key";
-pub const DEFAULT_CA: &str = "ca.crt";
-pub const DEFAULT_TELEMETRY_INTERVAL_S: u64 = 60;
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/edgebind/state";
-/// 30 days.
-pub const DEFAULT_JOURNAL_MAX_AGE_S: u64 = 30 * 86_400;
-pub const DEFAULT_JOURNAL_MAX_ENTRIES: usize = 1_000;
-pub const DEFAULT_REBOOT_REQUEST_PATH: &str = "/run/edgebind/reboot-request";
-pub const DEFAULT_LOG_LEVEL: &str = "info";
+// The defaults are part of the bundle contract: the template documents them.
+pub use edgebind_protocol::bundle::defaults::{
+    JOURNAL_MAX_AGE_S as DEFAULT_JOURNAL_MAX_AGE_S,
+    JOURNAL_MAX_ENTRIES as DEFAULT_JOURNAL_MAX_ENTRIES, KEEP_ALIVE_S as DEFAULT_KEEP_ALIVE_S,
+    LOG_LEVEL as DEFAULT_LOG_LEVEL, PORT as DEFAULT_PORT,
+    REBOOT_REQUEST_PATH as DEFAULT_REBOOT_REQUEST_PATH, RECONNECT_MAX_S as DEFAULT_RECONNECT_MAX_S,
+    RECONNECT_MIN_MS as DEFAULT_RECONNECT_MIN_MS, SESSION_EXPIRY_S as DEFAULT_SESSION_EXPIRY_S,
+    STATE_DIR as DEFAULT_STATE_DIR, TELEMETRY_INTERVAL_S as DEFAULT_TELEMETRY_INTERVAL_S,
+};
+pub use edgebind_protocol::bundle::{
+    CA_CERT as DEFAULT_CA, DEVICE_CERT as DEFAULT_CERT, DEVICE_KEY as DEFAULT_KEY,
+};
 
 /// Bounds that keep a typo from turning into a busy loop or a silent agent.
 const TELEMETRY_INTERVAL_RANGE_S: (u64, u64) = (1, 86_400);
@@ -544,95 +539,6 @@ impl AgentConfig {
         }
         Ok(())
     }
-
-    /// The documented `agent.toml` that goes into an identity bundle: every
-    /// key is listed with its default (optional ones commented out), paths are
-    /// relative so the bundle works wherever it is unpacked.
-    pub fn bundle_template(
-        device_id: &DeviceId,
-        host: &str,
-        port: u16,
-        server_name: Option<&str>,
-    ) -> String {
-        let server_name_line = match server_name {
-            Some(name) if name != host => format!("server_name = {}", toml_str(name)),
-            _ => format!("# server_name = {}", toml_str(host)),
-        };
-        format!(
-            r#"# Edgebind device agent configuration (edgebind-agent --config PATH).
-# Unknown keys are errors. Relative paths are resolved against this file's directory.
-
-# Must equal the CN of device.crt (default: the CN itself).
-device_id = {device_id}
-
-[broker]
-# Broker host name or IP address (required).
-host = {host}
-# MQTT over TLS port (default 8883).
-port = {port}
-# Name the broker certificate must carry (default: host).
-{server_name_line}
-# MQTT keep-alive in seconds, 5..=3600 (default {keep_alive}).
-# keep_alive_s = {keep_alive}
-# Seconds the broker keeps the session and queued commands while offline (default {session}).
-# session_expiry_s = {session}
-# First reconnect delay cap in ms; doubles per failure, random below the cap (default {rmin}).
-# reconnect_min_ms = {rmin}
-# Largest reconnect delay cap in seconds (default {rmax}).
-# reconnect_max_s = {rmax}
-
-[identity]
-# Device certificate followed by the issuing CA (PEM).
-cert = {cert}
-# Private key of the device certificate (PEM, mode 0600).
-key = {key}
-# Fleet root CA: the only trust anchor.
-ca = {ca}
-
-[telemetry]
-# Seconds between telemetry samples, 1..=86400 (default {interval}).
-# interval_s = {interval}
-
-[state]
-# Persistent, writable directory for the command journal and settings (default {state}).
-# dir = {state}
-# Forget command ids older than this many seconds, at least 2 x session_expiry_s (default {jage}).
-# journal_max_age_s = {jage}
-# Keep at most this many command ids, never dropping redeliverable ones (default {jmax}).
-# journal_max_entries = {jmax}
-
-[actions.reboot]
-# "request-file" (default): create `path`, a root systemd path unit reboots the device.
-# "command": run `command` (argv, no shell), e.g. a harmless one for demos.
-# method = "request-file"
-# path = {reboot_path}
-# command = ["/bin/true"]
-
-[log]
-# error, warn, info, debug or trace (default "info").
-# level = "info"
-"#,
-            device_id = toml_str(device_id.as_str()),
-            host = toml_str(host),
-            keep_alive = DEFAULT_KEEP_ALIVE_S,
-            session = DEFAULT_SESSION_EXPIRY_S,
-            rmin = DEFAULT_RECONNECT_MIN_MS,
-            rmax = DEFAULT_RECONNECT_MAX_S,
-            cert = toml_str(DEFAULT_CERT),
-            key = toml_str(DEFAULT_KEY),
-            ca = toml_str(DEFAULT_CA),
-            interval = DEFAULT_TELEMETRY_INTERVAL_S,
-            state = toml_str(DEFAULT_STATE_DIR),
-            jage = DEFAULT_JOURNAL_MAX_AGE_S,
-            jmax = DEFAULT_JOURNAL_MAX_ENTRIES,
-            reboot_path = toml_str(DEFAULT_REBOOT_REQUEST_PATH),
-        )
-    }
-}
-
-/// A TOML basic string (quotes and escapes).
-fn toml_str(s: &str) -> String {
-    toml::Value::String(s.to_owned()).to_string()
 }
 
 /// The dotted key whose line contains byte `offset` of `text`: the nearest
@@ -670,6 +576,8 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use edgebind_protocol::bundle::agent_toml;
+
     use super::*;
 
     fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
@@ -701,9 +609,9 @@ mod tests {
     }
 
     #[test]
-    fn bundle_template_loads_back_with_its_values() {
+    fn the_shared_bundle_template_loads_back_with_its_values() {
         let id = DeviceId::new("dev-a").unwrap();
-        let text = AgentConfig::bundle_template(&id, "127.0.0.1", 18883, Some("localhost"));
+        let text = agent_toml(&id, "127.0.0.1", 18883, Some("localhost"));
         let c = parse(&text).unwrap();
         assert_eq!(c.device_id, Some(id.clone()));
         assert_eq!(c.broker.host, "127.0.0.1");
@@ -724,8 +632,17 @@ mod tests {
         let mut expected = c.clone();
         expected.broker.server_name = Some("localhost".into());
         assert_eq!(full, expected);
-        let plain = AgentConfig::bundle_template(&id, "broker.lan", 8883, None);
+        let plain = agent_toml(&id, "broker.lan", 8883, None);
         assert_eq!(parse(&plain).unwrap().broker.server_name, None);
+    }
+
+    #[test]
+    fn the_shared_template_escapes_what_the_parser_unescapes() {
+        let id = DeviceId::new("dev-a").unwrap();
+        let odd = "odd \"name\" \\ with\ttab";
+        // Not a valid name (the agent refuses it later), but the TOML must hold it verbatim.
+        let raw: toml::Table = toml::from_str(&agent_toml(&id, "h", 1, Some(odd))).unwrap();
+        assert_eq!(raw["broker"]["server_name"].as_str(), Some(odd));
     }
 
     #[test]

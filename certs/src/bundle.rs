@@ -1,26 +1,18 @@
-//! Device identity bundles: what a factory line writes into an image.
+//! Writing device identity bundles: what a factory line puts into an image.
 //!
-//! A bundle is a directory with four files, and a tar of the same four files
-//! at the top level (no directory prefix) written beside it as `<dir>.tar`:
-//!
-//! | file         | content                                      | mode |
-//! |--------------|----------------------------------------------|------|
-//! | `agent.toml` | ready agent configuration (relative paths)   | 0644 |
-//! | `device.crt` | device certificate followed by the issuing CA | 0644 |
-//! | `device.key` | the device's private key (PKCS#8 PEM)        | 0600 |
-//! | `ca.crt`     | the fleet root CA                            | 0644 |
-//!
-//! The tar is itself 0600 because it contains the key.
+//! The contract (file names, modes, the `agent.toml` template) is
+//! [`edgebind_protocol::bundle`], shared with the agent; this module only
+//! writes it: a directory (0700) with the four files, and a tar of the same
+//! four files at the top level (no directory prefix) beside it as `<dir>.tar`
+//! (0600, because it contains the key).
 
 use std::path::{Path, PathBuf};
 
-use crate::files::{PRIVATE_MODE, PUBLIC_MODE, create_dir, write_private, write_public};
-use crate::{Error, IssuedCert};
+pub use edgebind_protocol::bundle::{AGENT_CONFIG, CA_CERT, DEVICE_CERT, DEVICE_KEY, agent_toml};
+use edgebind_protocol::bundle::{DIR_MODE, PRIVATE_MODE};
 
-pub const AGENT_CONFIG: &str = "agent.toml";
-pub const DEVICE_CERT: &str = "device.crt";
-pub const DEVICE_KEY: &str = "device.key";
-pub const CA_CERT: &str = "ca.crt";
+use crate::files::{create_dir, write_private, write_public};
+use crate::{Error, IssuedCert};
 
 /// Where a bundle was written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,15 +29,14 @@ pub fn tar_path_for(dir: &Path) -> PathBuf {
 }
 
 /// Write the bundle directory `dir` (created 0700) and `<dir>.tar`.
-/// `agent_toml` is the rendered agent configuration (see
-/// `edgebind_agent::config::AgentConfig::bundle_template`).
+/// `agent_toml` is the rendered agent configuration ([`agent_toml`]).
 pub fn write_bundle(
     dir: &Path,
     issued: &IssuedCert,
     root_pem: &str,
     agent_toml: &str,
 ) -> Result<BundlePaths, Error> {
-    create_dir(dir, 0o700)?;
+    create_dir(dir, DIR_MODE)?;
     let files = bundle_files(issued, root_pem, agent_toml);
     for (name, bytes, mode) in files {
         if mode == PRIVATE_MODE {
@@ -74,18 +65,21 @@ pub fn write_tar(
     write_tar_file(tar, &files)
 }
 
-/// The four bundle files with their modes, in bundle order.
+/// The four bundle files with their contract modes, in bundle order.
 fn bundle_files<'a>(
     issued: &'a IssuedCert,
     root_pem: &'a str,
     agent_toml: &'a str,
 ) -> [(&'static str, &'a [u8], u32); 4] {
-    [
-        (AGENT_CONFIG, agent_toml.as_bytes(), PUBLIC_MODE),
-        (DEVICE_CERT, issued.chain_pem.as_bytes(), PUBLIC_MODE),
-        (DEVICE_KEY, issued.key_pem.as_bytes(), PRIVATE_MODE),
-        (CA_CERT, root_pem.as_bytes(), PUBLIC_MODE),
-    ]
+    edgebind_protocol::bundle::FILES.map(|(name, mode)| {
+        let bytes = match name {
+            AGENT_CONFIG => agent_toml.as_bytes(),
+            DEVICE_CERT => issued.chain_pem.as_bytes(),
+            DEVICE_KEY => issued.key_pem.as_bytes(),
+            _ => root_pem.as_bytes(),
+        };
+        (name, bytes, mode)
+    })
 }
 
 /// What a batch writes per device into its output directory.
@@ -140,15 +134,4 @@ fn tar_bytes(files: &[(&str, &[u8], u32)]) -> std::io::Result<Vec<u8>> {
         builder.append_data(&mut header, name, *bytes)?;
     }
     builder.into_inner()
-}
-
-/// A minimal agent configuration following the shared contract, used until
-/// the agent crate's `AgentConfig::bundle_template` is available to the caller.
-pub fn minimal_agent_toml(device_id: &str, host: &str, port: u16, server_name: &str) -> String {
-    format!(
-        "# Edgebind agent identity for {device_id} (paths are relative to this file)\n\
-         device_id = \"{device_id}\"\n\n\
-         [broker]\nhost = \"{host}\"\nport = {port}\nserver_name = \"{server_name}\"\n\n\
-         [identity]\ncert = \"{DEVICE_CERT}\"\nkey = \"{DEVICE_KEY}\"\nca = \"{CA_CERT}\"\n"
-    )
 }

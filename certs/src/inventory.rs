@@ -188,10 +188,12 @@ pub fn normalize_serial(serial: &str) -> String {
 
 /// Freshness of the CRL the broker loads. A CRL past `next_update` makes
 /// Mosquitto refuse every client, so it must be re-issued well before.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CrlStatus {
     pub path: PathBuf,
+    #[serde(with = "time::serde::rfc3339")]
     pub this_update: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
     pub next_update: OffsetDateTime,
     pub crl_number: Option<u64>,
     pub revoked: usize,

@@ -22,6 +22,7 @@
 pub mod bundle;
 mod error;
 pub mod files;
+pub mod inspect;
 pub mod inventory;
 pub mod pki;
 pub mod profile;

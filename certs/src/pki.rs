@@ -490,6 +490,31 @@ impl Pki {
         Ok(entry)
     }
 
+    /// Revoke many certificates by serial in one inventory update and one
+    /// CRL (undoing a batch costs one write, not one per certificate).
+    /// Unknown serials are an error and then nothing is revoked.
+    pub fn revoke_serials(&self, serials: &[String]) -> Result<Vec<InventoryEntry>, Error> {
+        let now = OffsetDateTime::now_utc();
+        let entries = self.update(|inv| {
+            let mut out = Vec::with_capacity(serials.len());
+            for serial in serials {
+                let wanted = normalize_serial(serial);
+                let e = inv
+                    .entries
+                    .iter_mut()
+                    .find(|e| e.serial == wanted)
+                    .ok_or_else(|| Error::UnknownSerial {
+                        serial: serial.clone(),
+                    })?;
+                e.revoked_at.get_or_insert(now);
+                out.push(e.clone());
+            }
+            Ok(out)
+        })?;
+        self.refresh_crl()?;
+        Ok(entries)
+    }
+
     /// Build a new CRL (signed by the issuing CA, valid for the CRL validity
     /// from now), write it to `<pki>/crl.pem` and return its PEM.
     pub fn refresh_crl(&self) -> Result<String, Error> {

@@ -9,8 +9,10 @@ use edgebind_broker::{BrokerSettings, GenerateOptions, Generated, process, super
 use edgebind_certs::Pki;
 use time::OffsetDateTime;
 
-use crate::cmd_pki::{self, warn_crl};
-use crate::home::Home;
+use edgebind_fleet::ops::{self, FleetHome};
+
+use crate::crl_warning::warn_crl;
+use crate::render;
 
 #[derive(Subcommand)]
 pub enum BrokerCommand {
@@ -139,7 +141,7 @@ pub struct ConfigArgs {
     renew_cert: bool,
 }
 
-pub fn run(cmd: BrokerCommand, home: &Home) -> anyhow::Result<ExitCode> {
+pub fn run(cmd: BrokerCommand, home: &FleetHome) -> anyhow::Result<ExitCode> {
     match cmd {
         BrokerCommand::Config(a) => config(a, home),
         BrokerCommand::Run(a) => run_foreground(a, home),
@@ -148,7 +150,7 @@ pub fn run(cmd: BrokerCommand, home: &Home) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn config(a: ConfigArgs, home: &Home) -> anyhow::Result<ExitCode> {
+fn config(a: ConfigArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
     let dir = home.broker_dir();
     let previous = BrokerSettings::load(&dir).ok();
     let mut settings = match (&previous, a.hosts.is_empty() && a.ips.is_empty()) {
@@ -187,7 +189,9 @@ fn config(a: ConfigArgs, home: &Home) -> anyhow::Result<ExitCode> {
         settings.persistence = false;
     }
     settings.validate().map_err(anyhow::Error::msg)?;
-    let pki = cmd_pki::open(home).context("the broker's certificate comes from the fleet PKI")?;
+    let pki = home
+        .open_pki()
+        .context("the broker's certificate comes from the fleet PKI")?;
     let opts = GenerateOptions {
         renew_server_cert: a.renew_cert,
         server_cert_days: None,
@@ -216,8 +220,8 @@ fn config(a: ConfigArgs, home: &Home) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn audit(home: &Home, json: bool) -> anyhow::Result<ExitCode> {
-    let pki = cmd_pki::open(home)?;
+fn audit(home: &FleetHome, json: bool) -> anyhow::Result<ExitCode> {
+    let pki = home.open_pki()?;
     let inventory = pki.inventory()?;
     let findings = inventory.audit(OffsetDateTime::now_utc());
     let active = findings.iter().filter(|f| f.active).count();
@@ -254,42 +258,34 @@ fn audit(home: &Home, json: bool) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// `broker config`/`reload` warn about mis-issued certificates (the full
-/// list is `broker audit`'s).
+/// `broker config` warns about mis-issued certificates (the full list is
+/// `broker audit`'s; a policy refresh reports them itself).
 fn warn_misissued(pki: &Pki) {
-    let Ok(inventory) = pki.inventory() else {
-        return;
-    };
-    let usable = inventory
-        .audit(OffsetDateTime::now_utc())
-        .into_iter()
-        .filter(|f| f.active)
-        .count();
-    if usable > 0 {
-        eprintln!(
-            "warning: {usable} usable certificate(s) carry a name the fleet must not sign; \
-             run `edgebind broker audit` and revoke them"
+    if let Ok(inventory) = pki.inventory() {
+        let now = OffsetDateTime::now_utc();
+        render::misissued(
+            inventory
+                .audit(now)
+                .into_iter()
+                .filter(|f| f.active)
+                .count(),
         );
     }
 }
 
 fn report(generated: &Generated, settings: &BrokerSettings) {
-    println!(
-        "CRL valid until {} ({} revoked); ACL denies {} revoked principal(s)",
-        crate::cmd_pki::ts(generated.crl.next_update),
-        generated.crl.revoked,
-        generated.revoked.len()
-    );
     let now = OffsetDateTime::now_utc();
-    if generated.crl.expires_within(now, settings.crl_warn_days) {
-        eprintln!(
-            "warning: the CRL lapses within {} days; lower crl_warn_days or raise crl_days",
-            settings.crl_warn_days
-        );
-    }
+    render::crl_summary(
+        &generated.crl,
+        generated.revoked.len(),
+        generated
+            .crl
+            .expires_within(now, settings.crl_warn_days)
+            .then_some(settings.crl_warn_days),
+    );
 }
 
-fn run_foreground(a: RunArgs, home: &Home) -> anyhow::Result<ExitCode> {
+fn run_foreground(a: RunArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
     let dir = home.broker_dir();
     let settings = BrokerSettings::load(&dir)?;
     process::find_mosquitto()?;
@@ -330,39 +326,15 @@ fn run_foreground(a: RunArgs, home: &Home) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(code))
 }
 
-fn reload(home: &Home) -> anyhow::Result<ExitCode> {
-    let pki = cmd_pki::open(home)?;
-    if !apply_policy_if_configured(home, &pki)? {
+fn reload(home: &FleetHome) -> anyhow::Result<ExitCode> {
+    let pki = home.open_pki()?;
+    let refresh = ops::refresh_broker_policy(home, &pki)?;
+    if refresh.applied.is_none() {
         anyhow::bail!(
             "the broker is not configured in {} (run `edgebind broker config --host NAME`)",
             home.broker_dir().display()
         );
     }
+    render::policy(&refresh, &pki.crl_path(), &home.broker_dir());
     Ok(ExitCode::SUCCESS)
-}
-
-/// Regenerate the broker's ACL + CRL from the PKI and SIGHUP a running
-/// broker. Returns false when no broker is configured in this home.
-pub fn apply_policy_if_configured(home: &Home, pki: &Pki) -> anyhow::Result<bool> {
-    let dir = home.broker_dir();
-    let Ok(settings) = BrokerSettings::load(&dir) else {
-        println!(
-            "CRL updated in {}; no broker configured in this home",
-            pki.crl_path().display()
-        );
-        return Ok(false);
-    };
-    let generated = edgebind_broker::regenerate_policy(&dir, pki, &settings)?;
-    report(&generated, &settings);
-    warn_misissued(pki);
-    match process::reload(&dir) {
-        Ok(pid) => println!(
-            "broker (pid {pid}) reloaded: new ACL and CRL in force, no client disconnected"
-        ),
-        Err(e) => println!(
-            "ACL and CRL regenerated in {}; broker not reloaded: {e}",
-            dir.display()
-        ),
-    }
-    Ok(true)
 }

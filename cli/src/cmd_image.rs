@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use crate::home::Home;
+use edgebind_fleet::ops::FleetHome;
 
 mod crates_inc;
 mod tarball;
@@ -27,11 +27,10 @@ mod tarball;
 const DEFAULT_CRATES_INC: &str =
     "meta-edgebind/recipes-edgebind/edgebind-agent/edgebind-agent-crates.inc";
 
+use edgebind_protocol::bundle::IDENTITY_TAR_ON_BOOT;
+
 /// The agent's build workspace (see `crates_inc`), beside the root Cargo.toml.
 const AGENT_WORKSPACE: &str = "agent-workspace";
-
-/// Where the first-boot import unit looks on the FAT boot partition.
-const IDENTITY_TAR_ON_BOOT: &str = "edgebind/identity.tar";
 
 #[derive(Subcommand)]
 pub enum ImageCommand {
@@ -84,7 +83,7 @@ pub struct PersonalizeArgs {
     partition: Option<usize>,
 }
 
-pub fn run(cmd: ImageCommand, _home: &Home) -> anyhow::Result<ExitCode> {
+pub fn run(cmd: ImageCommand, _home: &FleetHome) -> anyhow::Result<ExitCode> {
     match cmd {
         ImageCommand::CratesInc(args) => crates_inc_cmd(&args),
         ImageCommand::Personalize(args) => personalize_cmd(&args),
@@ -207,11 +206,10 @@ fn personalize_cmd(args: &PersonalizeArgs) -> anyhow::Result<ExitCode> {
 fn load_bundle(path: &Path) -> anyhow::Result<Vec<u8>> {
     let bytes = if path.is_dir() {
         let mut files = Vec::new();
-        for name in tarball::IDENTITY_FILES {
+        for (name, mode) in edgebind_protocol::bundle::FILES {
             let file = path.join(name);
             let data = fs::read(&file)
                 .with_context(|| format!("identity bundle {} lacks {name}", path.display()))?;
-            let mode = if name == "device.key" { 0o600 } else { 0o644 };
             files.push(tarball::Entry {
                 name: name.to_string(),
                 mode,

@@ -1,5 +1,6 @@
 //! `edgebind pki ...`: the fleet's certificate authority.
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -9,11 +10,15 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use edgebind_certs::{InitOptions, IssuedCert, Pki, Validity, bundle, layout, profile};
+use edgebind_fleet::ops::{
+    self, AgentBroker, BatchRegistration, FleetHome, IdentityOutput, Policy, Registration,
+};
+use edgebind_fleet::registry::{Board, RegistryError, Tag};
 use edgebind_protocol::{DeviceId, Principal};
 use time::OffsetDateTime;
 
-use crate::cmd_broker;
-use crate::home::Home;
+use crate::crl_warning::warn_crl;
+use crate::render;
 
 const CRL_SCHEDULE_HELP: &str = "\
 Keeping the CRL fresh: a CRL past its nextUpdate makes Mosquitto refuse EVERY
@@ -50,14 +55,16 @@ Existing CA files are never overwritten without --force.")]
     /// Issue a fresh device certificate and write its identity bundle (directory + tar).
     #[command(after_help = "\
 Examples:
-  edgebind pki bundle rpi-0001                       # broker from `edgebind broker config`
-  edgebind pki bundle rpi-0001 --broker-host broker.example.net --out /tmp/rpi-0001
+  edgebind pki bundle rpi-0001                       # renewal; broker from `edgebind broker config`
+  edgebind pki bundle rpi-0002 --board raspberrypi3-64 --broker-host broker.example.net
 
 The bundle directory holds agent.toml, device.crt (leaf + issuing CA),
 device.key (0600) and ca.crt (fleet root); <dir>.tar beside it holds the same
 four files at the top level: the factory line copies it to the boot partition as
-edgebind/identity.tar. Each call issues a new certificate (a renewal keeps the id;
-the previous certificate stays valid until it expires or is revoked).")]
+edgebind/identity.tar. Each call issues a new certificate and records it in the
+registry (a renewal keeps the id; the previous certificate stays valid until it
+expires or is revoked). A device the registry does not know is registered with
+--board (and --tag), like `edgebind device add`, or refused without it.")]
     Bundle(BundleArgs),
     /// Revoke every certificate of a device or principal (or one serial).
     #[command(after_help = "\
@@ -66,8 +73,10 @@ Examples:
   edgebind pki revoke operator:bob
   edgebind pki revoke --serial 5f2a...
 
-Marks the certificates revoked in the inventory and re-issues the CRL. When the
-broker is configured in this home, its ACL (which then denies the principal
+Marks the certificates revoked in the inventory and re-issues the CRL. A
+registered device is revoked in the registry too, exactly as `edgebind revoke`
+does (queued commands dropped), also when --serial revokes its last usable
+certificate. When the broker is configured in this home, its ACL (which then denies the principal
 everything, also on connections that are already open) and CRL (refuses new
 connections) are regenerated and a running broker is reloaded (SIGHUP); no other
 client is disconnected.")]
@@ -103,15 +112,19 @@ pub enum IssueCommand {
     /// Device certificate (CN = id, clientAuth only), or a batch of bundles.
     #[command(after_help = "\
 Examples:
-  edgebind pki issue device rpi-0001                 # -> <home>/bundles/rpi-0001/device.{crt,key}, ca.crt
-  edgebind pki issue device rpi-0001 --days 3650 --out /secure/rpi-0001
-  edgebind pki issue device --batch ids.txt          # factory line: one full bundle per id
+  edgebind pki issue device rpi-0001 --board raspberrypi3-64   # new: <home>/bundles/rpi-0001/
+  edgebind pki issue device rpi-0001 --days 3650 --out /secure/rpi-0001   # renewal
+  edgebind pki issue device --batch ids.txt --board raspberrypi3-64       # factory line
 
-A batch file has one device id per line (blank lines and # comments ignored).
-Every id is validated before anything is issued; each gets a bundle directory
-and tar in <home>/bundles/ (or --out; only the tar with --tar-only), using the
-broker from `edgebind broker config` unless --broker-host is given. Progress and
-the rate go to stderr.")]
+Every device identity is registered: a device the registry does not know yet is
+registered with --board (and --tag), like `edgebind device add`; without --board
+it is refused. A registered device gets a renewal (the registry records the new
+certificate). A batch file has one device id per line (blank lines and #
+comments ignored); a batch registers new devices only. Every id is validated
+before anything is issued; each gets a bundle directory and tar in
+<home>/bundles/ (or --out; only the tar with --tar-only), using the broker from
+`edgebind broker config` unless --broker-host is given. Progress and the rate go
+to stderr.")]
     Device(IssueDeviceArgs),
     /// The broker's TLS server certificate (serverAuth, SANs); normally `edgebind broker config` does this.
     Broker(IssueBrokerArgs),
@@ -139,6 +152,8 @@ pub struct IssueDeviceArgs {
     out: Option<PathBuf>,
     #[command(flatten)]
     broker: BrokerTarget,
+    #[command(flatten)]
+    register: RegisterArgs,
     /// Issuing threads for --batch (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -175,6 +190,31 @@ pub struct IssueNamedArgs {
     out: Option<PathBuf>,
 }
 
+/// How a device the registry does not know yet is registered.
+#[derive(Args, Clone)]
+pub struct RegisterArgs {
+    /// Register a new device with this board (Yocto MACHINE), like `device add`.
+    #[arg(long)]
+    board: Option<String>,
+    /// Tag of a newly registered device; repeatable.
+    #[arg(long = "tag", requires = "board")]
+    tags: Vec<String>,
+}
+
+impl RegisterArgs {
+    fn parse(&self) -> anyhow::Result<Option<(Board, BTreeSet<Tag>)>> {
+        let Some(board) = &self.board else {
+            return Ok(None);
+        };
+        let tags = self
+            .tags
+            .iter()
+            .map(|t| t.parse::<Tag>())
+            .collect::<Result<BTreeSet<_>, _>>()?;
+        Ok(Some((board.parse()?, tags)))
+    }
+}
+
 /// Which broker a bundle's agent.toml points at.
 #[derive(Args, Clone)]
 pub struct BrokerTarget {
@@ -201,6 +241,8 @@ pub struct BundleArgs {
     /// Validity in days.
     #[arg(long, default_value_t = profile::default_days::DEVICE)]
     days: u32,
+    #[command(flatten)]
+    register: RegisterArgs,
 }
 
 #[derive(Args)]
@@ -236,7 +278,7 @@ pub struct ListArgs {
     role: Option<String>,
 }
 
-pub fn run(cmd: PkiCommand, home: &Home) -> anyhow::Result<ExitCode> {
+pub fn run(cmd: PkiCommand, home: &FleetHome) -> anyhow::Result<ExitCode> {
     match cmd {
         PkiCommand::Init(a) => init(a, home),
         PkiCommand::Issue(c) => issue(c, home),
@@ -245,17 +287,6 @@ pub fn run(cmd: PkiCommand, home: &Home) -> anyhow::Result<ExitCode> {
         PkiCommand::Crl(a) => crl(a, home),
         PkiCommand::List(a) => list(a, home),
     }
-}
-
-/// Open the PKI in `<home>/pki`.
-pub fn open(home: &Home) -> anyhow::Result<Pki> {
-    Ok(Pki::open(&home.pki_dir())?)
-}
-
-/// RFC 3339 (UTC) for humans and scripts alike.
-pub fn ts(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.to_string())
 }
 
 fn describe(issued: &IssuedCert) -> String {
@@ -268,7 +299,7 @@ fn describe(issued: &IssuedCert) -> String {
     )
 }
 
-fn init(a: InitArgs, home: &Home) -> anyhow::Result<ExitCode> {
+fn init(a: InitArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
     let mut opts = InitOptions::new(a.fleet);
     opts.root_days = a.root_days;
     opts.issuing_days = a.issuing_days;
@@ -302,20 +333,18 @@ fn init(a: InitArgs, home: &Home) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn issue(cmd: IssueCommand, home: &Home) -> anyhow::Result<ExitCode> {
-    let pki = open(home)?;
+fn issue(cmd: IssueCommand, home: &FleetHome) -> anyhow::Result<ExitCode> {
+    let pki = home.open_pki()?;
     match cmd {
         IssueCommand::Device(a) => {
             if let Some(batch) = &a.batch {
-                return issue_batch(&pki, home, batch, &a);
+                return issue_batch(home, batch, &a);
             }
-            let id = a.id.expect("clap requires an id without --batch");
-            let issued = pki.issue_device(&id, Validity::days(a.days))?;
-            let dir = a
-                .out
-                .unwrap_or_else(|| home.bundles_dir().join(id.as_str()));
-            issued.write_identity(&dir, "device", pki.root_pem())?;
-            println!("issued {}", describe(&issued));
+            let id = a.id.clone().expect("clap requires an id without --batch");
+            let dir = a.out.clone().unwrap_or_else(|| home.bundle_dir(&id));
+            let output = IdentityOutput::CertificateFiles { dir: dir.clone() };
+            let issued = issue_device_identity(home, &id, a.days, &a.register, None, output)?;
+            println!("issued {issued}");
             println!(
                 "wrote {}/device.crt, device.key (0600), ca.crt",
                 dir.display()
@@ -343,7 +372,7 @@ fn issue(cmd: IssueCommand, home: &Home) -> anyhow::Result<ExitCode> {
 
 fn issue_named(
     pki: &Pki,
-    home: &Home,
+    home: &FleetHome,
     principal: Principal,
     a: IssueNamedArgs,
 ) -> anyhow::Result<()> {
@@ -367,47 +396,94 @@ fn issue_named(
 }
 
 /// Where agents dial: explicit flags, else the broker settings in this home.
-fn resolve_broker(home: &Home, t: &BrokerTarget) -> anyhow::Result<(String, u16, Option<String>)> {
-    let settings = edgebind_broker::BrokerSettings::load(&home.broker_dir()).ok();
-    let host = match (&t.broker_host, &settings) {
-        (Some(h), _) => h.clone(),
-        (None, Some(s)) => s.client_host(),
-        (None, None) => bail!(
-            "no broker address: pass --broker-host NAME or run `edgebind broker config --host NAME` first"
-        ),
-    };
-    let port = t
-        .broker_port
-        .or(settings.as_ref().map(|s| s.port))
-        .unwrap_or(8883);
-    Ok((host, port, t.server_name.clone()))
-}
-
-fn agent_toml(id: &DeviceId, broker: &(String, u16, Option<String>)) -> String {
-    edgebind_agent::config::AgentConfig::bundle_template(
-        id,
-        &broker.0,
-        broker.1,
-        broker.2.as_deref(),
+fn resolve_broker(home: &FleetHome, t: &BrokerTarget) -> anyhow::Result<AgentBroker> {
+    ops::agent_broker(
+        home,
+        t.broker_host.as_deref(),
+        t.broker_port,
+        t.server_name.as_deref(),
     )
+    .context("no broker address: pass --broker-host NAME or run `edgebind broker config --host NAME` first")
 }
 
-fn bundle_cmd(a: BundleArgs, home: &Home) -> anyhow::Result<ExitCode> {
-    let pki = open(home)?;
+/// Issue a device identity the registry knows: a renewal for a registered
+/// device, a registration (with `--board`) for a new one, else refused.
+/// Returns the description of the new certificate.
+fn issue_device_identity(
+    home: &FleetHome,
+    id: &DeviceId,
+    days: u32,
+    register: &RegisterArgs,
+    broker: Option<AgentBroker>,
+    output: IdentityOutput,
+) -> anyhow::Result<String> {
+    let mut store = home.open_registry()?;
+    let (serial, fingerprint, not_after) = match store.device(id) {
+        Ok(_) => {
+            let renewed =
+                ops::renew_device(home, store.as_mut(), id, days, broker.as_ref(), &output)?;
+            if let Err(e) = &renewed.policy {
+                eprintln!(
+                    "edgebind: warning: broker policy not refreshed ({e}); run `edgebind broker reload`"
+                );
+            }
+            (
+                renewed.serial,
+                renewed.fingerprint_sha256,
+                renewed.device.cert.map(|c| c.not_after),
+            )
+        }
+        Err(RegistryError::UnknownDevice(_)) => {
+            let Some((board, tags)) = register.parse()? else {
+                bail!(
+                    "device {id} is not in the registry: register it with                      `edgebind device add {id} --board BOARD` (or pass --board here); \
+                     every device identity is registered"
+                );
+            };
+            let req = Registration {
+                id: id.clone(),
+                board,
+                tags,
+                validity_days: days,
+                broker,
+                output,
+            };
+            let done = ops::register_device(home, store.as_mut(), &req)?;
+            println!("registered {id} ({})", done.device.board);
+            (
+                done.serial,
+                done.fingerprint_sha256,
+                done.device.cert.map(|c| c.not_after),
+            )
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(format!(
+        "{id} serial {serial} sha256 {fingerprint} valid until {}",
+        render::unix_date(not_after)
+    ))
+}
+
+fn bundle_cmd(a: BundleArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
     let broker = resolve_broker(home, &a.broker)?;
-    let issued = pki.issue_device(&a.id, Validity::days(a.days))?;
-    let dir = a
-        .out
-        .unwrap_or_else(|| home.bundles_dir().join(a.id.as_str()));
-    let paths = bundle::write_bundle(&dir, &issued, pki.root_pem(), &agent_toml(&a.id, &broker))?;
-    println!("issued {}", describe(&issued));
+    let dir = a.out.clone().unwrap_or_else(|| home.bundle_dir(&a.id));
+    let output = IdentityOutput::Bundle { dir: dir.clone() };
+    let issued = issue_device_identity(
+        home,
+        &a.id,
+        a.days,
+        &a.register,
+        Some(broker.clone()),
+        output,
+    )?;
+    println!("issued {issued}");
     println!(
         "bundle: {} (agent.toml -> {}:{})",
-        paths.dir.display(),
-        broker.0,
-        broker.1
+        dir.display(),
+        broker.host,
+        broker.port
     );
-    println!("tar:    {}", paths.tar.display());
+    println!("tar:    {}", bundle::tar_path_for(&dir).display());
     warn_crl(home);
     Ok(ExitCode::SUCCESS)
 }
@@ -436,16 +512,16 @@ fn read_batch(path: &Path) -> anyhow::Result<Vec<DeviceId>> {
     Ok(ids)
 }
 
-fn issue_batch(
-    pki: &Pki,
-    home: &Home,
-    batch: &Path,
-    a: &IssueDeviceArgs,
-) -> anyhow::Result<ExitCode> {
+fn issue_batch(home: &FleetHome, batch: &Path, a: &IssueDeviceArgs) -> anyhow::Result<ExitCode> {
     let ids = read_batch(batch)?;
+    let Some((board, tags)) = a.register.parse()? else {
+        bail!(
+            "nothing issued: a batch registers every device it issues; pass --board BOARD \
+             (and --tag) for them, as `edgebind device add` would"
+        );
+    };
     let broker = resolve_broker(home, &a.broker)?;
     let out = a.out.clone().unwrap_or_else(|| home.bundles_dir());
-    std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
     let threads = a
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
@@ -464,40 +540,62 @@ fn issue_batch(
             let _ = std::io::stderr().flush();
         }
     };
-    let each = |issued: &IssuedCert| {
-        let Some(Principal::Device(id)) = &issued.principal else {
-            unreachable!("batch issues device certificates only")
-        };
-        let toml = agent_toml(id, &broker);
-        bundle::write_into(&out, form, id, issued, pki.root_pem(), &toml)
+    let mut store = home.open_registry()?;
+    let request = BatchRegistration {
+        ids,
+        board,
+        tags,
+        validity_days: a.days,
+        broker: Some(broker),
+        out: out.clone(),
+        form,
+        threads,
     };
-    let issued = pki.issue_devices(&ids, Validity::days(a.days), threads, each, progress)?;
+    let done = ops::register_devices(home, store.as_mut(), &request, progress)?;
     let secs = start.elapsed().as_secs_f64();
     eprintln!();
     println!(
         "issued {} device bundles in {:.2} s ({:.0}/s) into {}",
-        issued.len(),
+        done.registered.len(),
         secs,
-        issued.len() as f64 / secs.max(1e-9),
+        done.registered.len() as f64 / secs.max(1e-9),
         out.display()
     );
+    for (id, why) in &done.failed {
+        eprintln!(
+            "edgebind: {id} not registered (its certificate is revoked, its bundle removed): {why}"
+        );
+    }
     warn_crl(home);
-    Ok(ExitCode::SUCCESS)
+    Ok(if done.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
-fn revoke(a: RevokeArgs, home: &Home) -> anyhow::Result<ExitCode> {
-    let pki = open(home)?;
-    if let Some(serial) = &a.serial {
-        let entry = pki.revoke_serial(serial)?;
-        println!("revoked {} serial {}", entry.cn, entry.serial);
+fn revoke(a: RevokeArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
+    let pki = home.open_pki()?;
+    let mut store = home.open_registry()?;
+    let policy = if a.no_reload {
+        Policy::Leave
+    } else {
+        Policy::Refresh
+    };
+    let done = if let Some(serial) = &a.serial {
+        let done = ops::revoke_serial(home, store.as_mut(), serial, policy)?;
+        for e in &done.certificates {
+            println!("revoked {} serial {}", e.cn, e.serial);
+        }
+        done
     } else {
         let cn = a.cn.expect("clap requires a CN without --serial");
         let principal = Principal::from_cn(&cn)?;
-        let revoked = pki.revoke(&principal)?;
-        if revoked.is_empty() {
+        let done = ops::revoke_principal(home, store.as_mut(), &principal, policy)?;
+        if done.certificates.is_empty() {
             println!("{cn}: every certificate was already revoked");
         }
-        for e in &revoked {
+        for e in &done.certificates {
             println!(
                 "revoked {} serial {} (valid until {})",
                 e.cn,
@@ -505,19 +603,27 @@ fn revoke(a: RevokeArgs, home: &Home) -> anyhow::Result<ExitCode> {
                 e.not_after.date()
             );
         }
-    }
-    if a.no_reload {
+        done
+    };
+    if let Some(d) = &done.device {
         println!(
+            "registry: {} is {}, {} queued command(s) dropped",
+            d.id,
+            d.lifecycle.as_str(),
+            done.dropped_commands
+        );
+    }
+    match &done.policy {
+        None => println!(
             "CRL updated in {}; the broker was not touched (--no-reload)",
             pki.crl_path().display()
-        );
-    } else {
-        cmd_broker::apply_policy_if_configured(home, &pki)?;
+        ),
+        Some(refresh) => render::policy(refresh, &pki.crl_path(), &home.broker_dir()),
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn crl(a: CrlArgs, home: &Home) -> anyhow::Result<ExitCode> {
+fn crl(a: CrlArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
     let settings = edgebind_broker::BrokerSettings::load(&home.broker_dir()).ok();
     let warn_days = settings.as_ref().map_or(3, |s| s.crl_warn_days);
     if a.check {
@@ -530,26 +636,27 @@ fn crl(a: CrlArgs, home: &Home) -> anyhow::Result<ExitCode> {
         println!(
             "{}: next update {} ({} revoked)",
             path.display(),
-            ts(status.next_update),
+            render::time(status.next_update),
             status.revoked
         );
         if status.expires_within(now, warn_days) {
             eprintln!(
                 "warning: the CRL lapses within {warn_days} days ({}); run `edgebind pki crl`",
-                ts(status.next_update)
+                render::time(status.next_update)
             );
             return Ok(ExitCode::from(1));
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let pki = open(home)?;
+    let pki = home.open_pki()?;
     if let Some(mut s) = settings {
         if let Some(days) = a.days {
             s.crl_days = days;
             s.validate().map_err(anyhow::Error::msg)?;
             s.save(&home.broker_dir())?;
         }
-        cmd_broker::apply_policy_if_configured(home, &pki)?;
+        let refresh = ops::refresh_broker_policy(home, &pki)?;
+        render::policy(&refresh, &pki.crl_path(), &home.broker_dir());
     } else {
         let days = a.days.unwrap_or(edgebind_certs::pki::DEFAULT_CRL_DAYS);
         pki.refresh_crl_valid_for(time::Duration::days(i64::from(days)))?;
@@ -557,15 +664,15 @@ fn crl(a: CrlArgs, home: &Home) -> anyhow::Result<ExitCode> {
         println!(
             "CRL {} valid until {} ({} revoked)",
             status.path.display(),
-            ts(status.next_update),
+            render::time(status.next_update),
             status.revoked
         );
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn list(a: ListArgs, home: &Home) -> anyhow::Result<ExitCode> {
-    let pki = open(home)?;
+fn list(a: ListArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
+    let pki = home.open_pki()?;
     let mut inv = pki.inventory()?;
     if let Some(role) = &a.role {
         inv.entries.retain(|e| &e.role == role);
@@ -597,30 +704,4 @@ fn list(a: ListArgs, home: &Home) -> anyhow::Result<ExitCode> {
     }
     warn_crl(home);
     Ok(ExitCode::SUCCESS)
-}
-
-/// Print a warning when the broker's (or the PKI's) CRL is about to lapse.
-pub fn warn_crl(home: &Home) {
-    let settings = edgebind_broker::BrokerSettings::load(&home.broker_dir()).ok();
-    let warn_days = settings.as_ref().map_or(3, |s| s.crl_warn_days);
-    let path = match settings {
-        Some(_) => home.broker_dir().join(edgebind_broker::layout::CRL),
-        None => home.pki_dir().join(layout::CRL),
-    };
-    if let Ok(status) = edgebind_certs::pki::crl_status(&path) {
-        let now = OffsetDateTime::now_utc();
-        if status.is_lapsed(now) {
-            eprintln!(
-                "warning: {} lapsed at {}: the broker refuses EVERY client until `edgebind pki crl` runs",
-                path.display(),
-                ts(status.next_update)
-            );
-        } else if status.expires_within(now, warn_days) {
-            eprintln!(
-                "warning: {} lapses at {} (within {warn_days} days); run `edgebind pki crl` (schedule it daily)",
-                path.display(),
-                ts(status.next_update)
-            );
-        }
-    }
 }

@@ -1,16 +1,20 @@
 //! `edgebind`: the one command a fleet operator, a factory line or a firmware
-//! engineer meets. Each subcommand is a thin layer over one library crate.
+//! engineer meets. Each subcommand parses its arguments, calls a library
+//! (`edgebind_fleet::ops` for the operator's use cases, the PKI, broker and
+//! image crates for the rest) and renders the result; nothing else.
 
 mod cmd_broker;
-mod cmd_device;
 mod cmd_fleet;
 mod cmd_image;
 mod cmd_pki;
-mod home;
+mod connect;
+mod crl_warning;
+mod device;
+mod render;
 
 use clap::{Parser, Subcommand};
 
-use crate::home::Home;
+use edgebind_fleet::ops::FleetHome;
 
 #[derive(Parser)]
 #[command(
@@ -56,15 +60,15 @@ enum Command {
     Broker(cmd_broker::BrokerCommand),
     /// Register, inspect and revoke devices in the registry.
     #[command(subcommand)]
-    Device(cmd_device::DeviceCommand),
+    Device(device::DeviceCommand),
     /// List devices (same as `device list`).
-    Devices(cmd_device::ListArgs),
+    Devices(device::ListArgs),
     /// Send an action to one device, a tag or the whole fleet and wait for results.
-    Send(cmd_device::SendArgs),
+    Send(device::SendArgs),
     /// Set desired settings of a device (`key=value`).
-    Set(cmd_device::SetArgs),
+    Set(device::SetArgs),
     /// Revoke a device: registry, CRL and broker ACL (same as `device revoke`).
-    Revoke(cmd_device::RevokeArgs),
+    Revoke(device::RevokeArgs),
     /// The fleet service that keeps the registry in step with the broker.
     #[command(subcommand)]
     Fleet(cmd_fleet::FleetCommand),
@@ -75,15 +79,15 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let home = Home::new(cli.home).with_registry(cli.registry);
+    let home = FleetHome::new(cli.home).with_registry(cli.registry);
     let result = match cli.command {
         Command::Pki(c) => cmd_pki::run(c, &home),
         Command::Broker(c) => cmd_broker::run(c, &home),
-        Command::Device(c) => cmd_device::run(c, &home),
-        Command::Devices(a) => cmd_device::run(cmd_device::DeviceCommand::List(a), &home),
-        Command::Send(a) => cmd_device::send(a, &home),
-        Command::Set(a) => cmd_device::set(a, &home),
-        Command::Revoke(a) => cmd_device::run(cmd_device::DeviceCommand::Revoke(a), &home),
+        Command::Device(c) => device::run(c, &home),
+        Command::Devices(a) => device::run(device::DeviceCommand::List(a), &home),
+        Command::Send(a) => device::send(a, &home),
+        Command::Set(a) => device::set(a, &home),
+        Command::Revoke(a) => device::run(device::DeviceCommand::Revoke(a), &home),
         Command::Fleet(c) => cmd_fleet::run(c, &home),
         Command::Image(c) => cmd_image::run(c, &home),
     };

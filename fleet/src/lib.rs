@@ -1,5 +1,5 @@
-//! Edgebind fleet side: the device registry and the fleet service that keeps
-//! it in step with the broker.
+//! Edgebind fleet side: the device registry, the fleet service that keeps it
+//! in step with the broker, and the operator's use cases.
 //!
 //! - [`registry`]: the single source of truth per device (board, tags,
 //!   certificate, lifecycle, presence, desired vs reported settings,
@@ -22,6 +22,11 @@
 //!   queued commands, on-connect rules and an inventory request when a device
 //!   connects.
 //! - [`operator`]: publish commands and wait for their results (`edgebind send`).
+//! - [`ops`]: the operator's use cases over a [`ops::FleetHome`] (register a
+//!   device, renew, revoke, refresh the broker policy, find the broker,
+//!   send, set desired settings), each completing or leaving nothing
+//!   half-done; the CLI only parses and renders, and the fleet service or a
+//!   web console call the same functions.
 //! - [`mqtt`]: mTLS connection options (rustls with ring).
 //!
 //! # Delivery guarantees and what the broker must be configured for
@@ -48,5 +53,6 @@
 pub mod ingest;
 pub mod mqtt;
 pub mod operator;
+pub mod ops;
 pub mod registry;
 pub mod service;

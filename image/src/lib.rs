@@ -50,9 +50,7 @@ pub enum Error {
     Io(#[source] std::io::Error),
 }
 
-/// Where the first-boot import looks on the boot partition.
-pub const IDENTITY_DIR: &str = "edgebind";
-pub const IDENTITY_FILE: &str = "identity.tar";
+use edgebind_protocol::bundle::{IDENTITY_DIR_ON_BOOT, IDENTITY_TAR_ON_BOOT};
 
 /// Write an identity bundle (tar bytes) into the image's boot partition
 /// (`number`, or the first FAT one) as `edgebind/identity.tar`. Returns
@@ -66,6 +64,11 @@ pub fn personalize(
         let mut file = File::open(image).map_err(|e| Error::Open(image.to_owned(), e))?;
         partition::boot_partition(&mut file, number)?
     };
-    fat::write_file(image, &partition, IDENTITY_DIR, IDENTITY_FILE, bundle_tar)?;
+    // The bundle contract names the path; the FAT writer wants directory and name.
+    let name = IDENTITY_TAR_ON_BOOT
+        .strip_prefix(IDENTITY_DIR_ON_BOOT)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .expect("the identity tar lies in the identity directory");
+    fat::write_file(image, &partition, IDENTITY_DIR_ON_BOOT, name, bundle_tar)?;
     Ok(partition)
 }

@@ -196,7 +196,7 @@ impl TestPki {
             .issue(&principal, Validity::days(30))
             .expect("issue device certificate");
         let dir = self.bundles_dir().join(id);
-        let toml = edgebind_agent::config::AgentConfig::bundle_template(
+        let toml = edgebind_protocol::bundle::agent_toml(
             &DeviceId::new(id).expect("valid device id"),
             broker.host(),
             broker.port(),

@@ -114,7 +114,10 @@ fn config_run_reload_and_revoke_with_the_cli() {
         "the pid file names `broker run` (it forwards SIGHUP to its mosquitto child)"
     );
 
-    let out = run(home, &["pki", "issue", "device", "dev-a"]);
+    let out = run(
+        home,
+        &["pki", "issue", "device", "dev-a", "--board", "qemux86-64"],
+    );
     assert!(out.status.success(), "{}", show(&out));
     let dev = Identity::from_dir(&home.join("bundles/dev-a"), "device", "dev-a");
     let op = Identity::from_dir(&home.join("operator"), "client", "operator:admin");
@@ -126,6 +129,10 @@ fn config_run_reload_and_revoke_with_the_cli() {
         .unwrap();
     assert_eq!(ack, Some(PubAckReason::Success));
 
+    // A command waiting for dev-a, to see `pki revoke` drop it like `revoke` does.
+    let queued = run(home, &["send", "dev-a", "ping", "--queue", "--json"]);
+    assert!(queued.status.success(), "{}", show(&queued));
+
     let out = run(home, &["pki", "revoke", "dev-a"]);
     assert!(out.status.success(), "{}", show(&out));
     assert!(
@@ -133,6 +140,16 @@ fn config_run_reload_and_revoke_with_the_cli() {
         "{}",
         show(&out)
     );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("registry: dev-a is revoked, 1 queued command(s) dropped"),
+        "{}",
+        show(&out)
+    );
+    let shown = run(home, &["device", "show", "dev-a", "--json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["device"]["lifecycle"], "revoked", "{shown}");
+    assert_eq!(shown["commands"][0]["state"], "rejected", "{shown}");
     // The CLI's SIGHUP is handled asynchronously: wait for the deny to bite.
     assert!(
         wait_until(Duration::from_secs(10), || {

@@ -37,9 +37,12 @@ struct BrokerRun {
 }
 
 impl BrokerRun {
-    /// A fleet home with a PKI and a broker configuration on a free port,
-    /// then `broker run` until mosquitto accepts connections.
-    fn start(home: &Path) -> BrokerRun {
+    /// A fleet home with a PKI, a broker configuration on a free port and
+    /// the registered `devices`, then `broker run` until mosquitto accepts
+    /// connections. The devices are registered first because a registration
+    /// refreshes the broker policy, which re-issues the CRL with the
+    /// configured lifetime instead of the test knob's.
+    fn start(home: &Path, devices: &[&str]) -> BrokerRun {
         let out = run(home, &["pki", "init", "--fleet", "acme"]);
         assert!(out.status.success(), "{}", show(&out));
         let port = free_port().unwrap();
@@ -59,6 +62,13 @@ impl BrokerRun {
             ],
         );
         assert!(out.status.success(), "{}", show(&out));
+        for id in devices {
+            let out = run(
+                home,
+                &["pki", "issue", "device", id, "--board", "qemux86-64"],
+            );
+            assert!(out.status.success(), "{}", show(&out));
+        }
         let log = std::fs::File::create(home.join("broker.log")).unwrap();
         let child = Command::new(bin_path("edgebind"))
             .arg("--home")
@@ -103,9 +113,8 @@ impl BrokerRun {
         edgebind_certs::pki::crl_status(&self.home.join("broker/crl.pem")).unwrap()
     }
 
+    /// The identity of a device registered by [`BrokerRun::start`].
     fn identity(&self, id: &str) -> Identity {
-        let out = run(&self.home, &["pki", "issue", "device", id]);
-        assert!(out.status.success(), "{}", show(&out));
         Identity::from_dir(&self.home.join("bundles").join(id), "device", id)
     }
 
@@ -151,7 +160,7 @@ fn home() -> tempfile::TempDir {
 #[test]
 fn broker_run_refreshes_a_short_lived_crl_without_dropping_anyone() {
     let tmp = home();
-    let mut broker = BrokerRun::start(tmp.path());
+    let mut broker = BrokerRun::start(tmp.path(), &["dev-early", "dev-late"]);
     let pid_file = std::fs::read_to_string(tmp.path().join("broker/mosquitto.pid")).unwrap();
     assert_eq!(
         pid_file.trim(),
@@ -263,7 +272,7 @@ fn broker_run_refreshes_a_short_lived_crl_without_dropping_anyone() {
 #[test]
 fn broker_run_exits_nonzero_when_mosquitto_dies_and_forwards_reload() {
     let tmp = home();
-    let mut broker = BrokerRun::start(tmp.path());
+    let mut broker = BrokerRun::start(tmp.path(), &[]);
 
     // `broker reload` signals the supervisor, which forwards SIGHUP.
     let out = run(tmp.path(), &["broker", "reload"]);
@@ -300,7 +309,7 @@ fn broker_run_exits_nonzero_when_mosquitto_dies_and_forwards_reload() {
 #[test]
 fn a_sigkilled_broker_run_leaves_no_mosquitto_behind() {
     let tmp = home();
-    let mut broker = BrokerRun::start(tmp.path());
+    let mut broker = BrokerRun::start(tmp.path(), &[]);
     assert!(pid_alive(broker.mosquitto));
     // SIGKILL cannot be forwarded: the watchdog sees the supervisor's pipe
     // close and stops mosquitto.

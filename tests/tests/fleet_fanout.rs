@@ -7,8 +7,9 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use edgebind_agent::{Agent, AgentConfig, RunOptions, shutdown_channel};
-use edgebind_certs::Validity;
-use edgebind_fleet::registry::{CertInfo, CommandState, Delivery, NewDevice, Selector, Store, Tag};
+use edgebind_certs::bundle::BundleForm;
+use edgebind_fleet::ops::{BatchRegistration, FleetHome, register_devices};
+use edgebind_fleet::registry::{CommandState, Delivery, Selector, Store, Tag};
 use edgebind_protocol::DeviceId;
 use edgebind_tests::wait_until;
 use fleet_support::{AgentTweaks, Fleet, stdout};
@@ -21,50 +22,27 @@ fn fan_out_to_200_agents_completes_with_every_result_recorded() {
     let mut fleet = Fleet::start();
     fleet.start_service();
 
-    // Register 200 devices the way `device add` does (issue + bundle +
-    // registry), in one batch to keep the test quick.
+    // Register 200 devices with the library call `pki issue device --batch`
+    // makes (issue + bundle + broker policy + registry), to keep the test quick.
     let ids: Vec<DeviceId> = (0..DEVICES)
         .map(|i| DeviceId::new(format!("fan-{i:03}")).unwrap())
         .collect();
-    let pki = fleet.env.pki.pki();
-    let settings = edgebind_broker::BrokerSettings::load(fleet.env.broker.dir()).unwrap();
-    let bundles = fleet.home().join("bundles");
-    let issued = pki
-        .issue_devices(
-            &ids,
-            Validity::days(30),
-            2,
-            |cert| {
-                let id = DeviceId::new(cert.cn.clone()).unwrap();
-                let toml =
-                    AgentConfig::bundle_template(&id, &settings.client_host(), settings.port, None);
-                edgebind_certs::bundle::write_bundle(
-                    &bundles.join(id.as_str()),
-                    cert,
-                    pki.root_pem(),
-                    &toml,
-                )?;
-                Ok(())
-            },
-            |_| {},
-        )
-        .unwrap();
+    let home = FleetHome::new(fleet.home());
+    let bundles = home.bundles_dir();
     let mut store = fleet.registry();
     let tag: Tag = "fanout".parse().unwrap();
-    for cert in &issued {
-        store
-            .add_device(&NewDevice {
-                id: DeviceId::new(cert.cn.clone()).unwrap(),
-                board: "raspberrypi4-64".parse().unwrap(),
-                tags: BTreeSet::from([tag.clone()]),
-                cert: Some(CertInfo {
-                    serial: cert.serial.clone(),
-                    fingerprint_sha256: cert.fingerprint_sha256.clone(),
-                    not_after: cert.not_after.unix_timestamp() as u64,
-                }),
-            })
-            .unwrap();
-    }
+    let batch = BatchRegistration {
+        ids: ids.clone(),
+        board: "raspberrypi4-64".parse().unwrap(),
+        tags: BTreeSet::from([tag.clone()]),
+        validity_days: 30,
+        broker: None,
+        out: bundles.clone(),
+        form: BundleForm::DirectoryAndTar,
+        threads: 2,
+    };
+    let done = register_devices(&home, &mut store, &batch, |_| {}).unwrap();
+    assert_eq!(done.registered.len(), DEVICES, "{:?}", done.failed);
 
     // 200 agents in this process.
     let tweaks = AgentTweaks {

@@ -115,6 +115,8 @@ fn bundle_directory_and_tar_are_ready_for_the_agent() {
             "pki",
             "bundle",
             "rpi-0001",
+            "--board",
+            "raspberrypi3-64",
             "--broker-host",
             "broker.example.net",
             "--broker-port",
@@ -202,6 +204,8 @@ fn batch_issues_one_bundle_per_id() {
             batch.to_str().unwrap(),
             "--broker-host",
             "b.example",
+            "--board",
+            "qemux86-64",
         ],
     );
     assert!(out.status.success(), "{}", show(&out));
@@ -222,6 +226,112 @@ fn batch_issues_one_bundle_per_id() {
             .count(),
         20
     );
+    let devices = run(home, &["devices", "--json"]);
+    let devices: serde_json::Value = serde_json::from_slice(&devices.stdout).unwrap();
+    assert_eq!(devices.as_array().unwrap().len(), 20, "each one registered");
+}
+
+fn device_json(home: &Path, id: &str) -> serde_json::Value {
+    let out = run(home, &["device", "show", id, "--json"]);
+    assert!(out.status.success(), "{}", show(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn every_device_identity_is_registered_or_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path();
+    assert!(
+        run(home, &["pki", "init", "--fleet", "acme"])
+            .status
+            .success()
+    );
+    let before = inventory(home).entries.len();
+    let batch = home.join("ids.txt");
+    std::fs::write(&batch, "new-2\nnew-3\n").unwrap();
+    for args in [
+        &["pki", "bundle", "new-1", "--broker-host", "b"][..],
+        &["pki", "issue", "device", "new-1"],
+        &[
+            "pki",
+            "issue",
+            "device",
+            "--batch",
+            batch.to_str().unwrap(),
+            "--broker-host",
+            "b",
+        ],
+    ] {
+        let out = run(home, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", show(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--board"), "{args:?}: {err}");
+    }
+    let out = run(home, &["pki", "bundle", "new-1", "--broker-host", "b"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("edgebind device add new-1"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(inventory(home).entries.len(), before, "nothing issued");
+    assert!(!home.join("bundles/new-1").exists());
+
+    // With --board the identity is a registration, like `device add`.
+    let out = run(
+        home,
+        &[
+            "pki",
+            "bundle",
+            "new-1",
+            "--board",
+            "qemux86-64",
+            "--tag",
+            "line-a",
+            "--broker-host",
+            "b",
+        ],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    let first = inventory(home)
+        .by_cn("new-1")
+        .next()
+        .unwrap()
+        .serial
+        .clone();
+    let d = device_json(home, "new-1");
+    assert_eq!(d["device"]["cert"]["serial"], first.as_str(), "{d}");
+    assert_eq!(d["device"]["tags"][0], "line-a", "{d}");
+
+    // Again: a renewal, and the registry records the new certificate.
+    let out = run(home, &["pki", "bundle", "new-1", "--broker-host", "b"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let serials: Vec<String> = inventory(home)
+        .by_cn("new-1")
+        .map(|e| e.serial.clone())
+        .collect();
+    assert_eq!(serials.len(), 2);
+    let d = device_json(home, "new-1");
+    assert_eq!(d["device"]["cert"]["serial"], serials[1].as_str(), "{d}");
+
+    // Revoking the old serial leaves a usable certificate: still registered.
+    let out = run(home, &["pki", "revoke", "--serial", &serials[0]]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(
+        device_json(home, "new-1")["device"]["lifecycle"],
+        "registered"
+    );
+    // Revoking the last one leaves none: the registry says revoked too.
+    let out = run(home, &["pki", "revoke", "--serial", &serials[1]]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("registry: new-1 is revoked"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(device_json(home, "new-1")["device"]["lifecycle"], "revoked");
+    let again = run(home, &["revoke", "new-1"]);
+    assert_eq!(again.status.code(), Some(1), "{}", show(&again));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already revoked"));
 }
 
 #[test]

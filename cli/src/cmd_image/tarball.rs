@@ -4,8 +4,8 @@
 
 use anyhow::{Context, bail};
 
-/// The files of an identity bundle (see the cross-helper contract).
-pub const IDENTITY_FILES: [&str; 4] = ["agent.toml", "device.crt", "device.key", "ca.crt"];
+/// The files of an identity bundle, in bundle order.
+pub use edgebind_protocol::bundle::NAMES as IDENTITY_FILES;
 
 const BLOCK: usize = 512;
 

@@ -72,7 +72,7 @@ fn identity_entries() -> Vec<tarball::Entry> {
         .iter()
         .map(|n| tarball::Entry {
             name: n.to_string(),
-            mode: if *n == "device.key" { 0o600 } else { 0o644 },
+            mode: edgebind_protocol::bundle::mode_of(n).unwrap(),
             data: format!("contents of {n}\n").into_bytes(),
         })
         .collect()
@@ -277,4 +277,33 @@ fn personalize_refuses_a_bundle_that_is_not_an_identity() {
         format!("{err:#}").contains("is not an identity bundle"),
         "{err:#}"
     );
+}
+
+/// The image's import script is shell (it runs before the agent, on the
+/// device): it cannot link the contract, so this holds it to it.
+#[test]
+fn the_identity_import_script_follows_the_bundle_contract() {
+    use edgebind_protocol::bundle::{self, FILES, IDENTITY_TAR_ON_BOOT, NAMES};
+    let script = include_str!(
+        "../../../meta-edgebind/recipes-edgebind/edgebind-agent/files/edgebind-identity-import"
+    );
+    assert!(
+        script.contains(&format!("FILES=\"{}\"\n", NAMES.join(" "))),
+        "FILES= in the import script differs from {NAMES:?}"
+    );
+    assert!(
+        script.contains(&format!("BUNDLE=$BOOT/{IDENTITY_TAR_ON_BOOT}\n")),
+        "the import script looks elsewhere than {IDENTITY_TAR_ON_BOOT}"
+    );
+    assert!(script.contains(&format!("chmod {:04o} \"$staging\"\n", bundle::DIR_MODE)));
+    for (name, mode) in FILES {
+        let chmod = script
+            .lines()
+            .find(|l| l.starts_with("chmod ") && l.contains(&format!("\"$staging/{name}\"")))
+            .unwrap_or_else(|| panic!("the import script never sets the mode of {name}"));
+        assert!(
+            chmod.starts_with(&format!("chmod {mode:04o} ")),
+            "{name}: {chmod}"
+        );
+    }
 }

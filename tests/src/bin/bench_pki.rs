@@ -41,12 +41,7 @@ fn library_run(n: usize, threads: usize, tar_only: bool, keep: &mut Keep) -> any
     let start = Instant::now();
     let each = |issued: &IssuedCert| {
         let id = DeviceId::new(issued.cn.clone())?;
-        let toml = edgebind_agent::config::AgentConfig::bundle_template(
-            &id,
-            "broker.example.net",
-            8883,
-            None,
-        );
+        let toml = bundle::agent_toml(&id, "broker.example.net", 8883, None);
         let form = if tar_only {
             bundle::BundleForm::TarOnly
         } else {
@@ -79,7 +74,12 @@ fn cli_run(n: usize, tar_only: bool, keep: &mut Keep) -> anyhow::Result<(f64, f6
         .arg(home.path())
         .args(["pki", "issue", "device", "--batch"])
         .arg(&list)
-        .args(["--broker-host", "broker.example.net"]);
+        .args([
+            "--broker-host",
+            "broker.example.net",
+            "--board",
+            "qemux86-64",
+        ]);
     if tar_only {
         cmd.arg("--tar-only");
     }

@@ -139,6 +139,8 @@ impl Fleet {
             "pki",
             "bundle",
             self.device.as_str(),
+            "--board",
+            "qemux86-64",
             "--broker-host",
             GUEST_HOST_ADDR,
             "--broker-port",

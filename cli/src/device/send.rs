@@ -1,0 +1,189 @@
+//! `edgebind send`: parse the words, call the library's send, render the
+//! progress and the outcomes.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::bail;
+use edgebind_fleet::operator::{DeviceOutcome, Outcome};
+use edgebind_fleet::ops::{self, FleetHome, Mode, SendEvent, SendRequest, Sent, Targets};
+use edgebind_fleet::registry::parse_args;
+use edgebind_protocol::DeviceId;
+use edgebind_protocol::messages::Action;
+
+use super::args::SendArgs;
+
+/// Split `send`'s words into (device, action, key=value args).
+fn send_words(args: &SendArgs) -> anyhow::Result<(Option<&str>, &str, &[String])> {
+    let fan_out = args.tag.is_some() || args.all;
+    match (fan_out, args.words.as_slice()) {
+        (true, [action, rest @ ..]) => Ok((None, action, rest)),
+        (false, [device, action, rest @ ..]) => Ok((Some(device), action, rest)),
+        (false, [_]) => bail!("name the device and the action: `edgebind send <device> <action>`"),
+        _ => bail!("name an action"),
+    }
+}
+
+pub fn send(args: SendArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
+    let (device, action, rest) = send_words(&args)?;
+    let action: Action = action.parse().map_err(anyhow::Error::msg)?;
+    let cmd_args = parse_args(rest.iter().map(String::as_str))?;
+    let targets = match (device, &args.tag, args.all) {
+        (Some(id), _, _) => Targets::Device(DeviceId::new(id)?),
+        (None, Some(tag), _) => Targets::Tag(tag.parse()?),
+        (None, None, true) => Targets::All,
+        (None, None, false) => bail!("name a device, --tag or --all"),
+    };
+    let mode = match (args.on_connect, args.queue, args.wait) {
+        (true, _, _) => Mode::OnConnect,
+        (false, true, true) => Mode::QueueAndWait,
+        (false, true, false) => Mode::Queue,
+        (false, false, _) => Mode::Now,
+    };
+    let req = SendRequest {
+        targets,
+        action,
+        args: cmd_args,
+        mode,
+        timeout: Duration::from_secs(args.timeout),
+        expires_in: args.expires_in,
+        identity_dir: args
+            .connect
+            .identity
+            .clone()
+            .unwrap_or_else(|| home.operator_dir()),
+        identity_explicit: args.connect.identity.is_some(),
+        broker: args.connect.broker.clone(),
+    };
+    let mut store = home.open_registry()?;
+    let sent = ops::send(home, store.as_mut(), &req, |event| match event {
+        SendEvent::IdentityIssued(i) => eprintln!(
+            "edgebind: issued {} (serial {}) into {}",
+            i.cn,
+            i.serial,
+            i.dir.display()
+        ),
+        SendEvent::Progress {
+            done,
+            total,
+            failures,
+        } if total > 1 && !args.json => {
+            eprint!(
+                "\r[{done:>width$}/{total}] {} ok, {failures} not ok",
+                done - failures,
+                width = total.to_string().len()
+            );
+            let _ = std::io::stderr().flush();
+            if done == total {
+                eprintln!();
+            }
+        }
+        SendEvent::Progress { .. } => {}
+    })?;
+    match &sent {
+        Sent::Rules(rules) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(rules)?);
+            } else {
+                for r in rules {
+                    println!(
+                        "{}: {} will run on every connect (rule {})",
+                        r.device, r.action, r.id
+                    );
+                }
+            }
+        }
+        Sent::Queued(queued) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(queued)?);
+            } else {
+                for c in queued {
+                    println!(
+                        "{}: {} queued as {} (delivered by the fleet service when the device is online)",
+                        c.device, action, c.command
+                    );
+                }
+            }
+        }
+        Sent::Finished {
+            outcomes,
+            not_recorded,
+        } => {
+            if let Some(e) = not_recorded {
+                eprintln!("edgebind: warning: results not recorded in the registry: {e}");
+            }
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(outcomes)?);
+            } else {
+                print_outcomes(outcomes, action);
+            }
+        }
+    }
+    Ok(if sent.all_succeeded() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_outcomes(outcomes: &[DeviceOutcome], action: Action) {
+    for o in outcomes {
+        let detail = match &o.outcome {
+            Outcome::Succeeded { output: Some(out) } => format!(" {out}"),
+            Outcome::Failed { reason, output } => format!(
+                " {}{}",
+                reason.as_deref().unwrap_or(""),
+                output.as_ref().map(|o| format!(" {o}")).unwrap_or_default()
+            ),
+            Outcome::Rejected { reason } => format!(" {}", reason.as_deref().unwrap_or("")),
+            _ => String::new(),
+        };
+        println!(
+            "{:<24} {} {} ({} ms) [{}]{}",
+            o.device,
+            action,
+            o.outcome.label(),
+            o.elapsed_ms,
+            o.command,
+            detail.trim_end()
+        );
+    }
+    if outcomes.len() > 1 {
+        let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+        for o in outcomes {
+            *counts.entry(o.outcome.label()).or_default() += 1;
+        }
+        let summary: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        println!("{} devices: {}", outcomes.len(), summary.join(", "));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::device::tests::{Cli, Top};
+
+    fn send_args(argv: &[&str]) -> SendArgs {
+        let cli = Cli::try_parse_from(std::iter::once("x").chain(argv.iter().copied())).unwrap();
+        match cli.cmd {
+            Top::Send(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn send_words_split_by_target_kind() {
+        let a = send_args(&["send", "dev-a", "reboot", "delay=5"]);
+        let (d, action, rest) = send_words(&a).unwrap();
+        assert_eq!((d, action, rest.len()), (Some("dev-a"), "reboot", 1));
+        let a = send_args(&["send", "--tag", "lab", "ping"]);
+        let (d, action, rest) = send_words(&a).unwrap();
+        assert_eq!((d, action, rest.len()), (None, "ping", 0));
+        let a = send_args(&["send", "dev-a"]);
+        assert!(send_words(&a).is_err());
+        assert!(Cli::try_parse_from(["x", "send", "--all", "--tag", "t", "ping"]).is_err());
+    }
+}

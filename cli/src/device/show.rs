@@ -1,0 +1,136 @@
+//! `edgebind device show`: everything the registry knows about one device.
+
+use std::process::ExitCode;
+
+use edgebind_fleet::ops::FleetHome;
+use edgebind_fleet::registry::Tag;
+use edgebind_protocol::DeviceId;
+use serde_json::{Value, json};
+
+use super::args::ShowArgs;
+use crate::render;
+
+pub fn show(args: ShowArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
+    let id = DeviceId::new(&args.id)?;
+    let store = home.open_registry()?;
+    let d = store.device(&id)?;
+    let commands = store.commands_for(&id, args.recent)?;
+    let rules = store.on_connect_rules(&id)?;
+    let telemetry = store.telemetry_history(&id, args.recent)?;
+    let events = store.events(&id, args.recent)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "device": d,
+                "converged": d.converged(),
+                "commands": commands,
+                "on_connect": rules,
+                "telemetry": telemetry,
+                "events": events,
+            }))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let tags: Vec<&str> = d.tags.iter().map(Tag::as_str).collect();
+    println!("device        {}", d.id);
+    println!("board         {}", d.board);
+    println!("tags          {}", tags.join(", "));
+    println!("lifecycle     {}", d.lifecycle.as_str());
+    println!(
+        "presence      {} (last seen {})",
+        if d.online { "online" } else { "offline" },
+        render::unix_time(d.last_seen)
+    );
+    println!(
+        "agent         {}",
+        d.agent_version.as_deref().unwrap_or("-")
+    );
+    if !d.addresses.is_empty() {
+        println!("addresses     {}", d.addresses.join(", "));
+    }
+    if let Some(c) = &d.cert {
+        println!(
+            "certificate   serial {} sha256 {} expires {}",
+            c.serial,
+            c.fingerprint_sha256,
+            render::unix_time(Some(c.not_after))
+        );
+    }
+    println!(
+        "desired       rev {} {}{}",
+        d.desired_revision,
+        Value::Object(d.desired.clone()),
+        if d.desired_published_revision < d.desired_revision {
+            " (not published yet)"
+        } else {
+            ""
+        }
+    );
+    match &d.reported {
+        Some(r) => println!(
+            "reported      rev {} {}{}",
+            r.revision,
+            Value::Object(r.applied.clone()),
+            if r.ignored.is_empty() {
+                String::new()
+            } else {
+                format!(" ignored {}", Value::Object(r.ignored.clone()))
+            }
+        ),
+        None => println!("reported      -"),
+    }
+    println!("converged     {}", if d.converged() { "yes" } else { "no" });
+    if let Some(t) = &d.telemetry {
+        println!(
+            "telemetry     {} ({} samples received)",
+            t, d.telemetry_count
+        );
+    }
+    if let Some(inv) = &d.inventory {
+        println!(
+            "inventory     {inv} (at {})",
+            render::unix_time(d.inventory_at)
+        );
+    }
+    if !rules.is_empty() {
+        println!("on connect:");
+        for r in &rules {
+            println!(
+                "  rule {:<4} {} {}",
+                r.id,
+                r.action,
+                Value::Object(r.args.clone())
+            );
+        }
+    }
+    if !commands.is_empty() {
+        println!("recent commands:");
+        for c in &commands {
+            println!(
+                "  {:<32} {:<14} {:<10} {:<10} {}{}",
+                c.id,
+                c.action.as_deref().unwrap_or("?"),
+                c.delivery.as_str(),
+                c.state.as_str(),
+                render::unix_time(Some(c.created_at)),
+                c.reason
+                    .as_deref()
+                    .map(|r| format!("  ({r})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    if !events.is_empty() {
+        println!("recent events:");
+        for e in &events {
+            println!(
+                "  {} {:<12} {}",
+                render::unix_time(Some(e.ts)),
+                e.kind,
+                e.message
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

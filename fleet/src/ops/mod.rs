@@ -1,0 +1,110 @@
+//! The operator's use cases, as library functions the CLI, the fleet service
+//! and a web console share: each takes a [`FleetHome`] (and the registry
+//! [`Store`](crate::registry::Store) it works on), returns a plain
+//! serializable result for the caller to render, and either completes or
+//! leaves nothing half-done (each module documents its undo).
+//!
+//! - [`register_device`], [`register_devices`] (a factory batch) and
+//!   [`renew_device`]: certificate, identity files, broker policy, registry.
+//! - [`revoke`], [`revoke_principal`], [`revoke_serial`]: PKI, registry
+//!   lifecycle and queued commands, broker policy; every revocation path.
+//! - [`refresh_broker_policy`]: ACL + CRL from the PKI, SIGHUP to a running broker.
+//! - [`broker_endpoint`], [`agent_broker`]: where clients and agents dial.
+//! - [`send()`]: one device, a tag or the fleet; now, queued or on connect.
+//! - [`set`]: desired settings.
+//! - [`identity`]: find or issue the operator's and services' client identities.
+
+pub mod broker_policy;
+pub mod endpoint;
+pub mod home;
+pub mod identity;
+pub mod register;
+pub mod revoke;
+pub mod send;
+pub mod settings;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+
+use edgebind_protocol::{DeviceId, IdError};
+
+pub use broker_policy::{AppliedPolicy, PolicyRefresh, refresh_broker_policy};
+pub use endpoint::{AgentBroker, agent_broker, broker_endpoint};
+pub use home::FleetHome;
+pub use register::{
+    BatchRegistered, BatchRegistration, IdentityOutput, Registered, Registration, Renewed,
+    register_device, register_devices, renew_device,
+};
+pub use revoke::{Policy, Revoked, revoke, revoke_principal, revoke_serial};
+pub use send::{Mode, SendEvent, SendRequest, Sent, Targets, send};
+pub use settings::{SettingsChanged, set};
+
+use crate::registry::RegistryError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Pki(#[from] edgebind_certs::Error),
+    #[error(transparent)]
+    Broker(#[from] edgebind_broker::Error),
+    #[error("broker policy (ACL, CRL) not written: {0}")]
+    Policy(#[source] edgebind_broker::Error),
+    #[error(
+        "no broker address: pass the broker's host:port or run `edgebind broker config --host NAME` first ({0})"
+    )]
+    NoBrokerAddress(#[source] Box<OpsError>),
+    #[error("broker address {addr:?}: {why}")]
+    BadBrokerAddress { addr: String, why: String },
+    #[error(transparent)]
+    InvalidId(#[from] IdError),
+    #[error("{0}")]
+    Identity(String),
+    #[error(transparent)]
+    Mqtt(#[from] crate::mqtt::MqttSetupError),
+    #[error(transparent)]
+    Send(#[from] crate::operator::SendError),
+    #[error("start the async runtime: {0}")]
+    Runtime(String),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{} already exists (left from an earlier registration?); move it away first",
+        .0.display()
+    )]
+    OutputExists(PathBuf),
+    #[error("device {0} is revoked")]
+    DeviceRevoked(DeviceId),
+    #[error("device {0} is already revoked")]
+    AlreadyRevoked(DeviceId),
+    #[error("no (non-revoked) device matches")]
+    NoTargets,
+    #[error(
+        "{cause}; undone: the new certificate {serial} of {id} is revoked and the registry keeps the previous one"
+    )]
+    RenewalUndone {
+        id: DeviceId,
+        serial: String,
+        cause: Box<OpsError>,
+    },
+    #[error(
+        "{id}: {done}, but the revocation is not complete: {cause} (run the revocation again to finish it)"
+    )]
+    RevocationIncomplete {
+        id: DeviceId,
+        done: &'static str,
+        cause: Box<OpsError>,
+    },
+    #[error("{cause}; undoing it failed too ({what}: {rollback})")]
+    RollbackFailed {
+        what: String,
+        cause: Box<OpsError>,
+        rollback: String,
+    },
+}
