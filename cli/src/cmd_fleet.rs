@@ -1,5 +1,6 @@
-//! `edgebind fleet serve|stats`.
+//! `edgebind fleet serve|stats|init|check|backup`.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use edgebind_certs::profile::default_days;
 use edgebind_fleet::ops::{self, FleetHome, identity};
+use edgebind_fleet::registry::{RegistryUrl, Retention, SqliteStore};
 use edgebind_fleet::service::{self, Counters, ServiceConfig};
 use edgebind_protocol::Principal;
 
@@ -26,6 +28,31 @@ pub enum FleetCommand {
     Serve(ServeArgs),
     /// Registry figures: devices, telemetry rows, size on disk.
     Stats(StatsArgs),
+    /// Create an empty registry where none is (a home made before registries
+    /// were created by `pki init`, or a deliberate fresh start).
+    #[command(
+        after_help = "Refuses nothing that exists: an existing registry is only opened (and so \
+        checked). Edgebind never creates a registry silently, so a registry that was deleted or \
+        moved is an error everywhere else instead of an empty fleet."
+    )]
+    Init,
+    /// Full integrity check of the registry (SQLite `integrity_check`; every page is read).
+    #[command(
+        after_help = "Exit status: 0 when the registry is sound, 1 when damage was found \
+        (restore from a backup), 2 when it cannot be opened at all. Every command already runs \
+        the cheaper quick_check when it opens the registry."
+    )]
+    Check,
+    /// Consistent online copy of the registry (SQLite), safe while `fleet serve` runs.
+    #[command(after_help = "Examples:\n  \
+        edgebind fleet backup /srv/backup/registry-$(date +%F).db\n\n\
+        The copy is made inside one read transaction (VACUUM INTO), so it is consistent even \
+        while the fleet service writes. Restore by stopping the service and putting the copy in \
+        place of <home>/registry.db. A PostgreSQL registry is backed up with pg_dump.")]
+    Backup {
+        /// The new file to write (must not exist).
+        dest: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -56,7 +83,68 @@ pub fn run(cmd: FleetCommand, home: &FleetHome) -> anyhow::Result<ExitCode> {
     match cmd {
         FleetCommand::Serve(args) => serve(args, home),
         FleetCommand::Stats(args) => stats(args, home),
+        FleetCommand::Init => {
+            let store = home.create_registry()?;
+            println!("registry ready: {}", store.location());
+            Ok(ExitCode::SUCCESS)
+        }
+        FleetCommand::Check => check(home),
+        FleetCommand::Backup { dest } => backup(home, &dest),
     }
+}
+
+/// The SQLite registry of this home, for the file-level commands.
+fn sqlite_registry(home: &FleetHome) -> anyhow::Result<SqliteStore> {
+    match home.registry() {
+        RegistryUrl::Sqlite(path) => Ok(SqliteStore::open(&path, Retention::default())?),
+        RegistryUrl::Postgres(_) => anyhow::bail!(
+            "the registry is on PostgreSQL: check it with the server's tools (amcheck) and back it \
+             up with pg_dump"
+        ),
+    }
+}
+
+fn check(home: &FleetHome) -> anyhow::Result<ExitCode> {
+    let store = match sqlite_registry(home) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("edgebind: {e:#}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let problems = store.integrity_check()?;
+    if problems.is_empty() {
+        println!("registry {}: integrity_check ok", store.path().display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    for p in &problems {
+        println!("{p}");
+    }
+    eprintln!(
+        "registry {} is damaged ({} problem(s) above): restore it from a backup",
+        store.path().display(),
+        problems.len()
+    );
+    Ok(ExitCode::FAILURE)
+}
+
+fn backup(home: &FleetHome, dest: &Path) -> anyhow::Result<ExitCode> {
+    let store = sqlite_registry(home)?;
+    store.backup_to(dest)?;
+    let copy = SqliteStore::open(dest, Retention::default())
+        .context("the backup copy does not open as a registry")?;
+    let problems = copy.integrity_check()?;
+    anyhow::ensure!(
+        problems.is_empty(),
+        "the backup copy fails integrity_check: {problems:?}"
+    );
+    println!(
+        "registry {} backed up to {} ({} bytes, integrity_check ok)",
+        store.path().display(),
+        dest.display(),
+        std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0)
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn serve(args: ServeArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {

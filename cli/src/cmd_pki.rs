@@ -325,6 +325,8 @@ fn init(a: InitArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
         describe(&issued),
         service_dir.display()
     );
+    let registry = home.create_registry()?;
+    println!("device registry: {}", registry.location());
     println!(
         "\nThe root CA key {} is not needed for issuing: keep it offline.\n\
          Next: edgebind broker config --host <broker name>",

@@ -25,6 +25,18 @@ pub struct Broker {
 
 const START_DEADLINE: Duration = Duration::from_secs(20);
 
+/// A free port for the provisioning listener: the OS may hand out the port it
+/// just gave for the device listener again, since that probe closed it.
+fn second_port(first: u16) -> anyhow::Result<u16> {
+    for _ in 0..100 {
+        let p = crate::cli::free_port().context("bind a free port")?;
+        if p != first {
+            return Ok(p);
+        }
+    }
+    bail!("no second free port")
+}
+
 impl Broker {
     /// Generate `<home>/broker` for 127.0.0.1 / localhost on a free port and start mosquitto.
     pub fn start(pki: &TestPki) -> anyhow::Result<Broker> {
@@ -33,7 +45,7 @@ impl Broker {
             vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
         );
         settings.port = crate::cli::free_port().context("bind a free port")?;
-        settings.provisioning_port = Some(crate::cli::free_port().context("bind a free port")?);
+        settings.provisioning_port = Some(second_port(settings.port)?);
         settings.bind = "127.0.0.1".into();
         Self::start_with(pki, settings)
     }
@@ -63,8 +75,7 @@ impl Broker {
                     let mut settings = settings.clone();
                     settings.port = crate::cli::free_port().context("bind a free port")?;
                     if settings.provisioning_port.is_some() {
-                        settings.provisioning_port =
-                            Some(crate::cli::free_port().context("bind a free port")?);
+                        settings.provisioning_port = Some(second_port(settings.port)?);
                     }
                     edgebind_broker::generate(
                         &broker.dir,

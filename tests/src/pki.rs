@@ -59,6 +59,10 @@ impl TestPki {
     pub fn new() -> TestPki {
         let home = crate::cli::broker_home("edgebind-test-");
         let pki = Pki::init(&home.path().join("pki"), &InitOptions::new("test")).expect("pki init");
+        // As `edgebind pki init` does: the home's registry exists from the start
+        // (nothing else creates one).
+        edgebind_fleet::registry::open_or_create(&home.path().join("registry.db"))
+            .expect("create the registry");
         let mut me = TestPki {
             pki,
             operator: placeholder(),

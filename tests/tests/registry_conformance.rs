@@ -13,7 +13,7 @@ mod sqlite {
     impl Fixture for TempFile {
         fn open(&self, retention: Retention) -> Box<dyn Store> {
             let path = self.0.path().join("registry.db");
-            Box::new(SqliteStore::open(&path, retention).expect("open the SQLite registry"))
+            Box::new(SqliteStore::create(&path, retention).expect("open the SQLite registry"))
         }
     }
 

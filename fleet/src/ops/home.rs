@@ -89,6 +89,16 @@ impl FleetHome {
         )?)
     }
 
+    /// The registry of a new fleet home: an absent SQLite file is created
+    /// (only `edgebind pki init` and `edgebind fleet init` call this; every
+    /// other path refuses a missing registry instead of starting an empty one).
+    pub fn create_registry(&self) -> Result<Box<dyn Store>, OpsError> {
+        Ok(crate::registry::create_store(
+            &self.registry(),
+            Retention::default(),
+        )?)
+    }
+
     /// The fleet PKI of this home (its error says to run `edgebind pki init`
     /// when there is none).
     pub fn open_pki(&self) -> Result<Pki, OpsError> {

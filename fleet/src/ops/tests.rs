@@ -27,7 +27,7 @@ impl Home {
         let tmp = tempfile::tempdir().unwrap();
         let home = FleetHome::new(tmp.path());
         Pki::init(&home.pki_dir(), &InitOptions::new("ops-test")).unwrap();
-        let store = crate::registry::open(&home.registry_db()).unwrap();
+        let store = crate::registry::open_or_create(&home.registry_db()).unwrap();
         Home {
             _tmp: tmp,
             home,

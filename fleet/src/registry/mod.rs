@@ -99,6 +99,17 @@ pub enum RegistryError {
     },
     #[error("registry: stored {what} is not valid: {detail}")]
     Corrupt { what: String, detail: String },
+    #[error(
+        "registry {location} does not exist. `edgebind pki init` creates it with a new fleet home; \
+         if this home had a registry, it was moved or deleted: restore it from a backup \
+         (`edgebind fleet backup DEST` makes one) or start an empty one with `edgebind fleet init`"
+    )]
+    Missing { location: String },
+    #[error(
+        "registry {location} is damaged ({detail}); nothing was read or changed. Restore it from a \
+         backup (`edgebind fleet backup DEST` makes one); `edgebind fleet check` runs the full check"
+    )]
+    Damaged { location: String, detail: String },
 }
 
 impl RegistryError {
@@ -203,8 +214,11 @@ pub trait Store: Send {
 }
 
 /// Open (creating and migrating if needed) the default registry backend.
-pub fn open(path: &Path) -> Result<SqliteStore> {
-    SqliteStore::open(path, Retention::default())
+/// Open the SQLite registry at `path`, creating an empty one if there is
+/// none (tests and tools that make a fresh registry on purpose; operators'
+/// commands use [`open_store`], which never creates one silently).
+pub fn open_or_create(path: &Path) -> Result<SqliteStore> {
+    SqliteStore::create(path, Retention::default())
 }
 
 /// Where a registry lives, parsed from `--registry` / `EDGEBIND_REGISTRY`.
@@ -284,6 +298,16 @@ impl fmt::Debug for RegistryUrl {
 pub fn open_store(url: &RegistryUrl, retention: Retention) -> Result<Box<dyn Store>> {
     Ok(match url {
         RegistryUrl::Sqlite(path) => Box::new(SqliteStore::open(path, retention)?),
+        RegistryUrl::Postgres(url) => Box::new(PostgresStore::open(url, retention)?),
+    })
+}
+
+/// [`open_store`] for a new fleet home: an SQLite file is created when there
+/// is none (a PostgreSQL database must exist; its schema is created by the
+/// migrations either way).
+pub fn create_store(url: &RegistryUrl, retention: Retention) -> Result<Box<dyn Store>> {
+    Ok(match url {
+        RegistryUrl::Sqlite(path) => Box::new(SqliteStore::create(path, retention)?),
         RegistryUrl::Postgres(url) => Box::new(PostgresStore::open(url, retention)?),
     })
 }

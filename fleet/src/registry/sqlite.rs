@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use edgebind_protocol::messages::{Action, Desired, Event, UnixSeconds};
 use edgebind_protocol::{CommandId, DeviceId};
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, params};
 use serde_json::{Map, Value};
 
 use super::rows::{
@@ -152,17 +152,122 @@ fn db(e: rusqlite::Error) -> RegistryError {
     RegistryError::backend(e)
 }
 
+/// A file that is not a database at all (or is torn) is damage, not a
+/// passing backend error: say so.
+fn damaged_or(e: rusqlite::Error, location: &str) -> RegistryError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
+            RegistryError::Damaged {
+                location: location.to_owned(),
+                detail: e.to_string(),
+            }
+        }
+        _ => db(e),
+    }
+}
+
 impl SqliteStore {
-    /// Open `path` (created if missing), configure the connection and run the
+    /// Open the registry at `path`, which must exist and pass SQLite's
+    /// `quick_check`: a missing, empty (0-byte) or damaged file is an error
+    /// naming the file and what to do, never a new empty registry. Runs the
     /// migrations this version knows but the file has not seen yet.
     pub fn open(path: &Path, retention: Retention) -> Result<Self> {
         let location = path.display().to_string();
-        let opened = (|| {
-            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent).map_err(RegistryError::backend)?;
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(RegistryError::Missing { location });
             }
-            let mut conn = Connection::open(path).map_err(db)?;
+            Err(e) => return Err(RegistryError::backend(e).located(&location)),
+            Ok(m) if m.len() == 0 => {
+                return Err(RegistryError::Damaged {
+                    location,
+                    detail: "the file is empty (0 bytes)".into(),
+                });
+            }
+            Ok(_) => {}
+        }
+        Self::connect(path, location, retention, OpenFlags::SQLITE_OPEN_READ_WRITE)
+    }
+
+    /// Like [`SqliteStore::open`], but an absent file becomes a new, empty
+    /// registry (a new fleet home: `edgebind pki init`, `edgebind fleet init`).
+    pub fn create(path: &Path, retention: Retention) -> Result<Self> {
+        let location = path.display().to_string();
+        if path.exists() {
+            return Self::open(path, retention);
+        }
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| RegistryError::backend(e).located(&location))?;
+        }
+        Self::connect(
+            path,
+            location,
+            retention,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        )
+    }
+
+    /// SQLite's full `integrity_check` (reads every page; `fleet check`).
+    /// Returns the problems found, empty when the file is sound.
+    pub fn integrity_check(&self) -> Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare("PRAGMA integrity_check")
+            .map_err(|e| db(e).located(&self.location))?;
+        let rows: Vec<String> = stmt
+            .query_map([], |r| r.get(0))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| db(e).located(&self.location))?;
+        Ok(rows.into_iter().filter(|r| r != "ok").collect())
+    }
+
+    /// A consistent copy of the live registry at `dest` (`VACUUM INTO`:
+    /// one read transaction, so the service may keep writing meanwhile).
+    /// `dest` must not exist.
+    pub fn backup_to(&self, dest: &Path) -> Result<()> {
+        if dest.exists() {
+            return Err(RegistryError::backend(format!(
+                "{} already exists; name a new file",
+                dest.display()
+            ))
+            .located(&self.location));
+        }
+        self.conn
+            .execute("VACUUM INTO ?1", [dest.to_string_lossy()])
+            .map_err(|e| db(e).located(&self.location))?;
+        Ok(())
+    }
+
+    fn connect(
+        path: &Path,
+        location: String,
+        retention: Retention,
+        flags: OpenFlags,
+    ) -> Result<Self> {
+        let opened = (|| {
+            let mut conn = Connection::open_with_flags(
+                path,
+                flags | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+            )
+            .map_err(|e| damaged_or(e, &location))?;
             conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
+            // Cheap enough on every open (it skips the index cross-checks of
+            // integrity_check) and it catches garbage in the middle of a file
+            // before anything is read from it as if it were data.
+            let problems: Vec<String> = conn
+                .prepare("PRAGMA quick_check")
+                .and_then(|mut stmt| {
+                    stmt.query_map([], |r| r.get::<_, String>(0))?
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(|e| damaged_or(e, &location))?;
+            if problems.first().map(String::as_str) != Some("ok") {
+                return Err(RegistryError::Damaged {
+                    location: location.clone(),
+                    detail: format!("quick_check: {}", problems.join("; ")),
+                });
+            }
             conn.pragma_update(None, "journal_mode", "WAL")
                 .map_err(db)?;
             conn.pragma_update(None, "synchronous", "NORMAL")

@@ -157,8 +157,11 @@ pub async fn run(
             }
         }
     });
+    let writer_failed = Arc::new(tokio::sync::Notify::new());
     let writer = writer::Writer {
         store: writer_store,
+        stopping: stopping.clone(),
+        failed: writer_failed.clone(),
         acks,
         counters: counters.clone(),
         connected: connected_tx.clone(),
@@ -191,6 +194,7 @@ pub async fn run(
         tokio::select! {
             biased;
             () = &mut shutdown => break,
+            () = writer_failed.notified() => break,
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                     counters.connects.fetch_add(1, Ordering::Relaxed);
@@ -211,7 +215,7 @@ pub async fn run(
                 Ok(Event::Incoming(Incoming::Publish(publish))) => {
                     counters.received.fetch_add(1, Ordering::Relaxed);
                     if to_writer.send(publish).await.is_err() {
-                        return Err(ServiceError::Internal("the writer thread stopped".into()));
+                        break; // the writer gave up: its error is reported below
                     }
                 }
                 Ok(_) => {}
@@ -234,21 +238,24 @@ pub async fn run(
     drop(to_writer);
     let writer_done = async move {
         let joined = tokio::task::spawn_blocking(move || writer_thread.join()).await;
-        if !matches!(joined, Ok(Ok(()))) {
-            tracing::error!("the writer thread panicked");
-        }
         // The writer's sender is gone now: the ack task ends after the last batch.
         let _ = acker.await;
+        match joined {
+            Ok(Ok(result)) => result,
+            _ => Err(RegistryError::backend(
+                "the registry writer thread panicked",
+            )),
+        }
     };
     tokio::pin!(writer_done);
-    loop {
+    let written = loop {
         tokio::select! {
-            () = &mut writer_done => break,
+            result = &mut writer_done => break result,
             event = eventloop.poll() => if event.is_err() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-    }
+    };
     let _ = tokio::task::spawn_blocking(move || outbox_thread.join()).await;
     let _ = client.disconnect().await;
     // Flush the queued acks and the DISCONNECT.
@@ -259,7 +266,7 @@ pub async fn run(
             Ok(Ok(_)) => {}
         }
     }
-    Ok(())
+    written.map_err(ServiceError::from)
 }
 
 /// A service running on its own runtime thread (tests, benchmark).

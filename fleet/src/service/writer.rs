@@ -13,10 +13,20 @@ use tokio::sync::mpsc::{self, error::TryRecvError};
 
 use super::Counters;
 use crate::ingest::{self, Dropped};
-use crate::registry::{Store, Update};
+use crate::registry::{RegistryError, Store, Update};
+
+/// Failed commits of one batch before the service gives up and exits non-zero
+/// (about 20 s of backoff): a registry that stays unwritable must reach an
+/// operator through systemd, not a log line repeated forever.
+pub(super) const MAX_COMMIT_ATTEMPTS: u32 = 8;
 
 pub(super) struct Writer {
     pub store: Box<dyn Store>,
+    /// Set when the service stops: a batch still being retried is abandoned
+    /// (it was never acknowledged, so the broker delivers it again).
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// Told when the writer gives up, so the service stops at once.
+    pub failed: Arc<tokio::sync::Notify>,
     /// Committed messages go to the ack task. Never blocking here matters:
     /// the event loop may itself be waiting for room in the writer's channel.
     pub acks: mpsc::UnboundedSender<Vec<Publish>>,
@@ -27,7 +37,8 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub fn run(mut self, mut rx: mpsc::Receiver<Publish>) {
+    /// Returns the registry error that made it give up, if it did.
+    pub fn run(mut self, mut rx: mpsc::Receiver<Publish>) -> Result<(), RegistryError> {
         let mut warned_unknown: HashSet<DeviceId> = HashSet::new();
         let mut warned_kinds: HashSet<String> = HashSet::new();
         let mut publishes: Vec<Publish> = Vec::with_capacity(self.batch_max);
@@ -68,7 +79,13 @@ impl Writer {
                     }
                 }
             }
-            let report = self.commit(&updates);
+            let report = match self.commit(&updates) {
+                Ok(report) => report,
+                Err(e) => {
+                    self.failed.notify_one();
+                    return Err(e);
+                }
+            };
             for device in &report.unknown_devices {
                 if warned_unknown.insert(device.clone()) {
                     tracing::warn!(
@@ -102,22 +119,41 @@ impl Writer {
                 break;
             }
         }
+        Ok(())
     }
 
     /// Commit `updates`, retrying while the database is unavailable (another
     /// process holding a long write lock, a full disk being cleaned): nothing
-    /// is acknowledged until this succeeds.
-    fn commit(&mut self, updates: &[Update]) -> crate::registry::BatchReport {
+    /// is acknowledged until this succeeds. Gives up after
+    /// [`MAX_COMMIT_ATTEMPTS`], or at once when the service is stopping.
+    fn commit(
+        &mut self,
+        updates: &[Update],
+    ) -> Result<crate::registry::BatchReport, RegistryError> {
         let mut delay = Duration::from_millis(100);
+        let mut attempt = 1;
         loop {
-            match self.store.apply(updates) {
-                Ok(report) => return report,
-                Err(e) => {
-                    tracing::error!(error = %e, batch = updates.len(), "registry write failed; retrying");
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
+            let e = match self.store.apply(updates) {
+                Ok(report) => return Ok(report),
+                Err(e) => e,
+            };
+            if attempt >= MAX_COMMIT_ATTEMPTS {
+                tracing::error!(error = %e, batch = updates.len(), attempts = attempt,
+                    "registry write failed {attempt} times; giving up (nothing of this batch was acknowledged)");
+                return Err(e);
             }
+            tracing::error!(error = %e, batch = updates.len(), attempt,
+                "registry write failed; retrying in {} ms", delay.as_millis());
+            // Sleep in slices so a SIGTERM is acted on within a fraction of a second.
+            let until = Instant::now() + delay;
+            while Instant::now() < until {
+                if self.stopping.load(Ordering::Relaxed) {
+                    return Err(e);
+                }
+                std::thread::sleep(Duration::from_millis(50).min(until - Instant::now()));
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+            attempt += 1;
         }
     }
 }

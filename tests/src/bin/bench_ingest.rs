@@ -177,7 +177,7 @@ fn main() -> anyhow::Result<()> {
         telemetry_per_device: per_device as u32 + 10,
         ..Retention::default()
     };
-    let mut store = SqliteStore::open(&registry_path, retention)?;
+    let mut store = SqliteStore::create(&registry_path, retention)?;
     let mut identities = Vec::new();
     for i in 0..args.devices {
         let id = DeviceId::new(format!("sim-{i:05}"))?;

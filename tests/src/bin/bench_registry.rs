@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use edgebind_fleet::registry::{
-    DeviceQuery, Lifecycle, NewDevice, RegistryUrl, Retention, Store, Update, open_store,
+    DeviceQuery, Lifecycle, NewDevice, RegistryUrl, Retention, Store, Update, create_store,
+    open_store,
 };
 use edgebind_protocol::DeviceId;
 use edgebind_protocol::messages::{Presence, Status};
@@ -84,7 +85,7 @@ fn time_query(store: &dyn Store, query: &DeviceQuery) -> anyhow::Result<(Duratio
 
 fn run(backend: &str, url: &RegistryUrl, n: usize) -> anyhow::Result<()> {
     let batch = devices(n);
-    let mut store = open_store(url, Retention::default())?;
+    let mut store = create_store(url, Retention::default())?;
     let start = Instant::now();
     store.add_devices(&batch)?;
     println!(

@@ -145,7 +145,7 @@ impl Fleet {
     }
 
     pub fn registry(&self) -> SqliteStore {
-        registry::open(&self.registry_path()).expect("open registry")
+        registry::open_or_create(&self.registry_path()).expect("open registry")
     }
 
     /// `edgebind --home <home> args...`
@@ -216,6 +216,12 @@ impl Fleet {
         // waiting for the broker to log them is not possible at this log
         // level, so probe with the registry instead: nothing to wait for.
         std::thread::sleep(Duration::from_millis(300));
+    }
+
+    /// The running service process, handed over to the test (it is then
+    /// the test's to stop).
+    pub fn take_service(&mut self) -> Option<std::process::Child> {
+        self.service.take()
     }
 
     pub fn kill9_service(&mut self) {

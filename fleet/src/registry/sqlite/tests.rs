@@ -11,7 +11,7 @@ fn id(s: &str) -> DeviceId {
 
 fn temp_store() -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("registry.db"), Retention::default()).unwrap();
+    let store = SqliteStore::create(&dir.path().join("registry.db"), Retention::default()).unwrap();
     (dir, store)
 }
 
@@ -79,7 +79,7 @@ mod conformance {
     impl crate::registry::conformance::Fixture for TempRegistry {
         fn open(&self, retention: super::Retention) -> Box<dyn super::Store> {
             Box::new(
-                super::SqliteStore::open(&self.0.path().join("registry.db"), retention).unwrap(),
+                super::SqliteStore::create(&self.0.path().join("registry.db"), retention).unwrap(),
             )
         }
     }
