@@ -9,7 +9,7 @@ use edgebind_protocol::messages::{Action, Desired, UnixSeconds, now_unix};
 use edgebind_protocol::{CommandId, DeviceId};
 use serde_json::{Map, Value};
 
-use super::storage::{Storage, StorageTx};
+use super::storage::{NewEvent, NewSample, Storage, StorageTx};
 use super::*;
 
 fn located<T>(storage: &impl Storage, r: Result<T>) -> Result<T> {
@@ -290,6 +290,8 @@ impl<S: Storage> Store for S {
                 })
                 .collect();
             let mut report = BatchReport::default();
+            let mut samples = Vec::new();
+            let mut events = Vec::new();
             for update in batch {
                 let device = update.device();
                 let Some(t) = touched.get_mut(device) else {
@@ -316,7 +318,12 @@ impl<S: Storage> Store for S {
                         received_at,
                         ..
                     } => {
-                        tx.insert_telemetry(device, *ts, *received_at, payload)?;
+                        samples.push(NewSample {
+                            device,
+                            ts: *ts,
+                            received_at: *received_at,
+                            payload,
+                        });
                         t.latest_telemetry = Some((*ts, payload.clone()));
                         t.telemetry_added += 1;
                         t.state = rules::heard_from(&t.state, *received_at);
@@ -324,7 +331,11 @@ impl<S: Storage> Store for S {
                     Update::Event {
                         event, received_at, ..
                     } => {
-                        tx.insert_event(device, event, *received_at)?;
+                        events.push(NewEvent {
+                            device,
+                            event,
+                            received_at: *received_at,
+                        });
                         t.events_added = true;
                         t.state = rules::heard_from(&t.state, *received_at);
                     }
@@ -377,6 +388,13 @@ impl<S: Storage> Store for S {
                 }
                 t.changed |= t.state != before;
                 report.applied += 1;
+            }
+            // Appended before pruning, so the cap counts this batch too.
+            if !samples.is_empty() {
+                tx.insert_telemetry(&samples)?;
+            }
+            if !events.is_empty() {
+                tx.insert_events(&events)?;
             }
             for (device, t) in &touched {
                 if t.changed {
