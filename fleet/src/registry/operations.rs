@@ -9,7 +9,7 @@ use edgebind_protocol::messages::{Action, Desired, UnixSeconds, now_unix};
 use edgebind_protocol::{CommandId, DeviceId};
 use serde_json::{Map, Value};
 
-use super::storage::{NewEvent, NewSample, Storage, StorageTx};
+use super::storage::{LatestSample, NewEvent, NewSample, Storage, StorageTx};
 use super::*;
 
 fn located<T>(storage: &impl Storage, r: Result<T>) -> Result<T> {
@@ -396,17 +396,41 @@ impl<S: Storage> Store for S {
             if !events.is_empty() {
                 tx.insert_events(&events)?;
             }
-            for (device, t) in &touched {
-                if t.changed {
-                    tx.save_state(device, &t.state)?;
-                }
-                if let Some((ts, payload)) = &t.latest_telemetry {
-                    tx.save_latest_telemetry(device, *ts, payload, t.telemetry_added)?;
-                    tx.prune(History::Telemetry, device, retention.telemetry_per_device)?;
-                }
-                if t.events_added {
-                    tx.prune(History::Events, device, retention.events_per_device)?;
-                }
+            // In id order: the same order the rows were locked in.
+            let mut touched: Vec<(&DeviceId, &Touched)> = touched.iter().collect();
+            touched.sort_by_key(|(id, _)| *id);
+            let states: Vec<(&DeviceId, &DeviceState)> = touched
+                .iter()
+                .filter(|(_, t)| t.changed)
+                .map(|(id, t)| (*id, &t.state))
+                .collect();
+            let latest: Vec<LatestSample<'_>> = touched
+                .iter()
+                .filter_map(|(id, t)| {
+                    let (ts, payload) = t.latest_telemetry.as_ref()?;
+                    Some(LatestSample {
+                        device: id,
+                        ts: *ts,
+                        payload,
+                        added: t.telemetry_added,
+                    })
+                })
+                .collect();
+            let with_events: Vec<&DeviceId> = touched
+                .iter()
+                .filter(|(_, t)| t.events_added)
+                .map(|(id, _)| *id)
+                .collect();
+            if !states.is_empty() {
+                tx.save_states(&states)?;
+            }
+            if !latest.is_empty() {
+                tx.save_latest_telemetry_of(&latest)?;
+                let ids: Vec<&DeviceId> = latest.iter().map(|l| l.device).collect();
+                tx.prune_each(History::Telemetry, &ids, retention.telemetry_per_device)?;
+            }
+            if !with_events.is_empty() {
+                tx.prune_each(History::Events, &with_events, retention.events_per_device)?;
             }
             Ok(report)
         })

@@ -39,7 +39,7 @@ use super::rows::{
     COMMAND_COLUMNS, DEVICE_COLUMNS, RawCommand, RawDevice, RawState, STATE_COLUMNS, action_of,
     history_table, parse_id, parse_json,
 };
-use super::storage::{NewEvent, NewSample, Storage, StorageTx};
+use super::storage::{LatestSample, NewEvent, NewSample, Storage, StorageTx};
 use super::*;
 
 /// Schema migrations, applied in order; `edgebind_schema.version` records
@@ -845,6 +845,92 @@ impl StorageTx for PgTx<'_> {
                  WITH ORDINALITY AS u(d, t, r, k, m, n) ORDER BY n",
                 &[&devices, &ts, &received, &kinds, &messages],
             )?;
+        }
+        Ok(())
+    }
+
+    fn save_states(&mut self, states: &[(&DeviceId, &DeviceState)]) -> Result<()> {
+        for chunk in states.chunks(INSERT_CHUNK) {
+            let ids: Vec<&str> = chunk.iter().map(|(id, _)| id.as_str()).collect();
+            let lifecycles: Vec<&str> = chunk.iter().map(|(_, s)| s.lifecycle.as_str()).collect();
+            let provisioned: Vec<Option<i64>> = chunk
+                .iter()
+                .map(|(_, s)| opt_i64(s.provisioned_at))
+                .collect();
+            let revoked: Vec<Option<i64>> =
+                chunk.iter().map(|(_, s)| opt_i64(s.revoked_at)).collect();
+            let online: Vec<bool> = chunk.iter().map(|(_, s)| s.online).collect();
+            let last_seen: Vec<Option<i64>> =
+                chunk.iter().map(|(_, s)| opt_i64(s.last_seen)).collect();
+            let connected: Vec<Option<i64>> =
+                chunk.iter().map(|(_, s)| opt_i64(s.connected_at)).collect();
+            let versions: Vec<Option<&str>> = chunk
+                .iter()
+                .map(|(_, s)| s.agent_version.as_deref())
+                .collect();
+            let boots: Vec<Option<&str>> =
+                chunk.iter().map(|(_, s)| s.boot_id.as_deref()).collect();
+            let addresses: Vec<String> =
+                chunk.iter().map(|(_, s)| json_text(&s.addresses)).collect();
+            self.exec(
+                "UPDATE devices AS d SET lifecycle = u.lifecycle, provisioned_at = u.provisioned_at, \
+                 revoked_at = u.revoked_at, online = u.online, last_seen = u.last_seen, \
+                 connected_at = u.connected_at, agent_version = u.agent_version, boot_id = u.boot_id, \
+                 addresses = u.addresses \
+                 FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::bool[], $6::int8[], \
+                 $7::int8[], $8::text[], $9::text[], $10::text[]) \
+                 AS u(id, lifecycle, provisioned_at, revoked_at, online, last_seen, connected_at, \
+                 agent_version, boot_id, addresses) \
+                 WHERE d.id = u.id",
+                &[
+                    &ids,
+                    &lifecycles,
+                    &provisioned,
+                    &revoked,
+                    &online,
+                    &last_seen,
+                    &connected,
+                    &versions,
+                    &boots,
+                    &addresses,
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn save_latest_telemetry_of(&mut self, latest: &[LatestSample<'_>]) -> Result<()> {
+        for chunk in latest.chunks(INSERT_CHUNK) {
+            let ids: Vec<&str> = chunk.iter().map(|l| l.device.as_str()).collect();
+            let ts: Vec<i64> = chunk.iter().map(|l| l.ts as i64).collect();
+            let payloads: Vec<&str> = chunk.iter().map(|l| l.payload).collect();
+            let added: Vec<i64> = chunk.iter().map(|l| l.added as i64).collect();
+            self.exec(
+                "UPDATE devices AS d SET telemetry = u.payload, telemetry_at = u.ts, \
+                 telemetry_count = d.telemetry_count + u.added \
+                 FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[]) AS u(id, ts, payload, added) \
+                 WHERE d.id = u.id",
+                &[&ids, &ts, &payloads, &added],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn prune_each(&mut self, history: History, ids: &[&DeviceId], keep: u32) -> Result<()> {
+        let table = history_table(history);
+        // Per device the cut-off is the seq of the newest row outside the
+        // window (none: nothing to delete); the (device_id, seq) index
+        // makes each lookup cheap.
+        let sql = format!(
+            "DELETE FROM {table} AS h USING \
+             (SELECT c.id, (SELECT seq FROM {table} WHERE device_id = c.id \
+                            ORDER BY seq DESC LIMIT 1 OFFSET $2) AS cut \
+              FROM unnest($1::text[]) AS c(id)) AS k \
+             WHERE h.device_id = k.id AND h.seq <= k.cut"
+        );
+        for chunk in ids.chunks(INSERT_CHUNK) {
+            let ids: Vec<&str> = chunk.iter().map(|id| id.as_str()).collect();
+            self.exec(&sql, &[&ids, &i64::from(keep)])?;
         }
         Ok(())
     }

@@ -23,6 +23,15 @@ pub struct NewSample<'a> {
     pub payload: &'a str,
 }
 
+/// A device's newest sample of a batch, and how many the batch held.
+#[derive(Debug, Clone, Copy)]
+pub struct LatestSample<'a> {
+    pub device: &'a DeviceId,
+    pub ts: UnixSeconds,
+    pub payload: &'a str,
+    pub added: u64,
+}
+
 /// One device event to append.
 #[derive(Debug, Clone, Copy)]
 pub struct NewEvent<'a> {
@@ -80,6 +89,21 @@ pub trait StorageTx {
     fn insert_events(&mut self, events: &[NewEvent<'_>]) -> Result<()>;
     /// Keep only the newest `keep` entries of one device's `history`.
     fn prune(&mut self, history: History, id: &DeviceId, keep: u32) -> Result<()>;
+
+    // What a batch stores for every device it touched. One call each per
+    // batch, so that a server backend can make each one statement.
+
+    fn save_states(&mut self, states: &[(&DeviceId, &DeviceState)]) -> Result<()> {
+        states.iter().try_for_each(|(id, s)| self.save_state(id, s))
+    }
+    fn save_latest_telemetry_of(&mut self, latest: &[LatestSample<'_>]) -> Result<()> {
+        latest
+            .iter()
+            .try_for_each(|l| self.save_latest_telemetry(l.device, l.ts, l.payload, l.added))
+    }
+    fn prune_each(&mut self, history: History, ids: &[&DeviceId], keep: u32) -> Result<()> {
+        ids.iter().try_for_each(|id| self.prune(history, id, keep))
+    }
     fn telemetry(&mut self, id: &DeviceId, limit: u32) -> Result<Vec<TelemetryRow>>;
     fn events(&mut self, id: &DeviceId, limit: u32) -> Result<Vec<EventRow>>;
 
