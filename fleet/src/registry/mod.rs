@@ -19,9 +19,8 @@
 //! outbox threads, and the CLI. SQLite is a blocking library, so an async
 //! trait would make the default backend and every caller wrap each call in
 //! `spawn_blocking` to gain nothing. The PostgreSQL store instead owns a
-//! one-thread tokio runtime that drives its pool's connections and blocks on
-//! each statement; the async driver stays an implementation detail of
-//! `postgres.rs`.
+//! current-thread tokio runtime and blocks on each statement; the async
+//! driver stays an implementation detail of `postgres.rs`.
 
 mod model;
 mod operations;

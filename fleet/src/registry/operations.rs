@@ -9,7 +9,7 @@ use edgebind_protocol::messages::{Action, Desired, UnixSeconds, now_unix};
 use edgebind_protocol::{CommandId, DeviceId};
 use serde_json::{Map, Value};
 
-use super::storage::{Storage, StorageTx};
+use super::storage::{LatestSample, NewEvent, NewSample, Storage, StorageTx};
 use super::*;
 
 fn located<T>(storage: &impl Storage, r: Result<T>) -> Result<T> {
@@ -290,6 +290,8 @@ impl<S: Storage> Store for S {
                 })
                 .collect();
             let mut report = BatchReport::default();
+            let mut samples = Vec::new();
+            let mut events = Vec::new();
             for update in batch {
                 let device = update.device();
                 let Some(t) = touched.get_mut(device) else {
@@ -316,7 +318,12 @@ impl<S: Storage> Store for S {
                         received_at,
                         ..
                     } => {
-                        tx.insert_telemetry(device, *ts, *received_at, payload)?;
+                        samples.push(NewSample {
+                            device,
+                            ts: *ts,
+                            received_at: *received_at,
+                            payload,
+                        });
                         t.latest_telemetry = Some((*ts, payload.clone()));
                         t.telemetry_added += 1;
                         t.state = rules::heard_from(&t.state, *received_at);
@@ -324,7 +331,11 @@ impl<S: Storage> Store for S {
                     Update::Event {
                         event, received_at, ..
                     } => {
-                        tx.insert_event(device, event, *received_at)?;
+                        events.push(NewEvent {
+                            device,
+                            event,
+                            received_at: *received_at,
+                        });
                         t.events_added = true;
                         t.state = rules::heard_from(&t.state, *received_at);
                     }
@@ -378,17 +389,48 @@ impl<S: Storage> Store for S {
                 t.changed |= t.state != before;
                 report.applied += 1;
             }
-            for (device, t) in &touched {
-                if t.changed {
-                    tx.save_state(device, &t.state)?;
-                }
-                if let Some((ts, payload)) = &t.latest_telemetry {
-                    tx.save_latest_telemetry(device, *ts, payload, t.telemetry_added)?;
-                    tx.prune(History::Telemetry, device, retention.telemetry_per_device)?;
-                }
-                if t.events_added {
-                    tx.prune(History::Events, device, retention.events_per_device)?;
-                }
+            // Appended before pruning, so the cap counts this batch too.
+            if !samples.is_empty() {
+                tx.insert_telemetry(&samples)?;
+            }
+            if !events.is_empty() {
+                tx.insert_events(&events)?;
+            }
+            // In id order: the same order the rows were locked in.
+            let mut touched: Vec<(&DeviceId, &Touched)> = touched.iter().collect();
+            touched.sort_by_key(|(id, _)| *id);
+            let states: Vec<(&DeviceId, &DeviceState)> = touched
+                .iter()
+                .filter(|(_, t)| t.changed)
+                .map(|(id, t)| (*id, &t.state))
+                .collect();
+            let latest: Vec<LatestSample<'_>> = touched
+                .iter()
+                .filter_map(|(id, t)| {
+                    let (ts, payload) = t.latest_telemetry.as_ref()?;
+                    Some(LatestSample {
+                        device: id,
+                        ts: *ts,
+                        payload,
+                        added: t.telemetry_added,
+                    })
+                })
+                .collect();
+            let with_events: Vec<&DeviceId> = touched
+                .iter()
+                .filter(|(_, t)| t.events_added)
+                .map(|(id, _)| *id)
+                .collect();
+            if !states.is_empty() {
+                tx.save_states(&states)?;
+            }
+            if !latest.is_empty() {
+                tx.save_latest_telemetry_of(&latest)?;
+                let ids: Vec<&DeviceId> = latest.iter().map(|l| l.device).collect();
+                tx.prune_each(History::Telemetry, &ids, retention.telemetry_per_device)?;
+            }
+            if !with_events.is_empty() {
+                tx.prune_each(History::Events, &with_events, retention.events_per_device)?;
             }
             Ok(report)
         })

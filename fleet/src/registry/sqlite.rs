@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use edgebind_protocol::messages::{Action, Desired, Event, UnixSeconds};
+use edgebind_protocol::messages::{Action, Desired, UnixSeconds};
 use edgebind_protocol::{CommandId, DeviceId};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, params};
 use serde_json::{Map, Value};
@@ -23,7 +23,7 @@ use super::rows::{
     COMMAND_COLUMNS, DEVICE_COLUMNS, RawCommand, RawDevice, RawState, STATE_COLUMNS, action_of,
     history_table, parse_id, parse_json,
 };
-use super::storage::{Storage, StorageTx};
+use super::storage::{NewEvent, NewSample, Storage, StorageTx};
 use super::*;
 
 /// Schema migrations, applied in order. `PRAGMA user_version` records how many
@@ -751,36 +751,44 @@ impl StorageTx for SqliteTx<'_> {
         Ok(())
     }
 
-    fn insert_telemetry(
-        &mut self,
-        id: &DeviceId,
-        ts: UnixSeconds,
-        received_at: UnixSeconds,
-        payload: &str,
-    ) -> Result<()> {
-        self.exec(
-            "INSERT INTO telemetry (device_id, ts, received_at, payload) VALUES (?1, ?2, ?3, ?4)",
-            params![id.as_str(), ts as i64, received_at as i64, payload],
-        )?;
+    fn insert_telemetry(&mut self, samples: &[NewSample<'_>]) -> Result<()> {
+        let mut insert = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO telemetry (device_id, ts, received_at, payload) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .map_err(db)?;
+        for s in samples {
+            insert
+                .execute(params![
+                    s.device.as_str(),
+                    s.ts as i64,
+                    s.received_at as i64,
+                    s.payload
+                ])
+                .map_err(db)?;
+        }
         Ok(())
     }
 
-    fn insert_event(
-        &mut self,
-        id: &DeviceId,
-        event: &Event,
-        received_at: UnixSeconds,
-    ) -> Result<()> {
-        self.exec(
-            "INSERT INTO events (device_id, ts, received_at, kind, message) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                id.as_str(),
-                event.ts as i64,
-                received_at as i64,
-                event.kind,
-                event.message
-            ],
-        )?;
+    fn insert_events(&mut self, events: &[NewEvent<'_>]) -> Result<()> {
+        let mut insert = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO events (device_id, ts, received_at, kind, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(db)?;
+        for e in events {
+            insert
+                .execute(params![
+                    e.device.as_str(),
+                    e.event.ts as i64,
+                    e.received_at as i64,
+                    e.event.kind,
+                    e.event.message
+                ])
+                .map_err(db)?;
+        }
         Ok(())
     }
 

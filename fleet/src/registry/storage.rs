@@ -14,6 +14,32 @@ use super::{
     NewDevice, OnConnectRule, ReportedState, Result, Retention, Stats, TelemetryRow,
 };
 
+/// One telemetry sample to append; `payload` is the JSON text as received.
+#[derive(Debug, Clone, Copy)]
+pub struct NewSample<'a> {
+    pub device: &'a DeviceId,
+    pub ts: UnixSeconds,
+    pub received_at: UnixSeconds,
+    pub payload: &'a str,
+}
+
+/// A device's newest sample of a batch, and how many the batch held.
+#[derive(Debug, Clone, Copy)]
+pub struct LatestSample<'a> {
+    pub device: &'a DeviceId,
+    pub ts: UnixSeconds,
+    pub payload: &'a str,
+    pub added: u64,
+}
+
+/// One device event to append.
+#[derive(Debug, Clone, Copy)]
+pub struct NewEvent<'a> {
+    pub device: &'a DeviceId,
+    pub event: &'a Event,
+    pub received_at: UnixSeconds,
+}
+
 /// A registry backend: a database the operations run transactions on.
 pub trait Storage: Send {
     /// Where the registry lives (a file, or a URL without its password), for errors.
@@ -57,21 +83,27 @@ pub trait StorageTx {
         payload: &str,
         added: u64,
     ) -> Result<()>;
-    fn insert_telemetry(
-        &mut self,
-        id: &DeviceId,
-        ts: UnixSeconds,
-        received_at: UnixSeconds,
-        payload: &str,
-    ) -> Result<()>;
-    fn insert_event(
-        &mut self,
-        id: &DeviceId,
-        event: &Event,
-        received_at: UnixSeconds,
-    ) -> Result<()>;
+    /// Append samples in the order given (one statement on a server: a batch
+    /// is thousands of samples).
+    fn insert_telemetry(&mut self, samples: &[NewSample<'_>]) -> Result<()>;
+    fn insert_events(&mut self, events: &[NewEvent<'_>]) -> Result<()>;
     /// Keep only the newest `keep` entries of one device's `history`.
     fn prune(&mut self, history: History, id: &DeviceId, keep: u32) -> Result<()>;
+
+    // What a batch stores for every device it touched. One call each per
+    // batch, so that a server backend can make each one statement.
+
+    fn save_states(&mut self, states: &[(&DeviceId, &DeviceState)]) -> Result<()> {
+        states.iter().try_for_each(|(id, s)| self.save_state(id, s))
+    }
+    fn save_latest_telemetry_of(&mut self, latest: &[LatestSample<'_>]) -> Result<()> {
+        latest
+            .iter()
+            .try_for_each(|l| self.save_latest_telemetry(l.device, l.ts, l.payload, l.added))
+    }
+    fn prune_each(&mut self, history: History, ids: &[&DeviceId], keep: u32) -> Result<()> {
+        ids.iter().try_for_each(|id| self.prune(history, id, keep))
+    }
     fn telemetry(&mut self, id: &DeviceId, limit: u32) -> Result<Vec<TelemetryRow>>;
     fn events(&mut self, id: &DeviceId, limit: u32) -> Result<Vec<EventRow>>;
 

@@ -148,6 +148,39 @@ fn run(backend: &str, url: &RegistryUrl, n: usize) -> anyhow::Result<()> {
         anyhow::ensure!(found > 0, "{what}: no devices");
         println!("registry list {what} ({n} devices, {backend}): {}", ms(t));
     }
+    drop(store);
+    apply_rate(backend, url)
+}
+
+/// How fast `Store::apply` writes telemetry batches the size the fleet
+/// service's writer commits under load (a figure for the store alone, no
+/// broker; `bench_ingest` measures the whole path).
+fn apply_rate(backend: &str, url: &RegistryUrl) -> anyhow::Result<()> {
+    const BATCH: usize = 2_000;
+    const BATCHES: usize = 20;
+    const DEVICES: usize = 200;
+    let mut store = open_store(url, Retention::default())?;
+    let payload = r#"{"ts":1,"cpu_pct":12.5,"mem_used_bytes":1000,"mem_total_bytes":4000}"#;
+    let start = Instant::now();
+    for b in 0..BATCHES {
+        let batch: Vec<Update> = (0..BATCH)
+            .map(|k| {
+                let seq = (b * BATCH + k) as u64;
+                Update::Telemetry {
+                    device: DeviceId::new(format!("dev-{:06}", (k % DEVICES) * 100))
+                        .expect("valid id"),
+                    ts: seq,
+                    payload: payload.to_owned(),
+                    received_at: seq,
+                }
+            })
+            .collect();
+        store.apply(&batch)?;
+    }
+    let rate = (BATCH * BATCHES) as f64 / start.elapsed().as_secs_f64();
+    println!(
+        "registry apply telemetry, batches of {BATCH} over {DEVICES} devices ({backend}): {rate:.0} msg/s"
+    );
     Ok(())
 }
 
