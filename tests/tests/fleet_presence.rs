@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use edgebind_fleet::registry::{Lifecycle, Store};
 use edgebind_protocol::DeviceId;
-use fleet_support::{AgentTweaks, Fleet, LONG};
+use fleet_support::{AgentTweaks, Fleet, LONG, stderr};
 
 #[test]
 fn agent_shows_online_with_telemetry_then_offline_within_one_and_a_half_keepalives_of_kill9() {
@@ -158,4 +158,40 @@ fn messages_from_devices_not_in_the_registry_are_ignored_and_logged_once() {
     assert!(store.device(&DeviceId::new("stranger").unwrap()).is_err());
     assert_eq!(store.stats().unwrap().devices, 0);
     fleet.stop_service();
+}
+
+/// Presence is honest: while the fleet service runs, `devices` shows it as
+/// current; once the service stops, the same rows say their presence is
+/// stale and since when (the device still "online" there is not known to be).
+#[test]
+fn presence_is_marked_stale_once_the_fleet_service_stops() {
+    let mut fleet = Fleet::start();
+    let bundle = fleet.add_device("dev-p", &[]);
+    let config = fleet.agent_config(&bundle, &AgentTweaks::default());
+    let _agent = fleet.spawn_agent(&config);
+    fleet.start_service();
+    fleet.wait_device("dev-p", LONG, "online", |d| d.online);
+
+    let rows = |fleet: &Fleet| -> (serde_json::Value, String) {
+        let out = fleet.cli(&["devices", "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        (
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()[0].clone(),
+            stderr(&out),
+        )
+    };
+    let (row, note) = rows(&fleet);
+    assert_eq!(row["online"], true);
+    assert_eq!(row["presence_stale"], false, "{row}");
+    assert!(!note.contains("stale"), "{note}");
+
+    fleet.stop_service();
+    let (row, note) = rows(&fleet);
+    assert_eq!(row["presence_stale"], true, "{row}");
+    assert!(
+        note.contains("presence is stale") && note.contains("fleet serve"),
+        "{note}"
+    );
+    let show = fleet.cli_ok(&["device", "show", "dev-p"]);
+    assert!(show.contains("presence is stale"), "{show}");
 }

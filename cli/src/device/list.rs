@@ -40,7 +40,15 @@ pub fn list(args: ListArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
     if let Some(state) = args.state {
         state.narrow(&mut query);
     }
-    let page = home.open_registry()?.list_devices(&query)?;
+    let store = home.open_registry()?;
+    let page = store.list_devices(&query)?;
+    let view = edgebind_fleet::registry::rules::presence_view(
+        &store.services()?,
+        edgebind_protocol::messages::now_unix(),
+    );
+    if let Some(note) = render::stale_presence(view) {
+        eprintln!("({note})");
+    }
     if let Some(after) = &page.next_after {
         eprintln!("(more devices: --after {after})");
     }
@@ -55,6 +63,7 @@ pub fn list(args: ListArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
                     "tags": d.tags,
                     "lifecycle": d.lifecycle,
                     "online": d.online,
+                    "presence_stale": !view.fresh,
                     "last_seen": d.last_seen,
                     "agent_version": d.agent_version,
                     "cpu_pct": d.telemetry.as_ref().and_then(|t| t.get("cpu_pct")),

@@ -18,12 +18,19 @@ pub fn show(args: ShowArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
     let rules = store.on_connect_rules(&id)?;
     let telemetry = store.telemetry_history(&id, args.recent)?;
     let events = store.events(&id, args.recent)?;
+    let view = edgebind_fleet::registry::rules::presence_view(
+        &store.services()?,
+        edgebind_protocol::messages::now_unix(),
+    );
+    let stale = render::stale_presence(view);
     if args.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "device": d,
                 "converged": d.converged(),
+                "presence_stale": !view.fresh,
+                "presence_as_of": view.as_of,
                 "commands": commands,
                 "on_connect": rules,
                 "telemetry": telemetry,
@@ -38,9 +45,10 @@ pub fn show(args: ShowArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
     println!("tags          {}", tags.join(", "));
     println!("lifecycle     {}", d.lifecycle.as_str());
     println!(
-        "presence      {} (last seen {})",
+        "presence      {} (last seen {}){}",
         if d.online { "online" } else { "offline" },
-        render::unix_time(d.last_seen)
+        render::unix_time(d.last_seen),
+        stale.map(|s| format!(" - {s}")).unwrap_or_default()
     );
     println!(
         "agent         {}",

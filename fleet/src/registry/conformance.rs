@@ -50,6 +50,7 @@ macro_rules! conformance_tests {
             listing_refuses_an_empty_or_huge_page,
             a_final_result_survives_a_duplicate_delivery_in_a_later_batch,
             a_revocation_is_not_undone_by_a_concurrent_batch_writer,
+            service_presence_is_recorded_per_service_and_replaced,
         );
     };
     (@each $fixture:expr; $($check:ident),+ $(,)?) => {
@@ -820,4 +821,36 @@ pub fn on_connect_rules_round_trip(registry: &dyn Fixture) {
     );
     store.remove_on_connect(rule.id).unwrap();
     assert!(store.on_connect_rules(&id("a")).unwrap().is_empty());
+}
+
+pub fn service_presence_is_recorded_per_service_and_replaced(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    assert!(store.services().unwrap().is_empty());
+    let up = ServicePresence {
+        name: "fleet".into(),
+        connected: true,
+        since: 100,
+        seen_at: 130,
+    };
+    store.record_service(&up).unwrap();
+    store
+        .record_service(&ServicePresence {
+            name: "fleet-2".into(),
+            connected: false,
+            since: 90,
+            seen_at: 90,
+        })
+        .unwrap();
+    let down = ServicePresence {
+        connected: false,
+        since: 140,
+        seen_at: 140,
+        ..up.clone()
+    };
+    store.record_service(&down).unwrap();
+    let other = registry.open(Retention::default());
+    let got = other.services().unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0], down);
+    assert_eq!(got[1].name, "fleet-2");
 }

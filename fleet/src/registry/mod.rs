@@ -210,6 +210,11 @@ pub trait Store: Send {
     /// Latest first.
     fn events(&self, device: &DeviceId, limit: u32) -> Result<Vec<EventRow>>;
     fn stats(&self) -> Result<Stats>;
+
+    /// Record a fleet service's broker connection (heartbeats, connect, loss, stop).
+    fn record_service(&mut self, presence: &ServicePresence) -> Result<()>;
+    /// What every fleet service last recorded ([`rules::presence_view`] reads it).
+    fn services(&self) -> Result<Vec<ServicePresence>>;
 }
 
 /// Open (creating and migrating if needed) the default registry backend.

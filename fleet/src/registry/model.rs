@@ -658,3 +658,21 @@ mod tests {
         assert!(d.converged());
     }
 }
+
+/// What a fleet service last recorded about its broker connection: while it
+/// is connected it refreshes `seen_at` every [`SERVICE_HEARTBEAT_S`]
+/// seconds, and it records `connected: false` when it loses the broker or
+/// stops. Presence in the registry is only as fresh as this.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePresence {
+    /// The service's principal name (`fleet` for `service:fleet`).
+    pub name: String,
+    pub connected: bool,
+    /// When `connected` last changed.
+    pub since: UnixSeconds,
+    /// The last heartbeat.
+    pub seen_at: UnixSeconds,
+}
+
+/// How often a connected service refreshes its [`ServicePresence`].
+pub const SERVICE_HEARTBEAT_S: u64 = 10;

@@ -453,4 +453,14 @@ impl<S: Storage> Store for S {
     fn stats(&self) -> Result<Stats> {
         read(self, |tx| tx.stats())
     }
+
+    fn record_service(&mut self, presence: &ServicePresence) -> Result<()> {
+        let mut tx = self.write()?;
+        tx.save_service(presence)?;
+        tx.commit()
+    }
+
+    fn services(&self) -> Result<Vec<ServicePresence>> {
+        read(self, |tx| tx.services())
+    }
 }

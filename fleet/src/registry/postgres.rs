@@ -135,6 +135,15 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX commands_by_device ON commands(device_id, seq);
     CREATE INDEX commands_queued ON commands(device_id) WHERE state = 'queued';
     "#,
+    // 2: fleet services' broker connections (SQLite's version 3).
+    r#"
+    CREATE TABLE services (
+        name      TEXT PRIMARY KEY,
+        connected BOOLEAN NOT NULL,
+        since     BIGINT NOT NULL,
+        seen_at   BIGINT NOT NULL
+    );
+    "#,
 ];
 
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -1098,6 +1107,37 @@ impl StorageTx for PgTx<'_> {
             &[&device.as_str()],
         )?;
         Ok(())
+    }
+
+    fn save_service(&mut self, p: &ServicePresence) -> Result<()> {
+        self.exec(
+            "INSERT INTO services (name, connected, since, seen_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (name) DO UPDATE SET connected = excluded.connected, \
+             since = excluded.since, seen_at = excluded.seen_at",
+            &[
+                &p.name,
+                &p.connected,
+                &(p.since as i64),
+                &(p.seen_at as i64),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn services(&mut self) -> Result<Vec<ServicePresence>> {
+        let rows = self.rows(
+            "SELECT name, connected, since, seen_at FROM services ORDER BY name",
+            &[],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| ServicePresence {
+                name: r.get(0),
+                connected: r.get(1),
+                since: r.get::<_, i64>(2).max(0) as u64,
+                seen_at: r.get::<_, i64>(3).max(0) as u64,
+            })
+            .collect())
     }
 
     fn stats(&mut self) -> Result<Stats> {

@@ -10,9 +10,11 @@ use edgebind_protocol::messages::{
 use edgebind_protocol::{CommandId, DeviceId};
 use serde_json::{Map, Value};
 
+use serde::Serialize;
+
 use super::{
     CommandRecord, CommandState, Delivery, Device, DeviceState, Lifecycle, NewCommand, NewDevice,
-    RegistryError, Result, validate_setting_key,
+    RegistryError, Result, SERVICE_HEARTBEAT_S, ServicePresence, validate_setting_key,
 };
 
 /// What a device may be asked to do: anything, unless it is revoked.
@@ -306,3 +308,27 @@ fn final_state(status: CommandStatus) -> CommandState {
 
 #[cfg(test)]
 mod tests;
+
+/// Whether the presence the registry shows can be trusted, from what the
+/// fleet services recorded (see [`ServicePresence`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PresenceView {
+    /// A service is connected and its heartbeat is recent.
+    pub fresh: bool,
+    /// When presence was last kept up to date (None: never, no service ran).
+    pub as_of: Option<UnixSeconds>,
+}
+
+/// A heartbeat older than three beats means the service is gone (killed,
+/// hung, cut off) even though its last record says connected.
+pub fn presence_view(services: &[ServicePresence], now: UnixSeconds) -> PresenceView {
+    let stale_after = 3 * SERVICE_HEARTBEAT_S;
+    let fresh = services
+        .iter()
+        .any(|s| s.connected && now.saturating_sub(s.seen_at) <= stale_after);
+    let as_of = services
+        .iter()
+        .map(|s| if s.connected { s.seen_at } else { s.since })
+        .max();
+    PresenceView { fresh, as_of }
+}

@@ -126,6 +126,15 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX devices_by_lifecycle ON devices(lifecycle, id);
     CREATE INDEX devices_by_online ON devices(online, id);
     "#,
+    // 3: fleet services' broker connections, so presence can say when it is stale.
+    r#"
+    CREATE TABLE services (
+        name      TEXT PRIMARY KEY,
+        connected INTEGER NOT NULL,
+        since     INTEGER NOT NULL,
+        seen_at   INTEGER NOT NULL
+    );
+    "#,
 ];
 
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -986,6 +995,35 @@ impl StorageTx for SqliteTx<'_> {
             [device.as_str()],
         )?;
         Ok(())
+    }
+
+    fn save_service(&mut self, p: &ServicePresence) -> Result<()> {
+        self.exec(
+            "INSERT INTO services (name, connected, since, seen_at) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (name) DO UPDATE SET connected = excluded.connected, \
+             since = excluded.since, seen_at = excluded.seen_at",
+            params![p.name, p.connected, p.since as i64, p.seen_at as i64],
+        )?;
+        Ok(())
+    }
+
+    fn services(&mut self) -> Result<Vec<ServicePresence>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT name, connected, since, seen_at FROM services ORDER BY name")
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(ServicePresence {
+                    name: r.get(0)?,
+                    connected: r.get(1)?,
+                    since: r.get::<_, i64>(2)?.max(0) as u64,
+                    seen_at: r.get::<_, i64>(3)?.max(0) as u64,
+                })
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(db)?;
+        Ok(rows)
     }
 
     fn stats(&mut self) -> Result<Stats> {

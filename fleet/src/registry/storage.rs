@@ -127,4 +127,7 @@ pub trait StorageTx {
     fn delete_rules_of(&mut self, device: &DeviceId) -> Result<()>;
 
     fn stats(&mut self) -> Result<Stats>;
+
+    fn save_service(&mut self, presence: &super::ServicePresence) -> Result<()>;
+    fn services(&mut self) -> Result<Vec<super::ServicePresence>>;
 }

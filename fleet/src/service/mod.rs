@@ -86,6 +86,24 @@ pub enum ServiceError {
     Internal(String),
 }
 
+/// The broker connection: (connected, since when), written by the event
+/// loop, recorded in the registry by the outbox thread.
+#[derive(Debug, Default)]
+pub(crate) struct Link(std::sync::Mutex<(bool, u64)>);
+
+impl Link {
+    fn set(&self, connected: bool) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if g.0 != connected || g.1 == 0 {
+            *g = (connected, now_unix());
+        }
+    }
+
+    fn get(&self) -> (bool, u64) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Counters for logs, tests and the benchmark.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -173,7 +191,11 @@ pub async fn run(
         .spawn(move || writer.run(writer_rx))
         .map_err(|e| ServiceError::Internal(format!("cannot start the writer thread: {e}")))?;
 
+    let link = Arc::new(Link::default());
+    link.set(false);
     let outbox = outbox::Outbox {
+        link: link.clone(),
+        service_name: SERVICE_NAME.to_owned(),
         store: outbox_store,
         client: client.clone(),
         runtime,
@@ -198,6 +220,7 @@ pub async fn run(
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                     counters.connects.fetch_add(1, Ordering::Relaxed);
+                    link.set(true);
                     tracing::info!(
                         broker = %format!("{}:{}", config.endpoint.host, config.endpoint.port),
                         session_present = ack.session_present,
@@ -220,6 +243,7 @@ pub async fn run(
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    link.set(false);
                     tracing::warn!(error = %e, "broker connection lost; reconnecting");
                     tokio::select! {
                         () = &mut shutdown => break,

@@ -21,7 +21,10 @@ use rumqttc::{AsyncClient, QoS};
 use serde_json::Map;
 
 use super::{Counters, SERVICE_NAME, new_command_id};
-use crate::registry::{CommandRecord, Delivery, Lifecycle, NewCommand, RegistryError, Store};
+use crate::registry::{
+    CommandRecord, Delivery, Lifecycle, NewCommand, RegistryError, SERVICE_HEARTBEAT_S,
+    ServicePresence, Store,
+};
 
 pub(super) struct Outbox {
     pub store: Box<dyn Store>,
@@ -31,12 +34,36 @@ pub(super) struct Outbox {
     pub poll_interval: Duration,
     pub inventory_on_connect: bool,
     pub stopping: Arc<AtomicBool>,
+    /// The broker connection as the event loop sees it, recorded in the
+    /// registry so presence can say when it is stale.
+    pub link: Arc<super::Link>,
+    pub service_name: String,
 }
 
 impl Outbox {
     pub fn run(mut self, connected: Receiver<Vec<DeviceId>>) {
+        let mut recorded: Option<(bool, u64)> = None;
+        let mut beat_at = 0u64;
         loop {
+            let now = now_unix();
+            let link = self.link.get();
+            if recorded != Some(link) || now >= beat_at + SERVICE_HEARTBEAT_S {
+                let presence = ServicePresence {
+                    name: self.service_name.clone(),
+                    connected: link.0,
+                    since: link.1,
+                    seen_at: now,
+                };
+                match self.store.record_service(&presence) {
+                    Ok(()) => {
+                        recorded = Some(link);
+                        beat_at = now;
+                    }
+                    Err(e) => tracing::error!(error = %e, "recording the service heartbeat failed"),
+                }
+            }
             if self.stopping.load(Ordering::Relaxed) {
+                self.record_stopped();
                 return;
             }
             match connected.recv_timeout(self.poll_interval) {
@@ -48,7 +75,10 @@ impl Outbox {
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.record_stopped();
+                    return;
+                }
             }
             if let Err(e) = self.publish_desired() {
                 tracing::error!(error = %e, "publishing desired settings failed");
@@ -56,6 +86,20 @@ impl Outbox {
             if let Err(e) = self.deliver_queued() {
                 tracing::error!(error = %e, "delivering queued commands failed");
             }
+        }
+    }
+
+    /// Presence is no longer kept from this moment.
+    fn record_stopped(&mut self) {
+        let now = now_unix();
+        let presence = ServicePresence {
+            name: self.service_name.clone(),
+            connected: false,
+            since: now,
+            seen_at: now,
+        };
+        if let Err(e) = self.store.record_service(&presence) {
+            tracing::error!(error = %e, "recording the service stop failed");
         }
     }
 

@@ -347,3 +347,40 @@ fn a_queued_command_waits_and_others_are_on_their_way() {
     );
     assert_eq!((now.state, now.sent_at), (CommandState::Sent, Some(42)));
 }
+
+#[test]
+fn presence_is_fresh_only_with_a_connected_service_and_a_recent_heartbeat() {
+    let svc = |connected, since, seen_at| ServicePresence {
+        name: "fleet".into(),
+        connected,
+        since,
+        seen_at,
+    };
+    assert_eq!(
+        presence_view(&[], 1000),
+        PresenceView {
+            fresh: false,
+            as_of: None
+        }
+    );
+    let up = svc(true, 500, 990);
+    assert_eq!(
+        presence_view(&[up.clone()], 1000),
+        PresenceView {
+            fresh: true,
+            as_of: Some(990)
+        }
+    );
+    // Killed: the record still says connected, the heartbeat stopped at 990.
+    assert!(!presence_view(&[up.clone()], 990 + 3 * SERVICE_HEARTBEAT_S + 1).fresh);
+    // Stopped cleanly at 995: stale at once, as of then.
+    assert_eq!(
+        presence_view(&[svc(false, 995, 995)], 996),
+        PresenceView {
+            fresh: false,
+            as_of: Some(995)
+        }
+    );
+    // One of two instances is enough.
+    assert!(presence_view(&[svc(false, 10, 10), up], 1000).fresh);
+}
