@@ -108,6 +108,21 @@ pub fn misissued(usable: usize) {
     }
 }
 
+/// Why the presence shown may be wrong, or None when a fleet service keeps
+/// it up to date right now.
+pub fn stale_presence(view: edgebind_fleet::registry::rules::PresenceView) -> Option<String> {
+    if view.fresh {
+        return None;
+    }
+    Some(match view.as_of {
+        Some(t) => format!(
+            "presence is stale: no fleet service has kept it since {} (is `edgebind fleet serve` running?)",
+            unix_time(Some(t))
+        ),
+        None => "presence is stale: no fleet service has ever recorded it (start `edgebind fleet serve`)".into(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,19 +137,4 @@ mod tests {
             + time::Duration::milliseconds(250);
         assert_eq!(self::time(t), "2026-12-01T08:34:32Z");
     }
-}
-
-/// Why the presence shown may be wrong, or None when a fleet service keeps
-/// it up to date right now.
-pub fn stale_presence(view: edgebind_fleet::registry::rules::PresenceView) -> Option<String> {
-    if view.fresh {
-        return None;
-    }
-    Some(match view.as_of {
-        Some(t) => format!(
-            "presence is stale: no fleet service has kept it since {} (is `edgebind fleet serve` running?)",
-            unix_time(Some(t))
-        ),
-        None => "presence is stale: no fleet service has ever recorded it (start `edgebind fleet serve`)".into(),
-    })
 }

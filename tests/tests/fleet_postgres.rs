@@ -4,7 +4,7 @@
 
 mod fleet_support;
 
-use edgebind_fleet::registry::{CommandState, Lifecycle, Selector};
+use edgebind_fleet::registry::{CommandState, Lifecycle, Selector, Store};
 use edgebind_protocol::DeviceId;
 use fleet_support::{AgentTweaks, Fleet, LONG};
 
@@ -15,7 +15,7 @@ fn fleet_serve_and_the_cli_keep_the_registry_on_postgres() {
     let bundle = fleet.add_device("dev-pg", &["lab"]);
     fleet.add_device("dev-idle", &[]);
     assert!(
-        !fleet.registry_path().exists(),
+        fleet.registry().devices(&Selector::All).unwrap().is_empty(),
         "nothing went to the default SQLite file"
     );
 

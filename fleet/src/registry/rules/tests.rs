@@ -365,14 +365,14 @@ fn presence_is_fresh_only_with_a_connected_service_and_a_recent_heartbeat() {
     );
     let up = svc(true, 500, 990);
     assert_eq!(
-        presence_view(&[up.clone()], 1000),
+        presence_view(std::slice::from_ref(&up), 1000),
         PresenceView {
             fresh: true,
             as_of: Some(990)
         }
     );
     // Killed: the record still says connected, the heartbeat stopped at 990.
-    assert!(!presence_view(&[up.clone()], 990 + 3 * SERVICE_HEARTBEAT_S + 1).fresh);
+    assert!(!presence_view(std::slice::from_ref(&up), 990 + 3 * SERVICE_HEARTBEAT_S + 1).fresh);
     // Stopped cleanly at 995: stale at once, as of then.
     assert_eq!(
         presence_view(&[svc(false, 995, 995)], 996),
