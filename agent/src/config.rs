@@ -40,12 +40,18 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/edgebind/state";
 /// 30 days.
 pub const DEFAULT_JOURNAL_MAX_AGE_S: u64 = 30 * 86_400;
 pub const DEFAULT_JOURNAL_MAX_ENTRIES: usize = 1_000;
+/// About 8,000 telemetry samples: 2 h at 1 Hz, 5 days at the default period.
+pub const DEFAULT_OUTBOX_MAX_BYTES: u64 = 2 * 1024 * 1024;
 pub const DEFAULT_REBOOT_REQUEST_PATH: &str = "/run/edgebind/reboot-request";
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
-/// Bounds that keep a typo from turning into a busy loop or a silent agent.
-const TELEMETRY_INTERVAL_RANGE_S: (u64, u64) = (1, 86_400);
+// Bounds that keep a typo from turning into a busy loop or a silent agent;
+// the telemetry period's are the desired-settings contract's.
+use edgebind_protocol::settings::TELEMETRY_INTERVAL_RANGE_S;
 const KEEP_ALIVE_RANGE_S: (u64, u64) = (5, 3_600);
+/// Room for a few records of the largest size at least; at most what a small
+/// device can hold in RAM.
+const OUTBOX_MAX_BYTES_RANGE: (u64, u64) = (64 * 1024, 256 * 1024 * 1024);
 
 /// The whole configuration file, with relative paths already resolved.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -155,6 +161,12 @@ pub struct StateConfig {
     /// are ten times as many (a flood must not exhaust memory).
     #[serde(default = "default_journal_max_entries")]
     pub journal_max_entries: usize,
+    /// `outbox_max_bytes` (default 2097152 = 2 MiB): bound of the outbox, the
+    /// on-disk queue of telemetry, events and command results awaiting the
+    /// broker's acknowledgement. Past it the oldest telemetry goes first.
+    /// The queue is also held in memory, so this bounds RAM use too.
+    #[serde(default = "default_outbox_max_bytes")]
+    pub outbox_max_bytes: u64,
 }
 
 /// `[actions]`
@@ -283,6 +295,9 @@ fn default_journal_max_age() -> u64 {
 fn default_journal_max_entries() -> usize {
     DEFAULT_JOURNAL_MAX_ENTRIES
 }
+fn default_outbox_max_bytes() -> u64 {
+    DEFAULT_OUTBOX_MAX_BYTES
+}
 fn default_reboot_path() -> PathBuf {
     DEFAULT_REBOOT_REQUEST_PATH.into()
 }
@@ -314,6 +329,7 @@ impl Default for StateConfig {
             dir: default_state_dir(),
             journal_max_age_s: default_journal_max_age(),
             journal_max_entries: default_journal_max_entries(),
+            outbox_max_bytes: default_outbox_max_bytes(),
         }
     }
 }
@@ -526,6 +542,13 @@ impl AgentConfig {
                 ),
             ));
         }
+        let (lo, hi) = OUTBOX_MAX_BYTES_RANGE;
+        if !(lo..=hi).contains(&self.state.outbox_max_bytes) {
+            return Err(invalid(
+                "state.outbox_max_bytes",
+                format!("{} is outside {lo}..={hi}", self.state.outbox_max_bytes),
+            ));
+        }
         let reboot = &self.actions.reboot;
         match reboot.method {
             RebootMethod::Command if reboot.command.is_empty() => {
@@ -600,6 +623,8 @@ ca = {ca}
 # journal_max_age_s = {jage}
 # Keep at most this many command ids, never dropping redeliverable ones (default {jmax}).
 # journal_max_entries = {jmax}
+# Bound of the outbox (telemetry, events, results queued while offline), in bytes (default {obmax}).
+# outbox_max_bytes = {obmax}
 
 [actions.reboot]
 # "request-file" (default): create `path`, a root systemd path unit reboots the device.
@@ -625,6 +650,7 @@ ca = {ca}
             state = toml_str(DEFAULT_STATE_DIR),
             jage = DEFAULT_JOURNAL_MAX_AGE_S,
             jmax = DEFAULT_JOURNAL_MAX_ENTRIES,
+            obmax = DEFAULT_OUTBOX_MAX_BYTES,
             reboot_path = toml_str(DEFAULT_REBOOT_REQUEST_PATH),
         )
     }

@@ -16,7 +16,7 @@ use edgebind_fleet::registry::{
 };
 use edgebind_fleet::service::new_command_id;
 use edgebind_protocol::messages::{Action, Command, now_unix};
-use edgebind_protocol::{DeviceId, Principal};
+use edgebind_protocol::{DeviceId, Principal, settings};
 use serde_json::{Map, Value, json};
 
 use crate::cmd_fleet::{
@@ -532,6 +532,13 @@ pub fn set(args: SetArgs, home: &Home) -> anyhow::Result<ExitCode> {
     let mut changes = Map::new();
     for s in &args.settings {
         let (k, v) = parse_setting(s)?;
+        // The agent's own rule: refuse here what the device would only
+        // report as ignored. `null` removes a setting; unknown keys are
+        // passed on with a note (a newer agent may know them).
+        if settings::is_known(&k) && !v.is_null() {
+            settings::validate(&k, &v)
+                .map_err(|e| anyhow::anyhow!("{s}: {k} {e}; nothing was changed"))?;
+        }
         changes.insert(k, v);
     }
     let mut store = open_registry(home)?;

@@ -10,6 +10,7 @@ pub mod acl;
 pub mod ids;
 pub mod messages;
 pub mod principal;
+pub mod settings;
 pub mod topics;
 
 pub use ids::{CommandId, DeviceId, IdError};
