@@ -423,11 +423,7 @@ impl Running {
 
         let exit = loop {
             io.flush_backlog();
-            if io.connected {
-                for (seq, o) in self.core.take_sendable(OUTBOX_WINDOW) {
-                    io.publish(o, Some(seq));
-                }
-            }
+            self.send_outbox(&mut io);
             tokio::select! {
                 changed = shutdown.0.changed() => {
                     if changed.is_err() || *shutdown.0.borrow() {
@@ -491,6 +487,15 @@ impl Running {
         exit
     }
 
+    /// Hand the connection what the outbox may send now.
+    fn send_outbox(&mut self, io: &mut Io) {
+        if io.connected {
+            for (seq, o) in self.core.take_sendable(OUTBOX_WINDOW) {
+                io.publish(o, Some(seq));
+            }
+        }
+    }
+
     /// Before a clean stop: a short while for what the outbox holds to be
     /// acknowledged (what is left goes out after the next start).
     async fn drain_outbox(&mut self, io: &mut Io, net_rx: &mut mpsc::UnboundedReceiver<NetEvent>) {
@@ -539,8 +544,11 @@ impl Running {
                 debug!(topic = %topic, bytes = publish.payload.len(), "message received");
                 let fx = self.core.on_message(&topic, &publish.payload, now_unix());
                 self.execute(fx, io).await;
-                // Only now, with the id durably recorded, tell the broker it
-                // may forget the message.
+                // The answers may go while the journal write finishes.
+                self.send_outbox(io);
+                self.writer.barrier().await;
+                // Only now, with the id recorded, tell the broker it may
+                // forget the message.
                 if let Err(e) = io.client.try_ack(&publish) {
                     warn!(error = %e, "could not queue the acknowledgement");
                 }
@@ -577,13 +585,15 @@ impl Running {
     /// nothing runs whose id is not on disk.
     async fn execute(&mut self, effects: Vec<Effect>, io: &mut Io) {
         for fx in effects {
-            let durable = matches!(fx, Effect::Record(_));
             match fx {
-                Effect::Record(entry) | Effect::Note(entry) => {
+                // Handed to the writer in order; the command's ack waits for
+                // it (see on_net_event).
+                Effect::Note(entry) => self.writer.note(entry),
+                Effect::Record(entry) => {
                     // Awaited (the keep-alive runs meanwhile): nothing after
-                    // this record, the command's ack included, may happen
-                    // before it is written.
-                    if let Err(e) = self.writer.journal(entry.clone(), durable).await {
+                    // this record, the action included, may happen before it
+                    // is on stable storage.
+                    if let Err(e) = self.writer.journal(entry.clone(), true).await {
                         error!(
                             id = %entry.id,
                             file = crate::journal::JOURNAL_FILE_NAME,

@@ -36,7 +36,7 @@ enum Job {
     Journal {
         entry: JournalEntry,
         durable: bool,
-        done: oneshot::Sender<std::io::Result<()>>,
+        done: Option<oneshot::Sender<std::io::Result<()>>>,
     },
     CompactJournal(Vec<JournalEntry>),
     Outbox(Vec<u8>),
@@ -75,10 +75,23 @@ impl StateWriter {
         self.send(Job::Journal {
             entry,
             durable,
-            done,
+            done: Some(done),
         });
         rx.await
             .unwrap_or_else(|_| Err(std::io::Error::other("the state writer has stopped")))
+    }
+
+    /// Append a journal record without an fsync and without waiting: for
+    /// records whose loss costs at most a harmless repeat. [`barrier`]
+    /// waits for it where order matters (before acknowledging a command).
+    ///
+    /// [`barrier`]: StateWriter::barrier
+    pub fn note(&self, entry: JournalEntry) {
+        self.send(Job::Journal {
+            entry,
+            durable: false,
+            done: None,
+        });
     }
 
     pub fn compact_journal(&self, entries: Vec<JournalEntry>) {
@@ -142,7 +155,16 @@ fn run(rx: mpsc::Receiver<Job>, mut journal: JournalFile, mut outbox: OutboxFile
                 } else {
                     journal.append_unsynced(&entry)
                 };
-                let _ = done.send(r);
+                match done {
+                    Some(done) => {
+                        let _ = done.send(r);
+                    }
+                    None => {
+                        if let Err(e) = r {
+                            warn!(file = %journal.path().display(), id = %entry.id, error = %e, "cannot journal a command outcome; a redelivery would be answered again");
+                        }
+                    }
+                }
             }
             Some(Job::CompactJournal(entries)) => {
                 if let Err(e) = journal.rewrite(&entries) {
