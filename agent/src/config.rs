@@ -40,7 +40,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/edgebind/state";
 /// 30 days.
 pub const DEFAULT_JOURNAL_MAX_AGE_S: u64 = 30 * 86_400;
 pub const DEFAULT_JOURNAL_MAX_ENTRIES: usize = 1_000;
-/// About 8,000 telemetry samples: 2 h at 1 Hz, 5 days at the default period.
+/// About 5,000 telemetry samples (~420 bytes each): 1.4 h at 1 Hz, 3.5 days
+/// at the default period.
 pub const DEFAULT_OUTBOX_MAX_BYTES: u64 = 2 * 1024 * 1024;
 pub const DEFAULT_REBOOT_REQUEST_PATH: &str = "/run/edgebind/reboot-request";
 pub const DEFAULT_LOG_LEVEL: &str = "info";
@@ -49,9 +50,9 @@ pub const DEFAULT_LOG_LEVEL: &str = "info";
 // the telemetry period's are the desired-settings contract's.
 use edgebind_protocol::settings::TELEMETRY_INTERVAL_RANGE_S;
 const KEEP_ALIVE_RANGE_S: (u64, u64) = (5, 3_600);
-/// Room for a few records of the largest size at least; at most what a small
-/// device can hold in RAM.
-const OUTBOX_MAX_BYTES_RANGE: (u64, u64) = (64 * 1024, 256 * 1024 * 1024);
+/// Room for a few records of the largest packet size at least; at most what a
+/// small device can hold in RAM.
+const OUTBOX_MAX_BYTES_RANGE: (u64, u64) = (1024 * 1024, 256 * 1024 * 1024);
 
 /// The whole configuration file, with relative paths already resolved.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -423,8 +423,11 @@ impl FastClient {
 /// session expiry, on a broker with persistence): what a device publishes
 /// while the collector is away is queued for it, so a test sees everything
 /// that reached the broker, across outages. Reconnects by itself.
+/// (topic, payload) in arrival order.
+type Inbox = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
 pub struct Collector {
-    received: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+    received: Inbox,
     subacks: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     client: rumqttc::v5::Client,
 }
@@ -455,7 +458,7 @@ impl Collector {
         opts.set_network_options(net);
         let (client, mut connection) = Client::new(opts, 64);
         let filters: Vec<String> = kinds.iter().map(|k| k.filter_for(device)).collect();
-        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let received: Inbox = Default::default();
         let subacks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (r, a, c) = (received.clone(), subacks.clone(), client.clone());
         std::thread::spawn(move || {
