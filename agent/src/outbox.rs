@@ -603,6 +603,17 @@ mod tests {
             }
 
             #[test]
+            fn any_file_content_opens_and_is_repaired(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+                let dir = tempfile::tempdir().unwrap();
+                std::fs::write(dir.path().join(OUTBOX_FILE_NAME), &bytes).unwrap();
+                let (_, first) = OutboxFile::open(dir.path(), 1 << 20).unwrap();
+                // After the repair at open, the file reads back clean.
+                let (_, again) = OutboxFile::open(dir.path(), 1 << 20).unwrap();
+                prop_assert_eq!(again.damaged, 0);
+                prop_assert_eq!(again.records, first.records);
+            }
+
+            #[test]
             fn valid_records_survive_random_damage(
                 n in 1usize..30,
                 at in any::<prop::sample::Index>(),
