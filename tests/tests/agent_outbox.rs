@@ -3,7 +3,8 @@
 //! order, also across a `kill -9` of the agent; a final result journaled
 //! during an outage is published once the broker is back even when the
 //! outbox file is gone; random bytes in the middle of every state file cost
-//! only the damaged records and are reported.
+//! only the damaged records and are reported, and no content of the state
+//! files makes the agent refuse to start.
 //!
 //! Scaling: the scenario is a 60 s outage at 1 Hz. The suite uses
 //! [`OUTAGE_S`] (15 s) at the same 1 Hz (the fastest the configuration
@@ -321,4 +322,39 @@ fn random_bytes_in_every_state_file_are_skipped_reported_and_the_agent_serves() 
     // Answered ids are still known: a redelivered one is not run again.
     let log = agent.stderr();
     assert!(log.contains("skipped"), "{log}");
+}
+
+/// Whole files of random bytes (not just a damaged middle): `--check` runs
+/// every start-up step, reading and repairing the state files included.
+#[test]
+fn whatever_the_state_files_contain_the_agent_starts() {
+    let fleet = TestFleet::start();
+    let bundle = AgentBundle::new(&fleet.pki, &fleet.broker, "dev-fuzz", &one_hz());
+    std::fs::create_dir_all(&bundle.state_dir).unwrap();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for round in 0..12 {
+        for file in ["commands.jsonl", "settings.json", OUTBOX_FILE_NAME] {
+            let len = (next() % 4096) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            std::fs::write(bundle.state_dir.join(file), bytes).unwrap();
+        }
+        let out = std::process::Command::new(edgebind_tests::bin_path("edgebind-agent"))
+            .arg("--config")
+            .arg(&bundle.config)
+            .arg("--check")
+            .output()
+            .expect("run edgebind-agent --check");
+        assert!(
+            out.status.success(),
+            "round {round}: refused to start: {:?}\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
