@@ -12,6 +12,8 @@
 //! [`Core::take_sendable`] hands out while connected; a record leaves the
 //! outbox when [`Core::on_delivered`] reports its PUBACK.
 
+use std::collections::HashSet;
+
 use edgebind_protocol::messages::{
     Action, Command, CommandResult, CommandStatus, Desired, Event, Inventory, MAX_COMMAND_BYTES,
     Presence, Reported, Status, Telemetry, UnixSeconds, events,
@@ -136,9 +138,9 @@ pub struct Core {
 }
 
 impl Core {
-    /// Start from the journal and saved settings found on disk. Returns the
-    /// effects of reconciling them with the present boot (to run before
-    /// connecting; their publications are held until [`Core::on_connected`]).
+    /// Start from the journal, saved settings and outbox found on disk.
+    /// Returns the effects of reconciling them with the present boot (to run
+    /// before connecting; what they publish waits in the outbox).
     pub fn new(
         cfg: CoreConfig,
         mut ledger: Ledger,
@@ -177,26 +179,25 @@ impl Core {
 
         // Loading may have dropped records to fit a smaller bound: the file
         // must not bring them back.
-        let kept: Vec<u64> = core.outbox.records().map(|r| r.seq).collect();
-        if kept.len() < start_records {
+        if core.outbox.len() < start_records {
             effects.push(core.compact_outbox());
         }
 
         // Final results journaled but never acknowledged (the agent stopped
         // before the PUBACK, the outbox file was damaged): again. The
         // registry ignores a repeat of a final state.
-        let queued: Vec<(CommandId, CommandStatus)> = core
+        let queued: HashSet<(CommandId, &str)> = core
             .outbox
             .records()
             .filter(|r| r.class == Class::Result)
             .filter_map(|r| serde_json::from_slice::<CommandResult>(&r.payload).ok())
-            .map(|r| (r.id, r.status))
+            .map(|r| (r.id, r.status.as_str()))
             .collect();
         let mut unacked: Vec<JournalEntry> = core
             .ledger
             .entries()
             .filter(|e| e.undelivered && e.status.is_final())
-            .filter(|e| !queued.contains(&(e.id.clone(), e.status)))
+            .filter(|e| !queued.contains(&(e.id.clone(), e.status.as_str())))
             .cloned()
             .collect();
         unacked.sort_by(|a, b| (a.ts, a.id.as_str()).cmp(&(b.ts, b.id.as_str())));
