@@ -855,6 +855,18 @@ mod tests {
             .collect()
     }
 
+    fn dev() -> DeviceId {
+        DeviceId::new("dev-a").unwrap()
+    }
+
+    fn events_topic() -> String {
+        Topic::Events(dev()).render()
+    }
+
+    fn result_topic(id: &str) -> String {
+        Topic::CmdResult(dev(), CommandId::new(id).unwrap()).render()
+    }
+
     fn cmd_topic(id: &str) -> String {
         format!("edgebind/v1/devices/dev-a/cmd/{id}")
     }
@@ -863,7 +875,7 @@ mod tests {
     fn results(effects: &[Effect]) -> Vec<(CommandStatus, Option<String>)> {
         sent(effects)
             .into_iter()
-            .filter(|o| o.topic.contains("/cmd-result/"))
+            .filter(|o| matches!(Topic::parse(&o.topic), Some(Topic::CmdResult(..))))
             .map(|o| {
                 let r: CommandResult = serde_json::from_slice(&o.payload).unwrap();
                 (r.status, r.reason)
@@ -966,11 +978,11 @@ mod tests {
         // ... and sent once connected, after the online status.
         let connected = after.on_connected(5, vec![], NOW + 60);
         assert!(
-            matches!(&connected[..], [Effect::Publish(o)] if o.retain && o.topic.ends_with("/status"))
+            matches!(&connected[..], [Effect::Publish(o)] if o.retain && o.topic == Topic::Status(dev()).render())
         );
         let out = after.take_sendable(16);
         assert_eq!(out.len(), 1);
-        assert!(out[0].1.topic.ends_with("/cmd-result/r1"));
+        assert!(out[0].1.topic == result_topic("r1"));
         // A redelivery of the reboot after it happened repeats `succeeded`.
         let again = after.on_message(
             &cmd_topic("r1"),
@@ -1114,9 +1126,7 @@ mod tests {
         })));
         // Garbage becomes an event, not a crash.
         let fx = c.on_message("edgebind/v1/devices/dev-a/desired", b"[1,2", NOW);
-        assert!(
-            matches!(&fx[..], [Effect::Store { queued: o, .. }] if o.topic.ends_with("/events"))
-        );
+        assert!(matches!(&fx[..], [Effect::Store { queued: o, .. }] if o.topic == events_topic()));
     }
 
     #[test]
@@ -1303,7 +1313,7 @@ mod tests {
         let (_, fx) = Core::new(cfg("b"), Ledger::new(RET, vec![]), 0, None, st, NOW);
         let ev = sent(&fx)
             .into_iter()
-            .find(|o| o.topic.ends_with("/events"))
+            .find(|o| o.topic == events_topic())
             .unwrap();
         let ev: Event = serde_json::from_slice(&ev.payload).unwrap();
         assert_eq!(ev.kind, events::STATE_RECOVERED);
@@ -1323,14 +1333,14 @@ mod tests {
         let fx = c.on_connected(1, vec![], NOW + 100);
         let ev = sent(&fx)
             .into_iter()
-            .find(|o| o.topic.ends_with("/events"))
+            .find(|o| o.topic == events_topic())
             .unwrap();
         let ev: Event = serde_json::from_slice(&ev.payload).unwrap();
         assert_eq!(ev.kind, events::OUTBOX_DROPPED);
         assert!(ev.message.contains("0 command results"), "{}", ev.message);
         // The results survived; the newest telemetry is kept.
         let out = c.take_sendable(1000);
-        assert!(out[0].1.topic.ends_with("/cmd-result/c1"));
+        assert!(out[0].1.topic == result_topic("c1"));
         let last: Telemetry = serde_json::from_slice(&out[out.len() - 2].1.payload).unwrap();
         assert_eq!(last.ts, 99);
     }

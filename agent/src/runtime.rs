@@ -424,6 +424,8 @@ impl Running {
         let exit = loop {
             io.flush_backlog();
             self.send_outbox(&mut io);
+            // What this turn produced goes to the writer thread in one go.
+            self.writer.flush();
             tokio::select! {
                 changed = shutdown.0.changed() => {
                     if changed.is_err() || *shutdown.0.borrow() {
@@ -436,6 +438,11 @@ impl Running {
                         break Exit::Failed;
                     };
                     self.on_net_event(event, &mut io).await;
+                    // PUBACKs come in bursts: take what is already there in
+                    // the same turn.
+                    while let Ok(event) = net_rx.try_recv() {
+                        self.on_net_event(event, &mut io).await;
+                    }
                 }
                 Some((id, outcome)) = done_rx.recv() => {
                     let fx = self.core.on_action_done(&id, outcome, now_unix());
@@ -505,6 +512,7 @@ impl Running {
                 io.publish(o, Some(seq));
             }
             io.flush_backlog();
+            self.writer.flush();
             match tokio::time::timeout_at(deadline, net_rx.recv()).await {
                 Ok(Some(NetEvent::Delivered(seq))) => {
                     let fx = self.core.on_delivered(seq, now_unix());

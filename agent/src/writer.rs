@@ -3,7 +3,10 @@
 //! slow SD card must not stall the MQTT keep-alive).
 //!
 //! Jobs run in the order they were sent, which keeps the core's order of
-//! effects on disk. A journal append reports back when it is done (after
+//! effects on disk. They are handed over in batches (one per turn of the main
+//! loop, or when the runtime must wait for one): each hand-over wakes the
+//! thread, and on a small, busy device every wake-up costs the broker
+//! connection CPU time. A journal append reports back when it is done (after
 //! `fdatasync` for a durable one), so that the runtime acknowledges a command
 //! to the broker only once its id is recorded.
 //!
@@ -48,10 +51,15 @@ enum Job {
     Barrier(oneshot::Sender<()>),
 }
 
+/// Jobs handed over at once.
+type Batch = Vec<Job>;
+
 /// Handle on the writer thread. Dropping it lets the thread finish the
 /// queued jobs, sync the outbox and end.
 pub struct StateWriter {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Batch>,
+    /// Jobs not yet handed over (see [`StateWriter::flush`]).
+    pending: Batch,
     thread: Option<thread::JoinHandle<()>>,
 }
 
@@ -64,19 +72,21 @@ impl StateWriter {
             .spawn(move || run(rx, journal, outbox))?;
         Ok(StateWriter {
             tx,
+            pending: Vec::new(),
             thread: Some(thread),
         })
     }
 
     /// Append a journal record; resolves once it is written (and synced when
     /// `durable`).
-    pub async fn journal(&self, entry: JournalEntry, durable: bool) -> std::io::Result<()> {
+    pub async fn journal(&mut self, entry: JournalEntry, durable: bool) -> std::io::Result<()> {
         let (done, rx) = oneshot::channel();
         self.send(Job::Journal {
             entry,
             durable,
             done: Some(done),
         });
+        self.flush();
         rx.await
             .unwrap_or_else(|_| Err(std::io::Error::other("the state writer has stopped")))
     }
@@ -86,7 +96,7 @@ impl StateWriter {
     /// waits for it where order matters (before acknowledging a command).
     ///
     /// [`barrier`]: StateWriter::barrier
-    pub fn note(&self, entry: JournalEntry) {
+    pub fn note(&mut self, entry: JournalEntry) {
         self.send(Job::Journal {
             entry,
             durable: false,
@@ -94,37 +104,48 @@ impl StateWriter {
         });
     }
 
-    pub fn compact_journal(&self, entries: Vec<JournalEntry>) {
+    pub fn compact_journal(&mut self, entries: Vec<JournalEntry>) {
         self.send(Job::CompactJournal(entries));
     }
 
-    pub fn outbox(&self, frames: Vec<u8>) {
+    pub fn outbox(&mut self, frames: Vec<u8>) {
         self.send(Job::Outbox(frames));
     }
 
-    pub fn rewrite_outbox(&self, bytes: Vec<u8>) {
+    pub fn rewrite_outbox(&mut self, bytes: Vec<u8>) {
         self.send(Job::RewriteOutbox(bytes));
     }
 
-    pub fn settings(&self, path: std::path::PathBuf, bytes: Vec<u8>) {
+    pub fn settings(&mut self, path: std::path::PathBuf, bytes: Vec<u8>) {
         self.send(Job::Settings { path, bytes });
     }
 
     /// Resolves once every job sent before it has been carried out.
-    pub async fn barrier(&self) {
+    pub async fn barrier(&mut self) {
         let (tx, rx) = oneshot::channel();
         self.send(Job::Barrier(tx));
+        self.flush();
         let _ = rx.await;
     }
 
-    fn send(&self, job: Job) {
-        if self.tx.send(job).is_err() {
+    fn send(&mut self, job: Job) {
+        self.pending.push(job);
+    }
+
+    /// Hand the jobs collected so far to the thread.
+    pub fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.pending);
+        if self.tx.send(batch).is_err() {
             error!("the state writer thread has stopped; state is not being saved");
         }
     }
 
     /// Finish the queued jobs and sync (blocking: for the end of `run`).
     pub fn finish(mut self) {
+        self.flush();
         let (tx, _) = mpsc::channel();
         drop(std::mem::replace(&mut self.tx, tx));
         if let Some(t) = self.thread.take() {
@@ -133,68 +154,19 @@ impl StateWriter {
     }
 }
 
-fn run(rx: mpsc::Receiver<Job>, mut journal: JournalFile, mut outbox: OutboxFile) {
+fn run(rx: mpsc::Receiver<Batch>, mut journal: JournalFile, mut outbox: OutboxFile) {
     let mut unsynced_since: Option<Instant> = None;
     loop {
         let timeout = unsynced_since
             .map(|t| OUTBOX_SYNC_EVERY.saturating_sub(t.elapsed()))
             .unwrap_or(Duration::from_secs(3600));
-        let job = match rx.recv_timeout(timeout) {
-            Ok(job) => Some(job),
-            Err(mpsc::RecvTimeoutError::Timeout) => None,
+        let batch = match rx.recv_timeout(timeout) {
+            Ok(batch) => batch,
+            Err(mpsc::RecvTimeoutError::Timeout) => Vec::new(),
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
-        match job {
-            Some(Job::Journal {
-                entry,
-                durable,
-                done,
-            }) => {
-                let r = if durable {
-                    journal.append(&entry)
-                } else {
-                    journal.append_unsynced(&entry)
-                };
-                match done {
-                    Some(done) => {
-                        let _ = done.send(r);
-                    }
-                    None => {
-                        if let Err(e) = r {
-                            warn!(file = %journal.path().display(), id = %entry.id, error = %e, "cannot journal a command outcome; a redelivery would be answered again");
-                        }
-                    }
-                }
-            }
-            Some(Job::CompactJournal(entries)) => {
-                if let Err(e) = journal.rewrite(&entries) {
-                    warn!(file = %journal.path().display(), error = %e, "journal compaction failed; appending to the old file");
-                }
-            }
-            Some(Job::Outbox(frames)) => match outbox.append(&frames) {
-                Ok(()) => {
-                    unsynced_since.get_or_insert_with(Instant::now);
-                }
-                Err(e) => {
-                    warn!(file = %outbox.path().display(), error = %e, "cannot write the outbox; queued records are kept in memory only")
-                }
-            },
-            Some(Job::RewriteOutbox(bytes)) => {
-                if let Err(e) = outbox.rewrite(&bytes) {
-                    warn!(file = %outbox.path().display(), error = %e, "outbox compaction failed; appending to the old file");
-                } else {
-                    unsynced_since = None;
-                }
-            }
-            Some(Job::Settings { path, bytes }) => {
-                if let Err(e) = write_atomically(&path, &bytes) {
-                    warn!(file = %path.display(), error = %e, "cannot save applied settings; they hold until restart");
-                }
-            }
-            Some(Job::Barrier(tx)) => {
-                let _ = tx.send(());
-            }
-            None => {}
+        for job in batch {
+            do_job(job, &mut journal, &mut outbox, &mut unsynced_since);
         }
         if unsynced_since.is_some_and(|t| t.elapsed() >= OUTBOX_SYNC_EVERY) {
             sync_outbox(&mut outbox);
@@ -203,6 +175,65 @@ fn run(rx: mpsc::Receiver<Job>, mut journal: JournalFile, mut outbox: OutboxFile
     }
     if unsynced_since.is_some() {
         sync_outbox(&mut outbox);
+    }
+}
+
+fn do_job(
+    job: Job,
+    journal: &mut JournalFile,
+    outbox: &mut OutboxFile,
+    unsynced_since: &mut Option<Instant>,
+) {
+    match job {
+        Job::Journal {
+            entry,
+            durable,
+            done,
+        } => {
+            let r = if durable {
+                journal.append(&entry)
+            } else {
+                journal.append_unsynced(&entry)
+            };
+            match done {
+                Some(done) => {
+                    let _ = done.send(r);
+                }
+                None => {
+                    if let Err(e) = r {
+                        warn!(file = %journal.path().display(), id = %entry.id, error = %e, "cannot journal a command outcome; a redelivery would be answered again");
+                    }
+                }
+            }
+        }
+        Job::CompactJournal(entries) => {
+            if let Err(e) = journal.rewrite(&entries) {
+                warn!(file = %journal.path().display(), error = %e, "journal compaction failed; appending to the old file");
+            }
+        }
+        Job::Outbox(frames) => match outbox.append(&frames) {
+            Ok(()) => {
+                unsynced_since.get_or_insert_with(Instant::now);
+            }
+            Err(e) => {
+                warn!(file = %outbox.path().display(), error = %e, "cannot write the outbox; queued records are kept in memory only")
+            }
+        },
+        Job::RewriteOutbox(bytes) => {
+            if let Err(e) = outbox.rewrite(&bytes) {
+                warn!(file = %outbox.path().display(), error = %e, "outbox compaction failed; appending to the old file");
+            } else {
+                *unsynced_since = None;
+            }
+        }
+        Job::Settings { path, bytes } => {
+            if let Err(e) = write_atomically(&path, &bytes) {
+                warn!(file = %path.display(), error = %e, "cannot save applied settings; they hold until restart");
+            }
+        }
+        Job::Barrier(tx) => {
+            let _ = tx.send(());
+        }
     }
 }
 
