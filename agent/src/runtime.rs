@@ -385,6 +385,7 @@ impl Running {
             client,
             backlog: VecDeque::new(),
             tags,
+            acks: Vec::new(),
             connected: false,
             done_tx,
             restart: false,
@@ -474,6 +475,16 @@ impl Running {
         // Clean stop: retained `offline`, then DISCONNECT (so the broker
         // does not also fire the will), then leave.
         self.options.notifier.notify("STOPPING=1\nSTATUS=stopping");
+        // Acknowledge what was recorded (restart-agent's own command among
+        // them), or the broker delivers it again after the restart.
+        self.writer.flush();
+        let acks = std::mem::take(&mut io.acks);
+        let _ = tokio::time::timeout(STOP_GRACE / 2, async {
+            for h in acks {
+                let _ = h.await;
+            }
+        })
+        .await;
         io.flush_backlog();
         if io.connected {
             self.drain_outbox(&mut io, &mut net_rx).await;
@@ -554,12 +565,19 @@ impl Running {
                 self.execute(fx, io).await;
                 // The answers may go while the journal write finishes.
                 self.send_outbox(io);
-                self.writer.barrier().await;
-                // Only now, with the id recorded, tell the broker it may
-                // forget the message.
-                if let Err(e) = io.client.try_ack(&publish) {
-                    warn!(error = %e, "could not queue the acknowledgement");
-                }
+                // Only once the id is recorded may the broker forget the
+                // message. Waited for on the side, so that a slow card holds
+                // up this acknowledgement, not the main loop (watchdog,
+                // telemetry, other commands).
+                let recorded = self.writer.barrier();
+                let client = io.client.clone();
+                io.acks.retain(|h| !h.is_finished());
+                io.acks.push(tokio::spawn(async move {
+                    recorded.await;
+                    if let Err(e) = client.try_ack(&publish) {
+                        warn!(error = %e, "could not queue the acknowledgement");
+                    }
+                }));
             }
             NetEvent::Lost { error, retry_in } => {
                 if io.connected {
@@ -744,6 +762,8 @@ struct Io {
     /// outbox sequence numbers.
     backlog: VecDeque<(Outgoing, Option<u64>)>,
     tags: Tags,
+    /// Acknowledgements of commands waiting for their journal records.
+    acks: Vec<tokio::task::JoinHandle<()>>,
     connected: bool,
     done_tx: mpsc::UnboundedSender<(edgebind_protocol::CommandId, Result<(), String>)>,
     restart: bool,

@@ -120,12 +120,15 @@ impl StateWriter {
         self.send(Job::Settings { path, bytes });
     }
 
-    /// Resolves once every job sent before it has been carried out.
-    pub async fn barrier(&mut self) {
+    /// A future that resolves once every job sent before this call has been
+    /// carried out (it holds no borrow: await it elsewhere).
+    pub fn barrier(&mut self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let (tx, rx) = oneshot::channel();
         self.send(Job::Barrier(tx));
         self.flush();
-        let _ = rx.await;
+        async move {
+            let _ = rx.await;
+        }
     }
 
     fn send(&mut self, job: Job) {
