@@ -427,7 +427,11 @@ impl Running {
             self.send_outbox(&mut io);
             // What this turn produced goes to the writer thread in one go.
             self.writer.flush();
+            let lazy = self.writer.has_pending();
             tokio::select! {
+                _ = tokio::time::sleep(crate::writer::LAZY_FLUSH), if lazy => {
+                    self.writer.flush_all();
+                }
                 changed = shutdown.0.changed() => {
                     if changed.is_err() || *shutdown.0.borrow() {
                         break Exit::Stopped;
@@ -477,7 +481,7 @@ impl Running {
         self.options.notifier.notify("STOPPING=1\nSTATUS=stopping");
         // Acknowledge what was recorded (restart-agent's own command among
         // them), or the broker delivers it again after the restart.
-        self.writer.flush();
+        self.writer.flush_all();
         let acks = std::mem::take(&mut io.acks);
         let _ = tokio::time::timeout(STOP_GRACE / 2, async {
             for h in acks {
@@ -523,7 +527,7 @@ impl Running {
                 io.publish(o, Some(seq));
             }
             io.flush_backlog();
-            self.writer.flush();
+            self.writer.flush_all();
             match tokio::time::timeout_at(deadline, net_rx.recv()).await {
                 Ok(Some(NetEvent::Delivered(seq))) => {
                     let fx = self.core.on_delivered(seq, now_unix());
@@ -644,7 +648,7 @@ impl Running {
                     }
                     self.writer.outbox(frames);
                 }
-                Effect::StoreFrames(frames) => self.writer.outbox(frames),
+                Effect::StoreFrames(frames) => self.writer.outbox_lazy(frames),
                 Effect::CompactOutbox(bytes) => self.writer.rewrite_outbox(bytes),
                 Effect::Publish(o) => io.publish(o, None),
                 Effect::Run { id, action } => {

@@ -32,6 +32,11 @@ use crate::outbox::OutboxFile;
 
 /// Longest time outbox frames stay unsynced.
 pub const OUTBOX_SYNC_EVERY: Duration = Duration::from_secs(1);
+/// Longest time bookkeeping jobs wait to be handed over (see
+/// [`StateWriter::outbox_lazy`]).
+pub const LAZY_FLUSH: Duration = Duration::from_millis(200);
+/// ... or this many of them.
+const LAZY_MAX_JOBS: usize = 256;
 /// The thread does little but syscalls and small JSON encodes.
 const STACK_BYTES: usize = 256 * 1024;
 
@@ -60,6 +65,9 @@ pub struct StateWriter {
     tx: mpsc::Sender<Batch>,
     /// Jobs not yet handed over (see [`StateWriter::flush`]).
     pending: Batch,
+    /// Some pending job should reach the disk now (a new outbox record, a
+    /// settings file); otherwise they may wait for [`LAZY_FLUSH`].
+    urgent: bool,
     thread: Option<thread::JoinHandle<()>>,
 }
 
@@ -73,6 +81,7 @@ impl StateWriter {
         Ok(StateWriter {
             tx,
             pending: Vec::new(),
+            urgent: false,
             thread: Some(thread),
         })
     }
@@ -86,7 +95,7 @@ impl StateWriter {
             durable,
             done: Some(done),
         });
-        self.flush();
+        self.flush_all();
         rx.await
             .unwrap_or_else(|_| Err(std::io::Error::other("the state writer has stopped")))
     }
@@ -108,7 +117,16 @@ impl StateWriter {
         self.send(Job::CompactJournal(entries));
     }
 
+    /// New outbox records: written at the next [`StateWriter::flush`].
     pub fn outbox(&mut self, frames: Vec<u8>) {
+        self.urgent = true;
+        self.send(Job::Outbox(frames));
+    }
+
+    /// Bookkeeping frames ("record gone"): losing them to a crash only means
+    /// sending those records once more, so they wait for company or for
+    /// [`LAZY_FLUSH`] instead of waking the thread per PUBACK.
+    pub fn outbox_lazy(&mut self, frames: Vec<u8>) {
         self.send(Job::Outbox(frames));
     }
 
@@ -117,7 +135,13 @@ impl StateWriter {
     }
 
     pub fn settings(&mut self, path: std::path::PathBuf, bytes: Vec<u8>) {
+        self.urgent = true;
         self.send(Job::Settings { path, bytes });
+    }
+
+    /// Jobs are waiting to be handed over.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
     }
 
     /// A future that resolves once every job sent before this call has been
@@ -125,7 +149,7 @@ impl StateWriter {
     pub fn barrier(&mut self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let (tx, rx) = oneshot::channel();
         self.send(Job::Barrier(tx));
-        self.flush();
+        self.flush_all();
         async move {
             let _ = rx.await;
         }
@@ -135,8 +159,17 @@ impl StateWriter {
         self.pending.push(job);
     }
 
-    /// Hand the jobs collected so far to the thread.
+    /// Hand the jobs collected so far to the thread if one of them is
+    /// urgent (or many are waiting).
     pub fn flush(&mut self) {
+        if self.urgent || self.pending.len() >= LAZY_MAX_JOBS {
+            self.flush_all();
+        }
+    }
+
+    /// Hand every job collected so far to the thread.
+    pub fn flush_all(&mut self) {
+        self.urgent = false;
         if self.pending.is_empty() {
             return;
         }
@@ -148,7 +181,7 @@ impl StateWriter {
 
     /// Finish the queued jobs and sync (blocking: for the end of `run`).
     pub fn finish(mut self) {
-        self.flush();
+        self.flush_all();
         let (tx, _) = mpsc::channel();
         drop(std::mem::replace(&mut self.tx, tx));
         if let Some(t) = self.thread.take() {
@@ -168,8 +201,32 @@ fn run(rx: mpsc::Receiver<Batch>, mut journal: JournalFile, mut outbox: OutboxFi
             Err(mpsc::RecvTimeoutError::Timeout) => Vec::new(),
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
+        // Consecutive outbox frames go out in one write.
+        let mut frames: Vec<u8> = Vec::new();
         for job in batch {
-            do_job(job, &mut journal, &mut outbox, &mut unsynced_since);
+            match job {
+                Job::Outbox(f) => frames.extend_from_slice(&f),
+                other => {
+                    if !frames.is_empty() {
+                        let f = std::mem::take(&mut frames);
+                        do_job(
+                            Job::Outbox(f),
+                            &mut journal,
+                            &mut outbox,
+                            &mut unsynced_since,
+                        );
+                    }
+                    do_job(other, &mut journal, &mut outbox, &mut unsynced_since);
+                }
+            }
+        }
+        if !frames.is_empty() {
+            do_job(
+                Job::Outbox(frames),
+                &mut journal,
+                &mut outbox,
+                &mut unsynced_since,
+            );
         }
         if unsynced_since.is_some_and(|t| t.elapsed() >= OUTBOX_SYNC_EVERY) {
             sync_outbox(&mut outbox);
