@@ -567,8 +567,10 @@ impl Running {
                 debug!(topic = %topic, bytes = publish.payload.len(), "message received");
                 let fx = self.core.on_message(&topic, &publish.payload, now_unix());
                 self.execute(fx, io).await;
-                // The answers may go while the journal write finishes.
+                // The answers go first: waking the writer thread now could
+                // preempt this one before the network task has written them.
                 self.send_outbox(io);
+                tokio::task::yield_now().await;
                 // Only once the id is recorded may the broker forget the
                 // message. Waited for on the side, so that a slow card holds
                 // up this acknowledgement, not the main loop (watchdog,
