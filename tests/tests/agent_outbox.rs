@@ -27,7 +27,7 @@ use edgebind_protocol::messages::{
 };
 use edgebind_protocol::topics::{Kind, Topic};
 use edgebind_protocol::{CommandId, DeviceId};
-use edgebind_tests::TestFleet;
+use edgebind_tests::{TestFleet, wait_for};
 
 /// Length of the simulated outage, in samples at 1 Hz.
 const OUTAGE_S: usize = 15;
@@ -81,6 +81,28 @@ fn assert_in_order_without_holes(s: &[(Vec<u8>, Telemetry)], max_gap_s: u64) {
             w[1] - w[0]
         );
     }
+}
+
+/// Send command `id` until it has a result `done` accepts: the agent may not
+/// have subscribed yet, and a repeat of a known id is answered, never run
+/// again.
+fn send_until(
+    op: &Operator,
+    id: &str,
+    action: &str,
+    done: impl Fn(&CommandResult) -> bool,
+) -> Option<CommandResult> {
+    let deadline = std::time::Instant::now() + DRAIN_DEADLINE;
+    while std::time::Instant::now() < deadline {
+        op.send(id, action, "");
+        let r = wait_for(Duration::from_secs(2), || {
+            op.results(id).into_iter().find(|r| done(r))
+        });
+        if r.is_some() {
+            return r;
+        }
+    }
+    None
 }
 
 fn wait_drained(bundle: &AgentBundle, col: &Collector, up_at: u64) {
@@ -199,8 +221,7 @@ fn a_final_result_journaled_during_an_outage_is_published_after_a_kill_and_resta
     );
     let mut agent = AgentProcess::spawn_with_env(&bundle.config, &boot_env);
     let op = Operator::watch(&fleet.pki, &fleet.broker, &bundle.id);
-    op.send("r1", "reboot", "");
-    op.wait_result("r1", CommandStatus::Accepted)
+    send_until(&op, "r1", "reboot", |r| r.status == CommandStatus::Accepted)
         .unwrap_or_else(|| panic!("no accepted; agent log:\n{}", agent.stderr()));
     eventually("the reboot ran", AGENT_DEADLINE, || bundle.reboots() == 1);
     drop(op);
@@ -267,8 +288,7 @@ fn random_bytes_in_every_state_file_are_skipped_reported_and_the_agent_serves() 
     let mut agent = AgentProcess::spawn(&bundle.config);
     let op = Operator::watch(&fleet.pki, &fleet.broker, &bundle.id);
     for id in ["p1", "p2", "p3"] {
-        op.send(id, "ping", "");
-        op.wait_final(id)
+        send_until(&op, id, "ping", |r| r.status.is_final())
             .unwrap_or_else(|| panic!("no answer to {id}; agent log:\n{}", agent.stderr()));
     }
     drop(op);
@@ -310,9 +330,7 @@ fn random_bytes_in_every_state_file_are_skipped_reported_and_the_agent_serves() 
         agent.stderr()
     );
     let op = Operator::watch(&fleet.pki, &fleet.broker, &bundle.id);
-    op.send("p4", "ping", "");
-    let r = op
-        .wait_final("p4")
+    let r = send_until(&op, "p4", "ping", |r| r.status.is_final())
         .unwrap_or_else(|| panic!("no answer after recovery; log:\n{}", agent.stderr()));
     assert_eq!(r.status, CommandStatus::Succeeded);
     // Answered ids are still known: a redelivered one is not run again.
