@@ -29,18 +29,23 @@ pub const CONFIG_ENV: &str = "EDGEBIND_AGENT_CONFIG";
 pub use edgebind_protocol::bundle::defaults::{
     JOURNAL_MAX_AGE_S as DEFAULT_JOURNAL_MAX_AGE_S,
     JOURNAL_MAX_ENTRIES as DEFAULT_JOURNAL_MAX_ENTRIES, KEEP_ALIVE_S as DEFAULT_KEEP_ALIVE_S,
-    LOG_LEVEL as DEFAULT_LOG_LEVEL, PORT as DEFAULT_PORT,
-    REBOOT_REQUEST_PATH as DEFAULT_REBOOT_REQUEST_PATH, RECONNECT_MAX_S as DEFAULT_RECONNECT_MAX_S,
-    RECONNECT_MIN_MS as DEFAULT_RECONNECT_MIN_MS, SESSION_EXPIRY_S as DEFAULT_SESSION_EXPIRY_S,
-    STATE_DIR as DEFAULT_STATE_DIR, TELEMETRY_INTERVAL_S as DEFAULT_TELEMETRY_INTERVAL_S,
+    LOG_LEVEL as DEFAULT_LOG_LEVEL, OUTBOX_MAX_BYTES as DEFAULT_OUTBOX_MAX_BYTES,
+    PORT as DEFAULT_PORT, REBOOT_REQUEST_PATH as DEFAULT_REBOOT_REQUEST_PATH,
+    RECONNECT_MAX_S as DEFAULT_RECONNECT_MAX_S, RECONNECT_MIN_MS as DEFAULT_RECONNECT_MIN_MS,
+    SESSION_EXPIRY_S as DEFAULT_SESSION_EXPIRY_S, STATE_DIR as DEFAULT_STATE_DIR,
+    TELEMETRY_INTERVAL_S as DEFAULT_TELEMETRY_INTERVAL_S,
 };
 pub use edgebind_protocol::bundle::{
     CA_CERT as DEFAULT_CA, DEVICE_CERT as DEFAULT_CERT, DEVICE_KEY as DEFAULT_KEY,
 };
 
-/// Bounds that keep a typo from turning into a busy loop or a silent agent.
-const TELEMETRY_INTERVAL_RANGE_S: (u64, u64) = (1, 86_400);
+// Bounds that keep a typo from turning into a busy loop or a silent agent;
+// the telemetry period's are the desired-settings contract's.
+use edgebind_protocol::settings::TELEMETRY_INTERVAL_RANGE_S;
 const KEEP_ALIVE_RANGE_S: (u64, u64) = (5, 3_600);
+/// Room for a few records of the largest packet size at least; at most what a
+/// small device can hold in RAM.
+const OUTBOX_MAX_BYTES_RANGE: (u64, u64) = (1024 * 1024, 256 * 1024 * 1024);
 
 /// The whole configuration file, with relative paths already resolved.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -150,6 +155,12 @@ pub struct StateConfig {
     /// are ten times as many (a flood must not exhaust memory).
     #[serde(default = "default_journal_max_entries")]
     pub journal_max_entries: usize,
+    /// `outbox_max_bytes` (default 2097152 = 2 MiB): bound of the outbox, the
+    /// on-disk queue of telemetry, events and command results awaiting the
+    /// broker's acknowledgement. Past it the oldest telemetry goes first.
+    /// The queue is also held in memory, so this bounds RAM use too.
+    #[serde(default = "default_outbox_max_bytes")]
+    pub outbox_max_bytes: u64,
 }
 
 /// `[actions]`
@@ -278,6 +289,9 @@ fn default_journal_max_age() -> u64 {
 fn default_journal_max_entries() -> usize {
     DEFAULT_JOURNAL_MAX_ENTRIES
 }
+fn default_outbox_max_bytes() -> u64 {
+    DEFAULT_OUTBOX_MAX_BYTES
+}
 fn default_reboot_path() -> PathBuf {
     DEFAULT_REBOOT_REQUEST_PATH.into()
 }
@@ -309,6 +323,7 @@ impl Default for StateConfig {
             dir: default_state_dir(),
             journal_max_age_s: default_journal_max_age(),
             journal_max_entries: default_journal_max_entries(),
+            outbox_max_bytes: default_outbox_max_bytes(),
         }
     }
 }
@@ -519,6 +534,13 @@ impl AgentConfig {
                     "{} is below the minimum of 16",
                     self.state.journal_max_entries
                 ),
+            ));
+        }
+        let (lo, hi) = OUTBOX_MAX_BYTES_RANGE;
+        if !(lo..=hi).contains(&self.state.outbox_max_bytes) {
+            return Err(invalid(
+                "state.outbox_max_bytes",
+                format!("{} is outside {lo}..={hi}", self.state.outbox_max_bytes),
             ));
         }
         let reboot = &self.actions.reboot;

@@ -5,11 +5,20 @@
 //! out **in order** by the runtime. Order is the contract: a
 //! [`Effect::Record`] must be durable before any later effect of the same
 //! batch runs, which is what makes each command id run at most once.
+//!
+//! Telemetry, events and command results do not go to the connection
+//! directly: they enter the outbox ([`crate::outbox::Queue`], owned here), are
+//! stored ([`Effect::Store`]), and the runtime sends what
+//! [`Core::take_sendable`] hands out while connected; a record leaves the
+//! outbox when [`Core::on_delivered`] reports its PUBACK.
+
+use std::collections::HashSet;
 
 use edgebind_protocol::messages::{
     Action, Command, CommandResult, CommandStatus, Desired, Event, Inventory, MAX_COMMAND_BYTES,
-    Presence, Reported, Status, Telemetry, UnixSeconds, settings,
+    Presence, Reported, Status, Telemetry, UnixSeconds, events,
 };
+use edgebind_protocol::settings::{self, Setting};
 use edgebind_protocol::topics::{Kind, Topic};
 use edgebind_protocol::{CommandId, DeviceId};
 use serde::{Deserialize, Serialize};
@@ -17,6 +26,7 @@ use serde_json::{Map, Value, json};
 
 use crate::config::LogLevel;
 use crate::journal::{JournalEntry, Ledger};
+use crate::outbox::{self, Class, Queue, Record};
 
 /// MQTT delivery guarantee of an outgoing message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +42,10 @@ pub struct Outgoing {
     pub payload: Vec<u8>,
     pub qos: Qos,
     pub retain: bool,
+    /// Goes through the outbox (and which drop class it has), or straight to
+    /// the connection (`None`: retained state that is re-sent on every
+    /// connect anyway).
+    pub class: Option<Class>,
 }
 
 /// Actions the runtime carries out (they touch the world).
@@ -61,6 +75,16 @@ pub enum Effect {
     SaveSettings(SavedSettings),
     /// Leave the process after flushing: `restart-agent`.
     Restart,
+    /// A record entered the outbox: append `frames` to the outbox file (the
+    /// record, then "gone" frames of any records dropped to make room).
+    Store {
+        queued: Outgoing,
+        frames: Vec<u8>,
+    },
+    /// Append frames to the outbox file ("gone" frames after PUBACKs).
+    StoreFrames(Vec<u8>),
+    /// Rewrite the outbox file with exactly these bytes (live records).
+    CompactOutbox(Vec<u8>),
 }
 
 /// Run-time settings the fleet can change through `desired`.
@@ -78,7 +102,7 @@ pub struct SavedSettings {
 }
 
 /// Telemetry periods the fleet may set (same bounds as the config file).
-pub const TELEMETRY_INTERVAL_RANGE_S: (u64, u64) = (1, 86_400);
+pub use edgebind_protocol::settings::TELEMETRY_INTERVAL_RANGE_S;
 
 /// Facts fixed for the life of the process.
 #[derive(Debug, Clone)]
@@ -103,25 +127,30 @@ pub struct Core {
     journal_lines: usize,
     /// When pruning was last tried (see `maybe_compact`).
     last_prune: UnixSeconds,
-    /// Results decided before the first connect (e.g. a reboot that happened).
-    deferred: Vec<Outgoing>,
+    /// Publications awaiting the broker's PUBACK, in order.
+    outbox: Queue,
+    /// Bytes in the outbox file since it was last compacted.
+    outbox_file_bytes: u64,
+    connected: bool,
     /// Commands whose side effect is under way right now.
     running: Vec<CommandId>,
     status_topic: String,
 }
 
 impl Core {
-    /// Start from the journal and saved settings found on disk. Returns the
-    /// effects of reconciling them with the present boot (to run before
-    /// connecting; their publications are held until [`Core::on_connected`]).
+    /// Start from the journal, saved settings and outbox found on disk.
+    /// Returns the effects of reconciling them with the present boot (to run
+    /// before connecting; what they publish waits in the outbox).
     pub fn new(
         cfg: CoreConfig,
         mut ledger: Ledger,
         journal_lines: usize,
         saved: Option<SavedSettings>,
+        start: Start,
         now: UnixSeconds,
     ) -> (Core, Vec<Effect>) {
         let status_topic = Topic::Status(cfg.device.clone()).render();
+        let start_records = start.outbox.records.len();
         let mut effects = Vec::new();
         ledger.prune(now);
         let mut core = Core {
@@ -131,7 +160,13 @@ impl Core {
             applied_revision: None,
             journal_lines,
             last_prune: now,
-            deferred: Vec::new(),
+            outbox: Queue::new(
+                start.outbox_max_bytes,
+                start.outbox.records,
+                start.outbox.next_seq,
+            ),
+            outbox_file_bytes: start.outbox_file_bytes,
+            connected: false,
             running: Vec::new(),
             status_topic,
         };
@@ -141,6 +176,43 @@ impl Core {
             core.applied_revision = Some(saved.revision);
         }
         effects.push(Effect::Apply(core.settings));
+
+        // Loading may have dropped records to fit a smaller bound: the file
+        // must not bring them back.
+        if core.outbox.len() < start_records {
+            effects.push(core.compact_outbox());
+        }
+
+        // Final results journaled but never acknowledged (the agent stopped
+        // before the PUBACK, the outbox file was damaged): again. The
+        // registry ignores a repeat of a final state.
+        let queued: HashSet<(CommandId, &str)> = core
+            .outbox
+            .records()
+            .filter(|r| r.class == Class::Result)
+            .filter_map(|r| serde_json::from_slice::<CommandResult>(&r.payload).ok())
+            .map(|r| (r.id, r.status.as_str()))
+            .collect();
+        let mut unacked: Vec<JournalEntry> = core
+            .ledger
+            .entries()
+            .filter(|e| e.undelivered && e.status.is_final())
+            .filter(|e| !queued.contains(&(e.id.clone(), e.status.as_str())))
+            .cloned()
+            .collect();
+        unacked.sort_by(|a, b| (a.ts, a.id.as_str()).cmp(&(b.ts, b.id.as_str())));
+        for e in unacked {
+            effects.push(Effect::Publish(core.result_message(&e.result())));
+        }
+
+        if !start.recovered.is_empty() {
+            let msg = start.recovered.join("; ");
+            effects.push(Effect::Publish(core.event(
+                events::STATE_RECOVERED,
+                msg,
+                now,
+            )));
+        }
 
         // A reboot accepted in an earlier boot has happened: report it.
         let done: Vec<JournalEntry> = core
@@ -160,7 +232,7 @@ impl Core {
             });
             let rec = core.final_entry(&e, CommandStatus::Succeeded, None, Some(output), now);
             effects.push(Effect::Record(rec.clone()));
-            core.deferred.push(core.result_message(&rec.result()));
+            effects.push(Effect::Publish(core.result_message(&rec.result())));
             core.ledger.insert(rec);
         }
         core.journal_lines += effects
@@ -168,6 +240,7 @@ impl Core {
             .filter(|e| matches!(e, Effect::Record(_)))
             .count();
         effects.extend(core.maybe_compact(now));
+        let effects = core.route(effects, now);
         (core, effects)
     }
 
@@ -217,15 +290,121 @@ impl Core {
             addresses,
             ts: Some(now),
         };
+        self.connected = true;
         let mut effects = vec![Effect::Publish(self.status_message(&online))];
-        effects.extend(self.deferred.drain(..).map(Effect::Publish));
-        effects
+        effects.extend(self.report_drops(now));
+        self.route(effects, now)
+    }
+
+    /// The connection is gone (records on the wire stay with the MQTT
+    /// client, which sends them again on reconnect).
+    pub fn on_disconnected(&mut self) {
+        self.connected = false;
+    }
+
+    /// Outbox records to hand to the connection now, oldest first, keeping
+    /// at most `window` unacknowledged. Call only while connected.
+    pub fn take_sendable(&mut self, window: usize) -> Vec<(u64, Outgoing)> {
+        self.outbox
+            .take_sendable(window)
+            .into_iter()
+            .map(|r| {
+                let seq = r.seq;
+                (seq, outgoing_of(r))
+            })
+            .collect()
+    }
+
+    pub fn outbox(&self) -> &Queue {
+        &self.outbox
+    }
+
+    /// The broker acknowledged outbox record `seq` (PUBACK).
+    pub fn on_delivered(&mut self, seq: u64, now: UnixSeconds) -> Vec<Effect> {
+        let Some(r) = self.outbox.remove(seq) else {
+            return Vec::new();
+        };
+        let frames = outbox::encode_done(seq);
+        self.outbox_file_bytes += frames.len() as u64;
+        let mut effects = vec![Effect::StoreFrames(frames)];
+        if r.class == Class::Result
+            && let Ok(result) = serde_json::from_slice::<CommandResult>(&r.payload)
+            && let Some(entry) = self.ledger.get(&result.id)
+            && entry.undelivered
+            && entry.status == result.status
+        {
+            // No fsync: losing this only means publishing the result once
+            // more after a power cut.
+            let delivered = JournalEntry {
+                undelivered: false,
+                ..entry.clone()
+            };
+            self.note(&mut effects, delivered);
+            effects.extend(self.maybe_compact(now));
+        }
+        if self.outbox_file_bytes > 2 * self.outbox.bytes() + OUTBOX_SLACK_BYTES {
+            effects.push(self.compact_outbox());
+        }
+        effects.extend(self.report_drops(now));
+        self.route(effects, now)
+    }
+
+    fn compact_outbox(&mut self) -> Effect {
+        let bytes = outbox::encode_all(self.outbox.records());
+        self.outbox_file_bytes = bytes.len() as u64;
+        Effect::CompactOutbox(bytes)
+    }
+
+    /// An event about records the outbox had to drop, once connected.
+    fn report_drops(&mut self, now: UnixSeconds) -> Option<Effect> {
+        if !self.connected {
+            return None;
+        }
+        let d = self.outbox.take_dropped();
+        if d.is_empty() {
+            return None;
+        }
+        let msg = format!(
+            "outbox full: dropped {} telemetry samples, {} events and {} command results \
+             produced between {} and {} (oldest telemetry first)",
+            d.telemetry, d.events, d.results, d.first_ts, d.last_ts
+        );
+        Some(Effect::Publish(self.event(
+            events::OUTBOX_DROPPED,
+            msg,
+            now,
+        )))
+    }
+
+    /// Publications of the outbox's classes become outbox records.
+    fn route(&mut self, effects: Vec<Effect>, now: UnixSeconds) -> Vec<Effect> {
+        let mut out = Vec::with_capacity(effects.len());
+        for fx in effects {
+            match fx {
+                Effect::Publish(o) if o.class.is_some() => out.push(self.enqueue(o, now)),
+                other => out.push(other),
+            }
+        }
+        out
+    }
+
+    fn enqueue(&mut self, o: Outgoing, now: UnixSeconds) -> Effect {
+        let class = o.class.unwrap_or(Class::Event);
+        let (r, dropped) = self
+            .outbox
+            .push(class, now, o.topic.clone(), o.payload.clone());
+        let mut frames = outbox::encode_data(&r);
+        for d in &dropped {
+            frames.extend(outbox::encode_done(d.seq));
+        }
+        self.outbox_file_bytes += frames.len() as u64;
+        Effect::Store { queued: o, frames }
     }
 
     /// A message arrived on `topic`. Whatever the bytes, this never panics;
     /// messages for other devices or other kinds are ignored.
     pub fn on_message(&mut self, topic: &str, payload: &[u8], now: UnixSeconds) -> Vec<Effect> {
-        match Topic::parse(topic) {
+        let fx = match Topic::parse(topic) {
             Some(Topic::Cmd(device, id)) if device == self.cfg.device => {
                 self.on_command(id, payload, now)
             }
@@ -233,7 +412,8 @@ impl Core {
                 self.on_desired(payload, now)
             }
             _ => Vec::new(),
-        }
+        };
+        self.route(fx, now)
     }
 
     fn on_command(&mut self, id: CommandId, payload: &[u8], now: UnixSeconds) -> Vec<Effect> {
@@ -332,7 +512,7 @@ impl Core {
         let rec = self.final_entry(&entry, CommandStatus::Failed, Some(reason), None, now);
         self.record(&mut effects, rec.clone());
         effects.push(Effect::Publish(self.result_message(&rec.result())));
-        effects
+        self.route(effects, now)
     }
 
     /// Writing a record failed: the command must not run. Marks it failed in
@@ -358,8 +538,14 @@ impl Core {
             None,
             now,
         );
+        let rec = JournalEntry {
+            // Not in the journal: nothing to republish at start.
+            undelivered: false,
+            ..rec
+        };
         self.ledger.insert(rec.clone());
-        vec![Effect::Publish(self.result_message(&rec.result()))]
+        let fx = vec![Effect::Publish(self.result_message(&rec.result()))];
+        self.route(fx, now)
     }
 
     fn on_desired(&mut self, payload: &[u8], now: UnixSeconds) -> Vec<Effect> {
@@ -378,7 +564,11 @@ impl Core {
                         payload.len()
                     ),
                 };
-                return vec![Effect::Publish(self.event("desired-rejected", why, now))];
+                return vec![Effect::Publish(self.event(
+                    events::DESIRED_REJECTED,
+                    why,
+                    now,
+                ))];
             }
         };
         if self.applied_revision == Some(desired.revision) {
@@ -404,6 +594,7 @@ impl Core {
                 payload: to_json(&reported),
                 qos: Qos::AtLeastOnce,
                 retain: true,
+                class: None,
             }),
         ]
     }
@@ -414,45 +605,34 @@ impl Core {
         let mut s = self.cfg.defaults;
         let mut ignored = Map::new();
         for (key, value) in desired {
-            match key.as_str() {
-                settings::TELEMETRY_INTERVAL_S => {
-                    let (lo, hi) = TELEMETRY_INTERVAL_RANGE_S;
-                    match value.as_u64().filter(|v| (lo..=hi).contains(v)) {
-                        Some(v) => s.telemetry_interval_s = v,
-                        None => {
-                            ignored.insert(
-                                key.clone(),
-                                format!("must be an integer in {lo}..={hi}, got {value}").into(),
-                            );
-                        }
-                    }
-                }
-                settings::LOG_LEVEL => match value.as_str().and_then(LogLevel::parse) {
+            match settings::validate(key, value) {
+                Ok(Setting::TelemetryIntervalS(v)) => s.telemetry_interval_s = v,
+                Ok(Setting::LogLevel(name)) => match LogLevel::parse(name) {
                     Some(level) => s.log_level = level,
                     None => {
-                        ignored.insert(
-                            key.clone(),
-                            format!("must be one of error, warn, info, debug, trace, got {value}")
-                                .into(),
-                        );
+                        ignored.insert(key.clone(), "log level unknown to this agent".into());
                     }
                 },
-                _ => {
-                    ignored.insert(key.clone(), "unknown setting".into());
+                Err(e) => {
+                    ignored.insert(key.clone(), e.to_string().into());
                 }
             }
         }
         (s, ignored)
     }
 
-    /// A telemetry sample to publish (QoS 0: the next one follows anyway).
-    pub fn telemetry(&self, sample: &Telemetry) -> Outgoing {
-        Outgoing {
+    /// A telemetry sample was taken (connected or not): into the outbox, at
+    /// full rate (the size bound and its drop policy decide what an outage
+    /// too long to hold costs, not a thinning rule).
+    pub fn telemetry(&mut self, sample: &Telemetry, now: UnixSeconds) -> Vec<Effect> {
+        let o = Outgoing {
             topic: Topic::Telemetry(self.cfg.device.clone()).render(),
             payload: to_json(sample),
-            qos: Qos::AtMostOnce,
+            qos: Qos::AtLeastOnce,
             retain: false,
-        }
+            class: Some(Class::Telemetry),
+        };
+        self.route(vec![Effect::Publish(o)], now)
     }
 
     pub fn event(&self, kind: &str, message: String, now: UnixSeconds) -> Outgoing {
@@ -465,6 +645,7 @@ impl Core {
             }),
             qos: Qos::AtLeastOnce,
             retain: false,
+            class: Some(Class::Event),
         }
     }
 
@@ -474,6 +655,7 @@ impl Core {
             payload: to_json(s),
             qos: Qos::AtLeastOnce,
             retain: true,
+            class: None,
         }
     }
 
@@ -483,6 +665,7 @@ impl Core {
             payload: to_json(r),
             qos: Qos::AtLeastOnce,
             retain: false,
+            class: Some(Class::Result),
         }
     }
 
@@ -503,6 +686,7 @@ impl Core {
             ts: now,
             // Only a reboot needs to know the boot it was accepted in.
             boot_id: (action == Some(Action::Reboot)).then(|| self.cfg.boot_id.clone()),
+            undelivered: status.is_final(),
         }
     }
 
@@ -519,6 +703,7 @@ impl Core {
             reason,
             output: output.as_ref().and_then(JournalEntry::compact_output),
             ts: now,
+            undelivered: status.is_final(),
             ..base.clone()
         }
     }
@@ -560,6 +745,31 @@ impl Core {
 
 /// Least interval between count-pruning attempts.
 const PRUNE_EVERY_S: u64 = 60;
+/// The outbox file is compacted once it holds more than twice the live
+/// records plus this (acknowledged records' frames are dead weight).
+const OUTBOX_SLACK_BYTES: u64 = 64 * 1024;
+
+/// What the runtime found on disk besides the journal and settings.
+#[derive(Debug, Clone, Default)]
+pub struct Start {
+    /// The outbox file's live records.
+    pub outbox: outbox::Decoded,
+    pub outbox_file_bytes: u64,
+    pub outbox_max_bytes: u64,
+    /// One line per state file that had to be repaired (file, what was
+    /// lost): reported to the fleet as a `state_recovered` event.
+    pub recovered: Vec<String>,
+}
+
+fn outgoing_of(r: Record) -> Outgoing {
+    Outgoing {
+        topic: r.topic,
+        payload: r.payload,
+        qos: Qos::AtLeastOnce,
+        retain: false,
+        class: Some(r.class),
+    }
+}
 
 fn settings_map(s: Settings) -> Map<String, Value> {
     let mut m = Map::new();
@@ -610,11 +820,51 @@ mod tests {
     }
 
     fn core_with(boot: &str, records: Vec<JournalEntry>) -> (Core, Vec<Effect>) {
-        Core::new(cfg(boot), Ledger::new(RET, records), 0, None, NOW)
+        Core::new(cfg(boot), Ledger::new(RET, records), 0, None, start(), NOW)
     }
 
     fn core() -> Core {
         core_with("boot-1", vec![]).0
+    }
+
+    fn start() -> Start {
+        Start {
+            outbox_max_bytes: 1 << 20,
+            ..Start::default()
+        }
+    }
+
+    /// What the effects send, directly or through the outbox.
+    fn sent(effects: &[Effect]) -> Vec<&Outgoing> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Publish(o) | Effect::Store { queued: o, .. } => Some(o),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn journaled(effects: &[Effect]) -> Vec<JournalEntry> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Record(r) | Effect::Note(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn dev() -> DeviceId {
+        DeviceId::new("dev-a").unwrap()
+    }
+
+    fn events_topic() -> String {
+        Topic::Events(dev()).render()
+    }
+
+    fn result_topic(id: &str) -> String {
+        Topic::CmdResult(dev(), CommandId::new(id).unwrap()).render()
     }
 
     fn cmd_topic(id: &str) -> String {
@@ -623,14 +873,12 @@ mod tests {
 
     /// Results published by `effects`, as (status, reason).
     fn results(effects: &[Effect]) -> Vec<(CommandStatus, Option<String>)> {
-        effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Publish(o) if o.topic.contains("/cmd-result/") => {
-                    let r: CommandResult = serde_json::from_slice(&o.payload).unwrap();
-                    Some((r.status, r.reason))
-                }
-                _ => None,
+        sent(effects)
+            .into_iter()
+            .filter(|o| matches!(Topic::parse(&o.topic), Some(Topic::CmdResult(..))))
+            .map(|o| {
+                let r: CommandResult = serde_json::from_slice(&o.payload).unwrap();
+                (r.status, r.reason)
             })
             .collect()
     }
@@ -669,14 +917,7 @@ mod tests {
             br#"{"id":"i1","action":"inventory"}"#,
             NOW,
         );
-        let last = fx
-            .iter()
-            .rev()
-            .find_map(|e| match e {
-                Effect::Publish(o) => Some(o),
-                _ => None,
-            })
-            .unwrap();
+        let last = *sent(&fx).last().unwrap();
         let r: CommandResult = serde_json::from_slice(&last.payload).unwrap();
         let inv: Inventory = serde_json::from_value(r.output.unwrap()).unwrap();
         assert_eq!(inv.os_release.as_deref(), Some("Test OS"));
@@ -731,18 +972,17 @@ mod tests {
             })
             .collect();
         let (mut after, start_fx) = core_with("boot-2", records);
-        // Recorded before anything is published ...
-        assert!(
-            start_fx
-                .iter()
-                .any(|e| matches!(e, Effect::Record(r) if r.status == CommandStatus::Succeeded))
-        );
-        // ... and published once connected, after the online status.
+        // Recorded before anything is queued ...
+        assert!(matches!(&start_fx[1], Effect::Record(r) if r.status == CommandStatus::Succeeded));
+        assert_eq!(statuses(&start_fx), [CommandStatus::Succeeded]);
+        // ... and sent once connected, after the online status.
         let connected = after.on_connected(5, vec![], NOW + 60);
-        assert_eq!(statuses(&connected), [CommandStatus::Succeeded]);
         assert!(
-            matches!(&connected[0], Effect::Publish(o) if o.retain && o.topic.starts_with("edgebind/v2/status/"))
+            matches!(&connected[..], [Effect::Publish(o)] if o.retain && o.topic == Topic::Status(dev()).render())
         );
+        let out = after.take_sendable(16);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].1.topic == result_topic("r1"));
         // A redelivery of the reboot after it happened repeats `succeeded`.
         let again = after.on_message(
             &cmd_topic("r1"),
@@ -886,9 +1126,7 @@ mod tests {
         })));
         // Garbage becomes an event, not a crash.
         let fx = c.on_message("edgebind/v2/desired/dev-a", b"[1,2", NOW);
-        assert!(
-            matches!(&fx[..], [Effect::Publish(o)] if o.topic.starts_with("edgebind/v2/events/"))
-        );
+        assert!(matches!(&fx[..], [Effect::Store { queued: o, .. }] if o.topic == events_topic()));
     }
 
     #[test]
@@ -897,7 +1135,14 @@ mod tests {
             revision: 7,
             settings: serde_json::from_str(r#"{"telemetry_interval_s":9}"#).unwrap(),
         };
-        let (c, fx) = Core::new(cfg("b"), Ledger::new(RET, vec![]), 0, Some(saved), NOW);
+        let (c, fx) = Core::new(
+            cfg("b"),
+            Ledger::new(RET, vec![]),
+            0,
+            Some(saved),
+            start(),
+            NOW,
+        );
         assert_eq!(c.settings().telemetry_interval_s, 9);
         assert!(matches!(fx[0], Effect::Apply(_)));
     }
@@ -928,7 +1173,7 @@ mod tests {
             max_entries: 100,
             protect_s: 10,
         };
-        let (mut c, _) = Core::new(cfg("b"), Ledger::new(small, vec![]), 0, None, NOW);
+        let (mut c, _) = Core::new(cfg("b"), Ledger::new(small, vec![]), 0, None, start(), NOW);
         let mut lines = 0usize;
         for i in 0..3000u64 {
             // One command per second: ids older than 10 s may go.
@@ -958,7 +1203,7 @@ mod tests {
             max_entries: 16,
             protect_s: 100_000,
         };
-        let (mut c, _) = Core::new(cfg("b"), Ledger::new(small, vec![]), 0, None, NOW);
+        let (mut c, _) = Core::new(cfg("b"), Ledger::new(small, vec![]), 0, None, start(), NOW);
         for i in 0..200u64 {
             let id = format!("p{i}");
             let payload = format!(r#"{{"id":"{id}","action":"ping"}}"#);
@@ -972,6 +1217,132 @@ mod tests {
             c.ledger().len()
         );
         assert!(c.ledger().len() <= ceiling, "{}", c.ledger().len());
+    }
+
+    fn sample(ts: u64) -> Telemetry {
+        Telemetry {
+            ts,
+            cpu_pct: 1.0,
+            load_avg: [0.0; 3],
+            mem_total_bytes: 1,
+            mem_used_bytes: 1,
+            disk_total_bytes: 1,
+            disk_used_bytes: 1,
+            uptime_s: ts,
+            soc_temp_c: None,
+            net: vec![],
+        }
+    }
+
+    #[test]
+    fn telemetry_is_queued_offline_sent_in_order_and_leaves_only_on_puback() {
+        let mut c = core();
+        for ts in 0..5 {
+            let fx = c.telemetry(&sample(ts), NOW + ts);
+            assert!(
+                matches!(&fx[..], [Effect::Store { queued, .. }] if queued.qos == Qos::AtLeastOnce)
+            );
+        }
+        assert_eq!(c.outbox().len(), 5);
+        c.on_connected(1, vec![], NOW + 5);
+        let out = c.take_sendable(3);
+        let ts: Vec<u64> = out
+            .iter()
+            .map(|(_, o)| serde_json::from_slice::<Telemetry>(&o.payload).unwrap().ts)
+            .collect();
+        assert_eq!(ts, [0, 1, 2]);
+        assert!(c.take_sendable(3).is_empty(), "window of 3 is full");
+        // The connection drops: the records on the wire stay queued (the
+        // client resends them), nothing is handed out twice.
+        c.on_disconnected();
+        assert_eq!(c.outbox().len(), 5);
+        let fx = c.on_delivered(out[0].0, NOW + 6);
+        assert!(matches!(&fx[..], [Effect::StoreFrames(_)]));
+        assert_eq!(c.outbox().len(), 4);
+        assert_eq!(c.take_sendable(3).len(), 1);
+        // A second ack of the same record changes nothing.
+        assert!(c.on_delivered(out[0].0, NOW + 6).is_empty());
+    }
+
+    #[test]
+    fn a_final_result_is_marked_delivered_after_its_puback() {
+        let mut c = core();
+        let fx = c.on_message(&cmd_topic("c1"), br#"{"id":"c1","action":"ping"}"#, NOW);
+        assert!(journaled(&fx)[0].undelivered);
+        c.on_connected(1, vec![], NOW);
+        let out = c.take_sendable(16);
+        assert_eq!(out.len(), 2, "accepted, succeeded");
+        assert!(journaled(&c.on_delivered(out[0].0, NOW)).is_empty());
+        let fx = c.on_delivered(out[1].0, NOW);
+        let j = journaled(&fx);
+        assert_eq!(j.len(), 1);
+        assert!(!j[0].undelivered);
+        assert_eq!(j[0].status, CommandStatus::Succeeded);
+    }
+
+    #[test]
+    fn unacknowledged_final_results_are_published_again_at_start() {
+        let mut c = core();
+        let fx = c.on_message(&cmd_topic("c1"), br#"{"id":"c1","action":"ping"}"#, NOW);
+        let fx2 = c.on_message(
+            &cmd_topic("c2"),
+            br#"{"id":"c2","action":"format-disk"}"#,
+            NOW + 1,
+        );
+        let mut records = journaled(&fx);
+        records.extend(journaled(&fx2));
+        // The outbox file was lost: both come back from the journal, in order.
+        let (_, start_fx) = core_with("boot-1", records.clone());
+        assert_eq!(
+            statuses(&start_fx),
+            [CommandStatus::Succeeded, CommandStatus::Rejected]
+        );
+        // Still in the outbox: not queued twice.
+        let mut st = start();
+        st.outbox.records = c.outbox().records().cloned().collect();
+        let (restarted, start_fx) =
+            Core::new(cfg("boot-1"), Ledger::new(RET, records), 0, None, st, NOW);
+        assert!(statuses(&start_fx).is_empty());
+        assert_eq!(restarted.outbox().len(), 3);
+    }
+
+    #[test]
+    fn repaired_state_files_are_reported_to_the_fleet() {
+        let mut st = start();
+        st.recovered = vec!["commands.jsonl: 2 unreadable lines skipped".into()];
+        let (_, fx) = Core::new(cfg("b"), Ledger::new(RET, vec![]), 0, None, st, NOW);
+        let ev = sent(&fx)
+            .into_iter()
+            .find(|o| o.topic == events_topic())
+            .unwrap();
+        let ev: Event = serde_json::from_slice(&ev.payload).unwrap();
+        assert_eq!(ev.kind, events::STATE_RECOVERED);
+        assert!(ev.message.contains("commands.jsonl: 2"), "{}", ev.message);
+    }
+
+    #[test]
+    fn a_full_outbox_drops_oldest_telemetry_and_says_so_once_connected() {
+        let mut st = start();
+        st.outbox_max_bytes = 4096;
+        let (mut c, _) = Core::new(cfg("b"), Ledger::new(RET, vec![]), 0, None, st, NOW);
+        c.on_message(&cmd_topic("c1"), br#"{"id":"c1","action":"ping"}"#, NOW);
+        for ts in 0..100 {
+            c.telemetry(&sample(ts), NOW + ts);
+        }
+        assert!(c.outbox().bytes() <= 4096);
+        let fx = c.on_connected(1, vec![], NOW + 100);
+        let ev = sent(&fx)
+            .into_iter()
+            .find(|o| o.topic == events_topic())
+            .unwrap();
+        let ev: Event = serde_json::from_slice(&ev.payload).unwrap();
+        assert_eq!(ev.kind, events::OUTBOX_DROPPED);
+        assert!(ev.message.contains("0 command results"), "{}", ev.message);
+        // The results survived; the newest telemetry is kept.
+        let out = c.take_sendable(1000);
+        assert!(out[0].1.topic == result_topic("c1"));
+        let last: Telemetry = serde_json::from_slice(&out[out.len() - 2].1.payload).unwrap();
+        assert_eq!(last.ts, 99);
     }
 
     #[test]

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use edgebind_protocol::CommandId;
@@ -42,6 +42,11 @@ pub struct JournalEntry {
     /// Boot the command was accepted in (a reboot succeeded once it differs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
+    /// A final result not yet acknowledged by the broker: republished at
+    /// start. Absent (false) in records of older agents, which published
+    /// directly; a later record of the id clears it once the PUBACK came.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub undelivered: bool,
 }
 
 impl JournalEntry {
@@ -212,6 +217,9 @@ pub struct LoadReport {
 }
 
 pub const JOURNAL_FILE_NAME: &str = "commands.jsonl";
+/// A compacted journal is ~200 bytes per id, at most 10 x 1000s of ids:
+/// anything past this is damage, and must not exhaust a small device's RAM.
+const MAX_JOURNAL_READ: u64 = 64 * 1024 * 1024;
 
 impl JournalFile {
     /// Open (creating if needed) `dir/commands.jsonl` and read its records.
@@ -220,15 +228,20 @@ impl JournalFile {
         let mut records = Vec::new();
         let mut report = LoadReport::default();
         let mut lines = 0;
+        let mut clean_end = true;
         match File::open(&path) {
             Ok(f) => {
-                for line in BufReader::new(f).lines() {
-                    let line = line?;
-                    if line.trim().is_empty() {
+                // Bytes, not text: a power cut on flash can leave anything,
+                // and one bad line must cost that line only.
+                let mut bytes = Vec::new();
+                f.take(MAX_JOURNAL_READ).read_to_end(&mut bytes)?;
+                clean_end = bytes.last().is_none_or(|&b| b == b'\n');
+                for line in bytes.split(|&b| b == b'\n') {
+                    if line.iter().all(u8::is_ascii_whitespace) {
                         continue;
                     }
                     lines += 1;
-                    match serde_json::from_str::<JournalEntry>(&line) {
+                    match serde_json::from_slice::<JournalEntry>(line) {
                         Ok(r) => records.push(r),
                         Err(_) => report.skipped_lines += 1,
                     }
@@ -243,7 +256,13 @@ impl JournalFile {
             // The new directory entry must survive a power cut too.
             sync_dir(dir)?;
         }
-        Ok((JournalFile { path, file, lines }, records, report))
+        let mut journal = JournalFile { path, file, lines };
+        if report.skipped_lines > 0 || !clean_end {
+            // Rewrite without the damage now: a line without its newline
+            // would swallow the next append.
+            journal.rewrite(&records)?;
+        }
+        Ok((journal, records, report))
     }
 
     pub fn path(&self) -> &Path {
@@ -304,7 +323,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     sync_dir(dir)
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
@@ -322,6 +341,7 @@ mod tests {
             first_seen,
             ts: first_seen,
             boot_id: None,
+            undelivered: false,
         }
     }
 
@@ -398,6 +418,60 @@ mod tests {
         let (_, recs, _) = JournalFile::open(dir.path()).unwrap();
         assert_eq!(recs, vec![e]);
         assert_eq!(recs[0].result().output, Some(value));
+    }
+
+    #[test]
+    fn non_utf8_garbage_costs_its_lines_only_and_is_cleaned_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut f, _, _) = JournalFile::open(dir.path()).unwrap();
+        f.append(&entry("a", 1, CommandStatus::Succeeded)).unwrap();
+        drop(f);
+        let path = dir.path().join(JOURNAL_FILE_NAME);
+        let mut raw = std::fs::read(&path).unwrap();
+        raw.extend((0..64u8).map(|i| 0x80 | i)); // 64 non-UTF-8 bytes, no newline
+        std::fs::write(&path, &raw).unwrap();
+        let (mut f, recs, report) = JournalFile::open(dir.path()).unwrap();
+        assert_eq!((recs.len(), report.skipped_lines), (1, 1));
+        // The next append is not glued to the garbage.
+        f.append(&entry("b", 2, CommandStatus::Succeeded)).unwrap();
+        let (_, recs, report) = JournalFile::open(dir.path()).unwrap();
+        assert_eq!((recs.len(), report.skipped_lines), (2, 0));
+    }
+
+    mod prop {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_bytes_open_as_a_journal(
+                bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+                good in proptest::collection::vec(any::<bool>(), 0..6),
+            ) {
+                let dir = tempfile::tempdir().unwrap();
+                let mut raw = Vec::new();
+                for (i, g) in good.iter().enumerate() {
+                    if *g {
+                        let e = super::entry(&format!("g{i}"), i as u64, CommandStatus::Succeeded);
+                        raw.extend(serde_json::to_vec(&e).unwrap());
+                        raw.push(b'\n');
+                    }
+                }
+                raw.extend(&bytes);
+                std::fs::write(dir.path().join(JOURNAL_FILE_NAME), &raw).unwrap();
+                let (mut f, recs, _) = JournalFile::open(dir.path()).unwrap();
+                let wanted = good.iter().filter(|g| **g).count();
+                // Good lines before the garbage are kept (the garbage may at
+                // most take the line it starts in, which is its own).
+                prop_assert!(recs.len() >= wanted);
+                f.append(&super::entry("after", 99, CommandStatus::Succeeded)).unwrap();
+                let (_, again, report) = JournalFile::open(dir.path()).unwrap();
+                prop_assert_eq!(report.skipped_lines, 0);
+                prop_assert!(again.iter().any(|e| e.id.as_str() == "after"));
+            }
+        }
     }
 
     #[test]

@@ -28,10 +28,12 @@ pub mod host;
 pub mod identity;
 pub mod journal;
 pub mod logging;
+pub mod outbox;
 pub mod runtime;
 pub mod systemd;
 pub mod telemetry;
 pub mod tls;
+pub mod writer;
 
 pub use config::AgentConfig;
 pub use runtime::{Agent, Exit, RunOptions, ShutdownHandle, ShutdownSignal, shutdown_channel};

@@ -5,11 +5,20 @@
 //! in the main loop ever cancels a half-written packet) and handles
 //! reconnects with capped, fully jittered exponential backoff; the *main*
 //! loop feeds what arrives to the core and carries out the effects in order.
+//! File writes and fsyncs run on the state-writer thread ([`StateWriter`]),
+//! never on the async thread.
+//!
+//! PUBACKs are matched to outbox records by packet id: every QoS 1 request
+//! the main loop hands to rumqttc pushes its tag (outbox sequence number, or
+//! none) on a shared FIFO; rumqttc takes requests in channel order and
+//! reports `Outgoing::Publish(pkid)` for each new one, where the network task
+//! pairs the pkid with the next tag. A retransmission keeps its pkid (and
+//! tag), so it takes no new one.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use edgebind_protocol::DeviceId;
@@ -17,7 +26,7 @@ use edgebind_protocol::messages::{Action, MAX_PACKET_BYTES, now_unix};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PubAckReason, Publish};
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
-use rumqttc::{NetworkOptions, TlsConfiguration, Transport};
+use rumqttc::{NetworkOptions, Outgoing as MqttOutgoing, TlsConfiguration, Transport};
 use rustls::pki_types::UnixTime;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -25,14 +34,16 @@ use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::{AgentConfig, ConfigError};
-use crate::core::{Core, CoreConfig, Effect, Outgoing, Qos, SavedSettings, Settings};
+use crate::core::{Core, CoreConfig, Effect, Outgoing, Qos, SavedSettings, Settings, Start};
 use crate::host::HostPaths;
 use crate::identity::{Identity, IdentityError};
-use crate::journal::{JournalFile, Ledger, Retention, write_atomically};
+use crate::journal::{JournalFile, Ledger, Retention};
 use crate::logging::LogControl;
+use crate::outbox::OutboxFile;
 use crate::systemd::Notifier;
 use crate::telemetry::Sampler;
 use crate::tls::TlsError;
+use crate::writer::StateWriter;
 
 /// Exit status after `restart-agent`: non-zero so that `Restart=on-failure`
 /// (or `always`) brings the agent back; `EX_TEMPFAIL` from sysexits.h.
@@ -56,8 +67,13 @@ const EXPIRY_WARNING_DAYS: i64 = 14;
 /// Outgoing QoS 1 messages awaiting PUBACK (Mosquitto's default receive
 /// maximum is 20).
 const MAX_INFLIGHT: u16 = 32;
-/// Room for results queued while the connection is down.
+/// Room for requests between the main loop and rumqttc.
 const REQUEST_CHANNEL_CAPACITY: usize = 256;
+/// Outbox records handed to the connection and not yet acknowledged; the
+/// rest of MAX_INFLIGHT is left to status and reported messages.
+const OUTBOX_WINDOW: usize = 16;
+/// Largest saved-settings file read at start (it is a few hundred bytes).
+const MAX_SETTINGS_READ: u64 = 1024 * 1024;
 
 /// Why the agent refuses to start. The messages are meant for the journal.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +160,7 @@ pub struct Agent {
     tls: Arc<rustls::ClientConfig>,
     core: Core,
     journal: JournalFile,
+    outbox: OutboxFile,
     sampler: Sampler,
     options: RunOptions,
     not_after: i64,
@@ -168,15 +185,67 @@ impl Agent {
             source,
         };
         std::fs::create_dir_all(dir).map_err(state_err)?;
+        // None of these files can stop the agent: whatever a power cut or a
+        // bad sector left in them is skipped, counted, logged and reported.
+        let mut recovered = Vec::new();
         let (mut journal, records, report) = JournalFile::open(dir).map_err(state_err)?;
         if report.skipped_lines > 0 {
             warn!(
                 file = %journal.path().display(),
                 skipped = report.skipped_lines,
-                "skipped unreadable journal lines (an interrupted write); the records before them are intact"
+                "skipped unreadable journal lines (an interrupted write or damaged storage); the other records are intact"
+            );
+            recovered.push(format!(
+                "{}: {} unreadable lines skipped",
+                crate::journal::JOURNAL_FILE_NAME,
+                report.skipped_lines
+            ));
+        }
+        let settings_path = dir.join(SETTINGS_FILE);
+        let saved = match load_saved_settings(&settings_path) {
+            Ok(saved) => saved,
+            Err(why) => {
+                warn!(file = %settings_path.display(), error = %why, "ignoring unreadable saved settings; the configuration file's apply until the fleet sends them again");
+                recovered.push(format!(
+                    "{SETTINGS_FILE}: unreadable ({why}), defaults in force"
+                ));
+                None
+            }
+        };
+        let max_bytes = config.state.outbox_max_bytes;
+        let (mut outbox, decoded) =
+            OutboxFile::open(dir, 4 * max_bytes + 1024 * 1024).map_err(state_err)?;
+        if decoded.damaged > 0 {
+            warn!(
+                file = %outbox.path().display(),
+                damaged = decoded.damaged,
+                damaged_bytes = decoded.damaged_bytes,
+                kept = decoded.records.len(),
+                "skipped damaged outbox records; the others are kept"
+            );
+            recovered.push(format!(
+                "{}: {} damaged stretches ({} bytes) skipped, {} records kept",
+                crate::outbox::OUTBOX_FILE_NAME,
+                decoded.damaged,
+                decoded.damaged_bytes,
+                decoded.records.len()
+            ));
+        }
+        let outbox_file_bytes = std::fs::metadata(outbox.path())
+            .map(|m| m.len())
+            .unwrap_or(0);
+        if !decoded.records.is_empty() {
+            info!(
+                records = decoded.records.len(),
+                "outbox holds records from before; they go out once connected"
             );
         }
-        let saved = load_saved_settings(&dir.join(SETTINGS_FILE));
+        let start = Start {
+            outbox: decoded,
+            outbox_file_bytes,
+            outbox_max_bytes: max_bytes,
+            recovered,
+        };
 
         let agent_version = env!("CARGO_PKG_VERSION").to_owned();
         let boot_id = options.host.boot_id();
@@ -202,6 +271,7 @@ impl Agent {
             Ledger::new(retention, records),
             journal.lines(),
             saved,
+            start,
             now_unix(),
         );
         // Reconciliation records (a reboot that happened) must be durable
@@ -210,9 +280,14 @@ impl Agent {
             match fx {
                 Effect::Record(e) | Effect::Note(e) => journal.append(e).map_err(state_err)?,
                 Effect::Compact(all) => journal.rewrite(all).map_err(state_err)?,
+                Effect::Store { frames, .. } | Effect::StoreFrames(frames) => {
+                    outbox.append(frames).map_err(state_err)?
+                }
+                Effect::CompactOutbox(bytes) => outbox.rewrite(bytes).map_err(state_err)?,
                 _ => {}
             }
         }
+        outbox.sync().map_err(state_err)?;
         let sampler = Sampler::new(dir);
         let agent = Agent {
             device: identity.device_id.clone(),
@@ -220,6 +295,7 @@ impl Agent {
             tls: Arc::new(tls),
             core,
             journal,
+            outbox,
             sampler,
             options,
             config,
@@ -234,43 +310,61 @@ impl Agent {
         &self.device
     }
 
-    fn mqtt_options(&self) -> MqttOptions {
-        let b = &self.config.broker;
-        let mut o = MqttOptions::new(self.device.as_str(), b.host.clone(), b.port);
-        let will = self.core.offline_status(None);
-        o.set_keep_alive(b.keep_alive())
-            .set_clean_start(false)
-            .set_session_expiry_interval(Some(b.session_expiry_s))
-            // Also the incoming limit: larger commands reach the core and are
-            // rejected there; the broker drops anything above this for us.
-            .set_max_packet_size(Some(MAX_PACKET_BYTES as u32))
-            // Ack a command only after its id is recorded.
-            .set_manual_acks(true)
-            // rumqttc preallocates one slot per possible in-flight packet id
-            // (65535 by default: ~10 MiB); Mosquitto allows 20 anyway.
-            .set_outgoing_inflight_upper_limit(MAX_INFLIGHT)
-            .set_last_will(LastWill::new(
-                will.topic,
-                will.payload,
-                QoS::AtLeastOnce,
-                true,
-                None,
-            ))
-            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                self.tls.clone(),
-            )));
-        let mut net = NetworkOptions::new();
-        // Without it every QoS 1 round trip and TLS connect waits ~40 ms
-        // for Nagle + delayed ACK.
-        net.set_tcp_nodelay(true);
-        net.set_connection_timeout(10);
-        o.set_network_options(net);
-        o
-    }
-
     /// Connect and serve until shut down or asked to restart.
-    pub async fn run(mut self, mut shutdown: ShutdownSignal) -> Exit {
-        let (client, eventloop) = AsyncClient::new(self.mqtt_options(), REQUEST_CHANNEL_CAPACITY);
+    pub async fn run(self, mut shutdown: ShutdownSignal) -> Exit {
+        let Agent {
+            config,
+            device,
+            tls,
+            core,
+            journal,
+            outbox,
+            sampler,
+            options,
+            not_after,
+        } = self;
+        let writer = match StateWriter::spawn(journal, outbox) {
+            Ok(w) => w,
+            Err(e) => {
+                error!(error = %e, "cannot start the state writer thread");
+                return Exit::Failed;
+            }
+        };
+        let mut this = Running {
+            config,
+            device,
+            tls,
+            core,
+            writer,
+            sampler,
+            options,
+            not_after,
+        };
+        let exit = this.serve(&mut shutdown).await;
+        this.writer.finish();
+        info!(exit = ?exit, "edgebind-agent stopped");
+        exit
+    }
+}
+
+/// The agent while it runs: the files belong to the writer thread.
+struct Running {
+    config: AgentConfig,
+    device: DeviceId,
+    tls: Arc<rustls::ClientConfig>,
+    core: Core,
+    writer: StateWriter,
+    sampler: Sampler,
+    options: RunOptions,
+    not_after: i64,
+}
+
+impl Running {
+    async fn serve(&mut self, shutdown: &mut ShutdownSignal) -> Exit {
+        let (client, eventloop) = AsyncClient::new(
+            mqtt_options(&self.config, &self.device, &self.core, &self.tls),
+            REQUEST_CHANNEL_CAPACITY,
+        );
         let (net_tx, mut net_rx) = mpsc::unbounded_channel();
         let stopping = Arc::new(AtomicBool::new(false));
         let b = &self.config.broker;
@@ -278,11 +372,20 @@ impl Agent {
             Duration::from_millis(b.reconnect_min_ms),
             Duration::from_secs(b.reconnect_max_s),
         );
-        let network = tokio::spawn(network_task(eventloop, backoff, net_tx, stopping.clone()));
+        let tags: Tags = Arc::default();
+        let network = tokio::spawn(network_task(
+            eventloop,
+            backoff,
+            net_tx,
+            stopping.clone(),
+            tags.clone(),
+        ));
         let (done_tx, mut done_rx) = mpsc::unbounded_channel();
         let mut io = Io {
             client,
             backlog: VecDeque::new(),
+            tags,
+            acks: Vec::new(),
             connected: false,
             done_tx,
             restart: false,
@@ -321,7 +424,14 @@ impl Agent {
 
         let exit = loop {
             io.flush_backlog();
+            self.send_outbox(&mut io);
+            // What this turn produced goes to the writer thread in one go.
+            self.writer.flush();
+            let lazy = self.writer.has_pending();
             tokio::select! {
+                _ = tokio::time::sleep(crate::writer::LAZY_FLUSH), if lazy => {
+                    self.writer.flush_all();
+                }
                 changed = shutdown.0.changed() => {
                     if changed.is_err() || *shutdown.0.borrow() {
                         break Exit::Stopped;
@@ -332,17 +442,24 @@ impl Agent {
                         error!("the network task ended unexpectedly");
                         break Exit::Failed;
                     };
-                    self.on_net_event(event, &mut io);
+                    self.on_net_event(event, &mut io).await;
+                    // PUBACKs come in bursts: take what is already there in
+                    // the same turn.
+                    while let Ok(event) = net_rx.try_recv() {
+                        self.on_net_event(event, &mut io).await;
+                    }
                 }
                 Some((id, outcome)) = done_rx.recv() => {
                     let fx = self.core.on_action_done(&id, outcome, now_unix());
-                    self.execute(fx, &mut io);
+                    self.execute(fx, &mut io).await;
                 }
                 _ = telemetry.tick() => {
-                    if io.connected {
-                        let sample = self.sampler.sample(now_unix());
-                        io.publish(self.core.telemetry(&sample));
-                    }
+                    // Connected or not: samples taken offline wait in the
+                    // outbox.
+                    let now = now_unix();
+                    let sample = self.sampler.sample(now);
+                    let fx = self.core.telemetry(&sample, now);
+                    self.execute(fx, &mut io).await;
                 }
                 _ = async { watchdog.as_mut().unwrap().tick().await }, if watchdog.is_some() => {
                     self.options.notifier.notify("WATCHDOG=1");
@@ -362,9 +479,20 @@ impl Agent {
         // Clean stop: retained `offline`, then DISCONNECT (so the broker
         // does not also fire the will), then leave.
         self.options.notifier.notify("STOPPING=1\nSTATUS=stopping");
+        // Acknowledge what was recorded (restart-agent's own command among
+        // them), or the broker delivers it again after the restart.
+        self.writer.flush_all();
+        let acks = std::mem::take(&mut io.acks);
+        let _ = tokio::time::timeout(STOP_GRACE / 2, async {
+            for h in acks {
+                let _ = h.await;
+            }
+        })
+        .await;
         io.flush_backlog();
         if io.connected {
-            io.publish(self.core.offline_status(Some(now_unix())));
+            self.drain_outbox(&mut io, &mut net_rx).await;
+            io.publish(self.core.offline_status(Some(now_unix())), None);
             io.flush_backlog();
         }
         stopping.store(true, Ordering::SeqCst);
@@ -378,11 +506,40 @@ impl Agent {
             // don't wait out a reconnect backoff.
             network.abort();
         }
-        info!(exit = ?exit, "edgebind-agent stopped");
         exit
     }
 
-    fn on_net_event(&mut self, event: NetEvent, io: &mut Io) {
+    /// Hand the connection what the outbox may send now.
+    fn send_outbox(&mut self, io: &mut Io) {
+        if io.connected {
+            for (seq, o) in self.core.take_sendable(OUTBOX_WINDOW) {
+                io.publish(o, Some(seq));
+            }
+        }
+    }
+
+    /// Before a clean stop: a short while for what the outbox holds to be
+    /// acknowledged (what is left goes out after the next start).
+    async fn drain_outbox(&mut self, io: &mut Io, net_rx: &mut mpsc::UnboundedReceiver<NetEvent>) {
+        let deadline = Instant::now() + STOP_GRACE / 2;
+        while io.connected && !self.core.outbox().is_empty() {
+            for (seq, o) in self.core.take_sendable(OUTBOX_WINDOW) {
+                io.publish(o, Some(seq));
+            }
+            io.flush_backlog();
+            self.writer.flush_all();
+            match tokio::time::timeout_at(deadline, net_rx.recv()).await {
+                Ok(Some(NetEvent::Delivered(seq))) => {
+                    let fx = self.core.on_delivered(seq, now_unix());
+                    self.execute(fx, io).await;
+                }
+                Ok(Some(NetEvent::Lost { .. })) | Ok(None) | Err(_) => break,
+                Ok(Some(_)) => {}
+            }
+        }
+    }
+
+    async fn on_net_event(&mut self, event: NetEvent, io: &mut Io) {
         match event {
             NetEvent::Connected { session_present } => {
                 io.connected = true;
@@ -396,7 +553,7 @@ impl Agent {
                 let uptime = self.options.host.uptime_s();
                 let addresses = self.sampler.addresses();
                 let fx = self.core.on_connected(uptime, addresses, now_unix());
-                self.execute(fx, io);
+                self.execute(fx, io).await;
                 let subs = self
                     .core
                     .subscriptions()
@@ -409,12 +566,24 @@ impl Agent {
                 let topic = String::from_utf8_lossy(&publish.topic).into_owned();
                 debug!(topic = %topic, bytes = publish.payload.len(), "message received");
                 let fx = self.core.on_message(&topic, &publish.payload, now_unix());
-                self.execute(fx, io);
-                // Only now, with the id durably recorded, tell the broker it
-                // may forget the message.
-                if let Err(e) = io.client.try_ack(&publish) {
-                    warn!(error = %e, "could not queue the acknowledgement");
-                }
+                self.execute(fx, io).await;
+                // The answers go first: waking the writer thread now could
+                // preempt this one before the network task has written them.
+                self.send_outbox(io);
+                tokio::task::yield_now().await;
+                // Only once the id is recorded may the broker forget the
+                // message. Waited for on the side, so that a slow card holds
+                // up this acknowledgement, not the main loop (watchdog,
+                // telemetry, other commands).
+                let recorded = self.writer.barrier();
+                let client = io.client.clone();
+                io.acks.retain(|h| !h.is_finished());
+                io.acks.push(tokio::spawn(async move {
+                    recorded.await;
+                    if let Err(e) = client.try_ack(&publish) {
+                        warn!(error = %e, "could not queue the acknowledgement");
+                    }
+                }));
             }
             NetEvent::Lost { error, retry_in } => {
                 if io.connected {
@@ -423,9 +592,14 @@ impl Agent {
                     warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "cannot connect to broker: {error}");
                 }
                 io.connected = false;
+                self.core.on_disconnected();
                 self.options
                     .notifier
                     .notify(&format!("STATUS=disconnected: {error}"));
+            }
+            NetEvent::Delivered(seq) => {
+                let fx = self.core.on_delivered(seq, now_unix());
+                self.execute(fx, io).await;
             }
             NetEvent::ServerDisconnect(reason) => {
                 warn!(reason = %reason, "broker closed the session");
@@ -441,20 +615,20 @@ impl Agent {
 
     /// Carry out effects in order; a failed journal write stops the batch so
     /// nothing runs whose id is not on disk.
-    fn execute(&mut self, effects: Vec<Effect>, io: &mut Io) {
+    async fn execute(&mut self, effects: Vec<Effect>, io: &mut Io) {
         for fx in effects {
-            let durable = matches!(fx, Effect::Record(_));
             match fx {
-                Effect::Record(entry) | Effect::Note(entry) => {
-                    let written = if durable {
-                        self.journal.append(&entry)
-                    } else {
-                        self.journal.append_unsynced(&entry)
-                    };
-                    if let Err(e) = written {
+                // Handed to the writer in order; the command's ack waits for
+                // it (see on_net_event).
+                Effect::Note(entry) => self.writer.note(entry),
+                Effect::Record(entry) => {
+                    // Awaited (the keep-alive runs meanwhile): nothing after
+                    // this record, the action included, may happen before it
+                    // is on stable storage.
+                    if let Err(e) = self.writer.journal(entry.clone(), true).await {
                         error!(
                             id = %entry.id,
-                            file = %self.journal.path().display(),
+                            file = crate::journal::JOURNAL_FILE_NAME,
                             error = %e,
                             "cannot record command id; not running it"
                         );
@@ -462,24 +636,23 @@ impl Agent {
                             .core
                             .on_record_failed(&entry.id, &e.to_string(), now_unix());
                         for f in fx {
-                            if let Effect::Publish(o) = f {
-                                io.publish(o);
+                            if let Effect::Store { frames, .. } = f {
+                                self.writer.outbox(frames);
                             }
                         }
                         return;
                     }
                 }
-                Effect::Compact(entries) => {
-                    if let Err(e) = self.journal.rewrite(&entries) {
-                        warn!(file = %self.journal.path().display(), error = %e, "journal compaction failed; appending to the old file");
+                Effect::Compact(entries) => self.writer.compact_journal(entries),
+                Effect::Store { queued, frames } => {
+                    if queued.class == Some(crate::outbox::Class::Result) {
+                        info!(topic = %queued.topic, result = %String::from_utf8_lossy(&queued.payload), "command result");
                     }
+                    self.writer.outbox(frames);
                 }
-                Effect::Publish(o) => {
-                    if o.topic.contains("/cmd-result/") {
-                        info!(topic = %o.topic, result = %String::from_utf8_lossy(&o.payload), "command result");
-                    }
-                    io.publish(o);
-                }
+                Effect::StoreFrames(frames) => self.writer.outbox_lazy(frames),
+                Effect::CompactOutbox(bytes) => self.writer.rewrite_outbox(bytes),
+                Effect::Publish(o) => io.publish(o, None),
                 Effect::Run { id, action } => {
                     let tx = io.done_tx.clone();
                     let reboot = self.config.actions.reboot.clone();
@@ -505,9 +678,7 @@ impl Agent {
                 Effect::SaveSettings(saved) => {
                     let path = self.config.state.dir.join(SETTINGS_FILE);
                     let bytes = serde_json::to_vec_pretty(&saved).unwrap_or_default();
-                    if let Err(e) = write_atomically(&path, &bytes) {
-                        warn!(file = %path.display(), error = %e, "cannot save applied settings; they hold until restart");
-                    }
+                    self.writer.settings(path, bytes);
                 }
                 Effect::Restart => {
                     info!(
@@ -521,6 +692,45 @@ impl Agent {
     }
 }
 
+fn mqtt_options(
+    config: &AgentConfig,
+    device: &DeviceId,
+    core: &Core,
+    tls: &Arc<rustls::ClientConfig>,
+) -> MqttOptions {
+    let b = &config.broker;
+    let mut o = MqttOptions::new(device.as_str(), b.host.clone(), b.port);
+    let will = core.offline_status(None);
+    o.set_keep_alive(b.keep_alive())
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(b.session_expiry_s))
+        // Also the incoming limit: larger commands reach the core and are
+        // rejected there; the broker drops anything above this for us.
+        .set_max_packet_size(Some(MAX_PACKET_BYTES as u32))
+        // Ack a command only after its id is recorded.
+        .set_manual_acks(true)
+        // rumqttc preallocates one slot per possible in-flight packet id
+        // (65535 by default: ~10 MiB); Mosquitto allows 20 anyway.
+        .set_outgoing_inflight_upper_limit(MAX_INFLIGHT)
+        .set_last_will(LastWill::new(
+            will.topic,
+            will.payload,
+            QoS::AtLeastOnce,
+            true,
+            None,
+        ))
+        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            tls.clone(),
+        )));
+    let mut net = NetworkOptions::new();
+    // Without it every QoS 1 round trip and TLS connect waits ~40 ms
+    // for Nagle + delayed ACK.
+    net.set_tcp_nodelay(true);
+    net.set_connection_timeout(10);
+    o.set_network_options(net);
+    o
+}
+
 fn telemetry_timer(period_s: u64, first: Duration) -> tokio::time::Interval {
     let period = Duration::from_secs(period_s.max(1));
     let mut t = tokio::time::interval_at(Instant::now() + first, period);
@@ -528,45 +738,69 @@ fn telemetry_timer(period_s: u64, first: Duration) -> tokio::time::Interval {
     t
 }
 
-fn load_saved_settings(path: &Path) -> Option<SavedSettings> {
-    let bytes = std::fs::read(path).ok()?;
-    match serde_json::from_slice(&bytes) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            warn!(file = %path.display(), error = %e, "ignoring unreadable saved settings");
-            None
+/// The saved desired state: `Ok(None)` when there is none, `Err(why)` when
+/// the file is there but unusable (never a reason not to start).
+pub fn load_saved_settings(path: &Path) -> Result<Option<SavedSettings>, String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    match std::fs::File::open(path) {
+        Ok(f) => {
+            f.take(MAX_SETTINGS_READ)
+                .read_to_end(&mut bytes)
+                .map_err(|e| e.to_string())?;
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
     }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
+
+/// Tags of QoS 1 publications handed to rumqttc and not yet given a packet
+/// id, in request order (see the module documentation).
+type Tags = Arc<Mutex<VecDeque<Option<u64>>>>;
 
 /// The main loop's handle on the connection.
 struct Io {
     client: AsyncClient,
-    /// Publications that did not fit in the request channel yet.
-    backlog: VecDeque<Outgoing>,
+    /// Publications that did not fit in the request channel yet, with their
+    /// outbox sequence numbers.
+    backlog: VecDeque<(Outgoing, Option<u64>)>,
+    tags: Tags,
+    /// Acknowledgements of commands waiting for their journal records.
+    acks: Vec<tokio::task::JoinHandle<()>>,
     connected: bool,
     done_tx: mpsc::UnboundedSender<(edgebind_protocol::CommandId, Result<(), String>)>,
     restart: bool,
 }
 
 impl Io {
-    fn publish(&mut self, o: Outgoing) {
-        self.backlog.push_back(o);
+    fn publish(&mut self, o: Outgoing, seq: Option<u64>) {
+        self.backlog.push_back((o, seq));
         self.flush_backlog();
     }
 
     fn flush_backlog(&mut self) {
-        while let Some(o) = self.backlog.pop_front() {
+        while let Some((o, seq)) = self.backlog.pop_front() {
             let qos = match o.qos {
                 Qos::AtMostOnce => QoS::AtMostOnce,
                 Qos::AtLeastOnce => QoS::AtLeastOnce,
             };
+            let tagged = qos == QoS::AtLeastOnce;
+            let mut tags = self.tags.lock().unwrap_or_else(|p| p.into_inner());
+            if tagged {
+                tags.push_back(seq);
+            }
             if let Err(e) =
                 self.client
                     .try_publish(o.topic.clone(), qos, o.retain, o.payload.clone())
             {
+                if tagged {
+                    tags.pop_back();
+                }
                 debug!(error = %e, "request channel full; publication kept for later");
-                self.backlog.push_front(o);
+                self.backlog.push_front((o, seq));
                 break;
             }
         }
@@ -576,11 +810,21 @@ impl Io {
 /// What the network task reports.
 #[derive(Debug)]
 enum NetEvent {
-    Connected { session_present: bool },
+    Connected {
+        session_present: bool,
+    },
     Message(Publish),
-    Lost { error: String, retry_in: Duration },
+    Lost {
+        error: String,
+        retry_in: Duration,
+    },
     ServerDisconnect(String),
-    PublishRefused { pkid: u16, reason: String },
+    PublishRefused {
+        pkid: u16,
+        reason: String,
+    },
+    /// The broker acknowledged outbox record `seq`.
+    Delivered(u64),
     SubscribeRefused(String),
 }
 
@@ -591,11 +835,19 @@ async fn network_task(
     mut backoff: Backoff,
     tx: mpsc::UnboundedSender<NetEvent>,
     stopping: Arc<AtomicBool>,
+    tags: Tags,
 ) {
     let mut connected_at: Option<Instant> = None;
+    let mut pkids = PkidTags::default();
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(packet)) => {
+                if let Packet::PubAck(ack) = &packet
+                    && let Some(seq) = pkids.acked(ack.pkid)
+                    && tx.send(NetEvent::Delivered(seq)).is_err()
+                {
+                    return;
+                }
                 let ev = match packet {
                     Packet::ConnAck(ack) => {
                         connected_at = Some(Instant::now());
@@ -641,6 +893,22 @@ async fn network_task(
                     return;
                 }
             }
+            Ok(Event::Outgoing(MqttOutgoing::Publish(pkid))) if pkid != 0 => {
+                pkids.sent(pkid, || {
+                    tags.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .pop_front()
+                        .flatten()
+                });
+            }
+            Ok(Event::Outgoing(MqttOutgoing::AwaitAck(pkid))) => {
+                let tag = tags
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pop_front()
+                    .flatten();
+                pkids.collided(pkid, tag);
+            }
             Ok(Event::Outgoing(_)) => {}
             Err(e) => {
                 if stopping.load(Ordering::SeqCst) || matches!(e, ConnectionError::RequestsDone) {
@@ -666,6 +934,36 @@ async fn network_task(
     }
 }
 
+/// Which outbox record each packet id in flight carries.
+#[derive(Debug, Default)]
+struct PkidTags {
+    in_flight: HashMap<u16, Option<u64>>,
+    /// rumqttc held back a publication whose pkid was still in use; it sends
+    /// it (as `Outgoing::Publish`) once that pkid is acknowledged.
+    held: Vec<(u16, Option<u64>)>,
+}
+
+impl PkidTags {
+    fn sent(&mut self, pkid: u16, next_tag: impl FnOnce() -> Option<u64>) {
+        if self.in_flight.contains_key(&pkid) {
+            return; // a retransmission after a reconnect
+        }
+        let tag = match self.held.iter().position(|(p, _)| *p == pkid) {
+            Some(i) => self.held.remove(i).1,
+            None => next_tag(),
+        };
+        self.in_flight.insert(pkid, tag);
+    }
+
+    fn collided(&mut self, pkid: u16, tag: Option<u64>) {
+        self.held.push((pkid, tag));
+    }
+
+    fn acked(&mut self, pkid: u16) -> Option<u64> {
+        self.in_flight.remove(&pkid).flatten()
+    }
+}
+
 /// A connection error in words a field engineer can act on.
 fn describe(e: &ConnectionError) -> String {
     match e {
@@ -683,4 +981,43 @@ fn describe(e: &ConnectionError) -> String {
 fn run_future_is_send(agent: Agent, signal: ShutdownSignal) {
     fn is_send<T: Send>(_: &T) {}
     is_send(&agent.run(signal));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_bytes_as_saved_settings_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..1024),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(SETTINGS_FILE);
+            std::fs::write(&path, &bytes).unwrap();
+            // Ok or Err, never a panic; prepare() turns Err into defaults.
+            let _ = load_saved_settings(&path);
+        }
+    }
+
+    #[test]
+    fn pkid_tags_follow_request_order_retransmissions_and_collisions() {
+        let mut t = PkidTags::default();
+        let mut fifo: VecDeque<Option<u64>> = [Some(10), None, Some(11), Some(12)].into();
+        let mut next = || fifo.pop_front().flatten();
+        t.sent(1, &mut next);
+        t.sent(2, &mut next); // a status message: no tag
+        t.sent(1, || panic!("a retransmission takes no new tag"));
+        t.collided(3, Some(11)); // pkid 3 still in use: held back
+        assert_eq!(t.acked(1), Some(10));
+        assert_eq!(t.acked(2), None);
+        t.sent(3, || panic!("the held publication keeps its tag"));
+        assert_eq!(t.acked(3), Some(11));
+        t.sent(4, || Some(12));
+        assert_eq!(t.acked(4), Some(12));
+        assert_eq!(t.acked(4), None);
+    }
 }

@@ -62,6 +62,9 @@ pub mod defaults {
     /// 30 days.
     pub const JOURNAL_MAX_AGE_S: u64 = 30 * 86_400;
     pub const JOURNAL_MAX_ENTRIES: usize = 1_000;
+    /// About 5,000 telemetry samples (~420 bytes each): 1.4 h at 1 Hz, 3.5
+    /// days at the default period.
+    pub const OUTBOX_MAX_BYTES: u64 = 2 * 1024 * 1024;
     pub const REBOOT_REQUEST_PATH: &str = "/run/edgebind/reboot-request";
     pub const LOG_LEVEL: &str = "info";
 }
@@ -123,6 +126,8 @@ ca = {ca}
 # journal_max_age_s = {jage}
 # Keep at most this many command ids, never dropping redeliverable ones (default {jmax}).
 # journal_max_entries = {jmax}
+# Bound of the outbox (telemetry, events, results queued while offline), in bytes (default {obmax}).
+# outbox_max_bytes = {obmax}
 
 [actions.reboot]
 # "request-file" (default): create `path`, a root systemd path unit reboots the device.
@@ -149,6 +154,7 @@ ca = {ca}
         state = toml_str(STATE_DIR),
         jage = JOURNAL_MAX_AGE_S,
         jmax = JOURNAL_MAX_ENTRIES,
+        obmax = OUTBOX_MAX_BYTES,
         reboot_path = toml_str(REBOOT_REQUEST_PATH),
         log_level = toml_str(LOG_LEVEL),
     )

@@ -11,6 +11,7 @@ pub mod bundle;
 pub mod ids;
 pub mod messages;
 pub mod principal;
+pub mod settings;
 pub mod topics;
 
 pub use ids::{CommandId, DeviceId, IdError};

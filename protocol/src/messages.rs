@@ -97,6 +97,22 @@ pub struct Event {
     pub message: String,
 }
 
+/// The `kind`s of [`Event`] an agent sends.
+pub mod events {
+    /// A `desired` message that could not be read at all (not JSON, no
+    /// revision); the message says why.
+    pub const DESIRED_REJECTED: &str = "desired-rejected";
+    /// The agent found unreadable records in its own state files at start
+    /// (journal, saved settings, outbox: a power cut on flash, a bad sector)
+    /// and skipped them; the message names each file and how many records or
+    /// bytes were lost. It started and serves anyway.
+    pub const STATE_RECOVERED: &str = "state_recovered";
+    /// The outbox (what the agent queues while disconnected) was full and
+    /// records were dropped, oldest telemetry first; the message counts them
+    /// by kind and gives the time span. Sent once the link is back.
+    pub const OUTBOX_DROPPED: &str = "outbox_dropped";
+}
+
 /// Remote actions an agent knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -289,10 +305,10 @@ pub struct Inventory {
     pub boot_id: Option<String>,
 }
 
-/// Setting keys every agent understands.
+/// The desired-settings keys (the contract with types and ranges is
+/// [`crate::settings`]).
 pub mod settings {
-    pub const TELEMETRY_INTERVAL_S: &str = "telemetry_interval_s";
-    pub const LOG_LEVEL: &str = "log_level";
+    pub use crate::settings::{LOG_LEVEL, TELEMETRY_INTERVAL_S};
 }
 
 /// Retained on `devices/{id}/desired`: what the fleet wants the device to run with.

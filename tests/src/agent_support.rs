@@ -312,35 +312,39 @@ pub enum FastEvent {
     Lost(String),
 }
 
+/// rustls client configuration presenting `identity` (ring provider).
+pub fn client_tls(identity: &edgebind_tests::Identity) -> rustls::ClientConfig {
+    let load_certs = |p: &Path| {
+        let pem = std::fs::read(p).expect("read certificate");
+        rustls_pemfile::certs(&mut pem.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("PEM certificates")
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(&identity.ca) {
+        roots.add(c).expect("root");
+    }
+    let key_pem = std::fs::read(&identity.key).expect("read key");
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .expect("PEM key")
+        .expect("a key");
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(load_certs(&identity.cert), key)
+    .expect("client auth")
+}
+
 impl FastClient {
     pub fn connect(identity: &edgebind_tests::Identity, broker: &Broker) -> FastClient {
         use rumqttc::v5::mqttbytes::v5::Packet;
         use rumqttc::v5::{Client, Event, MqttOptions};
         use rumqttc::{NetworkOptions, TlsConfiguration, Transport};
 
-        let load_certs = |p: &Path| {
-            let pem = std::fs::read(p).expect("read certificate");
-            rustls_pemfile::certs(&mut pem.as_slice())
-                .collect::<Result<Vec<_>, _>>()
-                .expect("PEM certificates")
-        };
-        let mut roots = rustls::RootCertStore::empty();
-        for c in load_certs(&identity.ca) {
-            roots.add(c).expect("root");
-        }
-        let key_pem = std::fs::read(&identity.key).expect("read key");
-        let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-            .expect("PEM key")
-            .expect("a key");
-        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(load_certs(&identity.cert), key)
-        .expect("client auth");
-
+        let tls = client_tls(identity);
         let mut opts = MqttOptions::new(identity.name.clone(), broker.host(), broker.port());
         opts.set_keep_alive(Duration::from_secs(30))
             .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
@@ -412,5 +416,111 @@ impl FastClient {
             _ => false,
         })
         .is_some()
+    }
+}
+
+/// A subscriber whose session outlives broker restarts (clean start off,
+/// session expiry, on a broker with persistence): what a device publishes
+/// while the collector is away is queued for it, so a test sees everything
+/// that reached the broker, across outages. Reconnects by itself.
+/// (topic, payload) in arrival order.
+type Inbox = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+pub struct Collector {
+    received: Inbox,
+    subacks: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    client: rumqttc::v5::Client,
+}
+
+impl Collector {
+    /// Subscribe `identity` to `kinds` of `device` and wait for the SUBACKs.
+    pub fn start(
+        identity: &edgebind_tests::Identity,
+        broker: &Broker,
+        device: &DeviceId,
+        kinds: &[Kind],
+    ) -> Collector {
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        use rumqttc::v5::{Client, Event, MqttOptions};
+        use rumqttc::{NetworkOptions, TlsConfiguration, Transport};
+        use std::sync::atomic::Ordering;
+
+        let mut opts = MqttOptions::new(identity.name.clone(), broker.host(), broker.port());
+        opts.set_keep_alive(Duration::from_secs(5))
+            .set_clean_start(false)
+            .set_session_expiry_interval(Some(3600))
+            .set_max_packet_size(Some(edgebind_protocol::messages::MAX_PACKET_BYTES as u32))
+            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                std::sync::Arc::new(client_tls(identity)),
+            )));
+        let mut net = NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        opts.set_network_options(net);
+        let (client, mut connection) = Client::new(opts, 64);
+        let filters: Vec<String> = kinds.iter().map(|k| k.filter_for(device)).collect();
+        let received: Inbox = Default::default();
+        let subacks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (r, a, c) = (received.clone(), subacks.clone(), client.clone());
+        std::thread::spawn(move || {
+            let mut subscribed = false;
+            for ev in connection.iter() {
+                match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        // Once: the broker keeps the subscription in the
+                        // session from then on.
+                        if !subscribed || !ack.session_present {
+                            for f in &filters {
+                                if c.try_subscribe(f.clone(), QoS::AtLeastOnce).is_err() {
+                                    return;
+                                }
+                            }
+                            subscribed = true;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        r.lock().unwrap_or_else(|e| e.into_inner()).push((
+                            String::from_utf8_lossy(&p.topic).into_owned(),
+                            p.payload.to_vec(),
+                        ));
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        a.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
+                    Err(rumqttc::v5::ConnectionError::RequestsDone) => return,
+                    // The broker is down: try again shortly.
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        let n = kinds.len();
+        assert!(
+            wait_for(AGENT_DEADLINE, || (subacks.load(Ordering::SeqCst) >= n)
+                .then_some(()))
+            .is_some(),
+            "collector subscriptions not acknowledged"
+        );
+        Collector {
+            received,
+            subacks,
+            client,
+        }
+    }
+
+    /// Payloads received on `topic`, in arrival order.
+    pub fn on(&self, topic: &str) -> Vec<Vec<u8>> {
+        self.received
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.client.try_disconnect();
     }
 }

@@ -1,12 +1,12 @@
 //! Desired settings: what the fleet service publishes (retained) to a device.
 
-use edgebind_protocol::DeviceId;
 use edgebind_protocol::messages::Desired;
+use edgebind_protocol::{DeviceId, settings};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::OpsError;
-use crate::registry::{Store, known_setting};
+use crate::registry::{RegistryError, Store};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SettingsChanged {
@@ -19,19 +19,32 @@ pub struct SettingsChanged {
 
 /// Merge `changes` into the desired settings of `id` (a `null` removes the
 /// key) as one new revision. One registry transaction: a bad key or an
-/// unknown or revoked device changes nothing.
+/// unknown or revoked device changes nothing. A value of a key agents know
+/// is checked with the agent's own rule (`protocol::settings`), so what the
+/// device would only report as ignored is refused here, with its message;
+/// unknown keys pass (a newer agent may know them) and are listed.
 pub fn set(
     store: &mut dyn Store,
     id: &DeviceId,
     changes: &Map<String, Value>,
 ) -> Result<SettingsChanged, OpsError> {
+    for (key, value) in changes {
+        if settings::is_known(key) && !value.is_null() {
+            settings::validate(key, value).map_err(|e| {
+                OpsError::from(RegistryError::InvalidSetting {
+                    key: key.clone(),
+                    why: format!("{key} {e}; nothing was changed"),
+                })
+            })?;
+        }
+    }
     let desired = store.set_desired(id, changes)?;
     Ok(SettingsChanged {
         device: id.clone(),
         desired,
         unknown_keys: changes
             .keys()
-            .filter(|k| !known_setting(k))
+            .filter(|k| !settings::is_known(k))
             .cloned()
             .collect(),
     })

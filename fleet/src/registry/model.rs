@@ -4,9 +4,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
 
-use edgebind_protocol::messages::{
-    Action, CommandResult, Event, Reported, Status, UnixSeconds, settings,
-};
+use edgebind_protocol::messages::{Action, CommandResult, Event, Reported, Status, UnixSeconds};
 use edgebind_protocol::{CommandId, DeviceId};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -571,7 +569,7 @@ pub(crate) fn validate_setting_key(key: &str) -> Result<(), RegistryError> {
 /// Setting keys every agent is known to understand (others are passed on
 /// and the agent reports them as ignored).
 pub fn known_setting(key: &str) -> bool {
-    [settings::TELEMETRY_INTERVAL_S, settings::LOG_LEVEL].contains(&key)
+    edgebind_protocol::settings::is_known(key)
 }
 
 /// Parse `key=value` command arguments into the command's `args` object.

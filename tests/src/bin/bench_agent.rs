@@ -11,6 +11,12 @@
 //!   broker's own floor measured in the same run: the same client publishing
 //!   at QoS 1 to a topic it is subscribed to.
 //!
+//! - the outbox (issue 11): idle RSS with it enabled and empty, its disk use
+//!   per 1,000 queued samples (real samples from the agent's sampler, in the
+//!   agent's own file format), and the drain rate of a simulated 10-minute
+//!   outage at 1 Hz: 600 samples left in a second agent's outbox file before
+//!   it starts, timed from its `online` status to the 600th sample received.
+//!
 //! Targets (issue 2): idle RSS <= 5 MiB; ping p50 <= 3x the broker floor.
 
 #[path = "../agent_support.rs"]
@@ -18,7 +24,9 @@ mod agent_support;
 
 use std::time::{Duration, Instant};
 
-use agent_support::{AgentBundle, AgentProcess, AgentSetup, FastClient};
+use agent_support::{AgentBundle, AgentProcess, AgentSetup, FastClient, FastEvent};
+use edgebind_agent::outbox::{self, Class, OUTBOX_FILE_NAME, OutboxFile, Queue};
+use edgebind_agent::telemetry::Sampler;
 use edgebind_protocol::topics::{Kind, Topic};
 use edgebind_protocol::{CommandId, DeviceId};
 use edgebind_tests::{TestFleet, bin_path};
@@ -26,6 +34,8 @@ use edgebind_tests::{TestFleet, bin_path};
 const DEFAULT_PINGS: usize = 1000;
 const IDLE: Duration = Duration::from_secs(10);
 const RTT_DEADLINE: Duration = Duration::from_secs(10);
+/// A 10-minute outage at 1 Hz.
+const OUTAGE_SAMPLES: u64 = 600;
 
 fn main() {
     let pings: usize = std::env::args()
@@ -68,6 +78,12 @@ fn main() {
         human(rss),
         human(hwm),
         verdict(rss <= 5 * 1024 * 1024)
+    );
+    let queued = outbox_records(&bundle.state_dir);
+    println!(
+        "agent outbox: idle RSS with the outbox enabled and empty ({queued} records queued): {}; target <= 5 MiB: {}",
+        human(rss),
+        verdict(rss <= 5 * 1024 * 1024 && queued == 0)
     );
 
     // Broker floor: QoS 1 publish to our own subscription, same client.
@@ -116,6 +132,89 @@ fn main() {
         human(rss_after),
         human(hwm_after)
     );
+
+    // Disk use of queued samples, in the agent's own format.
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let per_1000 = fill_outbox(scratch.path(), &bundle.id, 1000);
+    println!(
+        "agent outbox: 1000 samples = {} KiB on disk ({} bytes per sample)",
+        per_1000 / 1024,
+        per_1000 / 1000
+    );
+
+    // Drain after a 10-minute outage: the queue is on disk before the agent
+    // starts, as after a power cycle in the middle of an outage.
+    let drain = AgentBundle::new(
+        &fleet.pki,
+        &fleet.broker,
+        "bench-drain",
+        &AgentSetup::default(),
+    );
+    let status = Topic::Status(drain.id.clone()).render();
+    let telemetry = Topic::Telemetry(drain.id.clone()).render();
+    op.subscribe(&status);
+    op.subscribe(&telemetry);
+    std::fs::create_dir_all(&drain.state_dir).unwrap();
+    let bytes = fill_outbox(&drain.state_dir, &drain.id, OUTAGE_SAMPLES);
+    let agent = AgentProcess::spawn_with_env(&drain.config, &[("EDGEBIND_LOG", "warn")]);
+    assert!(
+        op.wait_message(&status, b"online", Duration::from_secs(60)),
+        "drain agent not online; stderr:\n{}",
+        agent.stderr()
+    );
+    let t = Instant::now();
+    let mut got = 0;
+    while got < OUTAGE_SAMPLES {
+        let ev = op.wait(
+            Duration::from_secs(60),
+            |e| matches!(e, FastEvent::Message { topic, .. } if *topic == telemetry),
+        );
+        assert!(
+            ev.is_some(),
+            "only {got} of {OUTAGE_SAMPLES} queued samples arrived; stderr:\n{}",
+            agent.stderr()
+        );
+        got += 1;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "agent outbox: drained {OUTAGE_SAMPLES} samples (10-minute outage at 1 Hz, {} KiB) in {:.2} s = {:.0} samples/s",
+        bytes / 1024,
+        secs,
+        OUTAGE_SAMPLES as f64 / secs
+    );
+    let (rss, hwm) = memory(agent.pid());
+    println!(
+        "agent outbox: RSS after draining: {} (peak {})",
+        human(rss),
+        human(hwm)
+    );
+}
+
+/// Write `n` real telemetry samples of `device` into `dir`'s outbox file, as
+/// the agent queues them while offline (one second apart); returns the
+/// file's size.
+fn fill_outbox(dir: &std::path::Path, device: &DeviceId, n: u64) -> u64 {
+    let mut sampler = Sampler::new(dir);
+    let topic = Topic::Telemetry(device.clone()).render();
+    let (mut file, _) = OutboxFile::open(dir, 1 << 30).expect("open outbox");
+    let mut queue = Queue::new(u64::MAX, vec![], 0);
+    let start = edgebind_protocol::messages::now_unix() - n;
+    for i in 0..n {
+        let sample = sampler.sample(start + i);
+        let payload = serde_json::to_vec(&sample).unwrap();
+        let (r, _) = queue.push(Class::Telemetry, start + i, topic.clone(), payload);
+        file.append(&outbox::encode_data(&r)).expect("append");
+    }
+    file.sync().expect("sync");
+    std::fs::metadata(dir.join(OUTBOX_FILE_NAME))
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+fn outbox_records(dir: &std::path::Path) -> usize {
+    let bytes = std::fs::read(dir.join(OUTBOX_FILE_NAME)).unwrap_or_default();
+    outbox::decode(&bytes).records.len()
 }
 
 struct Stats {
