@@ -2,6 +2,7 @@
 //! URL, a server that is not there. The behaviour both backends share is
 //! the conformance suite (`registry_conformance.rs`).
 
+use edgebind_fleet::registry::postgres::SCHEMA_VERSION;
 use edgebind_fleet::registry::{PostgresStore, RegistryError, RegistryUrl, Retention, open_store};
 use edgebind_tests::PgCluster;
 
@@ -10,10 +11,14 @@ fn migrations_run_once_and_a_newer_schema_is_refused_with_the_url_named() {
     let cluster = PgCluster::shared();
     let url = cluster.database().unwrap();
     let store = PostgresStore::open(&url, Retention::default()).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 1);
+    assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
     drop(store);
     let again = PostgresStore::open(&url, Retention::default()).unwrap();
-    assert_eq!(again.schema_version().unwrap(), 1, "nothing ran twice");
+    assert_eq!(
+        again.schema_version().unwrap(),
+        SCHEMA_VERSION,
+        "nothing ran twice"
+    );
     drop(again);
 
     cluster
@@ -86,5 +91,5 @@ fn a_unix_socket_url_reaches_the_server() {
         cluster.port()
     );
     let store = PostgresStore::open(&url, Retention::default()).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 1);
+    assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
 }

@@ -146,7 +146,8 @@ const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
-const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+/// The schema version this edgebind writes (one per migration).
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Taken for the migration transaction, so that two processes starting
 /// against a fresh database do not both create the schema.
