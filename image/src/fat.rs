@@ -81,31 +81,6 @@ pub fn write_file(
     Ok(())
 }
 
-/// Read `<dir>/<name>` from the FAT file system of `partition` (None if absent).
-pub fn read_file(
-    image: &Path,
-    partition: &Partition,
-    dir: &str,
-    name: &str,
-) -> Result<Option<Vec<u8>>, Error> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(image)
-        .map_err(|e| Error::Open(image.to_owned(), e))?;
-    let slice = StreamSlice::new(file, partition.start, partition.start + partition.len)
-        .map_err(Error::Io)?;
-    let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new())
-        .map_err(|e| Error::BadFat(partition.number, e))?;
-    let root = fs.root_dir();
-    let Ok(mut f) = root.open_file(&format!("{dir}/{name}")) else {
-        return Ok(None);
-    };
-    let mut out = Vec::new();
-    f.read_to_end(&mut out).map_err(Error::Io)?;
-    Ok(Some(out))
-}
-
 fn file_len<T: fatfs::ReadWriteSeek>(dir: &fatfs::Dir<'_, T>, name: &str) -> Option<u64> {
     dir.iter()
         .filter_map(Result::ok)
