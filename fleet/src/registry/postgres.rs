@@ -614,43 +614,27 @@ impl StorageTx for PgTx<'_> {
     }
 
     fn list(&mut self, query: &DeviceQuery, limit: Option<u32>) -> Result<Vec<Device>> {
-        let mut clauses: Vec<String> = Vec::new();
-        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        let (filter, values) = super::rows::list_filter(
+            query,
+            |n| format!("${n}"),
+            |p| format!("strpos(id, {p}) > 0"),
+        );
+        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = values
+            .into_iter()
+            .map(|v| -> Box<dyn ToSql + Sync + Send> {
+                match v {
+                    super::rows::FilterValue::Text(t) => Box::new(t),
+                    super::rows::FilterValue::Bool(b) => Box::new(b),
+                }
+            })
+            .collect();
         let mut bind = |v: Box<dyn ToSql + Sync + Send>| {
             params.push(v);
             format!("${}", params.len())
         };
-        if let Some(tag) = &query.tag {
-            let p = bind(Box::new(tag.as_str().to_owned()));
-            clauses.push(format!(
-                "id IN (SELECT device_id FROM device_tags WHERE tag = {p})"
-            ));
-        }
-        if let Some(lifecycle) = query.lifecycle {
-            let p = bind(Box::new(lifecycle.as_str().to_owned()));
-            clauses.push(format!("lifecycle = {p}"));
-        }
-        if let Some(online) = query.online {
-            let p = bind(Box::new(online));
-            clauses.push(format!("online = {p}"));
-        }
-        if let Some(text) = &query.search {
-            // strpos, not LIKE: the text is matched as typed, '_' and '%' included.
-            let p = bind(Box::new(text.clone()));
-            clauses.push(format!("strpos(id, {p}) > 0"));
-        }
-        if let Some(after) = &query.after {
-            let p = bind(Box::new(after.as_str().to_owned()));
-            clauses.push(format!("id > {p}"));
-        }
         let limit_clause = match limit {
             Some(n) => format!("LIMIT {}", bind(Box::new(i64::from(n)))),
             None => String::new(),
-        };
-        let filter = if clauses.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", clauses.join(" AND "))
         };
         let refs: Vec<&(dyn ToSql + Sync)> = params
             .iter()

@@ -230,3 +230,54 @@ pub(super) fn action_of(text: &str) -> Result<Action> {
         detail: e,
     })
 }
+
+/// A value bound into a device-listing query.
+pub(super) enum FilterValue {
+    Text(String),
+    Bool(bool),
+}
+
+/// The WHERE clause of a device listing, written once for both backends:
+/// `placeholder(n)` spells the n-th bound parameter (`?n`, `$n`) and
+/// `contains(p)` a substring test of the id against `p` (as typed: `_` and
+/// `%` are no wildcards).
+pub(super) fn list_filter(
+    query: &DeviceQuery,
+    placeholder: fn(usize) -> String,
+    contains: fn(&str) -> String,
+) -> (String, Vec<FilterValue>) {
+    let mut clauses = Vec::new();
+    let mut params = Vec::new();
+    let mut bind = |v: FilterValue| {
+        params.push(v);
+        placeholder(params.len())
+    };
+    if let Some(tag) = &query.tag {
+        let p = bind(FilterValue::Text(tag.as_str().to_owned()));
+        clauses.push(format!(
+            "id IN (SELECT device_id FROM device_tags WHERE tag = {p})"
+        ));
+    }
+    if let Some(lifecycle) = query.lifecycle {
+        let p = bind(FilterValue::Text(lifecycle.as_str().to_owned()));
+        clauses.push(format!("lifecycle = {p}"));
+    }
+    if let Some(online) = query.online {
+        let p = bind(FilterValue::Bool(online));
+        clauses.push(format!("online = {p}"));
+    }
+    if let Some(text) = &query.search {
+        let p = bind(FilterValue::Text(text.clone()));
+        clauses.push(contains(&p));
+    }
+    if let Some(after) = &query.after {
+        let p = bind(FilterValue::Text(after.as_str().to_owned()));
+        clauses.push(format!("id > {p}"));
+    }
+    let filter = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
+    };
+    (filter, params)
+}

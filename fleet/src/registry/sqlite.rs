@@ -430,40 +430,18 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 /// The WHERE clause and parameters of a device listing; `?1`.. are bound in order.
 fn list_filter(query: &DeviceQuery) -> (String, Vec<rusqlite::types::Value>) {
     use rusqlite::types::Value as V;
-    let mut clauses = Vec::new();
-    let mut params: Vec<V> = Vec::new();
-    let mut bind = |v: V| {
-        params.push(v);
-        format!("?{}", params.len())
-    };
-    if let Some(tag) = &query.tag {
-        let p = bind(V::Text(tag.as_str().to_owned()));
-        clauses.push(format!(
-            "id IN (SELECT device_id FROM device_tags WHERE tag = {p})"
-        ));
-    }
-    if let Some(lifecycle) = query.lifecycle {
-        let p = bind(V::Text(lifecycle.as_str().to_owned()));
-        clauses.push(format!("lifecycle = {p}"));
-    }
-    if let Some(online) = query.online {
-        let p = bind(V::Integer(online as i64));
-        clauses.push(format!("online = {p}"));
-    }
-    if let Some(text) = &query.search {
-        // instr, not LIKE: the text is matched as typed, '_' and '%' included.
-        let p = bind(V::Text(text.clone()));
-        clauses.push(format!("instr(id, {p}) > 0"));
-    }
-    if let Some(after) = &query.after {
-        let p = bind(V::Text(after.as_str().to_owned()));
-        clauses.push(format!("id > {p}"));
-    }
-    let filter = if clauses.is_empty() {
-        String::new()
-    } else {
-        format!("WHERE {}", clauses.join(" AND "))
-    };
+    let (filter, values) = super::rows::list_filter(
+        query,
+        |n| format!("?{n}"),
+        |p| format!("instr(id, {p}) > 0"),
+    );
+    let params = values
+        .into_iter()
+        .map(|v| match v {
+            super::rows::FilterValue::Text(t) => V::Text(t),
+            super::rows::FilterValue::Bool(b) => V::Integer(b as i64),
+        })
+        .collect();
     (filter, params)
 }
 
