@@ -3,7 +3,7 @@ use std::io::BufReader;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use rumqttc::v5::mqttbytes::QoS;
@@ -240,27 +240,8 @@ impl TestClient {
     }
 
     /// Wait (condition variable, deadline) until `f` returns Some.
-    fn wait_state<T>(
-        &self,
-        timeout: Duration,
-        mut f: impl FnMut(&State) -> Option<T>,
-    ) -> Option<T> {
-        let deadline = Instant::now() + timeout;
-        let (lock, cvar) = &*self.shared;
-        let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if let Some(v) = f(&st) {
-                return Some(v);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            st = cvar
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+    fn wait_state<T>(&self, timeout: Duration, f: impl FnMut(&State) -> Option<T>) -> Option<T> {
+        crate::wait::wait_on(&self.shared, timeout, f)
     }
 
     pub fn name(&self) -> &str {

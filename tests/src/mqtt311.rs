@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 use rumqttc::{
@@ -127,23 +127,8 @@ impl TestClient311 {
         self.shared.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn wait<T>(&self, timeout: Duration, mut f: impl FnMut(&State) -> Option<T>) -> Option<T> {
-        let deadline = Instant::now() + timeout;
-        let (lock, cvar) = &*self.shared;
-        let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if let Some(v) = f(&st) {
-                return Some(v);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            st = cvar
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+    fn wait<T>(&self, timeout: Duration, f: impl FnMut(&State) -> Option<T>) -> Option<T> {
+        crate::wait::wait_on(&self.shared, timeout, f)
     }
 
     /// Wait until the broker acknowledged `count` packets of a kind.

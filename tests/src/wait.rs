@@ -19,3 +19,28 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Wait on a condition variable until `f(state)` returns `Some` or `timeout`
+/// passes; what the MQTT test clients use to wait for their own events.
+pub(crate) fn wait_on<S, T>(
+    shared: &(std::sync::Mutex<S>, std::sync::Condvar),
+    timeout: Duration,
+    mut f: impl FnMut(&S) -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    let (lock, cvar) = shared;
+    let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        if let Some(v) = f(&st) {
+            return Some(v);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        st = cvar
+            .wait_timeout(st, deadline - now)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
