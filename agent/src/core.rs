@@ -132,6 +132,8 @@ pub struct Core {
     /// Bytes in the outbox file since it was last compacted.
     outbox_file_bytes: u64,
     connected: bool,
+    /// Connections made so far by this process (names each in its `online` status).
+    connections: u64,
     /// Commands whose side effect is under way right now.
     running: Vec<CommandId>,
     status_topic: String,
@@ -167,6 +169,7 @@ impl Core {
             ),
             outbox_file_bytes: start.outbox_file_bytes,
             connected: false,
+            connections: 0,
             running: Vec::new(),
             status_topic,
         };
@@ -289,7 +292,12 @@ impl Core {
             uptime_s: Some(uptime_s),
             addresses,
             ts: Some(now),
+            // The process id tells this agent process from the one before
+            // it (a restart within the same second), the count tells its
+            // connections apart.
+            session: Some(format!("{}-{}", std::process::id(), self.connections)),
         };
+        self.connections += 1;
         self.connected = true;
         let mut effects = vec![Effect::Publish(self.status_message(&online))];
         effects.extend(self.report_drops(now));

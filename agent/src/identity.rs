@@ -16,7 +16,7 @@ use rustls::sign::CertifiedKey;
 
 use crate::config::IdentityConfig;
 
-/// A checked identity, ready for [`crate::tls::client_config`].
+/// A checked identity, ready for [`edgebind_link::client_config`].
 #[derive(Debug)]
 pub struct Identity {
     /// The certificate's CN (equal to the configured id when one is set).
@@ -349,7 +349,7 @@ mod tests {
             key: "/nonexistent/device.key".into(),
             ca: "/nonexistent/ca.crt".into(),
         };
-        let provider = crate::tls::provider();
+        let provider = edgebind_link::provider();
         let err = Identity::load(&cfg, None, &provider, UnixTime::now())
             .unwrap_err()
             .to_string();

@@ -32,7 +32,6 @@ pub mod outbox;
 pub mod runtime;
 pub mod systemd;
 pub mod telemetry;
-pub mod tls;
 pub mod writer;
 
 pub use config::AgentConfig;

@@ -22,11 +22,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use edgebind_protocol::DeviceId;
-use edgebind_protocol::messages::{Action, MAX_PACKET_BYTES, now_unix};
+use edgebind_protocol::messages::{Action, now_unix};
+use rumqttc::Outgoing as MqttOutgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PubAckReason, Publish};
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
-use rumqttc::{NetworkOptions, Outgoing as MqttOutgoing, TlsConfiguration, Transport};
 use rustls::pki_types::UnixTime;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -42,8 +42,8 @@ use crate::logging::LogControl;
 use crate::outbox::OutboxFile;
 use crate::systemd::Notifier;
 use crate::telemetry::Sampler;
-use crate::tls::TlsError;
 use crate::writer::StateWriter;
+use edgebind_link::TlsError;
 
 /// Exit status after `restart-agent`: non-zero so that `Restart=on-failure`
 /// (or `always`) brings the agent back; `EX_TEMPFAIL` from sysexits.h.
@@ -170,14 +170,19 @@ impl Agent {
     /// Every refusal-to-start check, without touching the network: identity
     /// files, chain, key, validity, CN; state directory and journal.
     pub fn prepare(config: AgentConfig, options: RunOptions) -> Result<Agent, StartError> {
-        let provider = crate::tls::provider();
+        let provider = edgebind_link::provider();
         let identity = Identity::load(
             &config.identity,
             config.device_id.as_ref(),
             &provider,
             UnixTime::now(),
         )?;
-        let tls = crate::tls::client_config(&identity, config.broker.server_name(), provider)?;
+        let tls = edgebind_link::client_config(edgebind_link::ClientAuth {
+            chain: Some(identity.chain.clone()),
+            key: Some(identity.key.clone_key()),
+            ca: std::slice::from_ref(&identity.ca),
+            server_name: Some(config.broker.server_name()),
+        })?;
 
         let dir = &config.state.dir;
         let state_err = |source| StartError::State {
@@ -699,14 +704,14 @@ fn mqtt_options(
     tls: &Arc<rustls::ClientConfig>,
 ) -> MqttOptions {
     let b = &config.broker;
-    let mut o = MqttOptions::new(device.as_str(), b.host.clone(), b.port);
+    let endpoint = edgebind_link::BrokerEndpoint {
+        host: b.host.clone(),
+        port: b.port,
+    };
+    let mut o = edgebind_link::options(device.as_str(), &endpoint, tls.clone(), b.keep_alive());
     let will = core.offline_status(None);
-    o.set_keep_alive(b.keep_alive())
-        .set_clean_start(false)
+    o.set_clean_start(false)
         .set_session_expiry_interval(Some(b.session_expiry_s))
-        // Also the incoming limit: larger commands reach the core and are
-        // rejected there; the broker drops anything above this for us.
-        .set_max_packet_size(Some(MAX_PACKET_BYTES as u32))
         // Ack a command only after its id is recorded.
         .set_manual_acks(true)
         // rumqttc preallocates one slot per possible in-flight packet id
@@ -718,16 +723,7 @@ fn mqtt_options(
             QoS::AtLeastOnce,
             true,
             None,
-        ))
-        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            tls.clone(),
-        )));
-    let mut net = NetworkOptions::new();
-    // Without it every QoS 1 round trip and TLS connect waits ~40 ms
-    // for Nagle + delayed ACK.
-    net.set_tcp_nodelay(true);
-    net.set_connection_timeout(10);
-    o.set_network_options(net);
+        ));
     o
 }
 

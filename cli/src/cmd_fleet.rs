@@ -21,10 +21,13 @@ pub enum FleetCommand {
     /// registry, publish desired settings, deliver queued and on-connect actions.
     #[command(after_help = "Examples:\n  \
         edgebind fleet serve\n  \
-        edgebind fleet serve --broker 127.0.0.1:8883 --log-level debug\n\n\
+        edgebind fleet serve --broker 127.0.0.1:8883 --log-level debug\n  \
+        EDGEBIND_REGISTRY=postgres://fleet@db/edgebind edgebind fleet serve --instance fleet-2\n\n\
         The service connects as `service:fleet` with the identity in \
         <home>/identities/service-fleet/ (issued from <home>/pki on first use). Stop it with SIGINT or SIGTERM: what it \
-        received is committed before it exits.")]
+        received is committed before it exits. Several instances (each its own --instance) share the \
+        work through one MQTT 5 shared subscription; a killed instance's share waits in its broker \
+        session until it is back.")]
     Serve(ServeArgs),
     /// Registry figures: devices, telemetry rows, size on disk.
     Stats(StatsArgs),
@@ -68,6 +71,12 @@ pub struct ServeArgs {
     /// Do not ask devices for their inventory when they connect.
     #[arg(long)]
     pub no_inventory_on_connect: bool,
+    /// This instance's name when several share the work: it connects as
+    /// `service:NAME` (each instance needs its own identity, issued on first
+    /// use into <home>/identities/service-NAME/). All instances share one
+    /// MQTT 5 shared subscription and one registry (PostgreSQL).
+    #[arg(long, default_value = service::SERVICE_NAME, value_name = "NAME")]
+    pub instance: String,
     /// Log filter (`info`, `debug`, `edgebind_fleet=debug`...).
     #[arg(long, env = "EDGEBIND_LOG", default_value = "info")]
     pub log_level: String,
@@ -159,9 +168,10 @@ fn serve(args: ServeArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
     let endpoint = ops::broker_endpoint(home, args.connect.broker.as_deref()).context(
         "no broker address: pass --broker host:port or run `edgebind broker config` first",
     )?;
-    let principal = Principal::from_cn(&format!("service:{}", service::SERVICE_NAME))?;
+    let principal = Principal::from_cn(&format!("service:{}", args.instance))
+        .with_context(|| format!("--instance {:?}", args.instance))?;
     let identity = match &args.connect.identity {
-        Some(dir) => identity::find_identity(dir, &[service::SERVICE_NAME, "service", "client"])?,
+        Some(dir) => identity::find_identity(dir, &[args.instance.as_str(), "service", "client"])?,
         None => {
             let found = identity::ensure_identity(
                 home,
@@ -181,6 +191,7 @@ fn serve(args: ServeArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
         }
     };
     let mut config = ServiceConfig::new(home.registry(), endpoint, identity);
+    config.instance = args.instance.clone();
     config.batch_max = args.batch_max;
     config.batch_window = Duration::from_millis(args.batch_window_ms);
     config.inventory_on_connect = !args.no_inventory_on_connect;

@@ -133,7 +133,7 @@ fn crates_inc_cmd(args: &CratesIncArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        for member in ["agent", "protocol"] {
+        for member in crates_inc::AGENT_MEMBER_DIRS {
             let link = ws.join(member);
             let target = fs::read_link(&link).ok();
             if target.as_deref() != Some(Path::new(&format!("../{member}"))) {
@@ -158,7 +158,7 @@ fn crates_inc_cmd(args: &CratesIncArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     fs::create_dir_all(&ws).with_context(|| format!("cannot create {}", ws.display()))?;
-    for member in ["agent", "protocol"] {
+    for member in crates_inc::AGENT_MEMBER_DIRS {
         let link = ws.join(member);
         if fs::symlink_metadata(&link).is_err() {
             std::os::unix::fs::symlink(format!("../{member}"), &link)

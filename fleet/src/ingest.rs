@@ -11,7 +11,8 @@ use edgebind_protocol::topics::{Kind, Topic};
 use crate::registry::Update;
 
 /// The filters the fleet service subscribes to: everything devices report,
-/// plus commands on their way (so commands sent by any operator enter the log).
+/// plus commands on their way (so commands sent by any operator enter the log),
+/// each as a shared subscription so that instances split the work.
 pub fn subscriptions() -> Vec<String> {
     [
         Kind::Status,
@@ -22,7 +23,7 @@ pub fn subscriptions() -> Vec<String> {
         Kind::Cmd,
     ]
     .into_iter()
-    .map(Kind::filter_all)
+    .map(Kind::filter_shared)
     .collect()
 }
 
@@ -136,9 +137,9 @@ mod tests {
     #[test]
     fn subscribes_to_every_reporting_kind_through_protocol() {
         let subs = subscriptions();
-        assert!(subs.contains(&Kind::Telemetry.filter_all()));
-        assert!(subs.contains(&Kind::CmdResult.filter_all()));
-        assert!(!subs.contains(&Kind::Desired.filter_all()));
+        assert!(subs.contains(&Kind::Telemetry.filter_shared()));
+        assert!(subs.contains(&Kind::CmdResult.filter_shared()));
+        assert!(!subs.contains(&Kind::Desired.filter_shared()));
     }
 
     #[test]

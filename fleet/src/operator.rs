@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use edgebind_protocol::messages::{Command, CommandResult, CommandStatus};
 use edgebind_protocol::topics::{Kind, Topic};
 use edgebind_protocol::{CommandId, DeviceId};
-use rumqttc::{Event, Incoming, MqttOptions, QoS};
+use rumqttc::Outgoing;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+use rumqttc::v5::{Event, MqttOptions};
 use serde::Serialize;
 
 /// How one device's command ended.
@@ -26,6 +29,11 @@ pub enum Outcome {
     Rejected {
         reason: Option<String>,
     },
+    /// The broker refused the command itself (its PUBACK reason code, e.g.
+    /// 0x87 not authorized): it never reached the device.
+    Refused {
+        reason: String,
+    },
     /// No final result before the deadline (`accepted` tells whether the
     /// device at least acknowledged it).
     TimedOut {
@@ -43,6 +51,7 @@ impl Outcome {
             Outcome::Succeeded { .. } => "succeeded",
             Outcome::Failed { .. } => "failed",
             Outcome::Rejected { .. } => "rejected",
+            Outcome::Refused { .. } => "refused by the broker",
             Outcome::TimedOut { accepted: true } => "timed out (accepted)",
             Outcome::TimedOut { accepted: false } => "timed out",
         }
@@ -87,7 +96,7 @@ pub async fn send_and_wait(
     timeout: Duration,
     mut progress: impl FnMut(usize, usize, &DeviceOutcome),
 ) -> Result<SendReport, SendError> {
-    opts.set_clean_session(true);
+    opts.set_clean_start(true);
     let total = commands.len();
     let (client, mut eventloop) = crate::mqtt::connect(opts, total.max(16) * 2 + 16);
     let started = Instant::now();
@@ -113,6 +122,14 @@ pub async fn send_and_wait(
     let mut connected_once = false;
     let mut published = false;
     let mut last_error: Option<String> = None;
+    // The broker's PUBACKs say whether it took each command; rumqttc reports
+    // the outgoing packet ids in the order the publishes were requested.
+    let order: Vec<(DeviceId, CommandId)> = commands
+        .iter()
+        .map(|(d, c)| (d.clone(), c.id.clone()))
+        .collect();
+    let mut next_outgoing = 0usize;
+    let mut by_pkid: HashMap<u16, (DeviceId, CommandId)> = HashMap::new();
     let mut to_publish = Some(commands);
 
     while finished < total {
@@ -121,14 +138,14 @@ pub async fn send_and_wait(
             Ok(e) => e,
         };
         match event {
-            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected_once = true;
                 client
                     .subscribe(Kind::CmdResult.filter_all(), QoS::AtLeastOnce)
                     .await
                     .map_err(|e| SendError::Connect(e.to_string()))?;
             }
-            Ok(Event::Incoming(Incoming::SubAck(_))) if !published => {
+            Ok(Event::Incoming(Packet::SubAck(_))) if !published => {
                 published = true;
                 let batch = to_publish.take().unwrap_or_default();
                 let c = client.clone();
@@ -146,8 +163,44 @@ pub async fn send_and_wait(
                     }
                 });
             }
-            Ok(Event::Incoming(Incoming::Publish(p))) => {
-                let Some(Topic::CmdResult(device, id)) = Topic::parse(&p.topic) else {
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                if let Some(key) = order.get(next_outgoing) {
+                    by_pkid.insert(pkid, key.clone());
+                    next_outgoing += 1;
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                let Some(key) = by_pkid.remove(&ack.pkid) else {
+                    continue;
+                };
+                if matches!(
+                    ack.reason,
+                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+                ) {
+                    continue;
+                }
+                let Some(entry) = pending.get_mut(&key) else {
+                    continue;
+                };
+                if entry.done {
+                    continue;
+                }
+                entry.done = true;
+                finished += 1;
+                let o = DeviceOutcome {
+                    device: key.0,
+                    command: key.1,
+                    outcome: Outcome::Refused {
+                        reason: puback_reason(ack.reason),
+                    },
+                    elapsed_ms: started.elapsed().as_millis() as u64,
+                };
+                progress(finished, total, &o);
+                outcomes[entry.index] = Some(o);
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let topic = String::from_utf8_lossy(&p.topic);
+                let Some(Topic::CmdResult(device, id)) = Topic::parse(&topic) else {
                     continue;
                 };
                 let Some(entry) = pending.get_mut(&(device.clone(), id.clone())) else {
@@ -229,4 +282,20 @@ pub async fn send_and_wait(
         outcomes: outcomes.into_iter().flatten().collect(),
         results,
     })
+}
+
+/// An operator-readable PUBACK reason with its code.
+pub fn puback_reason(reason: PubAckReason) -> String {
+    let (code, text) = match reason {
+        PubAckReason::Success => (0x00, "success"),
+        PubAckReason::NoMatchingSubscribers => (0x10, "no matching subscribers"),
+        PubAckReason::UnspecifiedError => (0x80, "unspecified error"),
+        PubAckReason::ImplementationSpecificError => (0x83, "implementation specific error"),
+        PubAckReason::NotAuthorized => (0x87, "not authorized"),
+        PubAckReason::TopicNameInvalid => (0x90, "topic name invalid"),
+        PubAckReason::PacketIdentifierInUse => (0x91, "packet identifier in use"),
+        PubAckReason::QuotaExceeded => (0x97, "quota exceeded"),
+        PubAckReason::PayloadFormatInvalid => (0x99, "payload format invalid"),
+    };
+    format!("{text} (0x{code:02x})")
 }

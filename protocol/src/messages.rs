@@ -48,6 +48,11 @@ pub struct Status {
     pub addresses: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ts: Option<UnixSeconds>,
+    /// Names one connection of one agent process (`online` only): two
+    /// connections within the same second differ here, the same message
+    /// delivered twice does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 impl Status {
@@ -59,6 +64,7 @@ impl Status {
             uptime_s: None,
             addresses: Vec::new(),
             ts: None,
+            session: None,
         }
     }
 }

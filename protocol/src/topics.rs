@@ -30,6 +30,10 @@ use crate::ids::{CommandId, DeviceId};
 /// confused on one broker (v1 put the id before the kind; see the module doc).
 pub const NAMESPACE: &str = "edgebind/v2";
 
+/// The shared-subscription group of the fleet service instances: every
+/// instance subscribes as a member, so several share the ingest work.
+pub const FLEET_SHARE_GROUP: &str = "edgebind-fleet";
+
 /// Which way a topic's messages flow; the ACL rules are derived from it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -115,6 +119,12 @@ impl Kind {
     /// Filter matching this kind for every device (for the fleet service).
     pub fn filter_all(self) -> String {
         self.render("+", "+")
+    }
+
+    /// [`Kind::filter_all`] as an MQTT 5 shared subscription of the fleet
+    /// service group: the broker hands each message to one member only.
+    pub fn filter_shared(self) -> String {
+        format!("$share/{FLEET_SHARE_GROUP}/{}", self.filter_all())
     }
 
     /// Filter with Mosquitto's `%u` (the username = certificate CN) as the device.
@@ -229,6 +239,10 @@ mod tests {
         );
         assert_eq!(Kind::Cmd.filter_for(&d), "edgebind/v2/cmd/dev-a/+");
         assert_eq!(Kind::Telemetry.filter_all(), "edgebind/v2/telemetry/+");
+        assert_eq!(
+            Kind::Telemetry.filter_shared(),
+            "$share/edgebind-fleet/edgebind/v2/telemetry/+"
+        );
         assert_eq!(Kind::Cmd.acl_pattern(), "edgebind/v2/cmd/%u/+");
     }
 

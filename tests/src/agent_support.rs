@@ -312,47 +312,30 @@ pub enum FastEvent {
     Lost(String),
 }
 
+/// Where `broker` listens, for the workspace's client setup.
+pub fn endpoint_of(broker: &Broker) -> edgebind_link::BrokerEndpoint {
+    edgebind_link::BrokerEndpoint {
+        host: broker.host().to_owned(),
+        port: broker.port(),
+    }
+}
+
 /// rustls client configuration presenting `identity` (ring provider).
 pub fn client_tls(identity: &edgebind_tests::Identity) -> rustls::ClientConfig {
-    let load_certs = |p: &Path| {
-        let pem = std::fs::read(p).expect("read certificate");
-        rustls_pemfile::certs(&mut pem.as_slice())
-            .collect::<Result<Vec<_>, _>>()
-            .expect("PEM certificates")
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    for c in load_certs(&identity.ca) {
-        roots.add(c).expect("root");
-    }
-    let key_pem = std::fs::read(&identity.key).expect("read key");
-    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .expect("PEM key")
-        .expect("a key");
-    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(load_certs(&identity.cert), key)
-    .expect("client auth")
+    edgebind_tests::tls_config(identity, true).expect("client TLS configuration")
 }
 
 impl FastClient {
     pub fn connect(identity: &edgebind_tests::Identity, broker: &Broker) -> FastClient {
         use rumqttc::v5::mqttbytes::v5::Packet;
-        use rumqttc::v5::{Client, Event, MqttOptions};
-        use rumqttc::{NetworkOptions, TlsConfiguration, Transport};
+        use rumqttc::v5::{Client, Event};
 
-        let tls = client_tls(identity);
-        let mut opts = MqttOptions::new(identity.name.clone(), broker.host(), broker.port());
-        opts.set_keep_alive(Duration::from_secs(30))
-            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                std::sync::Arc::new(tls),
-            )));
-        let mut net = NetworkOptions::new();
-        net.set_tcp_nodelay(true);
-        opts.set_network_options(net);
+        let opts = edgebind_link::options(
+            &identity.name,
+            &endpoint_of(broker),
+            std::sync::Arc::new(client_tls(identity)),
+            Duration::from_secs(30),
+        );
         let (client, mut connection) = Client::new(opts, 64);
         let (tx, events) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -441,21 +424,17 @@ impl Collector {
         kinds: &[Kind],
     ) -> Collector {
         use rumqttc::v5::mqttbytes::v5::Packet;
-        use rumqttc::v5::{Client, Event, MqttOptions};
-        use rumqttc::{NetworkOptions, TlsConfiguration, Transport};
+        use rumqttc::v5::{Client, Event};
         use std::sync::atomic::Ordering;
 
-        let mut opts = MqttOptions::new(identity.name.clone(), broker.host(), broker.port());
-        opts.set_keep_alive(Duration::from_secs(5))
-            .set_clean_start(false)
-            .set_session_expiry_interval(Some(3600))
-            .set_max_packet_size(Some(edgebind_protocol::messages::MAX_PACKET_BYTES as u32))
-            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                std::sync::Arc::new(client_tls(identity)),
-            )));
-        let mut net = NetworkOptions::new();
-        net.set_tcp_nodelay(true);
-        opts.set_network_options(net);
+        let mut opts = edgebind_link::options(
+            &identity.name,
+            &endpoint_of(broker),
+            std::sync::Arc::new(client_tls(identity)),
+            Duration::from_secs(5),
+        );
+        opts.set_clean_start(false)
+            .set_session_expiry_interval(Some(3600));
         let (client, mut connection) = Client::new(opts, 64);
         let filters: Vec<String> = kinds.iter().map(|k| k.filter_for(device)).collect();
         let received: Inbox = Default::default();

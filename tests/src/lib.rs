@@ -66,7 +66,9 @@ mod wait;
 pub use bins::bin_path;
 pub use broker::Broker;
 pub use hostile::HostileCrowd;
-pub use mqtt::{ClientOptions, PubAckReason, Received, SubscribeReasonCode, TestClient};
+pub use mqtt::{
+    ClientOptions, PubAckReason, Received, SubscribeReasonCode, TestClient, tls_config,
+};
 pub use mqtt311::TestClient311;
 pub use pki::{Identity, TestPki, hostile_cns};
 pub use postgres::PgCluster;

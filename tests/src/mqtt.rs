@@ -1,17 +1,13 @@
-use std::fs::File;
-use std::io::BufReader;
-use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{anyhow, bail};
+use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
 pub use rumqttc::v5::mqttbytes::v5::{PubAckReason, SubscribeReasonCode};
-use rumqttc::v5::{Client, Event, MqttOptions};
-use rumqttc::{NetworkOptions, Outgoing, TlsConfiguration, Transport};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rumqttc::v5::{Client, Event};
 
 use crate::DEADLINE;
 use crate::broker::Broker;
@@ -76,35 +72,24 @@ pub struct TestClient {
     op: Mutex<()>,
 }
 
-fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let mut reader = BufReader::new(File::open(path).with_context(|| path.display().to_string())?);
-    rustls_pemfile::certs(&mut reader)
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("certificates in {}", path.display()))
-}
-
-fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
-    let mut reader = BufReader::new(File::open(path).with_context(|| path.display().to_string())?);
-    rustls_pemfile::private_key(&mut reader)?
-        .ok_or_else(|| anyhow!("no private key in {}", path.display()))
-}
-
-/// A rustls client config trusting `ca` and presenting `identity` (ring provider).
+/// A rustls client config trusting `ca` and presenting `identity` (or no
+/// certificate at all): the workspace's one client setup.
 pub fn tls_config(identity: &Identity, with_cert: bool) -> anyhow::Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in load_certs(&identity.ca)? {
-        roots.add(cert)?;
+    let files = edgebind_link::ClientIdentity {
+        cert: identity.cert.clone(),
+        key: identity.key.clone(),
+        ca: identity.ca.clone(),
+    };
+    if with_cert {
+        return Ok(edgebind_link::tls_from_files(&files)?);
     }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots);
-    Ok(if with_cert {
-        builder.with_client_auth_cert(load_certs(&identity.cert)?, load_key(&identity.key)?)?
-    } else {
-        builder.with_no_client_auth()
-    })
+    let ca = edgebind_link::pem::certificates(&files.ca)?;
+    Ok(edgebind_link::client_config(edgebind_link::ClientAuth {
+        chain: None,
+        key: None,
+        ca: &ca,
+        server_name: None,
+    })?)
 }
 
 impl TestClient {
@@ -134,26 +119,17 @@ impl TestClient {
             .client_id
             .clone()
             .unwrap_or_else(|| identity.name.clone());
-        let mut mqtt = MqttOptions::new(client_id, host, port);
-        mqtt.set_keep_alive(opts.keep_alive);
+        let tls = tls_config(identity, !opts.no_client_cert)?;
+        let endpoint = edgebind_link::BrokerEndpoint {
+            host: host.to_owned(),
+            port,
+        };
+        let mut mqtt =
+            edgebind_link::options(&client_id, &endpoint, Arc::new(tls), opts.keep_alive);
         mqtt.set_clean_start(opts.clean_start);
-        // rumqttc refuses incoming packets over 10 KiB by default; accept
-        // everything the broker may deliver (the protocol's packet limit).
-        mqtt.set_max_packet_size(Some(
-            u32::try_from(edgebind_protocol::messages::MAX_PACKET_BYTES).expect("fits u32"),
-        ));
-        // Without TCP_NODELAY every QoS 1 exchange waits ~40 ms (Nagle + delayed ACK).
-        let mut net = NetworkOptions::new();
-        net.set_tcp_nodelay(true);
-        net.set_connection_timeout(10);
-        mqtt.set_network_options(net);
         if let Some((topic, payload, qos, retain)) = opts.will.clone() {
             mqtt.set_last_will(LastWill::new(topic, payload, qos, retain, None));
         }
-        let tls = tls_config(identity, !opts.no_client_cert)?;
-        mqtt.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(tls),
-        )));
         let (client, mut connection) = Client::new(mqtt, 64);
         let shared: Shared = Default::default();
         let thread_shared = shared.clone();

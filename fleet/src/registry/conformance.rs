@@ -51,6 +51,9 @@ macro_rules! conformance_tests {
             a_final_result_survives_a_duplicate_delivery_in_a_later_batch,
             a_revocation_is_not_undone_by_a_concurrent_batch_writer,
             service_presence_is_recorded_per_service_and_replaced,
+            a_redelivered_batch_stores_nothing_twice,
+            a_connection_queues_its_commands_exactly_once,
+            a_claim_belongs_to_one_holder_until_it_expires,
         );
     };
     (@each $fixture:expr; $($check:ident),+ $(,)?) => {
@@ -111,6 +114,7 @@ fn online(device: &str, ts: u64) -> Update {
         device: id(device),
         status: Status {
             state: Presence::Online,
+            session: None,
             agent_version: Some("0.1.0".into()),
             boot_id: Some("b1".into()),
             uptime_s: Some(5),
@@ -853,4 +857,125 @@ pub fn service_presence_is_recorded_per_service_and_replaced(registry: &dyn Fixt
     assert_eq!(got.len(), 2);
     assert_eq!(got[0], down);
     assert_eq!(got[1].name, "fleet-2");
+}
+
+pub fn a_redelivered_batch_stores_nothing_twice(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    store.add_device(&new_device("a", &[])).unwrap();
+    store.add_device(&new_device("b", &[])).unwrap();
+    let ev = |ts: u64, msg: &str| Update::Event {
+        device: id("a"),
+        event: Event {
+            ts,
+            kind: "boot".into(),
+            message: msg.into(),
+        },
+        received_at: ts,
+    };
+    let first: Vec<Update> = (1..=5)
+        .map(|t| telemetry("a", t))
+        .chain([telemetry("b", 1), ev(1, "up")])
+        .collect();
+    let report = store.apply(&first).unwrap();
+    assert_eq!(report.duplicates, 0);
+    // The same messages again (a crash before the acknowledgement), mixed
+    // with new ones and with a repeat inside the batch itself.
+    let mut again = first.clone();
+    again.extend([
+        telemetry("a", 6),
+        telemetry("a", 6),
+        ev(2, "up"),
+        ev(1, "up"),
+    ]);
+    let report = store.apply(&again).unwrap();
+    assert_eq!(report.duplicates, 7 + 1 + 1, "{report:?}");
+    let a = store.device(&id("a")).unwrap();
+    assert_eq!(a.telemetry_count, 6);
+    assert_eq!(a.telemetry_at, Some(6));
+    let ts: Vec<u64> = store
+        .telemetry_history(&id("a"), 100)
+        .unwrap()
+        .iter()
+        .map(|r| r.ts)
+        .collect();
+    assert_eq!(ts, vec![6, 5, 4, 3, 2, 1]);
+    assert_eq!(store.events(&id("a"), 10).unwrap().len(), 2);
+    let stats = store.stats().unwrap();
+    assert_eq!((stats.telemetry_rows, stats.telemetry_received), (7, 7));
+    // A different sample with the same timestamp is a different message.
+    let other = Update::Telemetry {
+        device: id("a"),
+        ts: 6,
+        payload: json!({"ts": 6, "cpu_pct": 99.0}).to_string(),
+        received_at: 6,
+    };
+    assert_eq!(store.apply(&[other]).unwrap().duplicates, 0);
+    assert_eq!(store.device(&id("a")).unwrap().telemetry_count, 7);
+}
+
+pub fn a_connection_queues_its_commands_exactly_once(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    store.add_device(&new_device("a", &[])).unwrap();
+    store
+        .add_on_connect(&id("a"), Action::Ping, &Map::new())
+        .unwrap();
+    let policy = ConnectPolicy {
+        inventory: true,
+        requested_by: Some("service:fleet".into()),
+    };
+    let report = store.apply_with(&[online("a", 100)], &policy).unwrap();
+    assert_eq!(report.queued_on_connect, 2);
+    let queued = store.queued_for(&id("a")).unwrap();
+    let actions: BTreeSet<_> = queued.iter().map(|c| c.action.clone().unwrap()).collect();
+    assert_eq!(
+        actions,
+        ["inventory".to_string(), "ping".to_string()].into()
+    );
+    assert!(queued.iter().all(|c| c.state == CommandState::Queued));
+
+    // The same `online` again, from another store (a second service
+    // instance, or a redelivery after a crash): nothing more.
+    let mut other = registry.open(Retention::default());
+    let report = other.apply_with(&[online("a", 100)], &policy).unwrap();
+    assert_eq!(report.queued_on_connect, 0);
+    assert_eq!(store.commands_for(&id("a"), 100).unwrap().len(), 2);
+    // Even after the device dropped and the old message arrives late.
+    other.apply_with(&[offline("a", 150)], &policy).unwrap();
+    other.apply_with(&[online("a", 100)], &policy).unwrap();
+    assert_eq!(store.commands_for(&id("a"), 100).unwrap().len(), 2);
+
+    // A new connection is new work.
+    let report = store.apply_with(&[online("a", 200)], &policy).unwrap();
+    assert_eq!(report.queued_on_connect, 2);
+    assert_eq!(store.commands_for(&id("a"), 100).unwrap().len(), 4);
+
+    // A revoked device is asked nothing.
+    store.revoke(&id("a")).unwrap();
+    let report = store.apply_with(&[online("a", 300)], &policy).unwrap();
+    assert_eq!(report.queued_on_connect, 0);
+}
+
+pub fn a_claim_belongs_to_one_holder_until_it_expires(registry: &dyn Fixture) {
+    let mut a = registry.open(Retention::default());
+    let mut b = registry.open(Retention::default());
+    assert!(a.claim("cmd/x", "service:fleet", 1).unwrap());
+    assert!(!b.claim("cmd/x", "service:fleet-2", 1).unwrap());
+    assert!(
+        a.claim("cmd/x", "service:fleet", 1).unwrap(),
+        "the holder renews"
+    );
+    assert!(
+        b.claim("cmd/y", "service:fleet-2", 60).unwrap(),
+        "another item is free"
+    );
+    // After the claim expires (ttl 1 s, whole seconds) the other takes it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !b.claim("cmd/x", "service:fleet-2", 60).unwrap() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the claim never expired"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(!a.claim("cmd/x", "service:fleet", 60).unwrap());
 }

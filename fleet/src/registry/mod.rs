@@ -203,8 +203,15 @@ pub trait Store: Send {
     fn on_connect_rules(&self, device: &DeviceId) -> Result<Vec<OnConnectRule>>;
     fn remove_on_connect(&mut self, rule: i64) -> Result<()>;
 
-    /// Write a batch of broker updates in one transaction.
-    fn apply(&mut self, batch: &[Update]) -> Result<BatchReport>;
+    /// Write a batch of broker updates in one transaction, queueing nothing
+    /// on connect.
+    fn apply(&mut self, batch: &[Update]) -> Result<BatchReport> {
+        self.apply_with(batch, &ConnectPolicy::default())
+    }
+    /// Write a batch of broker updates in one transaction. Idempotent: a
+    /// batch applied again (a redelivery after a crash) changes nothing,
+    /// and each new connection queues `policy`'s commands exactly once.
+    fn apply_with(&mut self, batch: &[Update], policy: &ConnectPolicy) -> Result<BatchReport>;
     /// Latest first.
     fn telemetry_history(&self, device: &DeviceId, limit: u32) -> Result<Vec<TelemetryRow>>;
     /// Latest first.
@@ -215,6 +222,12 @@ pub trait Store: Send {
     fn record_service(&mut self, presence: &ServicePresence) -> Result<()>;
     /// What every fleet service last recorded ([`rules::presence_view`] reads it).
     fn services(&self) -> Result<Vec<ServicePresence>>;
+
+    /// Claim the work item `key` (`cmd/ID`, `desired/DEVICE/REV`) for
+    /// `holder` during `ttl_s` seconds: false while another holder's claim
+    /// runs. How fleet service instances avoid publishing the same thing
+    /// twice; a holder that dies loses its claims when they expire.
+    fn claim(&mut self, key: &str, holder: &str, ttl_s: u64) -> Result<bool>;
 }
 
 /// Open (creating and migrating if needed) the default registry backend.

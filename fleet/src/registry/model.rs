@@ -498,10 +498,25 @@ impl Update {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct BatchReport {
     pub applied: usize,
+    /// Telemetry samples and events that were already stored (a message
+    /// delivered again after a crash), so not stored twice.
+    pub duplicates: usize,
+    /// On-connect commands this batch queued for the outbox.
+    pub queued_on_connect: usize,
     /// Ids that are not in the registry (their messages were dropped).
     pub unknown_devices: BTreeSet<DeviceId>,
     /// Devices that began a new connection in this batch, in order.
     pub connected: Vec<DeviceId>,
+}
+
+/// What a new connection queues, in the same transaction that records it
+/// (so a crash can neither lose nor repeat it).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConnectPolicy {
+    /// Ask every device that connects for its inventory.
+    pub inventory: bool,
+    /// Who the log names as having asked (`service:fleet`).
+    pub requested_by: Option<String>,
 }
 
 /// How much history to keep per device.

@@ -266,7 +266,7 @@ impl<S: Storage> Store for S {
         })
     }
 
-    fn apply(&mut self, batch: &[Update]) -> Result<BatchReport> {
+    fn apply_with(&mut self, batch: &[Update], policy: &ConnectPolicy) -> Result<BatchReport> {
         let retention = self.retention();
         write(self, |tx| {
             let ids: Vec<DeviceId> = batch
@@ -290,6 +290,7 @@ impl<S: Storage> Store for S {
                 })
                 .collect();
             let mut report = BatchReport::default();
+            let mut pruned_commands: BTreeSet<DeviceId> = BTreeSet::new();
             let mut samples = Vec::new();
             let mut events = Vec::new();
             for update in batch {
@@ -307,6 +308,26 @@ impl<S: Storage> Store for S {
                     } => {
                         let (next, new_connection) =
                             rules::on_status(&t.state, status, *received_at);
+                        if new_connection && next.lifecycle != Lifecycle::Revoked {
+                            let connected_at = next.connected_at.unwrap_or(*received_at);
+                            let queued = rules::on_connect_commands(
+                                device,
+                                connected_at,
+                                &rules::connection_name(status, connected_at),
+                                &tx.rules(device)?,
+                                policy,
+                            );
+                            for c in &queued {
+                                // Already there: this connection was applied before.
+                                if tx.command(&c.id)?.is_none() {
+                                    tx.insert_command(&rules::new_command(c, *received_at))?;
+                                    report.queued_on_connect += 1;
+                                }
+                            }
+                            if !queued.is_empty() {
+                                pruned_commands.insert(device.clone());
+                            }
+                        }
                         t.state = next;
                         if new_connection {
                             report.connected.push(device.clone());
@@ -323,9 +344,8 @@ impl<S: Storage> Store for S {
                             ts: *ts,
                             received_at: *received_at,
                             payload,
+                            digest: rules::content_digest(&[payload.as_bytes()]),
                         });
-                        t.latest_telemetry = Some((*ts, payload.clone()));
-                        t.telemetry_added += 1;
                         t.state = rules::heard_from(&t.state, *received_at);
                     }
                     Update::Event {
@@ -335,8 +355,11 @@ impl<S: Storage> Store for S {
                             device,
                             event,
                             received_at: *received_at,
+                            digest: rules::content_digest(&[
+                                event.kind.as_bytes(),
+                                event.message.as_bytes(),
+                            ]),
                         });
-                        t.events_added = true;
                         t.state = rules::heard_from(&t.state, *received_at);
                     }
                     Update::Reported {
@@ -390,11 +413,32 @@ impl<S: Storage> Store for S {
                 report.applied += 1;
             }
             // Appended before pruning, so the cap counts this batch too.
+            // Only what was not stored before counts (and becomes current).
             if !samples.is_empty() {
-                tx.insert_telemetry(&samples)?;
+                let stored = tx.insert_telemetry(&samples)?;
+                for (sample, stored) in samples.iter().zip(stored) {
+                    if !stored {
+                        report.duplicates += 1;
+                        continue;
+                    }
+                    if let Some(t) = touched.get_mut(sample.device) {
+                        t.latest_telemetry = Some((sample.ts, sample.payload.to_owned()));
+                        t.telemetry_added += 1;
+                    }
+                }
             }
             if !events.is_empty() {
-                tx.insert_events(&events)?;
+                let stored = tx.insert_events(&events)?;
+                for (event, stored) in events.iter().zip(stored) {
+                    if !stored {
+                        report.duplicates += 1;
+                    } else if let Some(t) = touched.get_mut(event.device) {
+                        t.events_added = true;
+                    }
+                }
+            }
+            for device in &pruned_commands {
+                tx.prune(History::Commands, device, retention.commands_per_device)?;
             }
             // In id order: the same order the rows were locked in.
             let mut touched: Vec<(&DeviceId, &Touched)> = touched.iter().collect();
@@ -462,5 +506,17 @@ impl<S: Storage> Store for S {
 
     fn services(&self) -> Result<Vec<ServicePresence>> {
         read(self, |tx| tx.services())
+    }
+
+    fn claim(&mut self, key: &str, holder: &str, ttl_s: u64) -> Result<bool> {
+        let now = now_unix();
+        write(self, |tx| {
+            let taken = tx.take_lease(key, holder, now, now + ttl_s.max(1))?;
+            // Expired claims are only history: drop them now and then.
+            if taken && rand::random::<u8>() == 0 {
+                tx.purge_leases(now.saturating_sub(3600))?;
+            }
+            Ok(taken)
+        })
     }
 }

@@ -144,6 +144,19 @@ const MIGRATIONS: &[&str] = &[
         seen_at   BIGINT NOT NULL
     );
     "#,
+    // 3: several service instances (SQLite's version 4): a message delivered
+    // twice is stored once, and claims on what the outbox publishes.
+    r#"
+    ALTER TABLE telemetry ADD COLUMN digest BYTEA;
+    CREATE UNIQUE INDEX telemetry_once ON telemetry(device_id, ts, digest);
+    ALTER TABLE events ADD COLUMN digest BYTEA;
+    CREATE UNIQUE INDEX events_once ON events(device_id, ts, digest);
+    CREATE TABLE leases (
+        key    TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        until  BIGINT NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this edgebind writes (one per migration).
@@ -551,6 +564,56 @@ impl PgTx<'_> {
     }
 }
 
+/// Fill `stored[offset..offset + len]`: all true when every row of the chunk
+/// was new (the common case, no extra query), else ask which were.
+fn mark_stored(
+    stored: &mut [bool],
+    offset: usize,
+    len: usize,
+    inserted: usize,
+    which: impl FnOnce() -> Result<Vec<bool>>,
+) -> Result<()> {
+    let slots = &mut stored[offset..offset + len];
+    if inserted == len {
+        slots.iter_mut().for_each(|s| *s = true);
+    } else if inserted > 0 {
+        slots.copy_from_slice(&which()?);
+    }
+    Ok(())
+}
+
+impl PgTx<'_> {
+    /// After a partly duplicated insert: which (device, ts, digest) of a
+    /// chunk are stored by this transaction (a row of this transaction has
+    /// `xmin` = the current transaction id). The first of two equal entries
+    /// of one chunk counts as the stored one.
+    fn stored_positions(
+        &self,
+        table: &str,
+        devices: &[&str],
+        ts: &[i64],
+        digests: &[&[u8]],
+    ) -> Result<Vec<bool>> {
+        let sql = format!(
+            "SELECT u.n, (t.xmin::text::bigint = txid_current() % 4294967296) FROM unnest($1::text[], $2::int8[], $3::bytea[]) \
+             WITH ORDINALITY AS u(d, t, g, n) JOIN {table} t \
+             ON t.device_id = u.d AND t.ts = u.t AND t.digest = u.g ORDER BY u.n"
+        );
+        let rows = self.query(&sql, &[&devices, &ts, &digests]).map_err(db)?;
+        let mut out = vec![false; devices.len()];
+        let mut seen = std::collections::HashSet::new();
+        for row in rows {
+            let n: i64 = row.get(0);
+            let mine: bool = row.get(1);
+            let i = (n - 1) as usize;
+            if mine && seen.insert((devices[i], ts[i], digests[i])) {
+                out[i] = true;
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl StorageTx for PgTx<'_> {
     fn commit(mut self: Box<Self>) -> Result<()> {
         let client = self.client.take().expect("committed once");
@@ -809,38 +872,63 @@ impl StorageTx for PgTx<'_> {
         Ok(())
     }
 
-    fn insert_telemetry(&mut self, samples: &[NewSample<'_>]) -> Result<()> {
-        for chunk in samples.chunks(INSERT_CHUNK) {
+    fn insert_telemetry(&mut self, samples: &[NewSample<'_>]) -> Result<Vec<bool>> {
+        let mut stored = vec![false; samples.len()];
+        for (c, chunk) in samples.chunks(INSERT_CHUNK).enumerate() {
             let devices: Vec<&str> = chunk.iter().map(|s| s.device.as_str()).collect();
             let ts: Vec<i64> = chunk.iter().map(|s| s.ts as i64).collect();
             let received: Vec<i64> = chunk.iter().map(|s| s.received_at as i64).collect();
             let payloads: Vec<&str> = chunk.iter().map(|s| s.payload).collect();
-            // WITH ORDINALITY + ORDER BY: seq follows the order of arrival.
-            self.exec(
-                "INSERT INTO telemetry (device_id, ts, received_at, payload) \
-                 SELECT d, t, r, p FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[]) \
-                 WITH ORDINALITY AS u(d, t, r, p, n) ORDER BY n",
-                &[&devices, &ts, &received, &payloads],
+            let digests: Vec<&[u8]> = chunk.iter().map(|s| &s.digest[..]).collect();
+            // WITH ORDINALITY + ORDER BY: seq follows the order of arrival;
+            // RETURNING n says which rows were new.
+            let rows = self
+                .query(
+                    "INSERT INTO telemetry (device_id, ts, received_at, payload, digest) \
+                     SELECT d, t, r, p, g FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[], $5::bytea[]) \
+                     WITH ORDINALITY AS u(d, t, r, p, g, n) ORDER BY n \
+                     ON CONFLICT DO NOTHING RETURNING seq",
+                    &[&devices, &ts, &received, &payloads, &digests],
+                )
+                .map_err(db)?;
+            mark_stored(
+                &mut stored,
+                c * INSERT_CHUNK,
+                chunk.len(),
+                rows.len(),
+                || self.stored_positions("telemetry", &devices, &ts, &digests),
             )?;
         }
-        Ok(())
+        Ok(stored)
     }
 
-    fn insert_events(&mut self, events: &[NewEvent<'_>]) -> Result<()> {
-        for chunk in events.chunks(INSERT_CHUNK) {
+    fn insert_events(&mut self, events: &[NewEvent<'_>]) -> Result<Vec<bool>> {
+        let mut stored = vec![false; events.len()];
+        for (c, chunk) in events.chunks(INSERT_CHUNK).enumerate() {
             let devices: Vec<&str> = chunk.iter().map(|e| e.device.as_str()).collect();
             let ts: Vec<i64> = chunk.iter().map(|e| e.event.ts as i64).collect();
             let received: Vec<i64> = chunk.iter().map(|e| e.received_at as i64).collect();
             let kinds: Vec<&str> = chunk.iter().map(|e| e.event.kind.as_str()).collect();
             let messages: Vec<&str> = chunk.iter().map(|e| e.event.message.as_str()).collect();
-            self.exec(
-                "INSERT INTO events (device_id, ts, received_at, kind, message) \
-                 SELECT d, t, r, k, m FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[]) \
-                 WITH ORDINALITY AS u(d, t, r, k, m, n) ORDER BY n",
-                &[&devices, &ts, &received, &kinds, &messages],
+            let digests: Vec<&[u8]> = chunk.iter().map(|e| &e.digest[..]).collect();
+            let rows = self
+                .query(
+                    "INSERT INTO events (device_id, ts, received_at, kind, message, digest) \
+                     SELECT d, t, r, k, m, g FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::bytea[]) \
+                     WITH ORDINALITY AS u(d, t, r, k, m, g, n) ORDER BY n \
+                     ON CONFLICT DO NOTHING RETURNING seq",
+                    &[&devices, &ts, &received, &kinds, &messages, &digests],
+                )
+                .map_err(db)?;
+            mark_stored(
+                &mut stored,
+                c * INSERT_CHUNK,
+                chunk.len(),
+                rows.len(),
+                || self.stored_positions("events", &devices, &ts, &digests),
             )?;
         }
-        Ok(())
+        Ok(stored)
     }
 
     fn save_states(&mut self, states: &[(&DeviceId, &DeviceState)]) -> Result<()> {
@@ -1106,6 +1194,27 @@ impl StorageTx for PgTx<'_> {
                 &(p.seen_at as i64),
             ],
         )?;
+        Ok(())
+    }
+
+    fn take_lease(
+        &mut self,
+        key: &str,
+        holder: &str,
+        now: UnixSeconds,
+        until: UnixSeconds,
+    ) -> Result<bool> {
+        let n = self.exec(
+            "INSERT INTO leases (key, holder, until) VALUES ($1, $2, $3) \
+             ON CONFLICT (key) DO UPDATE SET holder = excluded.holder, until = excluded.until \
+             WHERE leases.holder = excluded.holder OR leases.until < $4",
+            &[&key, &holder, &(until as i64), &(now as i64)],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn purge_leases(&mut self, before: UnixSeconds) -> Result<()> {
+        self.exec("DELETE FROM leases WHERE until < $1", &[&(before as i64)])?;
         Ok(())
     }
 

@@ -13,8 +13,9 @@ use serde_json::{Map, Value};
 use serde::Serialize;
 
 use super::{
-    CommandRecord, CommandState, Delivery, Device, DeviceState, Lifecycle, NewCommand, NewDevice,
-    RegistryError, Result, SERVICE_HEARTBEAT_S, ServicePresence, validate_setting_key,
+    CommandRecord, CommandState, ConnectPolicy, Delivery, Device, DeviceState, Lifecycle,
+    NewCommand, NewDevice, OnConnectRule, RegistryError, Result, SERVICE_HEARTBEAT_S,
+    ServicePresence, validate_setting_key,
 };
 
 /// What a device may be asked to do: anything, unless it is revoked.
@@ -90,7 +91,9 @@ pub fn published_revision(device: &Device, revision: u64) -> u64 {
 /// The log entry of a command recorded at `now`: queued ones wait for the
 /// fleet service, every other kind is on its way already.
 pub fn new_command(command: &NewCommand, now: UnixSeconds) -> CommandRecord {
-    let queued = command.delivery == Delivery::Queued;
+    // Everything but an operator's `now` is published by the fleet service's
+    // outbox, which claims it first: queued until then.
+    let queued = command.delivery != Delivery::Now;
     CommandRecord {
         id: command.id.clone(),
         device: command.device.clone(),
@@ -112,6 +115,94 @@ pub fn new_command(command: &NewCommand, now: UnixSeconds) -> CommandRecord {
         reason: None,
         output: None,
     }
+}
+
+/// What names one connection of a device: its `online` status's time, boot
+/// and session, all set by the device, so the same message always gives the
+/// same name and two connections never do.
+pub fn connection_name(status: &Status, connected_at: UnixSeconds) -> String {
+    format!(
+        "{connected_at}/{}/{}",
+        status.boot_id.as_deref().unwrap_or(""),
+        status.session.as_deref().unwrap_or("")
+    )
+}
+
+/// The commands a new connection of `device` (named by [`connection_name`],
+/// at `connected_at`) queues: one per on-connect rule, and the inventory
+/// request. Their ids are derived from the connection, so the same `online`
+/// message applied twice (redelivered after a crash, or seen by two service
+/// instances) names the same commands, which exist once.
+pub fn on_connect_commands(
+    device: &DeviceId,
+    connected_at: UnixSeconds,
+    connection: &str,
+    rules: &[OnConnectRule],
+    policy: &ConnectPolicy,
+) -> Vec<NewCommand> {
+    let mut out: Vec<NewCommand> = rules
+        .iter()
+        .map(|rule| NewCommand {
+            id: connection_command_id("oc", device, connected_at, connection, &rule.id.to_string()),
+            device: device.clone(),
+            action: rule.action,
+            args: rule.args.clone(),
+            delivery: Delivery::OnConnect,
+            requested_by: policy.requested_by.clone(),
+            expires_at: None,
+            rule_id: Some(rule.id),
+        })
+        .collect();
+    if policy.inventory {
+        out.push(NewCommand {
+            id: connection_command_id("inv", device, connected_at, connection, "inventory"),
+            device: device.clone(),
+            action: Action::Inventory,
+            args: Map::new(),
+            delivery: Delivery::Auto,
+            requested_by: policy.requested_by.clone(),
+            expires_at: None,
+            rule_id: None,
+        });
+    }
+    out
+}
+
+/// `PREFIX-CONNECTEDAT-HASH`: time-ordered like operator command ids, and
+/// unique per (device, connection, purpose) with 64 bits of SHA-256.
+fn connection_command_id(
+    prefix: &str,
+    device: &DeviceId,
+    connected_at: UnixSeconds,
+    connection: &str,
+    purpose: &str,
+) -> CommandId {
+    let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [device.as_str(), connection, purpose] {
+        h.update(part.as_bytes());
+        h.update(&[0]);
+    }
+    let digest = h.finish();
+    let hex: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    CommandId::new(format!("{prefix}-{connected_at}-{hex}"))
+        .expect("prefix, digits and hex are a valid command id")
+}
+
+/// What makes a telemetry sample or event the same message again: 16 bytes
+/// of SHA-256 over its content, stored with its device and timestamp under a
+/// unique index, so a redelivered message is not stored twice.
+pub fn content_digest(parts: &[&[u8]]) -> [u8; 16] {
+    let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in parts {
+        h.update(&(part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.finish().as_ref()[..16]);
+    out
 }
 
 /// Handing a command to the broker: only a queued one moves, so a command

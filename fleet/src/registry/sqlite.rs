@@ -135,6 +135,20 @@ const MIGRATIONS: &[&str] = &[
         seen_at   INTEGER NOT NULL
     );
     "#,
+    // 4: several service instances (issue 10): a message delivered twice is
+    // stored once (samples and events written before this have no digest
+    // and are never matched), and claims on what the outbox publishes.
+    r#"
+    ALTER TABLE telemetry ADD COLUMN digest BLOB;
+    CREATE UNIQUE INDEX telemetry_once ON telemetry(device_id, ts, digest);
+    ALTER TABLE events ADD COLUMN digest BLOB;
+    CREATE UNIQUE INDEX events_once ON events(device_id, ts, digest);
+    CREATE TABLE leases (
+        key    TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        until  INTEGER NOT NULL
+    ) STRICT;
+    "#,
 ];
 
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -738,45 +752,55 @@ impl StorageTx for SqliteTx<'_> {
         Ok(())
     }
 
-    fn insert_telemetry(&mut self, samples: &[NewSample<'_>]) -> Result<()> {
+    fn insert_telemetry(&mut self, samples: &[NewSample<'_>]) -> Result<Vec<bool>> {
         let mut insert = self
             .tx
             .prepare_cached(
-                "INSERT INTO telemetry (device_id, ts, received_at, payload) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO telemetry (device_id, ts, received_at, payload, digest) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
             )
             .map_err(db)?;
-        for s in samples {
-            insert
-                .execute(params![
-                    s.device.as_str(),
-                    s.ts as i64,
-                    s.received_at as i64,
-                    s.payload
-                ])
-                .map_err(db)?;
-        }
-        Ok(())
+        samples
+            .iter()
+            .map(|s| {
+                insert
+                    .execute(params![
+                        s.device.as_str(),
+                        s.ts as i64,
+                        s.received_at as i64,
+                        s.payload,
+                        &s.digest[..]
+                    ])
+                    .map(|n| n == 1)
+                    .map_err(db)
+            })
+            .collect()
     }
 
-    fn insert_events(&mut self, events: &[NewEvent<'_>]) -> Result<()> {
+    fn insert_events(&mut self, events: &[NewEvent<'_>]) -> Result<Vec<bool>> {
         let mut insert = self
             .tx
             .prepare_cached(
-                "INSERT INTO events (device_id, ts, received_at, kind, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO events (device_id, ts, received_at, kind, message, digest) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
             )
             .map_err(db)?;
-        for e in events {
-            insert
-                .execute(params![
-                    e.device.as_str(),
-                    e.event.ts as i64,
-                    e.received_at as i64,
-                    e.event.kind,
-                    e.event.message
-                ])
-                .map_err(db)?;
-        }
-        Ok(())
+        events
+            .iter()
+            .map(|e| {
+                insert
+                    .execute(params![
+                        e.device.as_str(),
+                        e.event.ts as i64,
+                        e.received_at as i64,
+                        e.event.kind,
+                        e.event.message,
+                        &e.digest[..]
+                    ])
+                    .map(|n| n == 1)
+                    .map_err(db)
+            })
+            .collect()
     }
 
     fn prune(&mut self, history: History, id: &DeviceId, keep: u32) -> Result<()> {
@@ -982,6 +1006,27 @@ impl StorageTx for SqliteTx<'_> {
              since = excluded.since, seen_at = excluded.seen_at",
             params![p.name, p.connected, p.since as i64, p.seen_at as i64],
         )?;
+        Ok(())
+    }
+
+    fn take_lease(
+        &mut self,
+        key: &str,
+        holder: &str,
+        now: UnixSeconds,
+        until: UnixSeconds,
+    ) -> Result<bool> {
+        let n = self.exec(
+            "INSERT INTO leases (key, holder, until) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (key) DO UPDATE SET holder = excluded.holder, until = excluded.until \
+             WHERE leases.holder = excluded.holder OR leases.until < ?4",
+            params![key, holder, until as i64, now as i64],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn purge_leases(&mut self, before: UnixSeconds) -> Result<()> {
+        self.exec("DELETE FROM leases WHERE until < ?1", [before as i64])?;
         Ok(())
     }
 

@@ -21,6 +21,8 @@ pub struct NewSample<'a> {
     pub ts: UnixSeconds,
     pub received_at: UnixSeconds,
     pub payload: &'a str,
+    /// [`super::rules::content_digest`] of the payload.
+    pub digest: [u8; 16],
 }
 
 /// A device's newest sample of a batch, and how many the batch held.
@@ -38,6 +40,8 @@ pub struct NewEvent<'a> {
     pub device: &'a DeviceId,
     pub event: &'a Event,
     pub received_at: UnixSeconds,
+    /// [`super::rules::content_digest`] of kind and message.
+    pub digest: [u8; 16],
 }
 
 /// A registry backend: a database the operations run transactions on.
@@ -84,9 +88,11 @@ pub trait StorageTx {
         added: u64,
     ) -> Result<()>;
     /// Append samples in the order given (one statement on a server: a batch
-    /// is thousands of samples).
-    fn insert_telemetry(&mut self, samples: &[NewSample<'_>]) -> Result<()>;
-    fn insert_events(&mut self, events: &[NewEvent<'_>]) -> Result<()>;
+    /// is thousands of samples), skipping any whose (device, ts, digest) is
+    /// already stored. Says for each sample whether it was stored.
+    fn insert_telemetry(&mut self, samples: &[NewSample<'_>]) -> Result<Vec<bool>>;
+    /// Like [`StorageTx::insert_telemetry`].
+    fn insert_events(&mut self, events: &[NewEvent<'_>]) -> Result<Vec<bool>>;
     /// Keep only the newest `keep` entries of one device's `history`.
     fn prune(&mut self, history: History, id: &DeviceId, keep: u32) -> Result<()>;
 
@@ -129,5 +135,17 @@ pub trait StorageTx {
     fn stats(&mut self) -> Result<Stats>;
 
     fn save_service(&mut self, presence: &super::ServicePresence) -> Result<()>;
+
+    /// Take the lease `key` for `holder` until `until` if it is free, expired
+    /// (its `until` is before `now`) or already `holder`'s. True when taken.
+    fn take_lease(
+        &mut self,
+        key: &str,
+        holder: &str,
+        now: UnixSeconds,
+        until: UnixSeconds,
+    ) -> Result<bool>;
+    /// Forget leases that expired before `before`.
+    fn purge_leases(&mut self, before: UnixSeconds) -> Result<()>;
     fn services(&mut self) -> Result<Vec<super::ServicePresence>>;
 }

@@ -9,14 +9,26 @@
 //!  on-connect actions, polling the registry (the CLI writes to it directly).
 //! ```
 //!
-//! Durability: the service subscribes with QoS 1 on a persistent session
-//! (`clean_session = false`) and acknowledges each message only after the
-//! transaction holding it has committed (rumqttc manual acks). A crash or
-//! `kill -9` at any point leaves unacknowledged messages with the broker,
-//! which re-sends them when the service reconnects, so nothing acknowledged
-//! is lost; the price is that a message may be written twice after a crash
-//! (at-least-once). While the service is down the broker queues messages for
-//! its session up to Mosquitto's `max_queued_messages`.
+//! Durability: the service subscribes with QoS 1 on a persistent MQTT 5
+//! session (clean start off, a session that never expires) and acknowledges
+//! each message only after the transaction holding it has committed (rumqttc
+//! manual acks). A crash or `kill -9` at any point leaves unacknowledged
+//! messages with the broker, which re-sends them when the instance
+//! reconnects, so nothing acknowledged is lost. Every write is idempotent
+//! (see the registry's `apply`): a message written, then delivered again
+//! after a crash, changes nothing the second time. While an instance is down
+//! the broker queues its share for its session up to Mosquitto's
+//! `max_queued_messages`.
+//!
+//! Scaling out: every instance is a member of one MQTT 5 shared subscription
+//! group ([`edgebind_protocol::topics::FLEET_SHARE_GROUP`]), so the broker
+//! hands each message to one instance. Each instance has its own service
+//! identity (`service:NAME`, the CN is the client id on the broker) and so
+//! its own session: Mosquitto keeps queueing a killed instance's share in
+//! that session and delivers it when the instance comes back (systemd
+//! restarts it), or to whoever drains it with `fleet serve --retire`.
+//! What the outbox publishes is claimed in the registry first, so two
+//! instances never publish the same command or settings revision.
 
 mod outbox;
 mod writer;
@@ -27,18 +39,27 @@ use std::time::Duration;
 
 use edgebind_protocol::CommandId;
 use edgebind_protocol::messages::now_unix;
-use rumqttc::{Event, Incoming, QoS};
+use rumqttc::v5::Event;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
 use tokio::sync::mpsc;
 
 use crate::ingest;
 use crate::mqtt::{self, BrokerEndpoint, ClientIdentity, MqttSetupError};
 use crate::registry::{self, RegistryError, RegistryUrl, Retention};
 
-/// The CN the fleet service's certificate carries.
+/// The name (`service:fleet`) of the first fleet service instance; others
+/// are named by `fleet serve --instance NAME`.
 pub const SERVICE_NAME: &str = "fleet";
+
+/// Messages the broker may have in flight to one instance (MQTT 5 receive
+/// maximum): enough to fill a batch while the previous one commits.
+pub const RECEIVE_MAXIMUM: u16 = 2000;
 
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
+    /// This instance's service name: its identity is `service:NAME`.
+    pub instance: String,
     /// `sqlite:PATH` (or a plain path) or `postgres://…`.
     pub registry: RegistryUrl,
     pub endpoint: BrokerEndpoint,
@@ -63,6 +84,7 @@ impl ServiceConfig {
         identity: ClientIdentity,
     ) -> Self {
         ServiceConfig {
+            instance: SERVICE_NAME.to_owned(),
             registry: registry.into(),
             endpoint,
             identity,
@@ -145,26 +167,28 @@ pub async fn run(
     let outbox_store = registry::open_store(&config.registry, config.retention)?;
     tracing::info!(registry = %config.registry, "registry open");
 
-    let client_id = format!("service:{SERVICE_NAME}");
+    let client_id = format!("service:{}", config.instance);
     let mut opts = mqtt::options(
         &client_id,
         &config.endpoint,
         &config.identity,
         config.keep_alive,
     )?;
-    opts.set_clean_session(false);
-    opts.set_manual_acks(true);
-    opts.set_inflight(100);
+    opts.set_clean_start(false)
+        .set_session_expiry_interval(Some(u32::MAX))
+        .set_manual_acks(true)
+        .set_receive_maximum(Some(RECEIVE_MAXIMUM))
+        .set_outgoing_inflight_upper_limit(100);
     let (client, mut eventloop) = crate::mqtt::connect(opts, 10_000);
 
-    let (to_writer, writer_rx) = mpsc::channel::<rumqttc::Publish>(20_000);
+    let (to_writer, writer_rx) = mpsc::channel::<Publish>(20_000);
     let (connected_tx, connected_rx) = std::sync::mpsc::channel();
     let stopping = Arc::new(AtomicBool::new(false));
     let runtime = tokio::runtime::Handle::current();
 
     // Acks are sent from a task of their own so that neither the writer nor
     // the event loop ever waits for the other.
-    let (acks, mut acks_rx) = mpsc::unbounded_channel::<Vec<rumqttc::Publish>>();
+    let (acks, mut acks_rx) = mpsc::unbounded_channel::<Vec<Publish>>();
     let ack_client = client.clone();
     let acker = tokio::spawn(async move {
         while let Some(batch) = acks_rx.recv().await {
@@ -185,6 +209,10 @@ pub async fn run(
         connected: connected_tx.clone(),
         batch_max: config.batch_max.max(1),
         batch_window: config.batch_window,
+        on_connect: registry::ConnectPolicy {
+            inventory: config.inventory_on_connect,
+            requested_by: Some(format!("service:{}", config.instance)),
+        },
     };
     let writer_thread = std::thread::Builder::new()
         .name("fleet-writer".into())
@@ -195,13 +223,12 @@ pub async fn run(
     link.set(false);
     let outbox = outbox::Outbox {
         link: link.clone(),
-        service_name: SERVICE_NAME.to_owned(),
+        service_name: config.instance.clone(),
         store: outbox_store,
         client: client.clone(),
         runtime,
         counters: counters.clone(),
         poll_interval: config.poll_interval,
-        inventory_on_connect: config.inventory_on_connect,
         stopping: stopping.clone(),
     };
     let outbox_thread = std::thread::Builder::new()
@@ -218,7 +245,7 @@ pub async fn run(
             () = &mut shutdown => break,
             () = writer_failed.notified() => break,
             event = eventloop.poll() => match event {
-                Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     counters.connects.fetch_add(1, Ordering::Relaxed);
                     link.set(true);
                     tracing::info!(
@@ -229,13 +256,22 @@ pub async fn run(
                     // Re-subscribing on a resumed session is harmless and
                     // covers a broker that lost the session.
                     let filters = subscriptions.iter().map(|f| {
-                        rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)
+                        rumqttc::v5::mqttbytes::v5::Filter::new(f.clone(), QoS::AtLeastOnce)
                     });
                     if let Err(e) = client.subscribe_many(filters).await {
                         return Err(ServiceError::Internal(format!("subscribe: {e}")));
                     }
                 }
-                Ok(Event::Incoming(Incoming::Publish(publish))) => {
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as R;
+                    if let Some(bad) = ack.return_codes.iter().find(|c| !matches!(c, R::Success(_))) {
+                        return Err(ServiceError::Internal(format!(
+                            "the broker refused the fleet subscriptions ({bad:?}): is service:{} in the broker policy?",
+                            config.instance
+                        )));
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
                     counters.received.fetch_add(1, Ordering::Relaxed);
                     if to_writer.send(publish).await.is_err() {
                         break; // the writer gave up: its error is reported below

@@ -2,12 +2,16 @@
 //!
 //! - desired settings whose revision has not been published yet (retained,
 //!   QoS 1, on the device's own `desired` topic);
-//! - queued commands of devices that are online;
-//! - on-connect rules and the inventory request, when a device connects.
+//! - queued commands of devices that are online, among them those a new
+//!   connection queued (on-connect rules, the inventory request: the writer
+//!   records them in the transaction that records the connection).
 //!
-//! Only this thread publishes to devices, so a queued command is handed to
-//! the broker once: it is marked `sent` right after publishing, and the
-//! agent's record of command ids makes a re-send after a crash harmless.
+//! Every instance of the service runs an outbox. Each item is claimed in the
+//! registry before it is published ([`Store::claim`]), so two instances
+//! never both publish it; it is marked `sent` (or published) right after.
+//! An instance that dies between the two leaves a claim that expires after
+//! [`CLAIM_TTL_S`], and another publishes the item again: the agent's record
+//! of command ids makes that re-send harmless.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,15 +20,15 @@ use std::time::Duration;
 
 use edgebind_protocol::DeviceId;
 use edgebind_protocol::messages::{Action, Command, now_unix};
-use edgebind_protocol::topics::Topic;
-use rumqttc::{AsyncClient, QoS};
-use serde_json::Map;
 
-use super::{Counters, SERVICE_NAME, new_command_id};
-use crate::registry::{
-    CommandRecord, Delivery, Lifecycle, NewCommand, RegistryError, SERVICE_HEARTBEAT_S,
-    ServicePresence, Store,
-};
+/// How long an instance's claim on an item it is publishing lasts.
+pub const CLAIM_TTL_S: u64 = 30;
+use edgebind_protocol::topics::Topic;
+use rumqttc::v5::AsyncClient;
+use rumqttc::v5::mqttbytes::QoS;
+
+use super::Counters;
+use crate::registry::{CommandRecord, RegistryError, SERVICE_HEARTBEAT_S, ServicePresence, Store};
 
 pub(super) struct Outbox {
     pub store: Box<dyn Store>,
@@ -32,7 +36,6 @@ pub(super) struct Outbox {
     pub runtime: tokio::runtime::Handle,
     pub counters: Arc<Counters>,
     pub poll_interval: Duration,
-    pub inventory_on_connect: bool,
     pub stopping: Arc<AtomicBool>,
     /// The broker connection as the event loop sees it, recorded in the
     /// registry so presence can say when it is stale.
@@ -66,14 +69,10 @@ impl Outbox {
                 self.record_stopped();
                 return;
             }
+            // A connection wakes the outbox at once: what it queued goes out
+            // without waiting for the next poll.
             match connected.recv_timeout(self.poll_interval) {
-                Ok(devices) => {
-                    for device in devices {
-                        if let Err(e) = self.on_connect(&device) {
-                            tracing::error!(device = %device, error = %e, "on-connect actions failed");
-                        }
-                    }
-                }
+                Ok(_devices) => {}
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     self.record_stopped();
@@ -132,6 +131,10 @@ impl Outbox {
 
     fn publish_desired(&mut self) -> Result<(), RegistryError> {
         for (device, desired) in self.store.unpublished_desired()? {
+            let key = format!("desired/{device}/{}", desired.revision);
+            if !self.store.claim(&key, &self.service_name, CLAIM_TTL_S)? {
+                continue; // another instance is publishing it
+            }
             let payload = serde_json::to_vec(&desired).expect("Desired serializes");
             if self.publish(Topic::Desired(device.clone()), payload, true) {
                 self.store
@@ -158,6 +161,13 @@ impl Outbox {
             tracing::warn!(command = %record.id, "queued command has no known action; skipping");
             return Ok(());
         };
+        if !self.store.claim(
+            &format!("cmd/{}", record.id),
+            &self.service_name,
+            CLAIM_TTL_S,
+        )? {
+            return Ok(()); // another instance is delivering it
+        }
         let command = Command {
             id: record.id.clone(),
             action,
@@ -168,59 +178,6 @@ impl Outbox {
             self.store
                 .mark_sent(std::slice::from_ref(&record.id), now_unix())?;
             tracing::info!(device = %record.device, command = %record.id, action = %action, "delivered queued command");
-        }
-        Ok(())
-    }
-
-    fn on_connect(&mut self, device: &DeviceId) -> Result<(), RegistryError> {
-        let d = self.store.device(device)?;
-        if d.lifecycle == Lifecycle::Revoked || !d.online {
-            return Ok(());
-        }
-        // Queued commands first, in the order they were queued.
-        for record in self.store.queued_for(device)? {
-            self.deliver(&record)?;
-        }
-        let mut commands: Vec<NewCommand> = self
-            .store
-            .on_connect_rules(device)?
-            .into_iter()
-            .map(|rule| NewCommand {
-                id: new_command_id("oc"),
-                device: device.clone(),
-                action: rule.action,
-                args: rule.args,
-                delivery: Delivery::OnConnect,
-                requested_by: Some(format!("service:{SERVICE_NAME}")),
-                expires_at: None,
-                rule_id: Some(rule.id),
-            })
-            .collect();
-        if self.inventory_on_connect {
-            commands.push(NewCommand {
-                id: new_command_id("inv"),
-                device: device.clone(),
-                action: Action::Inventory,
-                args: Map::new(),
-                delivery: Delivery::Auto,
-                requested_by: Some(format!("service:{SERVICE_NAME}")),
-                expires_at: None,
-                rule_id: None,
-            });
-        }
-        if commands.is_empty() {
-            return Ok(());
-        }
-        // Record first, so the results that follow have a log entry to land in.
-        self.store.insert_commands(&commands)?;
-        for c in &commands {
-            let command = Command {
-                id: c.id.clone(),
-                action: c.action,
-                args: c.args.clone(),
-                expires_at: None,
-            };
-            self.publish_command(device, &command);
         }
         Ok(())
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use edgebind_protocol::DeviceId;
 use edgebind_protocol::messages::now_unix;
-use rumqttc::Publish;
+use rumqttc::v5::mqttbytes::v5::Publish;
 use tokio::sync::mpsc::{self, error::TryRecvError};
 
 use super::Counters;
@@ -34,6 +34,8 @@ pub(super) struct Writer {
     pub connected: std::sync::mpsc::Sender<Vec<DeviceId>>,
     pub batch_max: usize,
     pub batch_window: Duration,
+    /// What a new connection queues (in the batch's own transaction).
+    pub on_connect: crate::registry::ConnectPolicy,
 }
 
 impl Writer {
@@ -63,7 +65,8 @@ impl Writer {
             let received_at = now_unix();
             let mut dropped = 0u64;
             for p in &publishes {
-                match ingest::decode(&p.topic, &p.payload, received_at) {
+                let topic = String::from_utf8_lossy(&p.topic);
+                match ingest::decode(&topic, &p.payload, received_at) {
                     Ok(u) => updates.push(u),
                     Err(reason) => {
                         dropped += 1;
@@ -110,6 +113,15 @@ impl Writer {
                 .fetch_add(dropped + unknown_msgs, Ordering::Relaxed);
             self.counters.committed.fetch_add(n, Ordering::Relaxed);
             self.counters.batches.fetch_add(1, Ordering::Relaxed);
+            for device in &report.connected {
+                tracing::info!(device = %device, "device connected");
+            }
+            if report.queued_on_connect > 0 {
+                tracing::info!(
+                    commands = report.queued_on_connect,
+                    "queued on-connect commands"
+                );
+            }
             if !report.connected.is_empty() {
                 let _ = self.connected.send(report.connected);
             }
@@ -133,7 +145,7 @@ impl Writer {
         let mut delay = Duration::from_millis(100);
         let mut attempt = 1;
         loop {
-            let e = match self.store.apply(updates) {
+            let e = match self.store.apply_with(updates, &self.on_connect) {
                 Ok(report) => return Ok(report),
                 Err(e) => e,
             };

@@ -40,7 +40,7 @@ EDGEBIND_REPO_ROOT = "${@os.path.normpath(os.path.join(d.getVar('FILE_DIRNAME'),
 
 # Every crates.io crate the agent build needs and no other, fetched with
 # crate:// (do_fetch) and vendored; cargo then builds --frozen/offline from
-# agent-workspace/, the agent's own build workspace (the agent and protocol
+# agent-workspace/, the agent's own build workspace (the agent, protocol and link
 # sources, the root Cargo.lock pruned to their crates). Generated with
 # `edgebind image crates-inc`; CI checks it and builds the agent offline from
 # exactly these crates (tests/layer/agent-offline-build).

@@ -23,7 +23,9 @@ use edgebind_fleet::service::{ServiceConfig, ServiceHandle};
 use edgebind_protocol::DeviceId;
 use edgebind_protocol::topics::Topic;
 use edgebind_tests::{Broker, TestPki};
-use rumqttc::{AsyncClient, Event, Incoming, QoS};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, Event};
 
 struct Args {
     devices: usize,
@@ -84,7 +86,7 @@ fn telemetry(seq: u64) -> Vec<u8> {
 /// `per_second` (0 = unpaced), wait for every PUBACK.
 async fn device(
     id: DeviceId,
-    opts: rumqttc::MqttOptions,
+    opts: rumqttc::v5::MqttOptions,
     count: u64,
     per_second: f64,
     acked: Arc<AtomicU64>,
@@ -94,7 +96,7 @@ async fn device(
     // Drive the connection until CONNACK.
     loop {
         match eventloop.poll().await {
-            Ok(Event::Incoming(Incoming::ConnAck(_))) => break,
+            Ok(Event::Incoming(Packet::ConnAck(_))) => break,
             Ok(_) => {}
             Err(e) => bail!("{id}: connect: {e}"),
         }
@@ -109,7 +111,7 @@ async fn device(
                 tokio::time::sleep_until(due).await;
             }
             if client
-                .publish(topic.as_str(), QoS::AtLeastOnce, false, telemetry(seq))
+                .publish(topic.clone(), QoS::AtLeastOnce, false, telemetry(seq))
                 .await
                 .is_err()
             {
@@ -121,7 +123,7 @@ async fn device(
     let mut mine = 0u64;
     while mine < count {
         match eventloop.poll().await {
-            Ok(Event::Incoming(Incoming::PubAck(_))) => {
+            Ok(Event::Incoming(Packet::PubAck(_))) => {
                 mine += 1;
                 acked.fetch_add(1, Ordering::Relaxed);
             }

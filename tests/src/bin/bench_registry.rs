@@ -51,6 +51,7 @@ fn online_batch(n: usize) -> Vec<Update> {
             device: DeviceId::new(format!("dev-{i:06}")).expect("valid id"),
             status: Status {
                 state: Presence::Online,
+                session: None,
                 agent_version: Some("0.1.0".into()),
                 boot_id: None,
                 uptime_s: None,

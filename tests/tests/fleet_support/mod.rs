@@ -218,6 +218,36 @@ impl Fleet {
         std::thread::sleep(Duration::from_millis(300));
     }
 
+    /// Another `fleet serve` instance, `--instance NAME`, with its identity
+    /// issued from the fleet home on first use (and the broker policy
+    /// refreshed for it, as in production). Waits until it is connected.
+    pub fn start_instance(&self, name: &str, attempt: u32) -> Proc {
+        let log = self
+            .home()
+            .join(format!("fleet-service-{name}-{attempt}.log"));
+        let file = File::create(&log).unwrap();
+        let child = self
+            .with_registry(&mut Command::new(bin_path("edgebind")))
+            .arg("--home")
+            .arg(self.home())
+            .args(["fleet", "serve", "--instance", name, "--log-level", "info"])
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("spawn fleet service instance");
+        let proc = Proc { child, log };
+        let connected = wait_for(LONG, || {
+            proc.log().contains("fleet service connected").then_some(())
+        });
+        assert!(
+            connected.is_some(),
+            "instance {name} did not connect:\n{}",
+            proc.log()
+        );
+        proc
+    }
+
     /// The running service process, handed over to the test (it is then
     /// the test's to stop).
     pub fn take_service(&mut self) -> Option<std::process::Child> {

@@ -40,6 +40,7 @@ fn device(lifecycle: Lifecycle) -> Device {
 fn online(ts: Option<u64>) -> Status {
     Status {
         state: Presence::Online,
+        session: None,
         agent_version: Some("1.0".into()),
         boot_id: Some("boot-a".into()),
         uptime_s: None,
@@ -51,6 +52,7 @@ fn online(ts: Option<u64>) -> Status {
 fn offline() -> Status {
     Status {
         state: Presence::Offline,
+        session: None,
         agent_version: None,
         boot_id: None,
         uptime_s: None,
