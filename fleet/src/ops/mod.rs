@@ -16,6 +16,7 @@
 
 pub mod broker_policy;
 pub mod endpoint;
+pub mod factory;
 pub mod home;
 pub mod identity;
 pub mod register;
@@ -34,8 +35,8 @@ pub use broker_policy::{AppliedPolicy, PolicyRefresh, refresh_broker_policy};
 pub use endpoint::{AgentBroker, agent_broker, broker_endpoint};
 pub use home::FleetHome;
 pub use register::{
-    BatchRegistered, BatchRegistration, IdentityOutput, Registered, Registration, Renewed,
-    register_device, register_devices, renew_device,
+    BatchRegistered, BatchRegistration, IdentityOutput, Registered, Registration, Renewed, Unit,
+    register_device, register_devices, renew_device, renew_unit, staging_path,
 };
 pub use revoke::{Policy, Revoked, revoke, revoke_principal, revoke_serial};
 pub use send::{Mode, SendEvent, SendRequest, Sent, Targets, send};
@@ -61,6 +62,13 @@ pub enum OpsError {
     BadBrokerAddress { addr: String, why: String },
     #[error(transparent)]
     InvalidId(#[from] IdError),
+    #[error("image {}: {source}", path.display())]
+    Image {
+        path: PathBuf,
+        source: edgebind_image::Error,
+    },
+    #[error("{0}")]
+    Factory(String),
     #[error("{0}")]
     Identity(String),
     #[error(transparent)]
