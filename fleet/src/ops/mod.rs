@@ -13,6 +13,9 @@
 //! - [`send()`]: one device, a tag or the fleet; now, queued or on connect.
 //! - [`set`]: desired settings.
 //! - [`identity`]: find or issue the operator's and services' client identities.
+//! - [`factory`]: the flashing station (a manifest's units made through
+//!   [`register_device`] / [`renew_unit`] with their manufacturing records,
+//!   export/import of records, the offline station kit).
 
 pub mod broker_policy;
 pub mod endpoint;
