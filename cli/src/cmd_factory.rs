@@ -83,7 +83,7 @@ pub struct RunArgs {
     /// Name of this flashing station, in each record [default: the station kit's, else the host name].
     #[arg(long)]
     station: Option<String>,
-    /// Who runs the station, in each record [default: $USER].
+    /// Who runs the station, in each record (from $USER when not given).
     #[arg(long, env = "USER", default_value = "unknown")]
     operator: String,
     /// Broker the units' agent.toml dial, host:port [default: the station kit's, else the broker settings].
