@@ -65,6 +65,13 @@ pub fn write_tar(
     write_tar_file(tar, &files)
 }
 
+/// The bundle tar in memory (what a factory line writes onto a boot
+/// partition without a file in between).
+pub fn tar_of(issued: &IssuedCert, root_pem: &str, agent_toml: &str) -> Result<Vec<u8>, Error> {
+    tar_bytes(&bundle_files(issued, root_pem, agent_toml))
+        .map_err(|e| Error::Invalid(format!("building the bundle tar: {e}")))
+}
+
 /// The four bundle files with their contract modes, in bundle order.
 fn bundle_files<'a>(
     issued: &'a IssuedCert,

@@ -443,6 +443,37 @@ impl Pki {
         })
     }
 
+    /// Add inventory entries of certificates this issuing CA signed
+    /// elsewhere (a flashing station's copy of the PKI), so that they can be
+    /// listed and revoked here. An entry already present with the same
+    /// fingerprint is skipped; one with the same serial and another
+    /// fingerprint is refused, and then nothing is added. Returns how many
+    /// were added.
+    pub fn merge_entries(&self, entries: &[InventoryEntry]) -> Result<usize, Error> {
+        self.update(|inv| {
+            let mut added = Vec::new();
+            for e in entries {
+                let serial = normalize_serial(&e.serial);
+                match inv.entries.iter().find(|have| have.serial == serial) {
+                    Some(have) if have.fingerprint_sha256 == e.fingerprint_sha256 => {}
+                    Some(have) => {
+                        return Err(Error::Invalid(format!(
+                            "serial {serial} ({}) is already in the inventory for {} with another fingerprint",
+                            e.cn, have.cn
+                        )));
+                    }
+                    None => added.push(InventoryEntry {
+                        serial,
+                        ..e.clone()
+                    }),
+                }
+            }
+            let n = added.len();
+            inv.entries.extend(added);
+            Ok(n)
+        })
+    }
+
     /// Revoke every certificate of `principal` that is not revoked yet and
     /// re-issue the CRL. Returns the entries revoked now (empty if all were
     /// already revoked). The broker applies it on its next reload.

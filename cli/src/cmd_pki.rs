@@ -449,6 +449,7 @@ fn issue_device_identity(
                 validity_days: days,
                 broker,
                 output,
+                unit: None,
             };
             let done = ops::register_device(home, store.as_mut(), &req)?;
             println!("registered {id} ({})", done.device.board);

@@ -4,6 +4,7 @@
 //! image crates for the rest) and renders the result; nothing else.
 
 mod cmd_broker;
+mod cmd_factory;
 mod cmd_fleet;
 mod cmd_image;
 mod cmd_pki;
@@ -75,6 +76,9 @@ enum Command {
     /// Yocto image helpers: crate list for the agent recipe, factory personalization.
     #[command(subcommand)]
     Image(cmd_image::ImageCommand),
+    /// The flashing station: make units from a manifest, their records, export/import, station kit.
+    #[command(subcommand)]
+    Factory(cmd_factory::FactoryCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -90,6 +94,7 @@ fn main() -> std::process::ExitCode {
         Command::Revoke(a) => device::run(device::DeviceCommand::Revoke(a), &home),
         Command::Fleet(c) => cmd_fleet::run(c, &home),
         Command::Image(c) => cmd_image::run(c, &home),
+        Command::Factory(c) => cmd_factory::run(c, &home),
     };
     match result {
         Ok(code) => code,

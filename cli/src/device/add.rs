@@ -35,6 +35,7 @@ pub fn add(args: AddArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
         tags,
         validity_days: args.days,
         broker,
+        unit: None,
     };
     let done = ops::register_device(home, store.as_mut(), &req)?;
     let IdentityOutput::Bundle { dir } = &done.output else {

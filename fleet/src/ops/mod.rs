@@ -13,9 +13,13 @@
 //! - [`send()`]: one device, a tag or the fleet; now, queued or on connect.
 //! - [`set`]: desired settings.
 //! - [`identity`]: find or issue the operator's and services' client identities.
+//! - [`factory`]: the flashing station (a manifest's units made through
+//!   [`register_device`] / [`renew_unit`] with their manufacturing records,
+//!   export/import of records, the offline station kit).
 
 pub mod broker_policy;
 pub mod endpoint;
+pub mod factory;
 pub mod home;
 pub mod identity;
 pub mod register;
@@ -34,8 +38,8 @@ pub use broker_policy::{AppliedPolicy, PolicyRefresh, refresh_broker_policy};
 pub use endpoint::{AgentBroker, agent_broker, broker_endpoint};
 pub use home::FleetHome;
 pub use register::{
-    BatchRegistered, BatchRegistration, IdentityOutput, Registered, Registration, Renewed,
-    register_device, register_devices, renew_device,
+    BatchRegistered, BatchRegistration, IdentityOutput, Registered, Registration, Renewed, Unit,
+    register_device, register_devices, renew_device, renew_unit, staging_path,
 };
 pub use revoke::{Policy, Revoked, revoke, revoke_principal, revoke_serial};
 pub use send::{Mode, SendEvent, SendRequest, Sent, Targets, send};
@@ -61,6 +65,13 @@ pub enum OpsError {
     BadBrokerAddress { addr: String, why: String },
     #[error(transparent)]
     InvalidId(#[from] IdError),
+    #[error("image {}: {source}", path.display())]
+    Image {
+        path: PathBuf,
+        source: edgebind_image::Error,
+    },
+    #[error("{0}")]
+    Factory(String),
     #[error("{0}")]
     Identity(String),
     #[error(transparent)]

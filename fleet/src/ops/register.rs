@@ -30,7 +30,9 @@ use serde::Serialize;
 
 use super::endpoint::{AgentBroker, agent_broker};
 use super::{FleetHome, OpsError, PolicyRefresh, refresh_broker_policy};
-use crate::registry::{Board, CertInfo, Device, Lifecycle, NewDevice, Store, Tag};
+use crate::registry::{
+    Board, CertInfo, Device, Lifecycle, ManufacturingRecord, NewDevice, Store, Tag,
+};
 
 /// What a new device's identity is written as.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -42,6 +44,25 @@ pub enum IdentityOutput {
     TarOnly { tar: PathBuf },
     /// `device.crt`, `device.key` and `ca.crt` in `dir`, no `agent.toml`.
     CertificateFiles { dir: PathBuf },
+    /// A personalized copy of a golden disk image: `golden` copied to
+    /// `image` with the bundle tar on its FAT boot partition (`partition`,
+    /// or the first FAT one). Made under a temporary name beside `image`
+    /// ([`staging_path`]) and renamed onto it only once complete, so `image`
+    /// is never a partial one.
+    Image {
+        golden: PathBuf,
+        partition: Option<usize>,
+        image: PathBuf,
+    },
+}
+
+/// Where an [`IdentityOutput::Image`] is made before it is renamed onto
+/// its name: `.<name>.partial` in the same directory.
+pub fn staging_path(image: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(image.file_name().unwrap_or_default());
+    name.push(".partial");
+    image.with_file_name(name)
 }
 
 impl IdentityOutput {
@@ -57,13 +78,19 @@ impl IdentityOutput {
             IdentityOutput::CertificateFiles { dir } => [DEVICE_CERT, DEVICE_KEY, CA_CERT]
                 .map(|f| dir.join(f))
                 .to_vec(),
+            IdentityOutput::Image { image, .. } => vec![image.clone(), staging_path(image)],
         }
     }
 
     /// A new registration refuses to write over anything: what is there
     /// belongs to some earlier identity.
     fn check_free(&self) -> Result<(), OpsError> {
-        match self.paths().into_iter().find(|p| p.exists()) {
+        // A staging copy left by an interrupted run is overwritten, not in the way.
+        let mut paths = self.paths();
+        if let IdentityOutput::Image { image, .. } = self {
+            paths.retain(|p| p == image);
+        }
+        match paths.into_iter().find(|p| p.exists()) {
             Some(path) => Err(OpsError::OutputExists(path)),
             None => Ok(()),
         }
@@ -86,6 +113,16 @@ impl IdentityOutput {
             IdentityOutput::CertificateFiles { dir } => {
                 issued.write_identity(dir, "device", pki.root_pem())?;
             }
+            IdentityOutput::Image {
+                golden,
+                partition,
+                image,
+            } => write_image(
+                golden,
+                *partition,
+                image,
+                &bundle::tar_of(issued, pki.root_pem(), toml)?,
+            )?,
         }
         Ok(())
     }
@@ -112,6 +149,64 @@ impl IdentityOutput {
     }
 }
 
+/// Copy `golden` to the staging name of `image`, write `tar` onto its boot
+/// partition, rename it onto `image`. On any error the staging copy is removed.
+fn write_image(
+    golden: &Path,
+    partition: Option<usize>,
+    image: &Path,
+    tar: &[u8],
+) -> Result<(), OpsError> {
+    let staging = staging_path(image);
+    let made = (|| {
+        std::fs::copy(golden, &staging).map_err(|e| OpsError::Io {
+            path: staging.clone(),
+            source: e,
+        })?;
+        edgebind_image::personalize(&staging, partition, tar).map_err(|e| OpsError::Image {
+            path: golden.to_owned(),
+            source: e,
+        })?;
+        std::fs::rename(&staging, image).map_err(|e| OpsError::Io {
+            path: image.to_owned(),
+            source: e,
+        })
+    })();
+    if made.is_err() {
+        let _ = std::fs::remove_file(&staging);
+    }
+    made
+}
+
+/// The manufacturing side of a registration at a flashing station: the
+/// unit the identity goes into. With it, the registry insert also stores the
+/// unit's [`ManufacturingRecord`] (one transaction: both or neither).
+#[derive(Debug, Clone)]
+pub struct Unit {
+    /// The unit's serial number.
+    pub serial: String,
+    pub station: String,
+    pub operator: String,
+    /// SHA-256 (hex) of the golden image, in image mode.
+    pub image_sha256: Option<String>,
+}
+
+impl Unit {
+    /// The record of this unit made now with `issued` as `id`.
+    pub fn record(&self, id: &DeviceId, issued: &IssuedCert) -> ManufacturingRecord {
+        ManufacturingRecord {
+            serial: self.serial.clone(),
+            device: id.clone(),
+            cert_serial: issued.serial.clone(),
+            cert_fingerprint_sha256: issued.fingerprint_sha256.clone(),
+            station: self.station.clone(),
+            operator: self.operator.clone(),
+            made_at: edgebind_protocol::messages::now_unix(),
+            image_sha256: self.image_sha256.clone(),
+        }
+    }
+}
+
 /// A device to register.
 #[derive(Debug, Clone)]
 pub struct Registration {
@@ -122,6 +217,8 @@ pub struct Registration {
     /// What `agent.toml` dials; `None`: the broker settings of the home.
     pub broker: Option<AgentBroker>,
     pub output: IdentityOutput,
+    /// The unit a flashing station makes (its record is stored with the device).
+    pub unit: Option<Unit>,
 }
 
 /// A registered device and where its identity went.
@@ -134,6 +231,8 @@ pub struct Registered {
     pub broker: Option<AgentBroker>,
     pub output: IdentityOutput,
     pub policy: PolicyRefresh,
+    /// The unit's manufacturing record, when the registration made one.
+    pub record: Option<ManufacturingRecord>,
 }
 
 fn cert_info(issued: &IssuedCert) -> CertInfo {
@@ -188,12 +287,18 @@ pub fn register_device(
         Ok(p) => p,
         Err(e) => return Err(undo(e, false)),
     };
-    let device = match store.add_device(&NewDevice {
+    let new = NewDevice {
         id: req.id.clone(),
         board: req.board.clone(),
         tags: req.tags.clone(),
         cert: Some(cert_info(&issued)),
-    }) {
+    };
+    let record = req.unit.as_ref().map(|u| u.record(&req.id, &issued));
+    let inserted = match &record {
+        Some(r) => store.add_manufactured(&new, r),
+        None => store.add_device(&new),
+    };
+    let device = match inserted {
         Ok(d) => d,
         Err(e) => return Err(undo(e.into(), policy.applied.is_some())),
     };
@@ -204,6 +309,7 @@ pub fn register_device(
         broker,
         output: req.output.clone(),
         policy,
+        record,
     })
 }
 
@@ -241,6 +347,35 @@ pub fn renew_device(
     broker: Option<&AgentBroker>,
     output: &IdentityOutput,
 ) -> Result<Renewed, OpsError> {
+    renew(home, store, id, validity_days, broker, output, None)
+}
+
+/// [`renew_device`] for a unit made again at a flashing station
+/// (`factory run --reissue`): the new certificate and the unit's new
+/// manufacturing record are stored in one transaction. The unit must have a
+/// record for the same device. An image output that was already written
+/// when the registry refuses is removed (it holds a revoked certificate).
+pub fn renew_unit(
+    home: &FleetHome,
+    store: &mut dyn Store,
+    unit: &Unit,
+    id: &DeviceId,
+    validity_days: u32,
+    broker: Option<&AgentBroker>,
+    output: &IdentityOutput,
+) -> Result<Renewed, OpsError> {
+    renew(home, store, id, validity_days, broker, output, Some(unit))
+}
+
+fn renew(
+    home: &FleetHome,
+    store: &mut dyn Store,
+    id: &DeviceId,
+    validity_days: u32,
+    broker: Option<&AgentBroker>,
+    output: &IdentityOutput,
+    unit: Option<&Unit>,
+) -> Result<Renewed, OpsError> {
     let device = store.device(id)?;
     if device.lifecycle == Lifecycle::Revoked {
         return Err(OpsError::DeviceRevoked(id.clone()));
@@ -250,6 +385,9 @@ pub fn renew_device(
     let issued = pki.issue_device(id, Validity::days(validity_days))?;
     let agent_toml = broker.as_ref().map(|b| b.agent_toml(id));
     let undo = |e: OpsError| -> OpsError {
+        if matches!(output, IdentityOutput::Image { .. }) {
+            output.remove();
+        }
         match pki.revoke_serial(&issued.serial) {
             Ok(_) => OpsError::RenewalUndone {
                 id: id.clone(),
@@ -266,9 +404,12 @@ pub fn renew_device(
     output
         .write(&issued, &pki, agent_toml.as_deref())
         .map_err(undo)?;
-    store
-        .set_certificate(id, &cert_info(&issued))
-        .map_err(|e| undo(e.into()))?;
+    let record = unit.map(|u| u.record(id, &issued));
+    match &record {
+        Some(r) => store.record_reissue(r, &cert_info(&issued)),
+        None => store.set_certificate(id, &cert_info(&issued)),
+    }
+    .map_err(|e| undo(e.into()))?;
     let policy = refresh_broker_policy(home, &pki).map_err(|e| e.to_string());
     Ok(Renewed {
         device: store.device(id)?,
@@ -276,6 +417,7 @@ pub fn renew_device(
         fingerprint_sha256: issued.fingerprint_sha256.clone(),
         broker,
         policy,
+        record,
     })
 }
 
@@ -287,6 +429,8 @@ pub struct Renewed {
     pub broker: Option<AgentBroker>,
     /// The refresh, or why it failed (the renewal stands either way).
     pub policy: Result<PolicyRefresh, String>,
+    /// The unit's new manufacturing record ([`renew_unit`]).
+    pub record: Option<ManufacturingRecord>,
 }
 
 /// Many new devices at once (a factory line): one board and tag set, one

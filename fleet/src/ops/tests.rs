@@ -58,6 +58,7 @@ impl Home {
             tags: BTreeSet::from(["lab".parse().unwrap()]),
             validity_days: 30,
             broker: Some(AgentBroker::from_addr("broker.test:8883").unwrap()),
+            unit: None,
         }
     }
 

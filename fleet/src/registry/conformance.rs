@@ -54,6 +54,9 @@ macro_rules! conformance_tests {
             a_redelivered_batch_stores_nothing_twice,
             a_connection_queues_its_commands_exactly_once,
             a_claim_belongs_to_one_holder_until_it_expires,
+            a_manufactured_unit_is_recorded_with_its_device_or_not_at_all,
+            a_reissue_replaces_certificate_and_record_together,
+            an_import_merges_once_and_a_conflict_imports_nothing,
         );
     };
     (@each $fixture:expr; $($check:ident),+ $(,)?) => {
@@ -978,4 +981,204 @@ pub fn a_claim_belongs_to_one_holder_until_it_expires(registry: &dyn Fixture) {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert!(!a.claim("cmd/x", "service:fleet", 60).unwrap());
+fn unit_record(serial: &str, device: &str, cert: &str) -> ManufacturingRecord {
+    ManufacturingRecord {
+        serial: serial.into(),
+        device: id(device),
+        cert_serial: cert.into(),
+        cert_fingerprint_sha256: format!("{cert}-fp"),
+        station: "line-1".into(),
+        operator: "alice".into(),
+        made_at: 1_700_000_000,
+        image_sha256: Some("ab".repeat(32)),
+    }
+}
+
+fn unit_device(device: &str, cert: &str) -> NewDevice {
+    NewDevice {
+        cert: Some(CertInfo {
+            serial: cert.into(),
+            fingerprint_sha256: format!("{cert}-fp"),
+            not_after: 2_000_000_000,
+        }),
+        ..new_device(device, &["factory"])
+    }
+}
+
+/// Everything including the manufacturing records.
+fn full_snapshot(store: &dyn Store) -> (Vec<String>, Vec<ManufacturingRecord>) {
+    (snapshot(store), store.manufacturing_records().unwrap())
+}
+
+pub fn a_manufactured_unit_is_recorded_with_its_device_or_not_at_all(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    let rec = unit_record("SN-001", "sn-001", "c1");
+    let dev = store
+        .add_manufactured(&unit_device("sn-001", "c1"), &rec)
+        .unwrap();
+    assert_eq!(dev.lifecycle, Lifecycle::Registered);
+    assert_eq!(dev.cert.unwrap().serial, "c1");
+    assert_eq!(
+        store.manufacturing_record("SN-001").unwrap(),
+        Some(rec.clone())
+    );
+    assert_eq!(store.manufacturing_record("SN-999").unwrap(), None);
+    // A second store (another process) sees it.
+    let other = registry.open(Retention::default());
+    assert_eq!(other.manufacturing_records().unwrap(), vec![rec.clone()]);
+
+    let before = full_snapshot(store.as_ref());
+    // The same serial again, even with another device: refused.
+    let err = store
+        .add_manufactured(
+            &unit_device("sn-001-b", "c2"),
+            &unit_record("SN-001", "sn-001-b", "c2"),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::DuplicateUnit { serial, device } if serial == "SN-001" && device.as_str() == "sn-001"),
+        "{err}"
+    );
+    // Another serial with a taken id: refused, no record written.
+    let err = store
+        .add_manufactured(
+            &unit_device("sn-001", "c3"),
+            &unit_record("SN-002", "sn-001", "c3"),
+        )
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::DuplicateDevice(_)), "{err}");
+    // A revoked id is refused as revoked.
+    store.add_device(&new_device("gone", &[])).unwrap();
+    store.revoke(&id("gone")).unwrap();
+    let before_revoked = full_snapshot(store.as_ref());
+    let err = store
+        .add_manufactured(
+            &unit_device("gone", "c4"),
+            &unit_record("SN-003", "gone", "c4"),
+        )
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::Revoked(_)), "{err}");
+    assert_eq!(full_snapshot(store.as_ref()), before_revoked);
+    assert_eq!(before.1, store.manufacturing_records().unwrap());
+    // Listing is by serial.
+    store
+        .add_manufactured(&unit_device("a-0", "c5"), &unit_record("AAA", "a-0", "c5"))
+        .unwrap();
+    let serials: Vec<String> = store
+        .manufacturing_records()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.serial)
+        .collect();
+    assert_eq!(serials, ["AAA", "SN-001"]);
+}
+
+pub fn a_reissue_replaces_certificate_and_record_together(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    store
+        .add_manufactured(&unit_device("u-1", "c1"), &unit_record("U1", "u-1", "c1"))
+        .unwrap();
+    let again = ManufacturingRecord {
+        made_at: 1_700_000_100,
+        ..unit_record("U1", "u-1", "c9")
+    };
+    let cert = unit_device("u-1", "c9").cert.unwrap();
+    store.record_reissue(&again, &cert).unwrap();
+    assert_eq!(store.device(&id("u-1")).unwrap().cert, Some(cert.clone()));
+    assert_eq!(store.manufacturing_records().unwrap(), vec![again.clone()]);
+
+    let before = full_snapshot(store.as_ref());
+    let err = store
+        .record_reissue(&unit_record("U2", "u-1", "c8"), &cert)
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::UnknownUnit(_)), "{err}");
+    assert_eq!(full_snapshot(store.as_ref()), before);
+    store.add_device(&new_device("u-2", &[])).unwrap();
+    let before = full_snapshot(store.as_ref());
+    let err = store
+        .record_reissue(&unit_record("U1", "u-2", "c8"), &cert)
+        .unwrap_err();
+    assert!(
+        matches!(err, RegistryError::ManufacturingConflict { .. }),
+        "{err}"
+    );
+    assert_eq!(full_snapshot(store.as_ref()), before);
+    store.revoke(&id("u-1")).unwrap();
+    let before = full_snapshot(store.as_ref());
+    let err = store
+        .record_reissue(&unit_record("U1", "u-1", "c7"), &cert)
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::Revoked(_)), "{err}");
+    assert_eq!(full_snapshot(store.as_ref()), before);
+}
+
+pub fn an_import_merges_once_and_a_conflict_imports_nothing(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    let units: Vec<(NewDevice, ManufacturingRecord)> = (0..3)
+        .map(|i| {
+            let d = format!("unit-{i}");
+            let c = format!("c{i}");
+            (unit_device(&d, &c), unit_record(&format!("S{i}"), &d, &c))
+        })
+        .collect();
+    // unit-2 is already registered here with the same certificate.
+    store.add_device(&units[2].0).unwrap();
+    let report = store.import_manufactured(&units).unwrap();
+    assert_eq!(report.added, ["S0", "S1"]);
+    assert_eq!(report.recorded, ["S2"]);
+    assert!(report.unchanged.is_empty());
+    assert_eq!(store.manufacturing_records().unwrap().len(), 3);
+    assert_eq!(
+        store.device(&id("unit-1")).unwrap().tags,
+        ["factory".parse().unwrap()].into()
+    );
+    // Again: nothing changes.
+    let before = full_snapshot(store.as_ref());
+    let report = store.import_manufactured(&units).unwrap();
+    assert_eq!(report.unchanged, ["S0", "S1", "S2"]);
+    assert_eq!(full_snapshot(store.as_ref()), before);
+
+    // A new unit and a conflicting one in one import: neither is imported.
+    let fresh = (
+        unit_device("unit-9", "c9"),
+        unit_record("S9", "unit-9", "c9"),
+    );
+    let reissued = (
+        unit_device("unit-1", "cx"),
+        unit_record("S1", "unit-1", "cx"),
+    );
+    let err = store
+        .import_manufactured(&[fresh.clone(), reissued])
+        .unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::ManufacturingConflict { serial, .. } if serial == "S1"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("certificate"), "{err}");
+    assert_eq!(full_snapshot(store.as_ref()), before);
+    // A device registered here with another certificate, under a new serial.
+    let taken = (
+        unit_device("unit-0", "cz"),
+        unit_record("S7", "unit-0", "cz"),
+    );
+    let err = store
+        .import_manufactured(&[fresh.clone(), taken])
+        .unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::ManufacturingConflict { serial, .. } if serial == "S7"),
+        "{err}"
+    );
+    // The same device under two serials.
+    let moved = (
+        unit_device("unit-0", "c0"),
+        unit_record("S8", "unit-0", "c0"),
+    );
+    let err = store.import_manufactured(&[moved]).unwrap_err();
+    assert!(err.to_string().contains("\"S0\""), "{err}");
+    // Twice in one import.
+    let err = store
+        .import_manufactured(&[fresh.clone(), fresh.clone()])
+        .unwrap_err();
+    assert!(err.to_string().contains("twice"), "{err}");
+    assert_eq!(full_snapshot(store.as_ref()), before);
 }

@@ -56,6 +56,12 @@ pub enum RegistryError {
     DuplicateDevice(DeviceId),
     #[error("device {0} is revoked")]
     Revoked(DeviceId),
+    #[error("unit serial {serial:?} already has a manufacturing record (device {device})")]
+    DuplicateUnit { serial: String, device: DeviceId },
+    #[error("unit serial {0:?} has no manufacturing record")]
+    UnknownUnit(String),
+    #[error("unit serial {serial:?}: {why}")]
+    ManufacturingConflict { serial: String, why: String },
     #[error(transparent)]
     InvalidId(#[from] IdError),
     #[error("unknown board {given:?}; known boards: {}", KNOWN_BOARDS.join(", "))]
@@ -228,6 +234,32 @@ pub trait Store: Send {
     /// runs. How fleet service instances avoid publishing the same thing
     /// twice; a holder that dies loses its claims when they expire.
     fn claim(&mut self, key: &str, holder: &str, ttl_s: u64) -> Result<bool>;
+    /// The manufacturing record of a unit serial, if there is one.
+    fn manufacturing_record(&self, serial: &str) -> Result<Option<ManufacturingRecord>>;
+    /// Every manufacturing record, by unit serial.
+    fn manufacturing_records(&self) -> Result<Vec<ManufacturingRecord>>;
+    /// Register a manufactured unit's device and its record in one
+    /// transaction: both or neither (no device registered but unrecorded).
+    /// Refused when the serial has a record or the id is taken (a revoked id
+    /// with [`RegistryError::Revoked`]).
+    fn add_manufactured(
+        &mut self,
+        device: &NewDevice,
+        record: &ManufacturingRecord,
+    ) -> Result<Device>;
+    /// A unit made again with a new certificate: the device's certificate and
+    /// the unit's record are replaced together. The record must exist for the
+    /// same device, and the device must not be revoked.
+    fn record_reissue(&mut self, record: &ManufacturingRecord, cert: &CertInfo) -> Result<()>;
+    /// Merge units exported from a station registry: each device (if new)
+    /// and its record, in one transaction. A unit already recorded
+    /// identically is left alone; any conflict (the serial recorded with
+    /// another device or certificate, the device registered with another
+    /// certificate or under another serial) fails the whole import.
+    fn import_manufactured(
+        &mut self,
+        units: &[(NewDevice, ManufacturingRecord)],
+    ) -> Result<ImportReport>;
 }
 
 /// Open (creating and migrating if needed) the default registry backend.

@@ -689,3 +689,34 @@ pub struct ServicePresence {
 
 /// How often a connected service refreshes its [`ServicePresence`].
 pub const SERVICE_HEARTBEAT_S: u64 = 10;
+
+/// What a flashing station made of one unit: the unit's serial number, the
+/// device identity it was given and the image it was flashed with. One per
+/// unit serial (the key); a device id belongs to at most one unit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManufacturingRecord {
+    /// The unit's serial number as the manifest spells it.
+    pub serial: String,
+    pub device: DeviceId,
+    /// The device certificate written into the unit (hex, as the PKI reports it).
+    pub cert_serial: String,
+    pub cert_fingerprint_sha256: String,
+    /// The flashing station (its name) and who ran it.
+    pub station: String,
+    pub operator: String,
+    pub made_at: UnixSeconds,
+    /// SHA-256 (hex) of the golden image the unit's image was made from;
+    /// `None` when the station wrote bundles only (a duplicator flashes them).
+    pub image_sha256: Option<String>,
+}
+
+/// What [`super::Store::import_manufactured`] did with each unit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ImportReport {
+    /// Device and record added.
+    pub added: Vec<String>,
+    /// The device was already registered with this certificate: record added.
+    pub recorded: Vec<String>,
+    /// Record already present, identical: nothing to do.
+    pub unchanged: Vec<String>,
+}

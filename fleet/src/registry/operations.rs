@@ -519,4 +519,84 @@ impl<S: Storage> Store for S {
             Ok(taken)
         })
     }
+
+    fn manufacturing_record(&self, serial: &str) -> Result<Option<ManufacturingRecord>> {
+        read(self, |tx| tx.manufacturing(serial))
+    }
+
+    fn manufacturing_records(&self) -> Result<Vec<ManufacturingRecord>> {
+        read(self, |tx| tx.manufacturing_all())
+    }
+
+    fn add_manufactured(
+        &mut self,
+        device: &NewDevice,
+        record: &ManufacturingRecord,
+    ) -> Result<Device> {
+        let now = now_unix();
+        write(self, |tx| {
+            let existing_record = tx.manufacturing(&record.serial)?;
+            let existing_device = tx.device(&device.id)?;
+            rules::check_new_unit(record, existing_record.as_ref(), existing_device.as_ref())?;
+            tx.insert_devices(std::slice::from_ref(device), now)?;
+            tx.save_manufacturing(record)?;
+            load(tx, &device.id)
+        })
+    }
+
+    fn record_reissue(&mut self, record: &ManufacturingRecord, cert: &CertInfo) -> Result<()> {
+        write(self, |tx| {
+            let existing = tx.manufacturing(&record.serial)?;
+            let device = load(tx, &record.device)?;
+            rules::check_reissue(record, existing.as_ref(), &device)?;
+            tx.save_certificate(&record.device, cert)?;
+            tx.save_manufacturing(record)
+        })
+    }
+
+    fn import_manufactured(
+        &mut self,
+        units: &[(NewDevice, ManufacturingRecord)],
+    ) -> Result<ImportReport> {
+        let now = now_unix();
+        write(self, |tx| {
+            let mut report = ImportReport::default();
+            let mut serials = BTreeSet::new();
+            let mut devices = BTreeSet::new();
+            for (new, record) in units {
+                // Within the import too, a serial and a device appear once.
+                if !serials.insert(record.serial.as_str()) || !devices.insert(&new.id) {
+                    return Err(RegistryError::ManufacturingConflict {
+                        serial: record.serial.clone(),
+                        why: format!(
+                            "the import lists this unit serial or device {} twice",
+                            new.id
+                        ),
+                    });
+                }
+                let existing_record = tx.manufacturing(&record.serial)?;
+                let existing_device = tx.device(&new.id)?;
+                let of_device = tx.manufacturing_of(&new.id)?;
+                match rules::import_step(
+                    new,
+                    record,
+                    existing_record.as_ref(),
+                    existing_device.as_ref(),
+                    of_device.as_ref(),
+                )? {
+                    rules::ImportStep::DeviceAndRecord => {
+                        tx.insert_devices(std::slice::from_ref(new), now)?;
+                        tx.save_manufacturing(record)?;
+                        report.added.push(record.serial.clone());
+                    }
+                    rules::ImportStep::RecordOnly => {
+                        tx.save_manufacturing(record)?;
+                        report.recorded.push(record.serial.clone());
+                    }
+                    rules::ImportStep::Nothing => report.unchanged.push(record.serial.clone()),
+                }
+            }
+            Ok(report)
+        })
+    }
 }

@@ -36,8 +36,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::rows::{
-    COMMAND_COLUMNS, DEVICE_COLUMNS, RawCommand, RawDevice, RawState, STATE_COLUMNS, action_of,
-    history_table, parse_id, parse_json,
+    COMMAND_COLUMNS, DEVICE_COLUMNS, MANUFACTURING_COLUMNS, RawCommand, RawDevice,
+    RawManufacturing, RawState, STATE_COLUMNS, action_of, history_table, parse_id, parse_json,
 };
 use super::storage::{LatestSample, NewEvent, NewSample, Storage, StorageTx};
 use super::*;
@@ -155,6 +155,19 @@ const MIGRATIONS: &[&str] = &[
         key    TEXT PRIMARY KEY,
         holder TEXT NOT NULL,
         until  BIGINT NOT NULL
+    );
+    "#,
+    // 4: manufacturing records of the factory line (SQLite's version 5).
+    r#"
+    CREATE TABLE manufacturing (
+        serial           TEXT COLLATE "C" PRIMARY KEY,
+        device_id        TEXT COLLATE "C" NOT NULL UNIQUE REFERENCES devices(id),
+        cert_serial      TEXT NOT NULL,
+        cert_fingerprint TEXT NOT NULL,
+        station          TEXT NOT NULL,
+        operator         TEXT NOT NULL,
+        made_at          BIGINT NOT NULL,
+        image_sha256     TEXT
     );
     "#,
 ];
@@ -551,6 +564,32 @@ impl PgTx<'_> {
             .map(|raw| {
                 let t = tags.remove(&raw.id).unwrap_or_default();
                 raw.into_device(t)
+            })
+            .collect()
+    }
+
+    fn manufacturing_of_rows(
+        &self,
+        sql_tail: &str,
+        params: &Params<'_>,
+    ) -> Result<Vec<ManufacturingRecord>> {
+        let rows = self.rows(
+            &format!("SELECT {MANUFACTURING_COLUMNS} FROM manufacturing {sql_tail}"),
+            params,
+        )?;
+        rows.iter()
+            .map(|r| {
+                RawManufacturing {
+                    serial: r.get(0),
+                    device: r.get(1),
+                    cert_serial: r.get(2),
+                    cert_fingerprint: r.get(3),
+                    station: r.get(4),
+                    operator: r.get(5),
+                    made_at: r.get(6),
+                    image_sha256: r.get(7),
+                }
+                .into_record()
             })
             .collect()
     }
@@ -1232,6 +1271,47 @@ impl StorageTx for PgTx<'_> {
                 seen_at: r.get::<_, i64>(3).max(0) as u64,
             })
             .collect())
+    }
+
+    fn manufacturing(&mut self, serial: &str) -> Result<Option<ManufacturingRecord>> {
+        Ok(self
+            .manufacturing_of_rows(&format!("WHERE serial = $1{}", self.lock), &[&serial])?
+            .pop())
+    }
+
+    fn manufacturing_of(&mut self, device: &DeviceId) -> Result<Option<ManufacturingRecord>> {
+        Ok(self
+            .manufacturing_of_rows(
+                &format!("WHERE device_id = $1{}", self.lock),
+                &[&device.as_str()],
+            )?
+            .pop())
+    }
+
+    fn manufacturing_all(&mut self) -> Result<Vec<ManufacturingRecord>> {
+        self.manufacturing_of_rows("ORDER BY serial", &[])
+    }
+
+    fn save_manufacturing(&mut self, r: &ManufacturingRecord) -> Result<()> {
+        self.exec(
+            "INSERT INTO manufacturing (serial, device_id, cert_serial, cert_fingerprint, station, \
+             operator, made_at, image_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (serial) DO UPDATE SET device_id = excluded.device_id, \
+             cert_serial = excluded.cert_serial, cert_fingerprint = excluded.cert_fingerprint, \
+             station = excluded.station, operator = excluded.operator, \
+             made_at = excluded.made_at, image_sha256 = excluded.image_sha256",
+            &[
+                &r.serial,
+                &r.device.as_str(),
+                &r.cert_serial,
+                &r.cert_fingerprint_sha256,
+                &r.station,
+                &r.operator,
+                &(r.made_at as i64),
+                &r.image_sha256,
+            ],
+        )?;
+        Ok(())
     }
 
     fn stats(&mut self) -> Result<Stats> {

@@ -281,3 +281,36 @@ pub(super) fn list_filter(
     };
     (filter, params)
 }
+
+pub(super) const MANUFACTURING_COLUMNS: &str = "serial, device_id, cert_serial, cert_fingerprint, \
+    station, operator, made_at, image_sha256";
+
+/// A manufacturing row in the order of [`MANUFACTURING_COLUMNS`].
+pub(super) struct RawManufacturing {
+    pub serial: String,
+    pub device: String,
+    pub cert_serial: String,
+    pub cert_fingerprint: String,
+    pub station: String,
+    pub operator: String,
+    pub made_at: i64,
+    pub image_sha256: Option<String>,
+}
+
+impl RawManufacturing {
+    pub fn into_record(self) -> Result<ManufacturingRecord> {
+        Ok(ManufacturingRecord {
+            device: parse_id(
+                &format!("device id of unit serial {:?}", self.serial),
+                self.device,
+            )?,
+            serial: self.serial,
+            cert_serial: self.cert_serial,
+            cert_fingerprint_sha256: self.cert_fingerprint,
+            station: self.station,
+            operator: self.operator,
+            made_at: self.made_at.max(0) as u64,
+            image_sha256: self.image_sha256,
+        })
+    }
+}

@@ -14,8 +14,8 @@ use serde::Serialize;
 
 use super::{
     CommandRecord, CommandState, ConnectPolicy, Delivery, Device, DeviceState, Lifecycle,
-    NewCommand, NewDevice, OnConnectRule, RegistryError, Result, SERVICE_HEARTBEAT_S,
-    ServicePresence, validate_setting_key,
+    ManufacturingRecord, NewCommand, NewDevice, OnConnectRule, RegistryError, Result,
+    SERVICE_HEARTBEAT_S, ServicePresence, validate_setting_key,
 };
 
 /// What a device may be asked to do: anything, unless it is revoked.
@@ -39,6 +39,124 @@ pub fn check_new_devices(batch: &[NewDevice], registered: &[DeviceId]) -> Result
         }
     }
     Ok(())
+}
+
+/// A unit is manufactured once: its serial has no record yet and its device
+/// id is free. A revoked id is refused as revoked (it is never issued again).
+pub fn check_new_unit(
+    record: &ManufacturingRecord,
+    existing_record: Option<&ManufacturingRecord>,
+    existing_device: Option<&Device>,
+) -> Result<()> {
+    if let Some(r) = existing_record {
+        return Err(RegistryError::DuplicateUnit {
+            serial: record.serial.clone(),
+            device: r.device.clone(),
+        });
+    }
+    match existing_device {
+        Some(d) if d.lifecycle == Lifecycle::Revoked => Err(RegistryError::Revoked(d.id.clone())),
+        Some(d) => Err(RegistryError::DuplicateDevice(d.id.clone())),
+        None => Ok(()),
+    }
+}
+
+/// A unit made again keeps its device: the serial is recorded for that
+/// device, and the device is not revoked.
+pub fn check_reissue(
+    record: &ManufacturingRecord,
+    existing_record: Option<&ManufacturingRecord>,
+    device: &Device,
+) -> Result<()> {
+    let Some(existing) = existing_record else {
+        return Err(RegistryError::UnknownUnit(record.serial.clone()));
+    };
+    if existing.device != record.device {
+        return Err(RegistryError::ManufacturingConflict {
+            serial: record.serial.clone(),
+            why: format!(
+                "recorded as device {}, not {}",
+                existing.device, record.device
+            ),
+        });
+    }
+    ensure_active(device)
+}
+
+/// What an import does with one unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportStep {
+    /// Register the device and add the record.
+    DeviceAndRecord,
+    /// The device is registered with this certificate: add the record.
+    RecordOnly,
+    /// Already recorded, identically.
+    Nothing,
+}
+
+/// Whether a unit exported from a station merges into this registry, and how.
+/// Identical is a no-op (imports are idempotent); anything that disagrees
+/// with what is here is a conflict naming the unit.
+pub fn import_step(
+    new: &NewDevice,
+    record: &ManufacturingRecord,
+    existing_record: Option<&ManufacturingRecord>,
+    existing_device: Option<&Device>,
+    record_of_device: Option<&ManufacturingRecord>,
+) -> Result<ImportStep> {
+    let conflict = |why: String| RegistryError::ManufacturingConflict {
+        serial: record.serial.clone(),
+        why,
+    };
+    let cert_serial = new.cert.as_ref().map(|c| c.serial.as_str());
+    if new.id != record.device || cert_serial != Some(record.cert_serial.as_str()) {
+        return Err(conflict(format!(
+            "the export is inconsistent: its record names device {} certificate {}, its device is {} with certificate {}",
+            record.device,
+            record.cert_serial,
+            new.id,
+            cert_serial.unwrap_or("(none)")
+        )));
+    }
+    if let Some(r) = existing_record {
+        if r.device != record.device {
+            return Err(conflict(format!(
+                "recorded here as device {}, the import says {}",
+                r.device, record.device
+            )));
+        }
+        if r.cert_serial != record.cert_serial
+            || r.cert_fingerprint_sha256 != record.cert_fingerprint_sha256
+        {
+            return Err(conflict(format!(
+                "recorded here with certificate {}, the import has {} (reissued at one of the two?)",
+                r.cert_serial, record.cert_serial
+            )));
+        }
+        return Ok(ImportStep::Nothing);
+    }
+    if let Some(other) = record_of_device {
+        return Err(conflict(format!(
+            "device {} is already recorded here for unit serial {:?}",
+            record.device, other.serial
+        )));
+    }
+    match existing_device {
+        None => Ok(ImportStep::DeviceAndRecord),
+        Some(d) => {
+            let here = d.cert.as_ref().map(|c| c.serial.as_str());
+            if here == Some(record.cert_serial.as_str()) {
+                Ok(ImportStep::RecordOnly)
+            } else {
+                Err(conflict(format!(
+                    "device {} is already registered here with certificate {}, the import has {}",
+                    d.id,
+                    here.unwrap_or("(none)"),
+                    record.cert_serial
+                )))
+            }
+        }
+    }
 }
 
 /// The state of a device that has just been revoked at `now`.

@@ -20,8 +20,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, param
 use serde_json::{Map, Value};
 
 use super::rows::{
-    COMMAND_COLUMNS, DEVICE_COLUMNS, RawCommand, RawDevice, RawState, STATE_COLUMNS, action_of,
-    history_table, parse_id, parse_json,
+    COMMAND_COLUMNS, DEVICE_COLUMNS, MANUFACTURING_COLUMNS, RawCommand, RawDevice,
+    RawManufacturing, RawState, STATE_COLUMNS, action_of, history_table, parse_id, parse_json,
 };
 use super::storage::{NewEvent, NewSample, Storage, StorageTx};
 use super::*;
@@ -147,6 +147,20 @@ const MIGRATIONS: &[&str] = &[
         key    TEXT PRIMARY KEY,
         holder TEXT NOT NULL,
         until  INTEGER NOT NULL
+    ) STRICT;
+    "#,
+    // 5: manufacturing records of the factory line (issue 13): one per unit
+    // serial; a device belongs to at most one unit.
+    r#"
+    CREATE TABLE manufacturing (
+        serial           TEXT PRIMARY KEY,
+        device_id        TEXT NOT NULL UNIQUE REFERENCES devices(id),
+        cert_serial      TEXT NOT NULL,
+        cert_fingerprint TEXT NOT NULL,
+        station          TEXT NOT NULL,
+        operator         TEXT NOT NULL,
+        made_at          INTEGER NOT NULL,
+        image_sha256     TEXT
     ) STRICT;
     "#,
 ];
@@ -510,6 +524,38 @@ impl SqliteTx<'_> {
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(db)?;
         raws.into_iter().map(RawCommand::into_command).collect()
+    }
+
+    fn query_manufacturing(
+        &self,
+        sql_tail: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<ManufacturingRecord>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(&format!(
+                "SELECT {MANUFACTURING_COLUMNS} FROM manufacturing {sql_tail}"
+            ))
+            .map_err(db)?;
+        let raws = stmt
+            .query_map(params, |r| {
+                Ok(RawManufacturing {
+                    serial: r.get(0)?,
+                    device: r.get(1)?,
+                    cert_serial: r.get(2)?,
+                    cert_fingerprint: r.get(3)?,
+                    station: r.get(4)?,
+                    operator: r.get(5)?,
+                    made_at: r.get(6)?,
+                    image_sha256: r.get(7)?,
+                })
+            })
+            .map_err(db)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db)?;
+        raws.into_iter()
+            .map(RawManufacturing::into_record)
+            .collect()
     }
 
     fn exec(&self, sql: &str, params: impl rusqlite::Params) -> Result<usize> {
@@ -1047,6 +1093,44 @@ impl StorageTx for SqliteTx<'_> {
             .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
             .map_err(db)?;
         Ok(rows)
+    }
+
+    fn manufacturing(&mut self, serial: &str) -> Result<Option<ManufacturingRecord>> {
+        Ok(self
+            .query_manufacturing("WHERE serial = ?1", [serial])?
+            .pop())
+    }
+
+    fn manufacturing_of(&mut self, device: &DeviceId) -> Result<Option<ManufacturingRecord>> {
+        Ok(self
+            .query_manufacturing("WHERE device_id = ?1", [device.as_str()])?
+            .pop())
+    }
+
+    fn manufacturing_all(&mut self) -> Result<Vec<ManufacturingRecord>> {
+        self.query_manufacturing("ORDER BY serial", [])
+    }
+
+    fn save_manufacturing(&mut self, r: &ManufacturingRecord) -> Result<()> {
+        self.exec(
+            "INSERT INTO manufacturing (serial, device_id, cert_serial, cert_fingerprint, station, \
+             operator, made_at, image_sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+             ON CONFLICT (serial) DO UPDATE SET device_id = excluded.device_id, \
+             cert_serial = excluded.cert_serial, cert_fingerprint = excluded.cert_fingerprint, \
+             station = excluded.station, operator = excluded.operator, \
+             made_at = excluded.made_at, image_sha256 = excluded.image_sha256",
+            params![
+                r.serial,
+                r.device.as_str(),
+                r.cert_serial,
+                r.cert_fingerprint_sha256,
+                r.station,
+                r.operator,
+                r.made_at as i64,
+                r.image_sha256
+            ],
+        )?;
+        Ok(())
     }
 
     fn stats(&mut self) -> Result<Stats> {

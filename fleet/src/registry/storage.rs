@@ -11,7 +11,8 @@ use serde_json::{Map, Value};
 
 use super::{
     CertInfo, CommandQuery, CommandRecord, Device, DeviceQuery, DeviceState, EventRow, History,
-    NewDevice, OnConnectRule, ReportedState, Result, Retention, Stats, TelemetryRow,
+    ManufacturingRecord, NewDevice, OnConnectRule, ReportedState, Result, Retention, Stats,
+    TelemetryRow,
 };
 
 /// One telemetry sample to append; `payload` is the JSON text as received.
@@ -148,4 +149,13 @@ pub trait StorageTx {
     /// Forget leases that expired before `before`.
     fn purge_leases(&mut self, before: UnixSeconds) -> Result<()>;
     fn services(&mut self) -> Result<Vec<super::ServicePresence>>;
+
+    /// The record of a unit serial.
+    fn manufacturing(&mut self, serial: &str) -> Result<Option<ManufacturingRecord>>;
+    /// The record naming `device`.
+    fn manufacturing_of(&mut self, device: &DeviceId) -> Result<Option<ManufacturingRecord>>;
+    /// Every record, by unit serial.
+    fn manufacturing_all(&mut self) -> Result<Vec<ManufacturingRecord>>;
+    /// Insert the record of its serial, or replace it.
+    fn save_manufacturing(&mut self, record: &ManufacturingRecord) -> Result<()>;
 }

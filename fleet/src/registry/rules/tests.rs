@@ -386,3 +386,76 @@ fn presence_is_fresh_only_with_a_connected_service_and_a_recent_heartbeat() {
     // One of two instances is enough.
     assert!(presence_view(&[svc(false, 10, 10), up], 1000).fresh);
 }
+
+fn unit(serial: &str, device: &str, cert: &str) -> ManufacturingRecord {
+    ManufacturingRecord {
+        serial: serial.into(),
+        device: id(device),
+        cert_serial: cert.into(),
+        cert_fingerprint_sha256: format!("{cert}-fp"),
+        station: "s".into(),
+        operator: "o".into(),
+        made_at: 1,
+        image_sha256: None,
+    }
+}
+
+fn new_unit_device(device: &str, cert: &str) -> NewDevice {
+    NewDevice {
+        id: id(device),
+        board: "qemux86-64".parse().unwrap(),
+        tags: BTreeSet::new(),
+        cert: Some(crate::registry::CertInfo {
+            serial: cert.into(),
+            fingerprint_sha256: format!("{cert}-fp"),
+            not_after: 5,
+        }),
+    }
+}
+
+#[test]
+fn a_unit_is_made_once_and_a_revoked_id_is_refused_as_revoked() {
+    let r = unit("SN1", "d1", "c1");
+    check_new_unit(&r, None, None).unwrap();
+    assert!(matches!(
+        check_new_unit(&r, Some(&r), None),
+        Err(RegistryError::DuplicateUnit { .. })
+    ));
+    assert!(matches!(
+        check_new_unit(&r, None, Some(&device(Lifecycle::Revoked))),
+        Err(RegistryError::Revoked(_))
+    ));
+    assert!(matches!(
+        check_new_unit(&r, None, Some(&device(Lifecycle::Provisioned))),
+        Err(RegistryError::DuplicateDevice(_))
+    ));
+}
+
+#[test]
+fn an_import_step_is_nothing_when_identical_and_a_conflict_otherwise() {
+    let new = new_unit_device("d1", "c1");
+    let r = unit("SN1", "d1", "c1");
+    assert_eq!(
+        import_step(&new, &r, None, None, None).unwrap(),
+        ImportStep::DeviceAndRecord
+    );
+    assert_eq!(
+        import_step(&new, &r, Some(&r), None, None).unwrap(),
+        ImportStep::Nothing
+    );
+    let mut here = device(Lifecycle::Registered);
+    here.cert = new.cert.clone();
+    assert_eq!(
+        import_step(&new, &r, None, Some(&here), None).unwrap(),
+        ImportStep::RecordOnly
+    );
+    let other_cert = unit("SN1", "d1", "c2");
+    let err = import_step(&new, &r, Some(&other_cert), None, None).unwrap_err();
+    assert!(err.to_string().contains("certificate c2"), "{err}");
+    let err = import_step(&new, &r, None, None, Some(&unit("SN0", "d1", "c1"))).unwrap_err();
+    assert!(err.to_string().contains("\"SN0\""), "{err}");
+    here.cert = None;
+    assert!(import_step(&new, &r, None, Some(&here), None).is_err());
+    // A record that does not match its own device entry.
+    assert!(import_step(&new, &unit("SN1", "d2", "c1"), None, None, None).is_err());
+}
