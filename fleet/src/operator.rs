@@ -168,7 +168,7 @@ pub async fn send_and_wait(
                     CommandStatus::Succeeded => Outcome::Succeeded {
                         output: result.output.clone(),
                     },
-                    CommandStatus::Failed => Outcome::Failed {
+                    CommandStatus::Failed | CommandStatus::TimedOut => Outcome::Failed {
                         reason: result.reason.clone(),
                         output: result.output.clone(),
                     },

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use edgebind_protocol::messages::{
-    Action, Command, CommandResult, CommandStatus, Desired, Presence, Status, UnixSeconds,
+    Command, CommandResult, CommandStatus, Desired, Presence, Status, UnixSeconds,
 };
 use edgebind_protocol::{CommandId, DeviceId};
 use serde_json::{Map, Value};
@@ -220,7 +220,9 @@ pub struct ResultEffect {
     pub command: Option<CommandRecord>,
     /// The entry did not exist: insert rather than update.
     pub new_entry: bool,
-    /// The answer to `inventory` is the device's inventory.
+    /// A succeeded result that carries the device's facts (`facts: true`,
+    /// e.g. the answer to `inventory`) becomes the device's inventory,
+    /// whichever action sent it.
     pub inventory: Option<Value>,
 }
 
@@ -262,12 +264,7 @@ pub fn command_result(
         }),
     };
     let inventory = match &moved {
-        Some(c)
-            if c.state == CommandState::Succeeded
-                && c.action.as_deref() == Some(Action::Inventory.as_str()) =>
-        {
-            c.output.clone()
-        }
+        Some(c) if c.state == CommandState::Succeeded && result.facts => c.output.clone(),
         _ => None,
     };
     ResultEffect {
@@ -301,7 +298,8 @@ fn final_state(status: CommandStatus) -> CommandState {
     match status {
         CommandStatus::Accepted => CommandState::Accepted,
         CommandStatus::Succeeded => CommandState::Succeeded,
-        CommandStatus::Failed => CommandState::Failed,
+        // The registry keeps one failed state; the reason says it timed out.
+        CommandStatus::Failed | CommandStatus::TimedOut => CommandState::Failed,
         CommandStatus::Rejected => CommandState::Rejected,
     }
 }

@@ -160,7 +160,7 @@ impl Outbox {
         };
         let command = Command {
             id: record.id.clone(),
-            action,
+            action: action.clone(),
             args: record.args.clone(),
             expires_at: record.expires_at,
         };
@@ -200,7 +200,7 @@ impl Outbox {
             commands.push(NewCommand {
                 id: new_command_id("inv"),
                 device: device.clone(),
-                action: Action::Inventory,
+                action: edgebind_protocol::actions::INVENTORY,
                 args: Map::new(),
                 delivery: Delivery::Auto,
                 requested_by: Some(format!("service:{SERVICE_NAME}")),
@@ -216,7 +216,7 @@ impl Outbox {
         for c in &commands {
             let command = Command {
                 id: c.id.clone(),
-                action: c.action,
+                action: c.action.clone(),
                 args: c.args.clone(),
                 expires_at: None,
             };
