@@ -8,7 +8,8 @@
 //!   is root (an unprivileged agent may not start system units).
 //! - **fallback**, in the agent's own process tree: a new session (so the
 //!   whole process group is killed at the time limit and after the program
-//!   ends), core dumps off and at most 1024 open files (rlimits), all
+//!   ends), core dumps off and at most 1024 open files (rlimits, best
+//!   effort: a seccomp filter without `@resources` refuses them), all
 //!   supplementary groups dropped and another user when the agent is root,
 //!   `PR_SET_NO_NEW_PRIVS` (set-uid programs gain nothing), and Landlock
 //!   (Linux ≥ 5.13) allowing writes only beneath the declared writable
@@ -183,12 +184,14 @@ fn child_setup(drop_to: Option<(u32, u32)>, ruleset: Option<i32>) -> std::io::Re
             rlim_cur: 0,
             rlim_max: 0,
         };
-        check(libc::setrlimit(libc::RLIMIT_CORE, &core))?;
+        // Best effort: a seccomp filter without @resources (the agent's own
+        // unit on the image) refuses setrlimit; the limits are a nicety.
+        libc::setrlimit(libc::RLIMIT_CORE, &core);
         let files = libc::rlimit {
             rlim_cur: 1024,
             rlim_max: 1024,
         };
-        check(libc::setrlimit(libc::RLIMIT_NOFILE, &files))?;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &files);
         if let Some((uid, gid)) = drop_to {
             check(libc::setgroups(0, std::ptr::null()))?;
             check(libc::setgid(gid))?;
