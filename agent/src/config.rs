@@ -164,12 +164,71 @@ pub struct StateConfig {
 }
 
 /// `[actions]`
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActionsConfig {
+    /// `dir` (default "/etc/edgebind/actions.d"): directory of action
+    /// definitions (`NAME.toml`) the image declares. A file that does not
+    /// parse is logged and skipped; a missing directory means none.
+    #[serde(default = "default_actions_dir")]
+    pub dir: PathBuf,
+    /// `sandbox` (default "auto"): how programs of actions run.
+    /// "systemd-run": as a transient systemd unit (needs systemd as PID 1 and
+    /// an agent allowed to start units, i.e. root); "fallback": the agent's
+    /// own sandbox (new session, no new privileges, another user if root,
+    /// Landlock write restrictions where the kernel has them, rlimits);
+    /// "auto": systemd-run when both hold, else fallback.
+    #[serde(default)]
+    pub sandbox: SandboxMode,
+    /// `allowed_units` (default empty): systemd units `restart-service` and
+    /// `collect-logs` may touch; with none, neither action is offered.
+    #[serde(default)]
+    pub allowed_units: Vec<String>,
+    /// `systemctl` (default "systemctl"): program `restart-service` runs.
+    #[serde(default = "default_systemctl")]
+    pub systemctl: String,
+    /// `journalctl` (default "journalctl"): program `collect-logs` runs.
+    #[serde(default = "default_journalctl")]
+    pub journalctl: String,
     /// `[actions.reboot]`
     #[serde(default)]
     pub reboot: RebootConfig,
+}
+
+/// `actions.sandbox`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SandboxMode {
+    #[default]
+    Auto,
+    SystemdRun,
+    Fallback,
+}
+
+impl Default for ActionsConfig {
+    fn default() -> Self {
+        ActionsConfig {
+            dir: default_actions_dir(),
+            sandbox: SandboxMode::default(),
+            allowed_units: Vec::new(),
+            systemctl: default_systemctl(),
+            journalctl: default_journalctl(),
+            reboot: RebootConfig::default(),
+        }
+    }
+}
+
+/// Where the image installs action definitions.
+pub const DEFAULT_ACTIONS_DIR: &str = "/etc/edgebind/actions.d";
+
+fn default_actions_dir() -> PathBuf {
+    DEFAULT_ACTIONS_DIR.into()
+}
+fn default_systemctl() -> String {
+    "systemctl".into()
+}
+fn default_journalctl() -> String {
+    "journalctl".into()
 }
 
 /// How `reboot` is carried out.
@@ -451,6 +510,7 @@ impl AgentConfig {
             &mut self.identity.ca,
             &mut self.state.dir,
             &mut self.actions.reboot.path,
+            &mut self.actions.dir,
         ] {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -543,6 +603,20 @@ impl AgentConfig {
                 format!("{} is outside {lo}..={hi}", self.state.outbox_max_bytes),
             ));
         }
+        for (i, unit) in self.actions.allowed_units.iter().enumerate() {
+            let ok = !unit.is_empty()
+                && unit.len() <= 256
+                && !unit.starts_with('-')
+                && unit
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.@:\\".contains(c));
+            if !ok {
+                return Err(invalid(
+                    &format!("actions.allowed_units[{i}]"),
+                    format!("{unit:?} is not a systemd unit name"),
+                ));
+            }
+        }
         let reboot = &self.actions.reboot;
         match reboot.method {
             RebootMethod::Command if reboot.command.is_empty() => {
@@ -623,6 +697,9 @@ mod tests {
         assert_eq!(c.telemetry.interval_s, 60);
         assert_eq!(c.state.dir, Path::new("/var/lib/edgebind/state"));
         assert_eq!(c.actions.reboot.method, RebootMethod::RequestFile);
+        assert_eq!(c.actions.dir, Path::new("/etc/edgebind/actions.d"));
+        assert_eq!(c.actions.sandbox, SandboxMode::Auto);
+        assert!(c.actions.allowed_units.is_empty());
         assert_eq!(
             c.actions.reboot.path,
             Path::new("/run/edgebind/reboot-request")
@@ -723,6 +800,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/nonexistent/agent.toml"), "{err}");
+    }
+
+    #[test]
+    fn actions_directory_and_allowed_units_parse_and_bad_units_name_the_key() {
+        let c = parse(
+            "[broker]\nhost = \"h\"\n[actions]\ndir = \"actions.d\"\nsandbox = \"fallback\"\nallowed_units = [\"nginx.service\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.actions.dir, Path::new("/bundle/actions.d"));
+        assert_eq!(c.actions.sandbox, SandboxMode::Fallback);
+        let err = parse("[broker]\nhost = \"h\"\n[actions]\nallowed_units = [\"a b\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("actions.allowed_units[0]"), "{err}");
     }
 
     #[test]

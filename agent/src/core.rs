@@ -15,8 +15,8 @@
 use std::collections::HashSet;
 
 use edgebind_protocol::messages::{
-    Action, Command, CommandResult, CommandStatus, Desired, Event, Inventory, MAX_COMMAND_BYTES,
-    Presence, Reported, Status, Telemetry, UnixSeconds, events,
+    Command, CommandResult, CommandStatus, Desired, Event, Inventory, MAX_COMMAND_BYTES, Presence,
+    Reported, Status, Telemetry, UnixSeconds, events,
 };
 use edgebind_protocol::settings::{self, Setting};
 use edgebind_protocol::topics::{Kind, Topic};
@@ -24,6 +24,7 @@ use edgebind_protocol::{CommandId, DeviceId};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+use crate::actions::{ActionSet, Facts, Job, JobOutcome, Plan};
 use crate::config::LogLevel;
 use crate::journal::{JournalEntry, Ledger};
 use crate::outbox::{self, Class, Queue, Record};
@@ -53,7 +54,7 @@ pub struct Outgoing {
 pub enum Effect {
     Publish(Outgoing),
     /// Append to the journal durably (fsync) before the next effect runs:
-    /// for commands with a side effect (reboot, restart-agent).
+    /// for commands with a side effect (reboot, restart-agent, programs).
     Record(JournalEntry),
     /// Append to the journal without waiting for stable storage: for
     /// outcomes with no side effect (ping, inventory, rejections). A crash of
@@ -67,7 +68,7 @@ pub enum Effect {
     /// [`Core::on_action_done`].
     Run {
         id: CommandId,
-        action: Action,
+        job: Job,
     },
     /// New settings in force (telemetry period, log level).
     Apply(Settings),
@@ -112,8 +113,11 @@ pub struct CoreConfig {
     pub boot_id: String,
     /// Settings from the configuration file; `desired` overrides them.
     pub defaults: Settings,
-    /// Collected once at start (it only changes with an update and reboot).
+    /// Collected once at start (it only changes with an update and reboot);
+    /// the action list is filled in from `actions`.
     pub inventory: Inventory,
+    /// Every action this agent offers.
+    pub actions: ActionSet,
 }
 
 /// The agent's state machine.
@@ -137,6 +141,7 @@ pub struct Core {
     /// Commands whose side effect is under way right now.
     running: Vec<CommandId>,
     status_topic: String,
+    facts: Facts,
 }
 
 impl Core {
@@ -152,6 +157,13 @@ impl Core {
         now: UnixSeconds,
     ) -> (Core, Vec<Effect>) {
         let status_topic = Topic::Status(cfg.device.clone()).render();
+        let mut inventory = cfg.inventory.clone();
+        inventory.actions = cfg.actions.specs();
+        let facts = Facts {
+            agent_version: cfg.agent_version.clone(),
+            boot_id: cfg.boot_id.clone(),
+            inventory,
+        };
         let start_records = start.outbox.records.len();
         let mut effects = Vec::new();
         ledger.prune(now);
@@ -172,6 +184,7 @@ impl Core {
             connections: 0,
             running: Vec::new(),
             status_topic,
+            facts,
         };
         if let Some(saved) = saved {
             let (settings, _) = core.resolve_settings(&saved.settings);
@@ -217,23 +230,40 @@ impl Core {
             )));
         }
 
-        // A reboot accepted in an earlier boot has happened: report it.
-        let done: Vec<JournalEntry> = core
+        // Accepted and never finished: an action that completes with a
+        // reboot (it carries the boot id) has happened once the boot id
+        // changed; any other was running when the agent stopped (crash,
+        // power cut, kill) and is reported as interrupted, never run again
+        // for this id.
+        let open: Vec<JournalEntry> = core
             .ledger
             .entries()
-            .filter(|e| {
-                e.status == CommandStatus::Accepted
-                    && e.action == Some(Action::Reboot)
-                    && e.boot_id.as_deref() != Some(core.cfg.boot_id.as_str())
-            })
+            .filter(|e| e.status == CommandStatus::Accepted)
+            .filter(|e| e.boot_id.as_deref() != Some(core.cfg.boot_id.as_str()))
             .cloned()
             .collect();
-        for e in done {
-            let output = json!({
-                "previous_boot_id": e.boot_id,
-                "boot_id": core.cfg.boot_id,
-            });
-            let rec = core.final_entry(&e, CommandStatus::Succeeded, None, Some(output), now);
+        for e in open {
+            let rec = if e.boot_id.is_some() {
+                let output = json!({
+                    "previous_boot_id": e.boot_id,
+                    "boot_id": core.cfg.boot_id,
+                });
+                core.final_entry(&e, CommandStatus::Succeeded, None, Some(output), now)
+            } else {
+                let idempotent = e
+                    .action
+                    .as_ref()
+                    .and_then(|a| core.cfg.actions.get(a))
+                    .is_some_and(|s| s.idempotent);
+                let reason = if idempotent {
+                    "interrupted: the agent stopped while the action ran; not run again \
+                     (it is idempotent: send it again to re-run it)"
+                } else {
+                    "interrupted: the agent stopped while the action ran; not run again \
+                     (it is not idempotent)"
+                };
+                core.final_entry(&e, CommandStatus::Failed, Some(reason.into()), None, now)
+            };
             effects.push(Effect::Record(rec.clone()));
             effects.push(Effect::Publish(core.result_message(&rec.result())));
             core.ledger.insert(rec);
@@ -452,27 +482,44 @@ impl Core {
                 return effects;
             }
         };
-        let accepted = self.new_entry(&id, Some(command.action), CommandStatus::Accepted, now);
+        let plan = match self
+            .cfg
+            .actions
+            .plan(&command.action, &command.args, &self.facts)
+        {
+            Ok((_, plan)) => plan,
+            Err(refusal) => {
+                let rec = self.new_entry(&id, Some(command.action), CommandStatus::Rejected, now);
+                let rec = JournalEntry {
+                    reason: Some(refusal.0),
+                    ..rec
+                };
+                self.note(&mut effects, rec.clone());
+                effects.push(Effect::Publish(self.result_message(&rec.result())));
+                effects.extend(self.maybe_compact(now));
+                return effects;
+            }
+        };
+        let mut accepted = self.new_entry(&id, Some(command.action), CommandStatus::Accepted, now);
+        if matches!(plan, Plan::RunUntilReboot(_)) {
+            // Recorded with the boot id: `succeeded` is published once the
+            // device is back with a different one.
+            accepted.boot_id = Some(self.cfg.boot_id.clone());
+        }
         let accepted_msg = self.result_message(&accepted.result());
-        match command.action {
-            Action::Ping | Action::Inventory => {
+        match plan {
+            Plan::Answer { output, facts } => {
                 // Read-only and instantaneous: record the final result once,
                 // then say accepted and succeeded.
-                let output = match command.action {
-                    Action::Ping => json!({
-                        "pong": true,
-                        "boot_id": self.cfg.boot_id,
-                        "agent_version": self.cfg.agent_version,
-                    }),
-                    _ => serde_json::to_value(&self.cfg.inventory).unwrap_or(Value::Null),
+                let done = JournalEntry {
+                    facts,
+                    ..self.final_entry(&accepted, CommandStatus::Succeeded, None, Some(output), now)
                 };
-                let done =
-                    self.final_entry(&accepted, CommandStatus::Succeeded, None, Some(output), now);
                 self.note(&mut effects, done.clone());
                 effects.push(Effect::Publish(accepted_msg));
                 effects.push(Effect::Publish(self.result_message(&done.result())));
             }
-            Action::RestartAgent => {
+            Plan::Restart => {
                 let done = self.final_entry(
                     &accepted,
                     CommandStatus::Succeeded,
@@ -485,39 +532,39 @@ impl Core {
                 effects.push(Effect::Publish(self.result_message(&done.result())));
                 effects.push(Effect::Restart);
             }
-            Action::Reboot => {
-                // Recorded with the boot id: `succeeded` is published once the
-                // device is back with a different one.
+            Plan::Run(job) | Plan::RunUntilReboot(job) => {
+                // Durable before it runs: a redelivery, in this process or
+                // after a restart, finds the id and never runs it again.
                 self.record(&mut effects, accepted.clone());
                 effects.push(Effect::Publish(accepted_msg));
                 self.running.push(id.clone());
-                effects.push(Effect::Run {
-                    id,
-                    action: Action::Reboot,
-                });
+                effects.push(Effect::Run { id, job });
             }
         }
         effects.extend(self.maybe_compact(now));
         effects
     }
 
-    /// The side effect started by [`Effect::Run`] finished. `Ok` for a reboot
-    /// means "requested": success is reported after the boot id changes.
+    /// The side effect started by [`Effect::Run`] finished. Success of an
+    /// action that completes with a reboot means "requested": it is reported
+    /// after the boot id changes.
     pub fn on_action_done(
         &mut self,
         id: &CommandId,
-        outcome: Result<(), String>,
+        outcome: JobOutcome,
         now: UnixSeconds,
     ) -> Vec<Effect> {
         self.running.retain(|r| r != id);
-        let Err(reason) = outcome else {
-            return Vec::new();
-        };
         let Some(entry) = self.ledger.get(id).cloned() else {
             return Vec::new();
         };
+        if entry.status != CommandStatus::Accepted
+            || (outcome.status == CommandStatus::Succeeded && entry.boot_id.is_some())
+        {
+            return Vec::new();
+        }
         let mut effects = Vec::new();
-        let rec = self.final_entry(&entry, CommandStatus::Failed, Some(reason), None, now);
+        let rec = self.final_entry(&entry, outcome.status, outcome.reason, outcome.output, now);
         self.record(&mut effects, rec.clone());
         effects.push(Effect::Publish(self.result_message(&rec.result())));
         self.route(effects, now)
@@ -680,7 +727,7 @@ impl Core {
     fn new_entry(
         &self,
         id: &CommandId,
-        action: Option<Action>,
+        action: Option<edgebind_protocol::actions::Action>,
         status: CommandStatus,
         now: UnixSeconds,
     ) -> JournalEntry {
@@ -692,9 +739,11 @@ impl Core {
             output: None,
             first_seen: now,
             ts: now,
-            // Only a reboot needs to know the boot it was accepted in.
-            boot_id: (action == Some(Action::Reboot)).then(|| self.cfg.boot_id.clone()),
+            // Only an action completed by a reboot keeps the boot it was
+            // accepted in (set by on_command).
+            boot_id: None,
             undelivered: status.is_final(),
+            facts: false,
         }
     }
 
@@ -823,7 +872,11 @@ mod tests {
                 board_model: None,
                 serial: None,
                 boot_id: Some(boot.into()),
+                actions: vec![],
             },
+            actions: ActionSet::from_config(&crate::config::AgentConfig::new(
+                crate::config::BrokerConfig::new("h", 1),
+            )),
         }
     }
 
@@ -940,7 +993,11 @@ mod tests {
         assert!(first.iter().any(|e| matches!(e, Effect::Run { .. })));
         // Redelivered while the reboot request is still running: silence.
         assert!(c.on_message(&cmd_topic("r1"), payload, NOW).is_empty());
-        c.on_action_done(&CommandId::new("r1").unwrap(), Ok(()), NOW);
+        c.on_action_done(
+            &CommandId::new("r1").unwrap(),
+            JobOutcome::succeeded(None),
+            NOW,
+        );
         let again = c.on_message(&cmd_topic("r1"), payload, NOW + 5);
         assert!(
             !again
@@ -1006,7 +1063,7 @@ mod tests {
         c.on_message(&cmd_topic("r1"), br#"{"id":"r1","action":"reboot"}"#, NOW);
         let fx = c.on_action_done(
             &CommandId::new("r1").unwrap(),
-            Err("cannot create /run/edgebind/reboot-request: permission denied".into()),
+            JobOutcome::failed("cannot create /run/edgebind/reboot-request: permission denied"),
             NOW,
         );
         let r = results(&fx);
@@ -1042,7 +1099,12 @@ mod tests {
             (
                 "c2",
                 br#"{"id":"c2","action":"format-disk"}"#.to_vec(),
-                "format-disk",
+                "unknown action \"format-disk\"",
+            ),
+            (
+                "c7",
+                br#"{"id":"c7","action":"ping","args":{"x":1}}"#.to_vec(),
+                "\"x\" is not declared",
             ),
             (
                 "c3",
@@ -1366,5 +1428,210 @@ mod tests {
             c.on_message(&cmd_topic(&format!("f{i}")), &bytes, NOW);
             c.on_message("edgebind/v2/desired/dev-a", &bytes, NOW);
         }
+    }
+
+    /// A program action for the core's tests (what a declared action plans).
+    #[derive(Debug)]
+    struct Prog {
+        idempotent: bool,
+    }
+
+    impl crate::actions::Builtin for Prog {
+        fn spec(&self) -> edgebind_protocol::actions::ActionSpec {
+            edgebind_protocol::actions::ActionSpec {
+                name: edgebind_protocol::actions::Action::new(if self.idempotent {
+                    "check"
+                } else {
+                    "flash"
+                })
+                .unwrap(),
+                origin: edgebind_protocol::actions::Origin::Declared,
+                description: None,
+                args: serde_json::from_value(
+                    json!({"level": {"type": "string", "allowed": ["quick"]}}),
+                )
+                .unwrap(),
+                idempotent: self.idempotent,
+                timeout_s: 5,
+                result: None,
+            }
+        }
+
+        fn plan(&self, _: &Facts, _: &Map<String, Value>) -> Result<Plan, String> {
+            Ok(Plan::Run(Job::Program(crate::runner::ProgramSpec {
+                action: "flash".into(),
+                argv: vec!["/bin/true".into()],
+                run_as: crate::runner::RunAs::Agent,
+                timeout: std::time::Duration::from_secs(5),
+                output_limit: 100,
+                writable: vec![],
+                sandbox: crate::runner::Sandbox::Fallback,
+            })))
+        }
+    }
+
+    fn cfg_with_programs(boot: &str) -> CoreConfig {
+        let mut c = cfg(boot);
+        c.actions
+            .add(std::sync::Arc::new(Prog { idempotent: false }));
+        c.actions
+            .add(std::sync::Arc::new(Prog { idempotent: true }));
+        c
+    }
+
+    #[test]
+    fn a_program_action_is_recorded_before_it_runs_and_its_outcome_is_final() {
+        let (mut c, _) = Core::new(
+            cfg_with_programs("b"),
+            Ledger::new(RET, vec![]),
+            0,
+            None,
+            start(),
+            NOW,
+        );
+        let fx = c.on_message(
+            &cmd_topic("f1"),
+            br#"{"id":"f1","action":"flash","args":{"level":"quick"}}"#,
+            NOW,
+        );
+        assert!(matches!(fx[0], Effect::Record(ref r) if r.status == CommandStatus::Accepted));
+        assert!(fx.iter().any(|e| matches!(
+            e,
+            Effect::Run {
+                job: Job::Program(_),
+                ..
+            }
+        )));
+        assert_eq!(statuses(&fx), [CommandStatus::Accepted]);
+        let fx = c.on_action_done(
+            &CommandId::new("f1").unwrap(),
+            JobOutcome {
+                status: CommandStatus::TimedOut,
+                reason: Some("timed out after 5 s".into()),
+                output: Some(json!({"stdout": "half"})),
+            },
+            NOW + 5,
+        );
+        assert!(matches!(fx[0], Effect::Record(ref r) if r.status == CommandStatus::TimedOut));
+        let r = results(&fx);
+        assert_eq!(r[0].0, CommandStatus::TimedOut);
+        // An argument outside the schema is rejected without running.
+        let fx = c.on_message(
+            &cmd_topic("f2"),
+            br#"{"id":"f2","action":"flash","args":{"level":"slow"}}"#,
+            NOW,
+        );
+        assert!(!fx.iter().any(|e| matches!(e, Effect::Run { .. })));
+        let r = results(&fx);
+        assert_eq!(r[0].0, CommandStatus::Rejected);
+        assert!(
+            r[0].1.as_deref().unwrap().contains("not one of: quick"),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn a_run_interrupted_by_an_agent_restart_is_failed_and_never_run_again() {
+        let (mut c, _) = Core::new(
+            cfg_with_programs("b"),
+            Ledger::new(RET, vec![]),
+            0,
+            None,
+            start(),
+            NOW,
+        );
+        let mut records =
+            journaled(&c.on_message(&cmd_topic("f1"), br#"{"id":"f1","action":"flash"}"#, NOW));
+        records.extend(journaled(&c.on_message(
+            &cmd_topic("k1"),
+            br#"{"id":"k1","action":"check"}"#,
+            NOW,
+        )));
+        // The agent dies mid-run; the same boot, a new process.
+        let (mut again, start_fx) = Core::new(
+            cfg_with_programs("b"),
+            Ledger::new(RET, records),
+            0,
+            None,
+            start(),
+            NOW + 1,
+        );
+        let r = results(&start_fx);
+        assert_eq!(r.len(), 2);
+        for (status, reason) in &r {
+            assert_eq!(*status, CommandStatus::Failed);
+            assert!(
+                reason.as_deref().unwrap().starts_with("interrupted"),
+                "{reason:?}"
+            );
+        }
+        assert!(
+            r.iter()
+                .any(|(_, why)| why.as_deref().unwrap().contains("not idempotent"))
+        );
+        assert!(
+            start_fx
+                .iter()
+                .filter(|e| matches!(e, Effect::Record(_)))
+                .count()
+                == 2
+        );
+        // The broker redelivers: the final answer again, nothing runs.
+        let fx = again.on_message(
+            &cmd_topic("f1"),
+            br#"{"id":"f1","action":"flash"}"#,
+            NOW + 2,
+        );
+        assert!(!fx.iter().any(|e| matches!(e, Effect::Run { .. })));
+        assert_eq!(statuses(&fx), [CommandStatus::Failed]);
+        // A late outcome of the old run cannot overwrite the final state.
+        assert!(
+            again
+                .on_action_done(
+                    &CommandId::new("f1").unwrap(),
+                    JobOutcome::succeeded(None),
+                    NOW + 3
+                )
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn the_inventory_lists_every_action_and_is_marked_as_facts() {
+        let (mut c, _) = Core::new(
+            cfg_with_programs("b"),
+            Ledger::new(RET, vec![]),
+            0,
+            None,
+            start(),
+            NOW,
+        );
+        let fx = c.on_message(
+            &cmd_topic("i1"),
+            br#"{"id":"i1","action":"inventory"}"#,
+            NOW,
+        );
+        let last = *sent(&fx).last().unwrap();
+        let r: CommandResult = serde_json::from_slice(&last.payload).unwrap();
+        assert!(r.facts);
+        let inv: Inventory = serde_json::from_value(r.output.unwrap()).unwrap();
+        let names: Vec<&str> = inv.actions.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "check",
+                "flash",
+                "inventory",
+                "ping",
+                "reboot",
+                "restart-agent"
+            ]
+        );
+        assert!(
+            inv.action(&edgebind_protocol::actions::Action::new("flash").unwrap())
+                .unwrap()
+                .args
+                .contains_key("level")
+        );
     }
 }

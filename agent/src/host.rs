@@ -97,6 +97,8 @@ impl HostPaths {
             board_model: self.board_model(),
             serial: self.serial(),
             boot_id: Some(boot_id.to_owned()),
+            // Filled in by the core from its action set.
+            actions: Vec::new(),
         }
     }
 }

@@ -47,6 +47,9 @@ pub struct JournalEntry {
     /// directly; a later record of the id clears it once the PUBACK came.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub undelivered: bool,
+    /// The output is the device's facts (see `CommandResult::facts`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub facts: bool,
 }
 
 impl JournalEntry {
@@ -67,6 +70,7 @@ impl JournalEntry {
                 .output
                 .as_ref()
                 .and_then(|raw| serde_json::from_str(raw.0.get()).ok()),
+            facts: self.facts,
             ts: self.ts,
         }
     }
@@ -334,7 +338,7 @@ mod tests {
     fn entry(id: &str, first_seen: u64, status: CommandStatus) -> JournalEntry {
         JournalEntry {
             id: CommandId::new(id).unwrap(),
-            action: Some(Action::Ping),
+            action: Some(edgebind_protocol::actions::PING),
             status,
             reason: None,
             output: None,
@@ -342,6 +346,7 @@ mod tests {
             ts: first_seen,
             boot_id: None,
             undelivered: false,
+            facts: false,
         }
     }
 

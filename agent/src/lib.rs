@@ -29,6 +29,7 @@ pub mod identity;
 pub mod journal;
 pub mod logging;
 pub mod outbox;
+pub mod runner;
 pub mod runtime;
 pub mod systemd;
 pub mod telemetry;

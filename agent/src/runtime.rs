@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use edgebind_protocol::DeviceId;
-use edgebind_protocol::messages::{Action, now_unix};
+use edgebind_protocol::messages::now_unix;
 use rumqttc::Outgoing as MqttOutgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PubAckReason, Publish};
@@ -257,6 +257,7 @@ impl Agent {
         let core_cfg = CoreConfig {
             device: identity.device_id.clone(),
             inventory: options.host.inventory(&agent_version, &boot_id),
+            actions: crate::actions::ActionSet::from_config(&config),
             agent_version,
             boot_id,
             defaults: Settings {
@@ -658,15 +659,11 @@ impl Running {
                 Effect::StoreFrames(frames) => self.writer.outbox_lazy(frames),
                 Effect::CompactOutbox(bytes) => self.writer.rewrite_outbox(bytes),
                 Effect::Publish(o) => io.publish(o, None),
-                Effect::Run { id, action } => {
+                Effect::Run { id, job } => {
                     let tx = io.done_tx.clone();
-                    let reboot = self.config.actions.reboot.clone();
-                    info!(id = %id, action = %action, "running action");
+                    info!(id = %id, job = ?job, "running action");
                     tokio::spawn(async move {
-                        let outcome = match action {
-                            Action::Reboot => crate::actions::reboot(&reboot, &id).await,
-                            other => Err(format!("action {other} has no side effect to run")),
-                        };
+                        let outcome = job.run(&id).await;
                         let _ = tx.send((id, outcome));
                     });
                 }
@@ -767,7 +764,7 @@ struct Io {
     /// Acknowledgements of commands waiting for their journal records.
     acks: Vec<tokio::task::JoinHandle<()>>,
     connected: bool,
-    done_tx: mpsc::UnboundedSender<(edgebind_protocol::CommandId, Result<(), String>)>,
+    done_tx: mpsc::UnboundedSender<(edgebind_protocol::CommandId, crate::actions::JobOutcome)>,
     restart: bool,
 }
 

@@ -196,7 +196,7 @@ mod tests {
             ),
             (
                 "edgebind/v2/cmd/a/c1",
-                br#"{"id":"c1","action":"format-disk"}"#,
+                br#"{"id":"c1","action":"Format disk!"}"#,
             ),
             ("edgebind/v2/desired/a", br#"{"revision":1,"settings":{}}"#),
         ];

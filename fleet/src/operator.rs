@@ -221,7 +221,7 @@ pub async fn send_and_wait(
                     CommandStatus::Succeeded => Outcome::Succeeded {
                         output: result.output.clone(),
                     },
-                    CommandStatus::Failed => Outcome::Failed {
+                    CommandStatus::Failed | CommandStatus::TimedOut => Outcome::Failed {
                         reason: result.reason.clone(),
                         output: result.output.clone(),
                     },
@@ -298,4 +298,24 @@ pub fn puback_reason(reason: PubAckReason) -> String {
         PubAckReason::PayloadFormatInvalid => (0x99, "payload format invalid"),
     };
     format!("{text} (0x{code:02x})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_publish_names_its_reason_code() {
+        assert_eq!(
+            puback_reason(PubAckReason::NotAuthorized),
+            "not authorized (0x87)"
+        );
+        assert_eq!(
+            Outcome::Refused {
+                reason: puback_reason(PubAckReason::QuotaExceeded)
+            }
+            .label(),
+            "refused by the broker"
+        );
+    }
 }

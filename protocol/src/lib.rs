@@ -7,6 +7,7 @@
 //! together.
 
 pub mod acl;
+pub mod actions;
 pub mod bundle;
 pub mod ids;
 pub mod messages;

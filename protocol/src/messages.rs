@@ -119,52 +119,8 @@ pub mod events {
     pub const OUTBOX_DROPPED: &str = "outbox_dropped";
 }
 
-/// Remote actions an agent knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Action {
-    Reboot,
-    Ping,
-    Inventory,
-    RestartAgent,
-}
-
-impl Action {
-    pub const ALL: [Action; 4] = [
-        Action::Reboot,
-        Action::Ping,
-        Action::Inventory,
-        Action::RestartAgent,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Reboot => "reboot",
-            Action::Ping => "ping",
-            Action::Inventory => "inventory",
-            Action::RestartAgent => "restart-agent",
-        }
-    }
-}
-
-impl std::str::FromStr for Action {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Action::ALL
-            .into_iter()
-            .find(|a| a.as_str() == s)
-            .ok_or_else(|| {
-                let known: Vec<_> = Action::ALL.iter().map(|a| a.as_str()).collect();
-                format!("unknown action {s:?} (known: {})", known.join(", "))
-            })
-    }
-}
-
-impl std::fmt::Display for Action {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// Action names (validated; each device lists the ones it offers).
+pub use crate::actions::Action;
 
 /// A remote command as published on `devices/{id}/cmd/{cmd-id}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -198,7 +154,7 @@ pub enum Rejection {
     #[error("malformed command: {0}")]
     Malformed(String),
     #[error("{0}")]
-    UnknownAction(String),
+    BadActionName(String),
     #[error("command id in payload ({payload}) differs from the topic's ({topic})")]
     IdMismatch { topic: String, payload: String },
     #[error("command expired at {expires_at} (device clock: {now})")]
@@ -230,7 +186,7 @@ impl Command {
                 payload: raw.id,
             });
         }
-        let action: Action = raw.action.parse().map_err(Rejection::UnknownAction)?;
+        let action: Action = raw.action.parse().map_err(Rejection::BadActionName)?;
         let args = match raw.args {
             None | Some(Value::Null) => Map::new(),
             Some(Value::Object(map)) => map,
@@ -264,6 +220,8 @@ pub enum CommandStatus {
     Accepted,
     Succeeded,
     Failed,
+    /// The action ran past its time limit and was killed.
+    TimedOut,
     Rejected,
 }
 
@@ -278,6 +236,7 @@ impl CommandStatus {
             CommandStatus::Accepted => "accepted",
             CommandStatus::Succeeded => "succeeded",
             CommandStatus::Failed => "failed",
+            CommandStatus::TimedOut => "timed_out",
             CommandStatus::Rejected => "rejected",
         }
     }
@@ -292,6 +251,11 @@ pub struct CommandResult {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Value>,
+    /// The output is a report of the device's facts (what `inventory`
+    /// answers): the registry keeps the latest such report of a device,
+    /// whichever action sent it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub facts: bool,
     pub ts: UnixSeconds,
 }
 
@@ -309,6 +273,17 @@ pub struct Inventory {
     pub serial: Option<String>,
     #[serde(default)]
     pub boot_id: Option<String>,
+    /// The actions this device offers, built-in and declared by its image,
+    /// with their argument schemas (absent from agents before 0.2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<crate::actions::ActionSpec>,
+}
+
+impl Inventory {
+    /// The spec of `action`, if the device offers it.
+    pub fn action(&self, action: &Action) -> Option<&crate::actions::ActionSpec> {
+        self.actions.iter().find(|a| &a.name == action)
+    }
 }
 
 /// The desired-settings keys (the contract with types and ranges is
@@ -353,7 +328,7 @@ mod tests {
             100,
         )
         .unwrap();
-        assert_eq!(c.action, Action::Reboot);
+        assert_eq!(c.action, crate::actions::REBOOT);
         assert_eq!(c.expires_at, Some(200));
         let again = Command::decode(&cid("c1"), &c.encode(), 100).unwrap();
         assert_eq!(again, c);
@@ -368,8 +343,8 @@ mod tests {
             (b"\xff\xfe", |r| matches!(r, Rejection::Malformed(_))),
             (br#"{"id":"c1"}"#, |r| matches!(r, Rejection::Malformed(_))),
             (
-                br#"{"id":"c1","action":"format-disk"}"#,
-                |r| matches!(r, Rejection::UnknownAction(m) if m.contains("format-disk")),
+                br#"{"id":"c1","action":"Format disk"}"#,
+                |r| matches!(r, Rejection::BadActionName(m) if m.contains("Format disk")),
             ),
             (br#"{"id":"c2","action":"ping"}"#, |r| {
                 matches!(r, Rejection::IdMismatch { .. })

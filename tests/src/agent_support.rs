@@ -27,6 +27,9 @@ pub struct AgentSetup {
     pub top_level: String,
     /// Overrides the broker's real name (to prove it is checked).
     pub server_name: Option<String>,
+    /// Extra TOML lines of the `[actions]` table (its `dir` is the bundle's
+    /// `actions.d`, see [`AgentBundle::actions_dir`]).
+    pub actions: String,
 }
 
 impl Default for AgentSetup {
@@ -35,6 +38,7 @@ impl Default for AgentSetup {
             telemetry_interval_s: 60,
             top_level: String::new(),
             server_name: None,
+            actions: String::new(),
         }
     }
 }
@@ -49,6 +53,8 @@ pub struct AgentBundle {
     pub state_dir: PathBuf,
     /// One line per executed reboot.
     pub marker: PathBuf,
+    /// The agent's `actions.dir` (not created).
+    pub actions_dir: PathBuf,
 }
 
 impl AgentBundle {
@@ -74,6 +80,10 @@ interval_s = {interval}
 [state]
 dir = "state"
 
+[actions]
+dir = "actions.d"
+{actions}
+
 [actions.reboot]
 method = "command"
 command = ["/bin/sh", "-c", "echo reboot >> '{marker}'"]
@@ -87,11 +97,13 @@ level = "debug"
             server_name = setup.server_name.as_deref().unwrap_or(broker.server_name()),
             interval = setup.telemetry_interval_s,
             marker = marker.display(),
+            actions = setup.actions,
         );
         std::fs::write(&config, toml).expect("write agent.toml");
         AgentBundle {
             id: DeviceId::new(id).expect("valid device id"),
             state_dir: dir.join("state"),
+            actions_dir: dir.join("actions.d"),
             dir,
             config,
             marker,

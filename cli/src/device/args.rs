@@ -97,14 +97,22 @@ pub enum StateFilter {
     edgebind send --tag lab inventory --timeout 60\n  \
     edgebind send --all reboot --queue         # delivered when each device is next online\n  \
     edgebind send rpi-0001 reboot --on-connect  # every time it connects\n  \
-    edgebind send rpi-0001 inventory --queue --wait --timeout 3600\n\n\
+    edgebind send rpi-0001 inventory --queue --wait --timeout 3600\n  \
+    edgebind send rpi-0001 selftest --arg level=full   # an action the image declared\n\n\
+    Arguments are checked against the action list the device reported in its last\n\
+    inventory (`edgebind device show DEV` lists it) before anything is sent.\n\n\
     Exit status: 0 when every device succeeded, 1 otherwise (failed, rejected, timed out).")]
 pub struct SendArgs {
     /// `DEVICE ACTION [KEY=VALUE]...`, or `ACTION [KEY=VALUE]...` with --tag/--all.
-    /// Actions: reboot, ping, inventory, restart-agent. Argument values are
-    /// parsed as JSON when they are JSON.
+    /// Built-in actions: reboot, ping, inventory, restart-agent,
+    /// restart-service, collect-logs; an image may declare more. Argument
+    /// values are parsed as JSON when they are JSON.
     #[arg(required = true, value_name = "DEVICE ACTION [KEY=VALUE]")]
     pub words: Vec<String>,
+    /// An argument of the action, `KEY=VALUE`; repeatable (same as a
+    /// trailing KEY=VALUE word).
+    #[arg(long = "arg", value_name = "KEY=VALUE")]
+    pub arg: Vec<String>,
     /// Every device with this tag.
     #[arg(long, conflicts_with = "all")]
     pub tag: Option<String>,

@@ -28,7 +28,7 @@ fn send_words(args: &SendArgs) -> anyhow::Result<(Option<&str>, &str, &[String])
 pub fn send(args: SendArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
     let (device, action, rest) = send_words(&args)?;
     let action: Action = action.parse().map_err(anyhow::Error::msg)?;
-    let cmd_args = parse_args(rest.iter().map(String::as_str))?;
+    let cmd_args = parse_args(rest.iter().chain(&args.arg).map(String::as_str))?;
     let targets = match (device, &args.tag, args.all) {
         (Some(id), _, _) => Targets::Device(DeviceId::new(id)?),
         (None, Some(tag), _) => Targets::Tag(tag.parse()?),
@@ -43,7 +43,7 @@ pub fn send(args: SendArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
     };
     let req = SendRequest {
         targets,
-        action,
+        action: action.clone(),
         args: cmd_args,
         mode,
         timeout: Duration::from_secs(args.timeout),
@@ -80,6 +80,9 @@ pub fn send(args: SendArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
             }
         }
         SendEvent::Progress { .. } => {}
+        SendEvent::NotChecked(d) => eprintln!(
+            "edgebind: warning: {d} has reported no action list yet; arguments not checked here (the device checks them)"
+        ),
     })?;
     match &sent {
         Sent::Rules(rules) => {
@@ -116,7 +119,7 @@ pub fn send(args: SendArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(outcomes)?);
             } else {
-                print_outcomes(outcomes, action);
+                print_outcomes(outcomes, &action);
             }
         }
     }
@@ -127,7 +130,7 @@ pub fn send(args: SendArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn print_outcomes(outcomes: &[DeviceOutcome], action: Action) {
+fn print_outcomes(outcomes: &[DeviceOutcome], action: &Action) {
     for o in outcomes {
         let detail = match &o.outcome {
             Outcome::Succeeded { output: Some(out) } => format!(" {out}"),
@@ -137,6 +140,7 @@ fn print_outcomes(outcomes: &[DeviceOutcome], action: Action) {
                 output.as_ref().map(|o| format!(" {o}")).unwrap_or_default()
             ),
             Outcome::Rejected { reason } => format!(" {}", reason.as_deref().unwrap_or("")),
+            Outcome::Refused { reason } => format!(" {reason}"),
             _ => String::new(),
         };
         println!(

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use edgebind_fleet::ops::FleetHome;
 use edgebind_fleet::registry::Tag;
 use edgebind_protocol::DeviceId;
+use edgebind_protocol::actions::{ActionSpec, ArgType, Origin};
+use edgebind_protocol::messages::Inventory;
 use serde_json::{Value, json};
 
 use super::args::ShowArgs;
@@ -96,10 +98,24 @@ pub fn show(args: ShowArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
         );
     }
     if let Some(inv) = &d.inventory {
+        // The action list is shown on its own below.
+        let mut facts = inv.clone();
+        if let Some(map) = facts.as_object_mut() {
+            map.remove("actions");
+        }
         println!(
-            "inventory     {inv} (at {})",
+            "inventory     {facts} (at {})",
             render::unix_time(d.inventory_at)
         );
+        let actions = serde_json::from_value::<Inventory>(inv.clone())
+            .map(|i| i.actions)
+            .unwrap_or_default();
+        if !actions.is_empty() {
+            println!("actions:");
+            for a in &actions {
+                println!("  {}", render_action(a));
+            }
+        }
     }
     if !rules.is_empty() {
         println!("on connect:");
@@ -141,4 +157,60 @@ pub fn show(args: ShowArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `selftest (declared, not idempotent, 30 s) level=quick|full count=1..5 [verbose=bool]`
+fn render_action(a: &ActionSpec) -> String {
+    let mut words = vec![format!(
+        "{:<16} ({}, {}, {} s)",
+        a.name.as_str(),
+        match a.origin {
+            Origin::Builtin => "built-in",
+            Origin::Declared => "declared",
+        },
+        if a.idempotent {
+            "idempotent"
+        } else {
+            "not idempotent"
+        },
+        a.timeout_s
+    )];
+    for (name, arg) in &a.args {
+        let ty = match &arg.ty {
+            ArgType::String { allowed, .. } if !allowed.is_empty() => allowed.join("|"),
+            ArgType::String { .. } => "text".to_owned(),
+            ArgType::Integer { min, max } => format!("{min}..{max}"),
+            ArgType::Bool => "true|false".to_owned(),
+        };
+        words.push(if arg.required {
+            format!("{name}={ty}")
+        } else {
+            format!("[{name}={ty}]")
+        });
+    }
+    if let Some(d) = &a.description {
+        words.push(format!("- {d}"));
+    }
+    words.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_action_renders_with_its_argument_schema() {
+        let a: ActionSpec = serde_json::from_value(json!({
+            "name": "selftest", "origin": "declared", "idempotent": false, "timeout_s": 30,
+            "args": {
+                "level": {"type": "string", "allowed": ["quick", "full"], "required": true},
+                "count": {"type": "integer", "min": 1, "max": 5},
+            },
+        }))
+        .unwrap();
+        let line = render_action(&a);
+        assert!(line.starts_with("selftest "), "{line}");
+        assert!(line.contains("(declared, not idempotent, 30 s)"), "{line}");
+        assert!(line.contains("[count=1..5] level=quick|full"), "{line}");
+    }
 }

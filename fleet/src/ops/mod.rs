@@ -96,6 +96,8 @@ pub enum OpsError {
     AlreadyRevoked(DeviceId),
     #[error("no (non-revoked) device matches")]
     NoTargets,
+    #[error("not sent: {0}")]
+    ActionRefused(String),
     #[error(
         "{cause}; undone: the new certificate {serial} of {id} is revoked and the registry keeps the previous one"
     )]

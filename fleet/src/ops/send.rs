@@ -9,7 +9,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use edgebind_protocol::messages::{Action, Command, now_unix};
+use edgebind_protocol::actions::{ArgSpec, ArgType, validate_args};
+use edgebind_protocol::messages::{Action, Command, Inventory, now_unix};
 use edgebind_protocol::{CommandId, DeviceId};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -74,6 +75,10 @@ pub enum SendEvent<'a> {
         total: usize,
         failures: usize,
     },
+    /// The registry holds no action list for this device (never
+    /// inventoried, or an agent older than the list): its arguments were not
+    /// checked here; the device still checks them.
+    NotChecked(&'a DeviceId),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -136,6 +141,72 @@ fn active(devices: Vec<Device>) -> Vec<DeviceId> {
         .collect()
 }
 
+/// The action and its arguments checked against what each target reported
+/// in its last inventory (the device's own schema, so an image's declared
+/// actions are checked as exactly as the built-ins). Arguments typed as text
+/// (`count=5` parses as a number) are turned back into strings where the
+/// schema wants a string. Refuses the whole send, naming every device that
+/// would refuse it; devices without a reported action list are returned,
+/// unchecked.
+pub fn check_against_inventory(
+    store: &dyn Store,
+    targets: &[DeviceId],
+    action: &Action,
+    args: &Map<String, Value>,
+) -> Result<(Map<String, Value>, Vec<DeviceId>), OpsError> {
+    let mut unchecked = Vec::new();
+    let mut refusals = Vec::new();
+    let mut args = args.clone();
+    let mut coerced = false;
+    for id in targets {
+        let device = store.device(id)?;
+        let inventory = device
+            .inventory
+            .and_then(|v| serde_json::from_value::<Inventory>(v).ok())
+            .filter(|inv| !inv.actions.is_empty());
+        let Some(inventory) = inventory else {
+            unchecked.push(id.clone());
+            continue;
+        };
+        let Some(spec) = inventory.action(action) else {
+            let offered: Vec<&str> = inventory.actions.iter().map(|a| a.name.as_str()).collect();
+            refusals.push(format!(
+                "{id} does not offer {action} (it offers: {}; `edgebind send {id} inventory` refreshes the list)",
+                offered.join(", ")
+            ));
+            continue;
+        };
+        if !coerced {
+            coerce_text(&spec.args, &mut args);
+            coerced = true;
+        }
+        if let Err(why) = validate_args(&spec.args, &args) {
+            refusals.push(format!("{id}: {action}: {why}"));
+        }
+    }
+    if !refusals.is_empty() {
+        return Err(OpsError::ActionRefused(refusals.join("; ")));
+    }
+    Ok((args, unchecked))
+}
+
+/// `name=5` typed for a string argument is the string "5".
+fn coerce_text(spec: &std::collections::BTreeMap<String, ArgSpec>, args: &mut Map<String, Value>) {
+    for (name, value) in args.iter_mut() {
+        if let Some(ArgSpec {
+            ty: ArgType::String { .. },
+            ..
+        }) = spec.get(name)
+            && !value.is_string()
+            && !value.is_object()
+            && !value.is_array()
+            && !value.is_null()
+        {
+            *value = Value::String(value.to_string());
+        }
+    }
+}
+
 /// Send `req.action` to its targets (see [`Mode`]).
 pub fn send(
     home: &FleetHome,
@@ -144,10 +215,18 @@ pub fn send(
     mut on_event: impl FnMut(SendEvent<'_>),
 ) -> Result<Sent, OpsError> {
     let targets = resolve_targets(store, &req.targets)?;
+    let (args, unchecked) = check_against_inventory(store, &targets, &req.action, &req.args)?;
+    for d in &unchecked {
+        on_event(SendEvent::NotChecked(d));
+    }
+    let req = &SendRequest {
+        args,
+        ..req.clone()
+    };
     if req.mode == Mode::OnConnect {
         let mut rules = Vec::new();
         for d in &targets {
-            rules.push(store.add_on_connect(d, req.action, &req.args)?);
+            rules.push(store.add_on_connect(d, req.action.clone(), &req.args)?);
         }
         return Ok(Sent::Rules(rules));
     }
@@ -177,7 +256,7 @@ pub fn send(
         .map(|d| NewCommand {
             id: new_command_id(if queued { "q" } else { "op" }),
             device: d.clone(),
-            action: req.action,
+            action: req.action.clone(),
             args: req.args.clone(),
             delivery: if queued {
                 Delivery::Queued
@@ -237,7 +316,7 @@ fn deliver_now(
                 c.device.clone(),
                 Command {
                     id: c.id.clone(),
-                    action: req.action,
+                    action: req.action.clone(),
                     args: req.args.clone(),
                     expires_at,
                 },

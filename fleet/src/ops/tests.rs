@@ -7,7 +7,6 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use edgebind_certs::{InitOptions, Pki};
-use edgebind_protocol::messages::Action;
 use edgebind_protocol::{DeviceId, Principal};
 use serde_json::Map;
 
@@ -215,7 +214,7 @@ fn queue_ping(store: &mut dyn Store, id: &DeviceId) -> edgebind_protocol::Comman
         .insert_commands(&[NewCommand {
             id: cmd.clone(),
             device: id.clone(),
-            action: Action::Ping,
+            action: edgebind_protocol::actions::PING,
             args: Map::new(),
             delivery: Delivery::Queued,
             requested_by: None,
@@ -360,7 +359,7 @@ fn sends_resolve_only_non_revoked_targets() {
     assert!(err.to_string().contains("revoked"), "{err}");
     let req = SendRequest {
         targets: Targets::Tag("lab".parse().unwrap()),
-        action: Action::Ping,
+        action: edgebind_protocol::actions::PING,
         args: Map::new(),
         mode: Mode::Queue,
         timeout: std::time::Duration::from_secs(1),

@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 
 use edgebind_protocol::messages::{
-    Action, Command, CommandResult, CommandStatus, Event, Presence, Reported, Status,
+    Command, CommandResult, CommandStatus, Event, Presence, Reported, Status,
 };
 use edgebind_protocol::{CommandId, DeviceId};
 use serde_json::{Map, Value, json};
@@ -364,7 +364,7 @@ pub fn a_final_result_survives_a_duplicate_delivery_in_a_later_batch(registry: &
         .insert_commands(&[NewCommand {
             id: cid("r1"),
             device: id("a"),
-            action: Action::Reboot,
+            action: edgebind_protocol::actions::REBOOT,
             args: Map::new(),
             delivery: Delivery::Now,
             requested_by: None,
@@ -379,6 +379,7 @@ pub fn a_final_result_survives_a_duplicate_delivery_in_a_later_batch(registry: &
             status,
             reason: None,
             output: None,
+            facts: false,
             ts: at,
         },
         received_at: at,
@@ -445,7 +446,7 @@ pub fn bad_inputs_are_clear_errors_and_change_nothing(registry: &dyn Fixture) {
             )
             .unwrap_err(),
         store
-            .add_on_connect(&ghost, Action::Reboot, &Map::new())
+            .add_on_connect(&ghost, edgebind_protocol::actions::REBOOT, &Map::new())
             .unwrap_err(),
         store.commands_for(&ghost, 10).unwrap_err(),
         store
@@ -461,7 +462,7 @@ pub fn bad_inputs_are_clear_errors_and_change_nothing(registry: &dyn Fixture) {
         NewCommand {
             id: cid("c1"),
             device: id("rpi-1"),
-            action: Action::Ping,
+            action: edgebind_protocol::actions::PING,
             args: Map::new(),
             delivery: Delivery::Queued,
             requested_by: None,
@@ -471,7 +472,7 @@ pub fn bad_inputs_are_clear_errors_and_change_nothing(registry: &dyn Fixture) {
         NewCommand {
             id: cid("c2"),
             device: ghost.clone(),
-            action: Action::Ping,
+            action: edgebind_protocol::actions::PING,
             args: Map::new(),
             delivery: Delivery::Queued,
             requested_by: None,
@@ -508,7 +509,7 @@ pub fn duplicate_command_ids_insert_nothing(registry: &dyn Fixture) {
     let c = |i: &str| NewCommand {
         id: cid(i),
         device: id("a"),
-        action: Action::Ping,
+        action: edgebind_protocol::actions::PING,
         args: Map::new(),
         delivery: Delivery::Now,
         requested_by: Some("operator:t".into()),
@@ -664,7 +665,7 @@ pub fn queued_commands_wait_for_online_and_results_are_recorded(registry: &dyn F
         .insert_commands(&[NewCommand {
             id: cid("q1"),
             device: id("a"),
-            action: Action::Inventory,
+            action: edgebind_protocol::actions::INVENTORY,
             args: Map::new(),
             delivery: Delivery::Queued,
             requested_by: Some("operator:t".into()),
@@ -690,6 +691,8 @@ pub fn queued_commands_wait_for_online_and_results_are_recorded(registry: &dyn F
             id: cid("q1"),
             status,
             reason: None,
+            // An inventory answer is the device's facts.
+            facts: output.is_some(),
             output,
             ts: 12,
         },
@@ -722,7 +725,7 @@ pub fn commands_seen_on_the_wire_and_orphan_results_enter_the_log(registry: &dyn
         device: id("a"),
         command: Command {
             id: cid("w1"),
-            action: Action::Ping,
+            action: edgebind_protocol::actions::PING,
             args: Map::new(),
             expires_at: None,
         },
@@ -735,6 +738,7 @@ pub fn commands_seen_on_the_wire_and_orphan_results_enter_the_log(registry: &dyn
             status: CommandStatus::Rejected,
             reason: Some("unknown action".into()),
             output: None,
+            facts: false,
             ts: 6,
         },
         received_at: 6,
@@ -755,13 +759,13 @@ pub fn revoke_marks_device_drops_queue_and_rules_and_is_not_repeatable(registry:
     let mut store = registry.open(Retention::default());
     store.add_device(&new_device("a", &[])).unwrap();
     store
-        .add_on_connect(&id("a"), Action::Reboot, &Map::new())
+        .add_on_connect(&id("a"), edgebind_protocol::actions::REBOOT, &Map::new())
         .unwrap();
     store
         .insert_commands(&[NewCommand {
             id: cid("q1"),
             device: id("a"),
-            action: Action::Ping,
+            action: edgebind_protocol::actions::PING,
             args: Map::new(),
             delivery: Delivery::Queued,
             requested_by: None,
@@ -818,7 +822,7 @@ pub fn on_connect_rules_round_trip(registry: &dyn Fixture) {
     let rule = store
         .add_on_connect(
             &id("a"),
-            Action::Inventory,
+            edgebind_protocol::actions::INVENTORY,
             json!({"x": 1}).as_object().unwrap(),
         )
         .unwrap();
@@ -920,7 +924,7 @@ pub fn a_connection_queues_its_commands_exactly_once(registry: &dyn Fixture) {
     let mut store = registry.open(Retention::default());
     store.add_device(&new_device("a", &[])).unwrap();
     store
-        .add_on_connect(&id("a"), Action::Ping, &Map::new())
+        .add_on_connect(&id("a"), edgebind_protocol::actions::PING, &Map::new())
         .unwrap();
     let policy = ConnectPolicy {
         inventory: true,
@@ -981,6 +985,8 @@ pub fn a_claim_belongs_to_one_holder_until_it_expires(registry: &dyn Fixture) {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert!(!a.claim("cmd/x", "service:fleet", 60).unwrap());
+}
+
 fn unit_record(serial: &str, device: &str, cert: &str) -> ManufacturingRecord {
     ManufacturingRecord {
         serial: serial.into(),

@@ -239,11 +239,11 @@ impl<S: Storage> Store for S {
         let now = now_unix();
         write(self, |tx| {
             rules::ensure_active(&load(tx, device)?)?;
-            let id = tx.insert_rule(device, action, args, now)?;
+            let id = tx.insert_rule(device, action.clone(), args, now)?;
             Ok(OnConnectRule {
                 id,
                 device: device.clone(),
-                action,
+                action: action.clone(),
                 args: args.clone(),
                 created_at: now,
             })

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use edgebind_protocol::messages::{
-    Action, Command, CommandResult, CommandStatus, Desired, Presence, Status, UnixSeconds,
+    Command, CommandResult, CommandStatus, Desired, Presence, Status, UnixSeconds,
 };
 use edgebind_protocol::{CommandId, DeviceId};
 use serde_json::{Map, Value};
@@ -263,7 +263,7 @@ pub fn on_connect_commands(
         .map(|rule| NewCommand {
             id: connection_command_id("oc", device, connected_at, connection, &rule.id.to_string()),
             device: device.clone(),
-            action: rule.action,
+            action: rule.action.clone(),
             args: rule.args.clone(),
             delivery: Delivery::OnConnect,
             requested_by: policy.requested_by.clone(),
@@ -275,7 +275,7 @@ pub fn on_connect_commands(
         out.push(NewCommand {
             id: connection_command_id("inv", device, connected_at, connection, "inventory"),
             device: device.clone(),
-            action: Action::Inventory,
+            action: edgebind_protocol::actions::INVENTORY,
             args: Map::new(),
             delivery: Delivery::Auto,
             requested_by: policy.requested_by.clone(),
@@ -429,7 +429,9 @@ pub struct ResultEffect {
     pub command: Option<CommandRecord>,
     /// The entry did not exist: insert rather than update.
     pub new_entry: bool,
-    /// The answer to `inventory` is the device's inventory.
+    /// A succeeded result that carries the device's facts (`facts: true`,
+    /// e.g. the answer to `inventory`) becomes the device's inventory,
+    /// whichever action sent it.
     pub inventory: Option<Value>,
 }
 
@@ -471,12 +473,7 @@ pub fn command_result(
         }),
     };
     let inventory = match &moved {
-        Some(c)
-            if c.state == CommandState::Succeeded
-                && c.action.as_deref() == Some(Action::Inventory.as_str()) =>
-        {
-            c.output.clone()
-        }
+        Some(c) if c.state == CommandState::Succeeded && result.facts => c.output.clone(),
         _ => None,
     };
     ResultEffect {
@@ -510,7 +507,8 @@ fn final_state(status: CommandStatus) -> CommandState {
     match status {
         CommandStatus::Accepted => CommandState::Accepted,
         CommandStatus::Succeeded => CommandState::Succeeded,
-        CommandStatus::Failed => CommandState::Failed,
+        // The registry keeps one failed state; the reason says it timed out.
+        CommandStatus::Failed | CommandStatus::TimedOut => CommandState::Failed,
         CommandStatus::Rejected => CommandState::Rejected,
     }
 }

@@ -170,7 +170,7 @@ impl Outbox {
         }
         let command = Command {
             id: record.id.clone(),
-            action,
+            action: action.clone(),
             args: record.args.clone(),
             expires_at: record.expires_at,
         };

@@ -32,6 +32,7 @@ IMAGE_FEATURES += "read-only-rootfs \
 IMAGE_INSTALL = "packagegroup-core-boot \
                  edgebind-agent \
                  edgebind-agent-sysctl \
+                 edgebind-action-selftest \
                  edgebind-system \
                  iptables \
                  ${@oe.utils.conditional('EDGEBIND_SSH', '1', 'edgebind-system-ssh', '', d)} \

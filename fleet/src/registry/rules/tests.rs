@@ -74,6 +74,7 @@ fn result(status: CommandStatus, output: Option<Value>) -> CommandResult {
         status,
         reason: None,
         output,
+        facts: false,
         ts: 0,
     }
 }
@@ -249,7 +250,7 @@ fn an_orphan_result_gets_a_log_entry_and_the_command_later_its_action() {
     );
     let cmd = Command {
         id: entry.id.clone(),
-        action: Action::Ping,
+        action: edgebind_protocol::actions::PING,
         args: Map::new(),
         expires_at: None,
     };
@@ -260,29 +261,51 @@ fn an_orphan_result_gets_a_log_entry_and_the_command_later_its_action() {
 }
 
 #[test]
-fn only_a_succeeded_inventory_becomes_the_inventory() {
+fn only_a_succeeded_result_carrying_facts_becomes_the_inventory() {
     let inv = json!({"agent_version": "1.0"});
-    let ok = command_result(
+    let facts = |status| CommandResult {
+        facts: true,
+        ..result(status, Some(inv.clone()))
+    };
+    // Whatever the action is called: the rule looks at the result only.
+    for action in ["inventory", "site-survey"] {
+        let ok = command_result(
+            Some(&sent(Some(action))),
+            &id("d1"),
+            &facts(CommandStatus::Succeeded),
+            1,
+        );
+        assert_eq!(ok.inventory, Some(inv.clone()), "{action}");
+    }
+    let failed = command_result(
+        Some(&sent(Some("inventory"))),
+        &id("d1"),
+        &facts(CommandStatus::Failed),
+        1,
+    );
+    assert_eq!(failed.inventory, None);
+    let plain = command_result(
         Some(&sent(Some("inventory"))),
         &id("d1"),
         &result(CommandStatus::Succeeded, Some(inv.clone())),
         1,
     );
-    assert_eq!(ok.inventory, Some(inv.clone()));
-    let failed = command_result(
-        Some(&sent(Some("inventory"))),
-        &id("d1"),
-        &result(CommandStatus::Failed, Some(inv.clone())),
-        1,
+    assert_eq!(
+        plain.inventory, None,
+        "an output without facts: true is not stored"
     );
-    assert_eq!(failed.inventory, None);
-    let ping = command_result(
-        Some(&sent(Some("ping"))),
-        &id("d1"),
-        &result(CommandStatus::Succeeded, Some(inv)),
-        1,
-    );
-    assert_eq!(ping.inventory, None);
+}
+
+#[test]
+fn a_timed_out_result_is_a_final_failure_with_its_reason() {
+    let r = CommandResult {
+        reason: Some("timed out after 2 s".into()),
+        ..result(CommandStatus::TimedOut, None)
+    };
+    let e = command_result(Some(&sent(Some("selftest"))), &id("d1"), &r, 1);
+    let c = e.command.unwrap();
+    assert_eq!(c.state, CommandState::Failed);
+    assert_eq!(c.reason.as_deref(), Some("timed out after 2 s"));
 }
 
 #[test]
@@ -331,7 +354,7 @@ fn a_queued_command_waits_and_others_are_on_their_way() {
     let c = NewCommand {
         id: CommandId::new("c9").unwrap(),
         device: id("d1"),
-        action: Action::Reboot,
+        action: edgebind_protocol::actions::REBOOT,
         args: Map::new(),
         delivery: Delivery::Queued,
         requested_by: None,

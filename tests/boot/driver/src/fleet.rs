@@ -187,7 +187,7 @@ impl Fleet {
         let id = CommandId::new(id)?;
         let cmd = DeviceCommand {
             id: id.clone(),
-            action,
+            action: action.clone(),
             args: Default::default(),
             expires_at: None,
         };

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
-use edgebind_protocol::messages::{Action, CommandStatus};
+use edgebind_protocol::messages::CommandStatus;
 
 use crate::control::{ControlListener, Guest};
 use crate::fleet::{Fleet, normalize_boot_id};
@@ -211,7 +211,9 @@ impl Scenario<'_> {
         // Reboot command, published retained so that the broker delivers it
         // again on every reconnect: the device must not run it twice.
         let t_cmd = Instant::now();
-        let reboot_id = self.fleet.send("reboot-0001", Action::Reboot, true)?;
+        let reboot_id = self
+            .fleet
+            .send("reboot-0001", edgebind_protocol::actions::REBOOT, true)?;
         println!("[first] sent `reboot` ({reboot_id}, QoS 1, retained)");
         let mut b = current.take().expect("booted");
         b.vm.wait_exit(SHUTDOWN_TIMEOUT)

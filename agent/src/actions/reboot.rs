@@ -1,18 +1,44 @@
-//! Carrying out the `reboot` action as configured.
+//! `reboot`: restart the device as configured (`[actions.reboot]`).
+//! Accepted with the boot id; succeeded once the agent starts in another boot.
 
 use std::io::Write;
 use std::time::Duration;
 
 use edgebind_protocol::CommandId;
+use edgebind_protocol::actions::{ActionSpec, Origin, REBOOT};
 use edgebind_protocol::messages::now_unix;
+use serde_json::{Map, Value};
 
+use super::{Builtin, Facts, Job, Plan};
 use crate::config::{RebootConfig, RebootMethod};
+
+#[derive(Debug)]
+pub struct Reboot(pub RebootConfig);
+
+impl Builtin for Reboot {
+    fn spec(&self) -> ActionSpec {
+        ActionSpec {
+            name: REBOOT,
+            origin: Origin::Builtin,
+            description: Some("restart the device".into()),
+            args: Default::default(),
+            // Never again for the same id: the journal keeps the boot id.
+            idempotent: false,
+            timeout_s: REBOOT_COMMAND_TIMEOUT.as_secs(),
+            result: Some("{previous_boot_id, boot_id} once the device is back".into()),
+        }
+    }
+
+    fn plan(&self, _: &Facts, _: &Map<String, Value>) -> Result<Plan, String> {
+        Ok(Plan::RunUntilReboot(Job::Reboot(self.0.clone())))
+    }
+}
 
 /// How long a `command` reboot method may run before it counts as failed.
 pub const REBOOT_COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Request the reboot; `Err` carries the reason reported as `failed`.
-pub async fn reboot(cfg: &RebootConfig, id: &CommandId) -> Result<(), String> {
+pub async fn request(cfg: &RebootConfig, id: &CommandId) -> Result<(), String> {
     match cfg.method {
         RebootMethod::RequestFile => request_file(cfg, id),
         RebootMethod::Command => run_command(&cfg.command).await,
@@ -80,6 +106,14 @@ mod tests {
         CommandId::new("r1").unwrap()
     }
 
+    #[test]
+    fn a_reboot_waits_for_the_next_boot_and_is_not_idempotent() {
+        let r = Reboot(RebootConfig::default());
+        assert!(!r.spec().idempotent);
+        let plan = r.plan(&super::super::tests::facts(), &Map::new()).unwrap();
+        assert!(matches!(plan, Plan::RunUntilReboot(Job::Reboot(_))));
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn request_file_is_created() {
         let dir = tempfile::tempdir().unwrap();
@@ -88,7 +122,7 @@ mod tests {
             path: dir.path().join("sub/reboot-request"),
             command: vec![],
         };
-        reboot(&cfg, &id()).await.unwrap();
+        request(&cfg, &id()).await.unwrap();
         let body = std::fs::read_to_string(&cfg.path).unwrap();
         assert!(body.contains("command=r1"));
     }
@@ -104,12 +138,12 @@ mod tests {
                 "echo nope >&2; exit 3".into(),
             ],
         };
-        let err = reboot(&cfg, &id()).await.unwrap_err();
+        let err = request(&cfg, &id()).await.unwrap_err();
         assert!(err.contains("nope"), "{err}");
         let ok = RebootConfig {
             command: vec!["/bin/true".into()],
             ..cfg
         };
-        reboot(&ok, &id()).await.unwrap();
+        request(&ok, &id()).await.unwrap();
     }
 }
