@@ -222,8 +222,18 @@ impl Broker {
     pub fn hup(&mut self) -> anyhow::Result<()> {
         let before = self.reload_count();
         let pid = self.pid().context("broker not running")?;
-        edgebind_broker::process::send_hup(pid)?;
-        if !wait_until(Duration::from_secs(10), || self.reload_count() > before) {
+        // A SIGHUP that arrives while another is pending merges with it (a
+        // CLI's own SIGHUP, say), so send again until a new reload is logged:
+        // reloading twice is harmless.
+        let mut reloaded = false;
+        for _ in 0..10 {
+            edgebind_broker::process::send_hup(pid)?;
+            if wait_until(Duration::from_secs(3), || self.reload_count() > before) {
+                reloaded = true;
+                break;
+            }
+        }
+        if !reloaded {
             bail!(
                 "mosquitto did not log a reload after SIGHUP; log:\n{}",
                 self.log()

@@ -132,8 +132,8 @@ fn each_bad_input_is_a_clear_error_and_changes_nothing() {
     );
     assert_refused(
         &fleet,
-        &["send", "dev-a", "dance", "--queue"],
-        &["unknown action", "dance"],
+        &["send", "dev-a", "Dance/1", "--queue"],
+        &["Dance/1"],
     );
     assert_refused(
         &fleet,
