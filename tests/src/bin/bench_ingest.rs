@@ -235,6 +235,13 @@ fn telemetry(seq: u64) -> Vec<u8> {
     .into_bytes()
 }
 
+/// PUBACKs counted by all devices, and when the last one came (µs after `epoch`).
+struct Acks {
+    acked: Arc<AtomicU64>,
+    last_ack_us: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
 /// One simulated device: connect, publish `count` messages paced at
 /// `per_second` (0 = unpaced), wait for every PUBACK.
 async fn device(
@@ -242,11 +249,14 @@ async fn device(
     opts: rumqttc::v5::MqttOptions,
     count: u64,
     per_second: f64,
-    acked: Arc<AtomicU64>,
-    last_ack_us: Arc<AtomicU64>,
-    epoch: Instant,
+    acks: Acks,
     start: Arc<tokio::sync::Barrier>,
 ) -> anyhow::Result<()> {
+    let Acks {
+        acked,
+        last_ack_us,
+        epoch,
+    } = acks;
     let (client, mut eventloop) = AsyncClient::new(opts, 1000);
     // Drive the connection until CONNACK. 200 TLS handshakes at once on a
     // loaded machine can time out: retry (the next poll reconnects), and
@@ -441,9 +451,11 @@ fn main() -> anyhow::Result<()> {
             opts,
             per_device,
             per_second,
-            acked.clone(),
-            last_ack_us.clone(),
-            epoch,
+            Acks {
+                acked: acked.clone(),
+                last_ack_us: last_ack_us.clone(),
+                epoch,
+            },
             barrier.clone(),
         )));
     }
