@@ -1,31 +1,61 @@
 //! Telemetry ingest benchmark: simulated devices publish telemetry (QoS 1,
-//! mutual TLS) through a real Mosquitto to the fleet service, which writes it
-//! to the SQLite registry. Prints messages per second persisted end to end,
-//! a loss check (every message sent is a row, exactly once) and the
-//! registry's size per device.
+//! the real agent's QoS, mutual TLS) through a real Mosquitto to the fleet
+//! service, which writes it to the registry (SQLite or PostgreSQL). The
+//! service runs as real `edgebind fleet serve --instance NAME` processes
+//! (one or more, sharing the ingest through MQTT 5 shared subscriptions), so
+//! one can be killed with SIGKILL halfway. Prints the offered rate (what the
+//! broker acknowledged to the devices per second), the rate persisted end to
+//! end, the largest lag (acknowledged but not yet in the registry), and a
+//! loss check (every message sent is a row, exactly once).
 //!
 //! ```text
-//! cargo run --release -p edgebind-tests --bin bench_ingest -- [--devices 100] [--rate 12000] [--seconds 10]
+//! cargo run --release -p edgebind-tests --bin bench_ingest -- \
+//!     [--devices 200] [--rate 12000] [--seconds 10] \
+//!     [--backend sqlite|postgres] [--instances N] [--kill-one-halfway]
 //! ```
-//! `--rate 0` publishes as fast as the devices can (peak instead of sustained).
-//! `--broker-conf LINE` adds a global option to the generated mosquitto.conf
-//! (e.g. `max_queued_messages 100000`) to compare broker settings.
+//! `--rate 0` publishes as fast as the devices can (flat out: finds the
+//! ceiling instead of checking that the service kept up with what was
+//! offered). `--broker-conf LINE` adds a global option to the generated
+//! mosquitto.conf (e.g. `max_queued_messages 100000`) to compare broker
+//! settings. `--kill-one-halfway` kills the last instance with SIGKILL once
+//! half the messages are in the registry and starts it again 2 s later (as
+//! systemd's `Restart=` would), as a new process.
+//!
+//! Every run ends with one line starting `bench_ingest:` that holds the
+//! figures to quote.
 
 use std::collections::BTreeSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use edgebind_fleet::mqtt::{self, BrokerEndpoint, ClientIdentity};
-use edgebind_fleet::registry::{NewDevice, Retention, SqliteStore, Store};
-use edgebind_fleet::service::{ServiceConfig, ServiceHandle};
+use edgebind_fleet::registry::{self, NewDevice, RegistryUrl, Retention};
 use edgebind_protocol::DeviceId;
 use edgebind_protocol::topics::Topic;
-use edgebind_tests::{Broker, TestPki};
+use edgebind_tests::{Broker, PgCluster, TestPki, bin_path, spawn_tied};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
 
 struct Args {
     devices: usize,
@@ -33,14 +63,20 @@ struct Args {
     seconds: u64,
     /// Extra mosquitto.conf lines (global options) to try against the generated config.
     broker_conf: Vec<String>,
+    backend: Backend,
+    instances: usize,
+    kill_one_halfway: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
-        devices: 100,
+        devices: 200,
         rate: 12_000,
         seconds: 10,
         broker_conf: Vec::new(),
+        backend: Backend::Sqlite,
+        instances: 1,
+        kill_one_halfway: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -54,23 +90,140 @@ fn parse_args() -> anyhow::Result<Args> {
             "--devices" => args.devices = value()? as usize,
             "--rate" => args.rate = value()?,
             "--seconds" => args.seconds = value()?,
+            "--instances" => args.instances = value()? as usize,
+            "--kill-one-halfway" => args.kill_one_halfway = true,
+            "--backend" => {
+                args.backend = match it.next().as_deref() {
+                    Some("sqlite") => Backend::Sqlite,
+                    Some("postgres") => Backend::Postgres,
+                    other => bail!("--backend sqlite|postgres, not {other:?}"),
+                }
+            }
             "--broker-conf" => args.broker_conf.push(
                 it.next()
                     .context("--broker-conf needs a mosquitto.conf line")?,
             ),
             "-h" | "--help" => {
                 println!(
-                    "bench_ingest [--devices N] [--rate MSG_PER_S (0 = flat out)] [--seconds S]"
+                    "bench_ingest [--devices N] [--rate MSG_PER_S (0 = flat out)] [--seconds S] \
+                     [--backend sqlite|postgres] [--instances N] [--kill-one-halfway] \
+                     [--broker-conf LINE]..."
                 );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other}"),
         }
     }
-    if args.devices == 0 || args.seconds == 0 {
-        bail!("--devices and --seconds must be positive");
+    if args.devices == 0 || args.seconds == 0 || args.instances == 0 {
+        bail!("--devices, --seconds and --instances must be positive");
+    }
+    if args.kill_one_halfway && args.instances < 2 {
+        bail!("--kill-one-halfway needs --instances 2 or more (someone has to carry on)");
     }
     Ok(args)
+}
+
+/// One `edgebind fleet serve --instance NAME` process (SIGKILLed on drop).
+struct Instance {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Instance {
+    /// Start the instance the way `fleet_support::Fleet::start_instance`
+    /// does: its identity is issued from the fleet home on first use (and
+    /// the broker policy refreshed and the broker SIGHUPed through its pid
+    /// file). Does not wait for it to connect.
+    fn spawn(
+        home: &Path,
+        registry_url: Option<&str>,
+        name: &str,
+        attempt: u32,
+    ) -> anyhow::Result<Instance> {
+        let log = home.join(format!("fleet-service-{name}-{attempt}.log"));
+        let file = File::create(&log)?;
+        let mut cmd = Command::new(bin_path("edgebind"));
+        cmd.arg("--home")
+            .arg(home)
+            .args(["fleet", "serve", "--instance", name])
+            .args(["--log-level", "info", "--no-inventory-on-connect"])
+            .env_remove("EDGEBIND_HOME")
+            .env_remove("EDGEBIND_BROKER")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        match registry_url {
+            Some(url) => cmd.env("EDGEBIND_REGISTRY", url),
+            None => cmd.env_remove("EDGEBIND_REGISTRY"),
+        };
+        let child = spawn_tied(cmd).context("spawn edgebind fleet serve")?;
+        Ok(Instance {
+            name: name.to_owned(),
+            child,
+            log,
+        })
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_connected(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.log_text().contains("fleet service connected") {
+            if Instant::now() > deadline || !matches!(self.child.try_wait(), Ok(None)) {
+                bail!(
+                    "instance {} did not connect; log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait: the service commits what it holds and prints
+    /// "stopped after N messages (D dropped) in B batches".
+    fn terminate(&mut self) -> Option<(u64, u64, u64)> {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while matches!(self.child.try_wait(), Ok(None)) {
+            if Instant::now() > deadline {
+                self.kill9();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = self.log_text();
+        let line = log.lines().rev().find(|l| l.contains("stopped after"))?;
+        let nums: Vec<u64> = line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|w| !w.is_empty())
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        match nums[..] {
+            [committed, dropped, batches] => Some((committed, dropped, batches)),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill9();
+        }
+    }
 }
 
 fn telemetry(seq: u64) -> Vec<u8> {
@@ -82,6 +235,13 @@ fn telemetry(seq: u64) -> Vec<u8> {
     .into_bytes()
 }
 
+/// PUBACKs counted by all devices, and when the last one came (µs after `epoch`).
+struct Acks {
+    acked: Arc<AtomicU64>,
+    last_ack_us: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
 /// One simulated device: connect, publish `count` messages paced at
 /// `per_second` (0 = unpaced), wait for every PUBACK.
 async fn device(
@@ -89,16 +249,31 @@ async fn device(
     opts: rumqttc::v5::MqttOptions,
     count: u64,
     per_second: f64,
-    acked: Arc<AtomicU64>,
+    acks: Acks,
     start: Arc<tokio::sync::Barrier>,
 ) -> anyhow::Result<()> {
+    let Acks {
+        acked,
+        last_ack_us,
+        epoch,
+    } = acks;
     let (client, mut eventloop) = AsyncClient::new(opts, 1000);
-    // Drive the connection until CONNACK.
+    // Drive the connection until CONNACK. 200 TLS handshakes at once on a
+    // loaded machine can time out: retry (the next poll reconnects), and
+    // never leave the start barrier waiting for a device that gave up.
+    let mut attempts = 0;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => break,
             Ok(_) => {}
-            Err(e) => bail!("{id}: connect: {e}"),
+            Err(e) => {
+                attempts += 1;
+                if attempts >= 5 {
+                    start.wait().await;
+                    bail!("{id}: connect: {e} ({attempts} attempts)");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
         }
     }
     let topic = Topic::Telemetry(id.clone()).render();
@@ -126,6 +301,9 @@ async fn device(
             Ok(Event::Incoming(Packet::PubAck(_))) => {
                 mine += 1;
                 acked.fetch_add(1, Ordering::Relaxed);
+                if mine == count {
+                    last_ack_us.fetch_max(epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
+                }
             }
             Ok(_) => {}
             Err(e) => bail!("{id}: {e} after {mine} acks"),
@@ -139,28 +317,47 @@ async fn device(
 
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    let per_device = (args.rate.max(1) * args.seconds).div_ceil(args.devices as u64);
+    // The service processes keep the default history per device; the loss
+    // check counts rows, so no device may send more than that.
+    let cap = u64::from(Retention::default().telemetry_per_device);
     let per_device = if args.rate == 0 {
         // Flat out: a fixed volume.
-        (200_000 / args.devices as u64).max(1)
+        (200_000 / args.devices as u64).clamp(1, cap)
     } else {
-        per_device
+        (args.rate * args.seconds).div_ceil(args.devices as u64)
     };
+    if per_device > cap {
+        bail!(
+            "{per_device} messages per device is more than the {cap} the registry keeps per \
+             device: use more --devices (at least {})",
+            (args.rate * args.seconds).div_ceil(cap)
+        );
+    }
     let total = per_device * args.devices as u64;
+    let target = if args.rate == 0 {
+        "flat out".to_owned()
+    } else {
+        format!("{} msg/s for {} s", args.rate, args.seconds)
+    };
     println!(
-        "bench_ingest: {} devices x {per_device} telemetry messages = {total}, target {}",
+        "bench_ingest: {} devices x {per_device} telemetry messages = {total}, target {target}, \
+         {} registry, {} service instance(s) as processes{}",
         args.devices,
-        if args.rate == 0 {
-            "flat out".to_owned()
+        args.backend.name(),
+        args.instances,
+        if args.kill_one_halfway {
+            ", one killed with SIGKILL halfway and restarted 2 s later"
         } else {
-            format!("{} msg/s for {} s", args.rate, args.seconds)
+            ""
         }
     );
     if !args.broker_conf.is_empty() {
         println!("extra broker options: {}", args.broker_conf.join("; "));
     }
 
+    let setup = Instant::now();
     let pki = TestPki::new();
+    let home = pki.home().to_owned();
     let mut broker = Broker::start(&pki)?;
     if !args.broker_conf.is_empty() {
         // Extra global options, inserted before the listener section.
@@ -173,23 +370,31 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(&conf, text.replacen("\nlistener ", &extra, 1))?;
         broker.restart()?;
     }
-    let registry_path = pki.home().join("registry.db");
-    // History long enough to keep every message: the loss check counts rows.
-    let retention = Retention {
-        telemetry_per_device: per_device as u32 + 10,
-        ..Retention::default()
+    // Declared after the broker and the PKI so it stops first (dropped in reverse).
+    let pg = match args.backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => Some(PgCluster::start()?),
     };
-    let mut store = SqliteStore::create(&registry_path, retention)?;
+    let registry_url = match &pg {
+        Some(pg) => Some(pg.database()?),
+        None => None,
+    };
+    let url = match &registry_url {
+        Some(u) => RegistryUrl::Postgres(u.clone()),
+        None => RegistryUrl::Sqlite(home.join("registry.db")),
+    };
+    let mut store = registry::create_store(&url, Retention::default())?;
     let mut identities = Vec::new();
+    let mut new_devices = Vec::new();
     for i in 0..args.devices {
         let id = DeviceId::new(format!("sim-{i:05}"))?;
         let identity = pki.device(id.as_str());
-        store.add_device(&NewDevice {
+        new_devices.push(NewDevice {
             id: id.clone(),
             board: "raspberrypi4-64".parse()?,
             tags: BTreeSet::new(),
             cert: None,
-        })?;
+        });
         identities.push((
             id,
             ClientIdentity {
@@ -199,40 +404,39 @@ fn main() -> anyhow::Result<()> {
             },
         ));
     }
+    store.add_devices(&new_devices)?;
+    eprintln!(
+        "  setup: PKI, broker and {} devices in {:.1} s",
+        args.devices,
+        setup.elapsed().as_secs_f64()
+    );
     let endpoint = BrokerEndpoint {
         host: broker.host().to_owned(),
         port: broker.port(),
     };
-    let mut config = ServiceConfig::new(
-        registry_path.clone(),
-        endpoint.clone(),
-        ClientIdentity {
-            cert: pki.service.cert.clone(),
-            key: pki.service.key.clone(),
-            ca: pki.service.ca.clone(),
-        },
-    );
-    config.retention = retention;
-    config.inventory_on_connect = false;
-    let service = ServiceHandle::start(config)?;
-    let counters = service.counters.clone();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while counters.get(&counters.connects) == 0 {
-        if Instant::now() > deadline {
-            bail!(
-                "fleet service did not connect; broker log:\n{}",
-                broker.log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+
+    // One at a time: the first start of each issues its identity and
+    // reloads the broker policy.
+    let mut instances = Vec::new();
+    for n in 1..=args.instances {
+        let mut inst = Instance::spawn(&home, registry_url.as_deref(), &format!("bench-{n}"), 1)?;
+        inst.wait_connected(Duration::from_secs(60))?;
+        instances.push(inst);
     }
-    std::thread::sleep(Duration::from_millis(500)); // SUBACK
+    std::thread::sleep(Duration::from_millis(500)); // SUBACKs
+    eprintln!(
+        "  setup: {} instance(s) connected after {:.1} s",
+        args.instances,
+        setup.elapsed().as_secs_f64()
+    );
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let acked = Arc::new(AtomicU64::new(0));
+    let last_ack_us = Arc::new(AtomicU64::new(0));
+    let epoch = Instant::now();
     let barrier = Arc::new(tokio::sync::Barrier::new(args.devices + 1));
     let per_second = if args.rate == 0 {
         0.0
@@ -247,40 +451,86 @@ fn main() -> anyhow::Result<()> {
             opts,
             per_device,
             per_second,
-            acked.clone(),
+            Acks {
+                acked: acked.clone(),
+                last_ack_us: last_ack_us.clone(),
+                epoch,
+            },
             barrier.clone(),
         )));
     }
-    runtime.block_on(barrier.wait());
+    if runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(120), barrier.wait()).await })
+        .is_err()
+    {
+        bail!("the devices did not all connect within 120 s");
+    }
     let start = Instant::now();
-    let committed_at_start = counters.get(&counters.committed);
 
-    // Poll the committed counter every 50 ms; keep one sample per second.
+    // Poll the registry's count of stored samples every 250 ms; keep one
+    // sample per second.
     let mut samples: Vec<u64> = Vec::new();
-    let mut second_start = committed_at_start;
+    let mut second_start = 0;
     let mut next_second = start + Duration::from_secs(1);
-    let mut last = committed_at_start;
+    let mut last = 0;
     let mut last_change = Instant::now();
     let mut done_at = None;
+    let mut all_acked_at = None;
+    let mut max_lag = 0u64;
+    let mut killed: Option<(Duration, u64)> = None;
+    let mut restart_at: Option<Instant> = None;
+    let mut restarted_at: Option<Duration> = None;
     loop {
-        std::thread::sleep(Duration::from_millis(50));
-        let now = counters.get(&counters.committed);
+        // Every 250 ms; every 50 ms near the end, to time the last commit closely.
+        std::thread::sleep(Duration::from_millis(if last >= total * 9 / 10 {
+            50
+        } else {
+            250
+        }));
+        let now = store.stats()?.telemetry_received;
+        let sent = acked.load(Ordering::Relaxed);
+        if all_acked_at.is_none() && sent >= total {
+            all_acked_at = Some(start.elapsed());
+        }
+        max_lag = max_lag.max(sent.saturating_sub(now));
         if now != last {
             last_change = Instant::now();
             last = now;
+        }
+        if args.kill_one_halfway && killed.is_none() && now >= total / 2 {
+            let victim = instances.last_mut().expect("two instances");
+            victim.kill9();
+            killed = Some((start.elapsed(), now));
+            restart_at = Some(Instant::now() + Duration::from_secs(2));
+            eprintln!(
+                "  t={:.2}s SIGKILL instance {} at {now} committed",
+                start.elapsed().as_secs_f64(),
+                victim.name
+            );
+        }
+        if restart_at.is_some_and(|t| Instant::now() >= t) {
+            restart_at = None;
+            let name = instances.last().expect("two instances").name.clone();
+            let fresh = Instance::spawn(&home, registry_url.as_deref(), &name, 2)?;
+            *instances.last_mut().expect("two instances") = fresh;
+            restarted_at = Some(start.elapsed());
+            eprintln!(
+                "  t={:.2}s restarted instance {name} (new process)",
+                start.elapsed().as_secs_f64()
+            );
         }
         if Instant::now() >= next_second {
             eprintln!(
                 "  t={:>3}s committed {:>7} of {total}, broker acked {:>7}",
                 start.elapsed().as_secs(),
-                now - committed_at_start,
-                acked.load(Ordering::Relaxed)
+                now,
+                sent
             );
             samples.push(now - second_start);
             second_start = now;
             next_second += Duration::from_secs(1);
         }
-        if now - committed_at_start >= total {
+        if now >= total && restart_at.is_none() {
             done_at = Some(start.elapsed());
             samples.push(now - second_start);
             break;
@@ -293,8 +543,10 @@ fn main() -> anyhow::Result<()> {
     }
     let publish_results = runtime.block_on(async {
         let mut errors = Vec::new();
+        // One deadline for all, not 30 s per device.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         for t in tasks {
-            match tokio::time::timeout(Duration::from_secs(30), t).await {
+            match tokio::time::timeout_at(deadline, t).await {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) => errors.push(e.to_string()),
                 Ok(Err(e)) => errors.push(e.to_string()),
@@ -303,42 +555,82 @@ fn main() -> anyhow::Result<()> {
         }
         errors
     });
-    let committed = counters.get(&counters.committed) - committed_at_start;
-    let dropped = counters.get(&counters.dropped);
-    service.stop()?;
+    // The last PUBACK, exactly (the poll above only sees it within 250 ms).
+    let all_acked_at = match all_acked_at {
+        Some(_) => (epoch + Duration::from_micros(last_ack_us.load(Ordering::Relaxed)))
+            .saturating_duration_since(start),
+        None => start.elapsed(),
+    };
+    let restarted_connected = match restarted_at {
+        Some(_) => {
+            let inst = instances.last_mut().expect("two instances");
+            inst.wait_connected(Duration::from_secs(10)).is_ok()
+        }
+        None => true,
+    };
+    // Orderly stop; each process reports its own counters.
+    let mut per_instance = Vec::new();
+    for inst in &mut instances {
+        per_instance.push((inst.name.clone(), inst.terminate()));
+    }
 
     // The registry is the judge: one row per message sent, each exactly once.
     let stats = store.stats()?;
     let mut missing = 0u64;
-    let mut duplicated = 0u64;
+    let mut duplicated_rows = 0u64;
+    let mut distinct = 0u64;
     for (id, _) in &identities {
         let rows = store.telemetry_history(id, per_device as u32 + 10)?;
         let seqs: BTreeSet<u64> = rows.iter().map(|r| r.ts).collect();
-        duplicated += rows.len() as u64 - seqs.len() as u64;
+        duplicated_rows += rows.len() as u64 - seqs.len() as u64;
+        distinct += seqs.len() as u64;
         missing += (0..per_device).filter(|s| !seqs.contains(s)).count() as u64;
     }
-    let wal = std::fs::metadata(registry_path.with_extension("db-wal"))
-        .map(|m| m.len())
-        .unwrap_or(0);
+    // A sample counted twice shows as telemetry_received above the rows.
+    let counted_twice = stats.telemetry_received.saturating_sub(distinct);
+    let duplicated = duplicated_rows + counted_twice;
+    let sent = acked.load(Ordering::Relaxed);
 
     println!();
-    println!(
-        "sent (PUBACKed by broker)   {}",
-        acked.load(Ordering::Relaxed)
-    );
-    println!("committed by fleet service  {committed} (dropped {dropped})");
+    println!("sent (PUBACKed by broker)   {sent}");
+    for (name, counters) in &per_instance {
+        match counters {
+            Some((c, d, b)) => println!(
+                "instance {name:<18} committed {c} (dropped {d}) in {b} batches ({:.0} msg per transaction) since its last start",
+                *c as f64 / (*b).max(1) as f64
+            ),
+            None => println!("instance {name:<18} did not report its counters on SIGTERM"),
+        }
+    }
     println!(
         "rows in registry            {} (telemetry_received {})",
         stats.telemetry_rows, stats.telemetry_received
     );
-    println!("missing / duplicated        {missing} / {duplicated}");
-    match done_at {
+    println!(
+        "missing / duplicated        {missing} / {duplicated} ({duplicated_rows} duplicate rows, {counted_twice} counted twice)"
+    );
+    if let Some((at, committed)) = killed {
+        println!(
+            "kill -9                     at t={:.2}s with {committed} committed; restarted at t={:.2}s, reconnected: {}",
+            at.as_secs_f64(),
+            restarted_at.map(|d| d.as_secs_f64()).unwrap_or(f64::NAN),
+            if restarted_connected { "yes" } else { "NO" }
+        );
+    }
+    let offered = sent as f64 / all_acked_at.as_secs_f64();
+    println!(
+        "offered                     {sent} messages acknowledged by the broker in {:.2} s = {offered:.0} msg/s (target {target})",
+        all_acked_at.as_secs_f64()
+    );
+    let achieved = match done_at {
         Some(t) => {
             let rate = total as f64 / t.as_secs_f64();
             println!(
-                "end-to-end                  {total} messages persisted in {:.2} s = {rate:.0} msg/s",
-                t.as_secs_f64()
+                "end-to-end                  {total} messages persisted in {:.2} s = {rate:.0} msg/s ({:.2} s after the last PUBACK)",
+                t.as_secs_f64(),
+                t.as_secs_f64() - all_acked_at.as_secs_f64()
             );
+            Some(rate)
         }
         None => {
             println!("end-to-end                  NOT all persisted (stalled)");
@@ -348,8 +640,12 @@ fn main() -> anyhow::Result<()> {
             for l in tail.iter().rev() {
                 println!("  {l}");
             }
+            None
         }
-    }
+    };
+    println!(
+        "max lag                     {max_lag} messages acknowledged by the broker but not yet in the registry"
+    );
     // Steady state: the full seconds between the first and the last.
     let steady: Vec<u64> = samples
         .iter()
@@ -367,22 +663,10 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!(
-        "batches                     {} (mean {:.0} msg per transaction)",
-        counters.get(&counters.batches),
-        counters.get(&counters.committed) as f64 / counters.get(&counters.batches).max(1) as f64
-    );
-    println!(
-        "registry size               {} bytes + WAL {} bytes: {} bytes/device with {per_device} samples each, {:.0} bytes/sample",
+        "registry size               {} bytes: {} bytes/device with {per_device} samples each, {:.0} bytes/sample",
         stats.db_bytes,
-        wal,
         stats.db_bytes / args.devices as u64,
         stats.db_bytes as f64 / stats.telemetry_rows.max(1) as f64
-    );
-    let per_sample = stats.db_bytes as f64 / stats.telemetry_rows.max(1) as f64;
-    println!(
-        "at the default history cap   ~{:.0} KiB/device ({} samples kept per device)",
-        per_sample * Retention::default().telemetry_per_device as f64 / 1024.0,
-        Retention::default().telemetry_per_device
     );
     if !publish_results.is_empty() {
         println!(
@@ -391,18 +675,44 @@ fn main() -> anyhow::Result<()> {
             publish_results[0]
         );
     }
-    if missing > 0 && acked.load(Ordering::Relaxed) == total {
+    if missing > 0 && sent == total {
         println!(
             "note: the broker acknowledged every message but did not deliver {missing}: \
              Mosquitto drops QoS 1 messages for a subscriber once more than \
              max_queued_messages (default 1000) wait for it; see --broker-conf"
         );
     }
-    let ok = missing == 0 && duplicated == 0 && done_at.is_some() && publish_results.is_empty();
+    let ok = missing == 0
+        && duplicated == 0
+        && done_at.is_some()
+        && publish_results.is_empty()
+        && restarted_connected;
     println!(
         "result                      {}",
         if ok { "NO LOSS" } else { "LOSS OR FAILURE" }
     );
+    println!(
+        "bench_ingest: backend={} instances={} kill={} devices={} messages={total} target={} offered={offered:.0} msg/s achieved={} msg/s max_lag={max_lag} lost={missing} duplicated={duplicated}{} result={}",
+        args.backend.name(),
+        args.instances,
+        if args.kill_one_halfway { "yes" } else { "no" },
+        args.devices,
+        if args.rate == 0 {
+            "flat-out".to_owned()
+        } else {
+            args.rate.to_string()
+        },
+        achieved.map_or_else(|| "stalled".to_owned(), |r| format!("{r:.0}")),
+        if args.broker_conf.is_empty() {
+            String::new()
+        } else {
+            format!(" broker_conf=\"{}\"", args.broker_conf.join("; "))
+        },
+        if ok { "ok" } else { "FAIL" }
+    );
+    drop(instances);
+    drop(store);
+    drop(pg);
     if !ok {
         std::process::exit(1);
     }
