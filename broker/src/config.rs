@@ -238,7 +238,8 @@ pub fn render_conf(dir: &Path, settings: &BrokerSettings) -> String {
         "# Retained messages are lost on restart (devices re-publish status on reconnect).\npersistence false\n"
             .to_owned()
     };
-    // Both listeners authenticate the same way; only their ACLs differ.
+    // Both listeners authenticate the same way; their ACLs differ, and so
+    // does the client id (below).
     let tls = format!(
         "protocol mqtt\n\
          tls_version tlsv1.2\n\
@@ -248,8 +249,7 @@ pub fn render_conf(dir: &Path, settings: &BrokerSettings) -> String {
          crlfile {crl}\n\
          require_certificate true\n\
          allow_anonymous false\n\
-         use_identity_as_username true\n\
-         use_username_as_clientid true\n",
+         use_identity_as_username true\n",
         ca = path(CA),
         cert = path(SERVER_CERT),
         key = path(SERVER_KEY),
@@ -257,8 +257,11 @@ pub fn render_conf(dir: &Path, settings: &BrokerSettings) -> String {
     );
     let provisioning = match settings.provisioning_port {
         Some(port) => format!(
-            "\n# Provisioning listener: claim identities. Its ACL has no device patterns, so\n\
-             # nothing a CN spells gives rights here.\n\
+            "\n# Provisioning listener: claim identities (one certificate per production batch,\n\
+             # shared by its units). The CN is the username but NOT the client id: each unit\n\
+             # connects with its serial as client id, and the ACL's %u/%c patterns give it\n\
+             # its own request and response topic only, so units of one batch never see\n\
+             # each other's exchange. No device pattern applies here.\n\
              listener {port} {bind}\n\
              {tls}\
              acl_file {acl}\n",
@@ -295,6 +298,7 @@ pub fn render_conf(dir: &Path, settings: &BrokerSettings) -> String {
          # its client id).\n\
          listener {port} {bind}\n\
          {tls}\
+         use_username_as_clientid true\n\
          acl_file {acl}\n\
          {provisioning}",
         tls = tls,

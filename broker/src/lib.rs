@@ -7,7 +7,7 @@
 //! settings.toml    what `edgebind broker config` was given (hosts, port, ...); see BrokerSettings
 //! mosquitto.conf   TLS-only listeners, identity = certificate CN, no anonymous access
 //! acl              device listener's ACL, from edgebind_protocol::acl (patterns + a block per non-device principal)
-//! acl-provisioning provisioning listener's ACL (no patterns), used when a provisioning port is set
+//! acl-provisioning provisioning listener's ACL (the claim exchange only), used when a provisioning port is set
 //! crl.pem          copy of the PKI's current CRL
 //! ca.crt           fleet root + issuing CA (verifies client chains)
 //! server.crt/.key  the broker's own identity (serverAuth, SANs = hosts and IPs)

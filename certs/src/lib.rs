@@ -20,6 +20,7 @@
 //! devices all handle fast). Private keys are always written with mode 0600.
 
 pub mod bundle;
+pub mod csr;
 mod error;
 pub mod files;
 pub mod inspect;
@@ -27,6 +28,7 @@ pub mod inventory;
 pub mod pki;
 pub mod profile;
 
+pub use csr::DeviceCsr;
 pub use error::Error;
 pub use inventory::{AuditFinding, CrlStatus, Inventory, InventoryEntry};
 pub use pki::{InitOptions, IssuedCert, Pki};

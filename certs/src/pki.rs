@@ -250,8 +250,22 @@ impl Pki {
         principal: Option<Principal>,
         cn: String,
     ) -> Result<IssuedCert, Error> {
+        let key_pem = key.serialize_pem();
+        self.finish_for(params, &key, key_pem, principal, cn)
+    }
+
+    /// Sign `params` for `public_key`; `key_pem` is the private key when
+    /// this side made it (empty when only the device holds it).
+    fn finish_for(
+        &self,
+        params: rcgen::CertificateParams,
+        public_key: &impl rcgen::PublicKeyData,
+        key_pem: String,
+        principal: Option<Principal>,
+        cn: String,
+    ) -> Result<IssuedCert, Error> {
         let cert = params
-            .signed_by(&key, &self.issuer)
+            .signed_by(public_key, &self.issuer)
             .map_err(|e| Error::crypto(format!("certificate for {cn:?}"), e))?;
         let serial = params
             .serial_number
@@ -271,8 +285,30 @@ impl Pki {
             not_after: params.not_after,
             cert_pem,
             chain_pem,
-            key_pem: key.serialize_pem(),
+            key_pem,
         })
+    }
+
+    /// Sign and record a device certificate for the key of a verified CSR
+    /// (the claim flow: the key never left the device). The certificate
+    /// names [`DeviceCsr::requested`], the id validated when the CSR was
+    /// parsed, with the fleet's device profile; `key_pem` is empty.
+    pub fn sign_device_csr(
+        &self,
+        csr: &crate::DeviceCsr,
+        validity: Validity,
+    ) -> Result<IssuedCert, Error> {
+        let principal = Principal::Device(csr.requested().clone());
+        let params = profile::client(&principal, validity)?;
+        let issued = self.finish_for(
+            params,
+            csr.public_key(),
+            String::new(),
+            Some(principal.clone()),
+            principal.cn(),
+        )?;
+        self.record(std::slice::from_ref(&issued))?;
+        Ok(issued)
     }
 
     /// Make a client certificate for `principal` without recording it

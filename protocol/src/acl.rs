@@ -6,6 +6,7 @@
 //! a device's grants follow from each topic kind's [`Direction`].
 
 use crate::principal::Principal;
+use crate::provision::Leg;
 use crate::topics::{Direction, Kind, NAMESPACE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,11 +123,123 @@ pub fn user_grants(principal: &Principal) -> Vec<Grant> {
     }
 }
 
-/// Grants on the provisioning listener, which has no device patterns at all.
-/// Nothing yet: the zero-touch claim flow will define its exchange here, and
-/// until then a claim identity can connect and do nothing.
-pub fn provisioning_grants(_principal: &Principal) -> Vec<Grant> {
-    Vec::new()
+/// Patterns of the provisioning listener, for every client on it: write
+/// its own request topic and read its own response topic, both named by its
+/// certificate CN (`%u`) and its client id (`%c`, the unit's serial). The
+/// listener does not turn the CN into the client id, so the units of one
+/// batch (one claim CN) are told apart by their client ids.
+pub fn provisioning_patterns() -> Vec<Grant> {
+    vec![
+        Grant {
+            access: Access::Write,
+            filter: Leg::Request.acl_pattern(),
+        },
+        Grant {
+            access: Access::Read,
+            filter: Leg::Response.acl_pattern(),
+        },
+    ]
+}
+
+/// Mosquitto's `%u`/`%c` substitution in one pattern: both pasted in
+/// verbatim. Mosquitto 2.0 refuses pattern access to a username or client id
+/// containing `+` or `#` (`None` here).
+pub fn expand_pattern_with_client(filter: &str, username: &str, client: &str) -> Option<String> {
+    if username.contains(['+', '#']) || client.contains(['+', '#']) {
+        return None;
+    }
+    // One pass, as Mosquitto does: what was pasted in is not scanned again.
+    let mut out = String::with_capacity(filter.len() + username.len() + client.len());
+    let mut rest = filter;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        if let Some(t) = tail.strip_prefix("%u") {
+            out.push_str(username);
+            rest = t;
+        } else if let Some(t) = tail.strip_prefix("%c") {
+            out.push_str(client);
+            rest = t;
+        } else {
+            out.push('%');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+/// What the provisioning patterns give a client with certificate CN `cn`
+/// and client id `client`.
+pub fn provisioning_pattern_grants(cn: &str, client: &str) -> Vec<Grant> {
+    provisioning_patterns()
+        .into_iter()
+        .filter_map(|g| {
+            expand_pattern_with_client(&g.filter, cn, client).map(|filter| Grant {
+                access: g.access,
+                filter,
+            })
+        })
+        .collect()
+}
+
+/// Filters denied to a principal on the provisioning listener ahead of the
+/// patterns: everything a pattern could give its CN, whatever its client id.
+/// Only claim identities keep the patterns.
+pub fn provisioning_denies(principal: &Principal) -> Vec<String> {
+    match principal {
+        Principal::Claim(_) => Vec::new(),
+        _ => Leg::ALL
+            .into_iter()
+            .map(|leg| {
+                leg.acl_pattern()
+                    .replace("%u", &principal.cn())
+                    .replace("%c", "+")
+            })
+            .collect(),
+    }
+}
+
+/// Named grants on the provisioning listener. The fleet service instances
+/// read every request (as members of the fleet's shared subscription) and
+/// write every response; nobody else gets any (a claim identity has only the
+/// patterns: its own exchange).
+pub fn provisioning_grants(principal: &Principal) -> Vec<Grant> {
+    match principal {
+        Principal::Service(_) => vec![
+            Grant {
+                access: Access::Read,
+                filter: Leg::Request.filter_all(),
+            },
+            Grant {
+                access: Access::Write,
+                filter: Leg::Response.filter_all(),
+            },
+        ],
+        Principal::Device(_) | Principal::Operator(_) | Principal::Claim(_) => Vec::new(),
+    }
+}
+
+/// The policy model of the provisioning listener: may `principal` (not
+/// revoked), connected with client id `client`, do `access` on `topic`?
+pub fn allows_provisioning(
+    principal: &Principal,
+    client: &str,
+    access: Access,
+    topic: &str,
+) -> bool {
+    if provisioning_denies(principal)
+        .iter()
+        .any(|f| filter_matches(f, topic))
+    {
+        return false;
+    }
+    any_grant(&provisioning_grants(principal), access, topic)
+        || any_grant(
+            &provisioning_pattern_grants(&principal.cn(), client),
+            access,
+            topic,
+        )
 }
 
 /// Everything under the namespace: what a revoked principal is denied.
@@ -202,7 +315,8 @@ pub fn allows_cn(cn: &str, access: Access, topic: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::{CommandId, DeviceId};
+    use crate::ids::{CommandId, DeviceId, UnitSerial};
+    use crate::provision::parse_request;
     use crate::topics::Topic;
 
     fn p(cn: &str) -> Principal {
@@ -286,9 +400,11 @@ mod tests {
             }
         }
         assert!(pattern_denies(&p("dev-a")).is_empty());
-        // A claim identity can do nothing at all on either listener.
+        // A claim identity has no named grant on either listener: on the
+        // provisioning listener only the patterns of its own exchange.
         let claim = p("claim:line-1");
         assert!(user_grants(&claim).is_empty() && provisioning_grants(&claim).is_empty());
+        assert!(provisioning_denies(&claim).is_empty());
     }
 
     #[test]
@@ -407,6 +523,174 @@ mod tests {
             }
         }
         assert!(checked > 2_000_000, "{checked} checks");
+    }
+
+    #[test]
+    fn claim_identity_touches_only_its_own_exchange() {
+        let batch = DeviceId::new("line-1").unwrap();
+        let mine = UnitSerial::new("SN-1").unwrap();
+        let other = UnitSerial::new("SN-2").unwrap();
+        let claim = p("claim:line-1");
+        let (req, resp) = (Leg::Request, Leg::Response);
+        assert!(allows_provisioning(
+            &claim,
+            "SN-1",
+            Access::Write,
+            &req.topic(&batch, &mine)
+        ));
+        assert!(allows_provisioning(
+            &claim,
+            "SN-1",
+            Access::Read,
+            &resp.topic(&batch, &mine)
+        ));
+        assert!(!allows_provisioning(
+            &claim,
+            "SN-1",
+            Access::Read,
+            &resp.topic(&batch, &other)
+        ));
+        assert!(!allows_provisioning(
+            &claim,
+            "SN-1",
+            Access::Write,
+            &req.topic(&batch, &other)
+        ));
+        assert!(!allows_provisioning(
+            &claim,
+            "SN-1",
+            Access::Write,
+            &resp.topic(&batch, &mine)
+        ));
+        // No device topic at all, on either listener, whatever its client id.
+        let dev = DeviceId::new("sn-1").unwrap();
+        let c = CommandId::new("c1").unwrap();
+        for t in [
+            Topic::Status(dev.clone()),
+            Topic::Telemetry(dev.clone()),
+            Topic::Cmd(dev.clone(), c.clone()),
+            Topic::CmdResult(dev.clone(), c),
+            Topic::Desired(dev),
+        ] {
+            for access in [Access::Read, Access::Write] {
+                assert!(!allows(&claim, access, &t.render()), "{t}");
+                assert!(
+                    !allows_provisioning(&claim, "sn-1", access, &t.render()),
+                    "{t}"
+                );
+            }
+        }
+        // The fleet service reads requests and answers; it cannot forge requests.
+        let svc = p("service:fleet");
+        assert!(allows_provisioning(
+            &svc,
+            "service:fleet",
+            Access::Read,
+            &req.topic(&batch, &mine)
+        ));
+        assert!(allows_provisioning(
+            &svc,
+            "service:fleet",
+            Access::Write,
+            &resp.topic(&batch, &mine)
+        ));
+        assert!(!allows_provisioning(
+            &svc,
+            "x",
+            Access::Write,
+            &req.topic(&batch, &mine)
+        ));
+        // Operators and devices get nothing of a batch's exchange.
+        for who in [p("operator:alice"), p("dev-a")] {
+            for leg in Leg::ALL {
+                for access in [Access::Read, Access::Write] {
+                    assert!(!allows_provisioning(
+                        &who,
+                        "SN-1",
+                        access,
+                        &leg.topic(&batch, &mine)
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The provisioning patterns' version of the property: whatever a
+    /// certificate CN and a client id hold, their expansions reach no other
+    /// (claim CN, serial)'s request or response topic, and the fleet never
+    /// reads a request there as another unit's.
+    #[test]
+    fn no_name_or_client_id_reaches_another_units_exchange() {
+        let victims = [("line-1", "SN-2"), ("line-1", "SN-1"), ("line-2", "SN-2")];
+        let victim_topics: Vec<((String, String), String)> = victims
+            .iter()
+            .flat_map(|(b, s)| {
+                let batch = DeviceId::new(*b).unwrap();
+                let serial = UnitSerial::new(*s).unwrap();
+                Leg::ALL.map(|leg| {
+                    (
+                        (format!("claim:{b}"), (*s).to_owned()),
+                        leg.topic(&batch, &serial),
+                    )
+                })
+            })
+            .collect();
+        let mut fragments: Vec<String> = [
+            "",
+            "/",
+            "..",
+            "+",
+            "#",
+            "%u",
+            "%c",
+            "claim:",
+            "claim:line-1",
+            "line-1",
+            "SN-2",
+            "SN-1",
+            "sn-2",
+            "request",
+            "response",
+            "provision",
+            "é",
+            "\0",
+        ]
+        .map(String::from)
+        .to_vec();
+        fragments.push(NAMESPACE.to_owned());
+        let pairs: Vec<String> = fragments
+            .iter()
+            .flat_map(|a| fragments.iter().map(move |b| format!("{a}{b}")))
+            .chain(fragments.iter().map(|a| format!("{a}/{a}")))
+            .collect();
+        let mut checked = 0u64;
+        for cn in &pairs {
+            for client in &pairs {
+                let grants = provisioning_pattern_grants(cn, client);
+                if cn.contains(['+', '#']) || client.contains(['+', '#']) {
+                    assert!(grants.is_empty());
+                    continue;
+                }
+                for g in &grants {
+                    for ((vcn, vclient), topic) in &victim_topics {
+                        if cn == vcn && client == vclient {
+                            continue;
+                        }
+                        checked += 1;
+                        assert!(
+                            !filters_overlap(&g.filter, topic),
+                            "CN {cn:?} client {client:?} gets {}, which reaches {topic}",
+                            g.filter
+                        );
+                    }
+                    if let Some((batch, serial)) = parse_request(&g.filter) {
+                        assert_eq!(format!("claim:{batch}"), *cn);
+                        assert_eq!(serial.as_str(), client);
+                    }
+                }
+            }
+        }
+        assert!(checked > 1_000_000, "{checked} checks");
     }
 
     /// The same check catches the v1 layout's flaw, so it is not vacuous.

@@ -169,6 +169,14 @@ validated_id!(
     "command id",
     Case::Any
 );
+validated_id!(
+    /// A unit's serial number as the claim flow carries it: the provisioning
+    /// client id and one level of its topics, so it has the id charset (no
+    /// `/`, `+`, `#`), in any case.
+    UnitSerial,
+    "unit serial",
+    Case::Any
+);
 
 #[cfg(test)]
 mod tests {

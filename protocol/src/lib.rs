@@ -12,8 +12,9 @@ pub mod bundle;
 pub mod ids;
 pub mod messages;
 pub mod principal;
+pub mod provision;
 pub mod settings;
 pub mod topics;
 
-pub use ids::{CommandId, DeviceId, IdError};
+pub use ids::{CommandId, DeviceId, IdError, UnitSerial};
 pub use principal::Principal;

@@ -235,7 +235,7 @@ fn non_device_principals_get_no_device_patterns_on_either_listener() {
         .provisioning_port()
         .expect("the test broker has a provisioning listener");
 
-    // One connection per CN (use_username_as_clientid on both listeners), so
+    // One connection per CN at a time (the test client's id is its CN), so
     // the listeners are tried one after the other.
     let mut received = Vec::new();
     for port in [fleet.broker.port(), provisioning] {

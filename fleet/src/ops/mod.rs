@@ -5,7 +5,8 @@
 //! leaves nothing half-done (each module documents its undo).
 //!
 //! - [`register_device`], [`register_devices`] (a factory batch) and
-//!   [`renew_device`]: certificate, identity files, broker policy, registry.
+//!   [`renew_device`]: certificate, identity files, broker policy, registry;
+//!   [`provision_device`]: the same for a unit's claim request (its CSR).
 //! - [`revoke`], [`revoke_principal`], [`revoke_serial`]: PKI, registry
 //!   lifecycle and queued commands, broker policy; every revocation path.
 //! - [`refresh_broker_policy`]: ACL + CRL from the PKI, SIGHUP to a running broker.
@@ -38,8 +39,9 @@ pub use broker_policy::{AppliedPolicy, PolicyRefresh, refresh_broker_policy};
 pub use endpoint::{AgentBroker, agent_broker, broker_endpoint};
 pub use home::FleetHome;
 pub use register::{
-    BatchRegistered, BatchRegistration, IdentityOutput, Registered, Registration, Renewed, Unit,
-    register_device, register_devices, renew_device, renew_unit, staging_path,
+    BatchRegistered, BatchRegistration, ClaimRequest, IdentityOutput, Provisioned, Registered,
+    Registration, Renewed, Unit, provision_device, register_device, register_devices, renew_device,
+    renew_unit, staging_path,
 };
 pub use revoke::{Policy, Revoked, revoke, revoke_principal, revoke_serial};
 pub use send::{Mode, SendEvent, SendRequest, Sent, Targets, send};
@@ -74,6 +76,8 @@ pub enum OpsError {
     Factory(String),
     #[error("{0}")]
     Identity(String),
+    #[error("claim refused: {0}")]
+    ClaimRefused(String),
     #[error(transparent)]
     Mqtt(#[from] crate::mqtt::MqttSetupError),
     #[error(transparent)]

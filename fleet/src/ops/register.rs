@@ -23,15 +23,15 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use edgebind_certs::bundle::{self, BundleForm};
-use edgebind_certs::{IssuedCert, Pki, Validity};
-use edgebind_protocol::DeviceId;
+use edgebind_certs::{DeviceCsr, IssuedCert, Pki, Validity};
 use edgebind_protocol::bundle::{CA_CERT, DEVICE_CERT, DEVICE_KEY};
+use edgebind_protocol::{DeviceId, Principal, UnitSerial};
 use serde::Serialize;
 
 use super::endpoint::{AgentBroker, agent_broker};
 use super::{FleetHome, OpsError, PolicyRefresh, refresh_broker_policy};
 use crate::registry::{
-    Board, CertInfo, Device, Lifecycle, ManufacturingRecord, NewDevice, Store, Tag,
+    Board, CertInfo, Device, Lifecycle, ManufacturingRecord, NewDevice, ProvisionedUnit, Store, Tag,
 };
 
 /// What a new device's identity is written as.
@@ -311,6 +311,105 @@ pub fn register_device(
         policy,
         record,
     })
+}
+
+/// A unit's claim request, as the fleet service received it on the
+/// provisioning listener: the topic named the batch (the claim CN) and the
+/// serial (the client id); the payload carried the CSR.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    pub batch: DeviceId,
+    pub serial: UnitSerial,
+    pub csr_pem: String,
+    /// The board the batch's units are registered with.
+    pub board: Board,
+    pub validity_days: u32,
+}
+
+/// A unit provisioned by the claim flow: what goes back to it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Provisioned {
+    pub device: DeviceId,
+    /// The device certificate followed by the issuing CA.
+    pub chain_pem: String,
+    /// False when the unit had been provisioned with this same key already
+    /// (it restarted before storing its certificate): the chain it was sent
+    /// then, and nothing issued now.
+    pub issued_now: bool,
+}
+
+/// Register a device from its claim request: the claim-flow sibling of
+/// [`register_device`] (same checks, same undo), for a key made on the device.
+///
+/// Order: the batch's claim identity must hold a usable certificate (a
+/// revoked batch provisions nothing); the CSR is verified and its id
+/// validated ([`edgebind_certs::DeviceCsr`]); the serial must be on the
+/// batch's allow-list and not provisioned (the same key asking again gets the
+/// chain it was sent, any other key is refused); the id must be new. Then
+/// the certificate is signed and the device registered together with its
+/// serial's provisioning in one transaction
+/// ([`Store::add_provisioned`]): if that fails, the certificate is revoked.
+///
+/// Unlike [`register_device`] the broker policy is not refreshed: a new
+/// device certificate changes neither the ACL (devices are served by the
+/// `%u` patterns, not by `user` blocks) nor the CRL, and a broker SIGHUP
+/// per unit would not let a batch boot at once.
+pub fn provision_device(
+    pki: &Pki,
+    store: &mut dyn Store,
+    req: &ClaimRequest,
+) -> Result<Provisioned, OpsError> {
+    let claim = Principal::Claim(req.batch.clone());
+    let now = time::OffsetDateTime::now_utc();
+    if !pki.inventory()?.active_principals(now).contains(&claim) {
+        return Err(OpsError::ClaimRefused(format!(
+            "{claim} has no usable certificate (revoked or expired): the batch provisions nothing"
+        )));
+    }
+    let csr = DeviceCsr::parse(&req.csr_pem)?;
+    let entry = store.claim_serial(&req.serial)?;
+    if let Some(entry) = &entry
+        && entry.batch == req.batch
+        && let Some(done) = &entry.provisioned
+        && done.key_sha256 == csr.key_sha256()
+        && &done.device == csr.requested()
+    {
+        return Ok(Provisioned {
+            device: done.device.clone(),
+            chain_pem: done.chain_pem.clone(),
+            issued_now: false,
+        });
+    }
+    crate::registry::rules::check_provision(&req.batch, &req.serial, entry.as_ref(), None)?;
+    store.check_new_device(csr.requested())?;
+    let issued = pki.sign_device_csr(&csr, Validity::days(req.validity_days))?;
+    let new = NewDevice {
+        id: csr.requested().clone(),
+        board: req.board.clone(),
+        tags: BTreeSet::new(),
+        cert: Some(cert_info(&issued)),
+    };
+    let unit = ProvisionedUnit {
+        device: csr.requested().clone(),
+        key_sha256: csr.key_sha256().to_owned(),
+        chain_pem: issued.chain_pem.clone(),
+        at: edgebind_protocol::messages::now_unix(),
+    };
+    match store.add_provisioned(&new, &req.batch, &req.serial, &unit) {
+        Ok(_) => Ok(Provisioned {
+            device: unit.device,
+            chain_pem: unit.chain_pem,
+            issued_now: true,
+        }),
+        Err(e) => match pki.revoke_serial(&issued.serial) {
+            Ok(_) => Err(e.into()),
+            Err(revoke) => Err(OpsError::RollbackFailed {
+                what: format!("revoking serial {} of {}", issued.serial, new.id),
+                cause: Box::new(e.into()),
+                rollback: revoke.to_string(),
+            }),
+        },
+    }
 }
 
 fn resolve_broker(

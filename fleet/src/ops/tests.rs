@@ -438,3 +438,130 @@ fn a_renewal_whose_files_cannot_be_written_is_undone() {
     let kept = h.store.device(&first.device.id).unwrap().cert.unwrap();
     assert_eq!(kept.serial, first.serial);
 }
+
+mod claim {
+    use super::*;
+    use edgebind_certs::Validity;
+    use edgebind_protocol::UnitSerial;
+    use rcgen::{CertificateParams, DnType, KeyPair};
+
+    fn csr(cn: &str, key: &KeyPair) -> String {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.serialize_request(key).unwrap().pem().unwrap()
+    }
+
+    fn request(serial: &str, pem: String) -> ClaimRequest {
+        ClaimRequest {
+            batch: DeviceId::new("line-1").unwrap(),
+            serial: UnitSerial::new(serial).unwrap(),
+            csr_pem: pem,
+            board: "qemux86-64".parse().unwrap(),
+            validity_days: 30,
+        }
+    }
+
+    fn batch(h: &mut Home) -> Pki {
+        let pki = h.pki();
+        pki.issue(
+            &Principal::Claim(DeviceId::new("line-1").unwrap()),
+            Validity::days(1),
+        )
+        .unwrap();
+        h.store
+            .allow_serials(
+                &DeviceId::new("line-1").unwrap(),
+                &[
+                    UnitSerial::new("SN-1").unwrap(),
+                    UnitSerial::new("SN-2").unwrap(),
+                ],
+            )
+            .unwrap();
+        pki
+    }
+
+    #[test]
+    fn an_allowed_unit_is_signed_registered_once_and_resumes_with_its_key() {
+        let mut h = Home::new();
+        let pki = batch(&mut h);
+        let key = KeyPair::generate().unwrap();
+        let got =
+            provision_device(&pki, &mut h.store, &request("SN-1", csr("sn-1", &key))).unwrap();
+        assert!(got.issued_now);
+        assert_eq!(got.device.as_str(), "sn-1");
+        assert!(got.chain_pem.ends_with(pki.issuing_pem()));
+        let device = h.store.device(&got.device).unwrap();
+        let serial = device.cert.as_ref().unwrap().serial.clone();
+        // The certificate is for the device's own key.
+        assert_eq!(
+            edgebind_certs::csr::cert_key_sha256(&got.chain_pem).unwrap(),
+            edgebind_certs::DeviceCsr::parse(&csr("sn-1", &key))
+                .unwrap()
+                .key_sha256()
+        );
+        // The same key again (a restart before the certificate was stored):
+        // the same chain, nothing issued.
+        let again =
+            provision_device(&pki, &mut h.store, &request("SN-1", csr("sn-1", &key))).unwrap();
+        assert!(!again.issued_now);
+        assert_eq!(again.chain_pem, got.chain_pem);
+        assert_eq!(
+            h.store.device(&got.device).unwrap().cert.unwrap().serial,
+            serial
+        );
+        // A replay with another key, or for another id: refused.
+        let other = KeyPair::generate().unwrap();
+        for pem in [csr("sn-1", &other), csr("sn-1x", &key)] {
+            let err = provision_device(&pki, &mut h.store, &request("SN-1", pem)).unwrap_err();
+            assert!(err.to_string().contains("already provisioned"), "{err}");
+        }
+        assert_eq!(
+            pki.inventory().unwrap().by_cn("sn-1").count(),
+            1,
+            "one certificate for the serial"
+        );
+    }
+
+    #[test]
+    fn refusals_sign_nothing() {
+        let mut h = Home::new();
+        let pki = batch(&mut h);
+        let key = KeyPair::generate().unwrap();
+        let issued_before = pki.inventory().unwrap().entries.len();
+        let cases = [
+            (request("SN-9", csr("sn-9", &key)), "not on the allow-list"),
+            (request("SN-1", csr("SN-1", &key)), "requested id"),
+            (request("SN-1", csr("a/b", &key)), "requested id"),
+            (
+                request("SN-1", "junk".into()),
+                "certificate signing request",
+            ),
+        ];
+        for (req, want) in cases {
+            let err = provision_device(&pki, &mut h.store, &req).unwrap_err();
+            assert!(err.to_string().contains(want), "{want}: {err}");
+        }
+        assert_eq!(pki.inventory().unwrap().entries.len(), issued_before);
+        // A revoked batch claim provisions nothing, provisioned devices stay.
+        provision_device(&pki, &mut h.store, &request("SN-1", csr("sn-1", &key))).unwrap();
+        pki.revoke(&Principal::Claim(DeviceId::new("line-1").unwrap()))
+            .unwrap();
+        let err = provision_device(
+            &pki,
+            &mut h.store,
+            &request("SN-2", csr("sn-2", &KeyPair::generate().unwrap())),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("claim:line-1 has no usable"),
+            "{err}"
+        );
+        assert_eq!(
+            h.store
+                .device(&DeviceId::new("sn-1").unwrap())
+                .unwrap()
+                .lifecycle,
+            Lifecycle::Registered
+        );
+    }
+}

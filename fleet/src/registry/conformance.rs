@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use edgebind_protocol::messages::{
     Command, CommandResult, CommandStatus, Event, Presence, Reported, Status,
 };
-use edgebind_protocol::{CommandId, DeviceId};
+use edgebind_protocol::{CommandId, DeviceId, UnitSerial};
 use serde_json::{Map, Value, json};
 
 use super::*;
@@ -57,6 +57,9 @@ macro_rules! conformance_tests {
             a_manufactured_unit_is_recorded_with_its_device_or_not_at_all,
             a_reissue_replaces_certificate_and_record_together,
             an_import_merges_once_and_a_conflict_imports_nothing,
+            an_allow_list_belongs_to_one_batch_and_is_added_whole_or_not_at_all,
+            a_serial_is_provisioned_once_with_its_device,
+            two_stores_racing_to_provision_one_serial_register_it_once,
         );
     };
     (@each $fixture:expr; $($check:ident),+ $(,)?) => {
@@ -1187,4 +1190,181 @@ pub fn an_import_merges_once_and_a_conflict_imports_nothing(registry: &dyn Fixtu
         .unwrap_err();
     assert!(err.to_string().contains("twice"), "{err}");
     assert_eq!(full_snapshot(store.as_ref()), before);
+}
+
+fn sn(s: &str) -> UnitSerial {
+    UnitSerial::new(s).unwrap()
+}
+
+fn unit(device: &str, key: &str) -> ProvisionedUnit {
+    ProvisionedUnit {
+        device: id(device),
+        key_sha256: key.to_owned(),
+        chain_pem: format!("chain of {device}"),
+        at: 1_700_000_000,
+    }
+}
+
+pub fn an_allow_list_belongs_to_one_batch_and_is_added_whole_or_not_at_all(registry: &dyn Fixture) {
+    let mut s = registry.open(Retention::default());
+    let report = s
+        .allow_serials(&id("line-1"), &[sn("SN-1"), sn("SN-2"), sn("SN-1")])
+        .unwrap();
+    assert_eq!(report.added, [sn("SN-1"), sn("SN-2")]);
+    let again = s
+        .allow_serials(&id("line-1"), &[sn("SN-2"), sn("SN-3")])
+        .unwrap();
+    assert_eq!(again.added, [sn("SN-3")]);
+    assert_eq!(again.already, [sn("SN-2")]);
+    // A serial on another batch's list fails the whole call.
+    let err = s
+        .allow_serials(&id("line-2"), &[sn("SN-9"), sn("SN-1")])
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::OtherBatch { .. }), "{err}");
+    assert!(s.claim_serial(&sn("SN-9")).unwrap().is_none());
+    let list: Vec<_> = s
+        .claim_serials(&id("line-1"))
+        .unwrap()
+        .into_iter()
+        .map(|e| e.serial)
+        .collect();
+    assert_eq!(list, [sn("SN-1"), sn("SN-2"), sn("SN-3")]);
+    let e = s.claim_serial(&sn("SN-1")).unwrap().unwrap();
+    assert_eq!(e.batch, id("line-1"));
+    assert!(e.provisioned.is_none());
+    assert!(s.claim_serials(&id("line-2")).unwrap().is_empty());
+    // Serials differing in case are different units.
+    assert!(s.claim_serial(&sn("sn-1")).unwrap().is_none());
+}
+
+pub fn a_serial_is_provisioned_once_with_its_device(registry: &dyn Fixture) {
+    let mut s = registry.open(Retention::default());
+    s.allow_serials(&id("line-1"), &[sn("SN-1"), sn("SN-2")])
+        .unwrap();
+    let b = id("line-1");
+    // Not on the list, or on it for another batch: nothing registered.
+    let err = s
+        .add_provisioned(
+            &new_device("sn-7", &[]),
+            &b,
+            &sn("SN-7"),
+            &unit("sn-7", "k7"),
+        )
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::NotAllowed { .. }), "{err}");
+    let err = s
+        .add_provisioned(
+            &new_device("sn-1", &[]),
+            &id("line-2"),
+            &sn("SN-1"),
+            &unit("sn-1", "k1"),
+        )
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::OtherBatch { .. }), "{err}");
+    assert!(matches!(
+        s.device(&id("sn-1")),
+        Err(RegistryError::UnknownDevice(_))
+    ));
+
+    let d = s
+        .add_provisioned(
+            &new_device("sn-1", &["lab"]),
+            &b,
+            &sn("SN-1"),
+            &unit("sn-1", "k1"),
+        )
+        .unwrap();
+    assert_eq!(d.id, id("sn-1"));
+    let e = s.claim_serial(&sn("SN-1")).unwrap().unwrap();
+    assert_eq!(e.provisioned, Some(unit("sn-1", "k1")));
+    // A replay, with any key or id, registers nothing more.
+    let err = s
+        .add_provisioned(
+            &new_device("sn-1b", &[]),
+            &b,
+            &sn("SN-1"),
+            &unit("sn-1b", "k2"),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, RegistryError::AlreadyProvisioned { .. }),
+        "{err}"
+    );
+    assert!(matches!(
+        s.device(&id("sn-1b")),
+        Err(RegistryError::UnknownDevice(_))
+    ));
+    // Another serial cannot take an id that exists; its entry stays open.
+    let err = s
+        .add_provisioned(
+            &new_device("sn-1", &[]),
+            &b,
+            &sn("SN-2"),
+            &unit("sn-1", "k3"),
+        )
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::DuplicateDevice(_)), "{err}");
+    assert!(
+        s.claim_serial(&sn("SN-2"))
+            .unwrap()
+            .unwrap()
+            .provisioned
+            .is_none()
+    );
+    // A revoked id is never provisioned again.
+    s.add_device(&new_device("gone", &[])).unwrap();
+    s.revoke(&id("gone")).unwrap();
+    let err = s
+        .add_provisioned(
+            &new_device("gone", &[]),
+            &b,
+            &sn("SN-2"),
+            &unit("gone", "k4"),
+        )
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::Revoked(_)), "{err}");
+    // Another store sees the same.
+    let other = registry.open(Retention::default());
+    assert_eq!(
+        other
+            .claim_serial(&sn("SN-1"))
+            .unwrap()
+            .unwrap()
+            .provisioned,
+        Some(unit("sn-1", "k1"))
+    );
+}
+
+pub fn two_stores_racing_to_provision_one_serial_register_it_once(registry: &dyn Fixture) {
+    let mut s = registry.open(Retention::default());
+    s.allow_serials(&id("line-1"), &[sn("SN-1")]).unwrap();
+    let results: Vec<std::result::Result<Device, RegistryError>> = std::thread::scope(|scope| {
+        let racers: Vec<_> = (0..4)
+            .map(|i| {
+                let mut store = registry.open(Retention::default());
+                scope.spawn(move || {
+                    store.add_provisioned(
+                        &new_device(&format!("sn-1-{i}"), &[]),
+                        &id("line-1"),
+                        &sn("SN-1"),
+                        &unit(&format!("sn-1-{i}"), &format!("k{i}")),
+                    )
+                })
+            })
+            .collect();
+        racers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let won: Vec<_> = results.iter().filter(|r| r.is_ok()).collect();
+    assert_eq!(won.len(), 1, "{results:?}");
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert!(
+            matches!(
+                r,
+                RegistryError::AlreadyProvisioned { .. } | RegistryError::Backend { .. }
+            ),
+            "{r}"
+        );
+    }
+    let registered = s.devices(&Selector::All).unwrap();
+    assert_eq!(registered.len(), 1, "{registered:?}");
 }

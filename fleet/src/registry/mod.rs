@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use edgebind_protocol::messages::{Action, Desired, UnixSeconds};
-use edgebind_protocol::{CommandId, DeviceId, IdError};
+use edgebind_protocol::{CommandId, DeviceId, IdError, UnitSerial};
 use serde_json::{Map, Value};
 
 pub use model::*;
@@ -62,6 +62,19 @@ pub enum RegistryError {
     UnknownUnit(String),
     #[error("unit serial {serial:?}: {why}")]
     ManufacturingConflict { serial: String, why: String },
+    #[error("unit serial {serial} is not on the allow-list of batch {batch}")]
+    NotAllowed { batch: DeviceId, serial: UnitSerial },
+    #[error("unit serial {serial} is on the allow-list of batch {other}, not {batch}")]
+    OtherBatch {
+        batch: DeviceId,
+        serial: UnitSerial,
+        other: DeviceId,
+    },
+    #[error("unit serial {serial} is already provisioned (device {device})")]
+    AlreadyProvisioned {
+        serial: UnitSerial,
+        device: DeviceId,
+    },
     #[error(transparent)]
     InvalidId(#[from] IdError),
     #[error("unknown board {given:?}; known boards: {}", KNOWN_BOARDS.join(", "))]
@@ -251,6 +264,25 @@ pub trait Store: Send {
     /// the unit's record are replaced together. The record must exist for the
     /// same device, and the device must not be revoked.
     fn record_reissue(&mut self, record: &ManufacturingRecord, cert: &CertInfo) -> Result<()>;
+    /// Put `serials` on the allow-list of `batch` (claim-based first boot).
+    /// A serial already allowed for this batch is left alone; one on another
+    /// batch's list fails the whole call, and then nothing is added.
+    fn allow_serials(&mut self, batch: &DeviceId, serials: &[UnitSerial]) -> Result<AllowReport>;
+    /// A serial's allow-list entry, if it has one.
+    fn claim_serial(&self, serial: &UnitSerial) -> Result<Option<ClaimSerial>>;
+    /// The allow-list of a batch, by serial.
+    fn claim_serials(&self, batch: &DeviceId) -> Result<Vec<ClaimSerial>>;
+    /// Register a device provisioned by the claim flow and mark its serial
+    /// provisioned, in one transaction: refused when the serial is not on
+    /// the batch's list, is provisioned already (whoever commits first wins,
+    /// so two service instances never both register a serial) or the id is taken.
+    fn add_provisioned(
+        &mut self,
+        device: &NewDevice,
+        batch: &DeviceId,
+        serial: &UnitSerial,
+        unit: &ProvisionedUnit,
+    ) -> Result<Device>;
     /// Merge units exported from a station registry: each device (if new)
     /// and its record, in one transaction. A unit already recorded
     /// identically is left alone; any conflict (the serial recorded with

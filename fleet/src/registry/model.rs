@@ -5,7 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use edgebind_protocol::messages::{Action, CommandResult, Event, Reported, Status, UnixSeconds};
-use edgebind_protocol::{CommandId, DeviceId};
+use edgebind_protocol::{CommandId, DeviceId, UnitSerial};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -708,6 +708,40 @@ pub struct ManufacturingRecord {
     /// SHA-256 (hex) of the golden image the unit's image was made from;
     /// `None` when the station wrote bundles only (a duplicator flashes them).
     pub image_sha256: Option<String>,
+}
+
+/// A unit serial on a production batch's allow-list (claim-based first
+/// boot): the batch's claim identity may provision it once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimSerial {
+    pub serial: UnitSerial,
+    /// The batch: the name of its claim identity (`claim:BATCH`).
+    pub batch: DeviceId,
+    pub allowed_at: UnixSeconds,
+    /// Set once the unit has its device certificate.
+    pub provisioned: Option<ProvisionedUnit>,
+}
+
+/// How an allowed unit was provisioned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProvisionedUnit {
+    pub device: DeviceId,
+    /// SHA-256 (hex) of the public key the unit made: the same key asking
+    /// again (a unit that restarted before it stored its certificate) gets
+    /// the same chain back, any other key is refused.
+    pub key_sha256: String,
+    /// What the unit was sent: its certificate and the issuing CA.
+    pub chain_pem: String,
+    pub at: UnixSeconds,
+}
+
+/// What [`super::Store::allow_serials`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AllowReport {
+    /// Serials put on the batch's allow-list now.
+    pub added: Vec<UnitSerial>,
+    /// Serials that were on it already.
+    pub already: Vec<UnitSerial>,
 }
 
 /// What [`super::Store::import_manufactured`] did with each unit.

@@ -6,7 +6,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use edgebind_protocol::messages::{Action, Desired, UnixSeconds, now_unix};
-use edgebind_protocol::{CommandId, DeviceId};
+use edgebind_protocol::{CommandId, DeviceId, UnitSerial};
 use serde_json::{Map, Value};
 
 use super::storage::{LatestSample, NewEvent, NewSample, Storage, StorageTx};
@@ -597,6 +597,67 @@ impl<S: Storage> Store for S {
                 }
             }
             Ok(report)
+        })
+    }
+
+    fn allow_serials(&mut self, batch: &DeviceId, serials: &[UnitSerial]) -> Result<AllowReport> {
+        let now = now_unix();
+        write(self, |tx| {
+            let mut report = AllowReport::default();
+            let mut seen = BTreeSet::new();
+            for serial in serials {
+                if !seen.insert(serial) {
+                    continue;
+                }
+                match tx.claim_serial(serial)? {
+                    Some(entry) if &entry.batch == batch => report.already.push(serial.clone()),
+                    Some(entry) => {
+                        return Err(RegistryError::OtherBatch {
+                            batch: batch.clone(),
+                            serial: serial.clone(),
+                            other: entry.batch,
+                        });
+                    }
+                    None => {
+                        tx.save_claim_serial(&ClaimSerial {
+                            serial: serial.clone(),
+                            batch: batch.clone(),
+                            allowed_at: now,
+                            provisioned: None,
+                        })?;
+                        report.added.push(serial.clone());
+                    }
+                }
+            }
+            Ok(report)
+        })
+    }
+
+    fn claim_serial(&self, serial: &UnitSerial) -> Result<Option<ClaimSerial>> {
+        read(self, |tx| tx.claim_serial(serial))
+    }
+
+    fn claim_serials(&self, batch: &DeviceId) -> Result<Vec<ClaimSerial>> {
+        read(self, |tx| tx.claim_serials(batch))
+    }
+
+    fn add_provisioned(
+        &mut self,
+        device: &NewDevice,
+        batch: &DeviceId,
+        serial: &UnitSerial,
+        unit: &ProvisionedUnit,
+    ) -> Result<Device> {
+        let now = now_unix();
+        write(self, |tx| {
+            let entry = tx.claim_serial(serial)?;
+            let existing_device = tx.device(&device.id)?;
+            rules::check_provision(batch, serial, entry.as_ref(), existing_device.as_ref())?;
+            let mut entry = entry.expect("check_provision refuses a missing entry");
+            entry.provisioned = Some(unit.clone());
+            tx.insert_devices(std::slice::from_ref(device), now)?;
+            tx.save_claim_serial(&entry)?;
+            load(tx, &device.id)
         })
     }
 }

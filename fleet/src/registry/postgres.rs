@@ -36,8 +36,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::rows::{
-    COMMAND_COLUMNS, DEVICE_COLUMNS, MANUFACTURING_COLUMNS, RawCommand, RawDevice,
-    RawManufacturing, RawState, STATE_COLUMNS, action_of, history_table, parse_id, parse_json,
+    CLAIM_SERIAL_COLUMNS, COMMAND_COLUMNS, DEVICE_COLUMNS, MANUFACTURING_COLUMNS, RawClaimSerial,
+    RawCommand, RawDevice, RawManufacturing, RawState, STATE_COLUMNS, action_of, history_table,
+    parse_id, parse_json,
 };
 use super::storage::{LatestSample, NewEvent, NewSample, Storage, StorageTx};
 use super::*;
@@ -169,6 +170,20 @@ const MIGRATIONS: &[&str] = &[
         made_at          BIGINT NOT NULL,
         image_sha256     TEXT
     );
+    "#,
+    // 5: allow-lists of claim-based first boot (SQLite's version 6).
+    r#"
+    CREATE TABLE claim_serials (
+        serial         TEXT COLLATE "C" PRIMARY KEY,
+        batch          TEXT COLLATE "C" NOT NULL,
+        allowed_at     BIGINT NOT NULL,
+        device_id      TEXT COLLATE "C" UNIQUE REFERENCES devices(id),
+        key_sha256     TEXT,
+        chain_pem      TEXT,
+        provisioned_at BIGINT,
+        CHECK ((device_id IS NULL) = (provisioned_at IS NULL))
+    );
+    CREATE INDEX claim_serials_batch ON claim_serials(batch, serial);
     "#,
 ];
 
@@ -564,6 +579,31 @@ impl PgTx<'_> {
             .map(|raw| {
                 let t = tags.remove(&raw.id).unwrap_or_default();
                 raw.into_device(t)
+            })
+            .collect()
+    }
+
+    fn claim_serials_of_rows(
+        &self,
+        sql_tail: &str,
+        params: &Params<'_>,
+    ) -> Result<Vec<ClaimSerial>> {
+        let rows = self.rows(
+            &format!("SELECT {CLAIM_SERIAL_COLUMNS} FROM claim_serials {sql_tail}"),
+            params,
+        )?;
+        rows.iter()
+            .map(|r| {
+                RawClaimSerial {
+                    serial: r.get(0),
+                    batch: r.get(1),
+                    allowed_at: r.get(2),
+                    device: r.get(3),
+                    key_sha256: r.get(4),
+                    chain_pem: r.get(5),
+                    provisioned_at: r.get(6),
+                }
+                .into_entry()
             })
             .collect()
     }
@@ -1309,6 +1349,41 @@ impl StorageTx for PgTx<'_> {
                 &r.operator,
                 &(r.made_at as i64),
                 &r.image_sha256,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn claim_serial(&mut self, serial: &UnitSerial) -> Result<Option<ClaimSerial>> {
+        Ok(self
+            .claim_serials_of_rows(
+                &format!("WHERE serial = $1{}", self.lock),
+                &[&serial.as_str()],
+            )?
+            .pop())
+    }
+
+    fn claim_serials(&mut self, batch: &DeviceId) -> Result<Vec<ClaimSerial>> {
+        self.claim_serials_of_rows("WHERE batch = $1 ORDER BY serial", &[&batch.as_str()])
+    }
+
+    fn save_claim_serial(&mut self, e: &ClaimSerial) -> Result<()> {
+        let p = e.provisioned.as_ref();
+        self.exec(
+            "INSERT INTO claim_serials (serial, batch, allowed_at, device_id, key_sha256, \
+             chain_pem, provisioned_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (serial) DO UPDATE SET batch = excluded.batch, \
+             allowed_at = excluded.allowed_at, device_id = excluded.device_id, \
+             key_sha256 = excluded.key_sha256, chain_pem = excluded.chain_pem, \
+             provisioned_at = excluded.provisioned_at",
+            &[
+                &e.serial.as_str(),
+                &e.batch.as_str(),
+                &(e.allowed_at as i64),
+                &p.map(|p| p.device.as_str()),
+                &p.map(|p| p.key_sha256.as_str()),
+                &p.map(|p| p.chain_pem.as_str()),
+                &p.map(|p| p.at as i64),
             ],
         )?;
         Ok(())

@@ -314,3 +314,41 @@ impl RawManufacturing {
         })
     }
 }
+
+pub(super) const CLAIM_SERIAL_COLUMNS: &str =
+    "serial, batch, allowed_at, device_id, key_sha256, chain_pem, provisioned_at";
+
+/// An allow-list row in the order of [`CLAIM_SERIAL_COLUMNS`].
+pub(super) struct RawClaimSerial {
+    pub serial: String,
+    pub batch: String,
+    pub allowed_at: i64,
+    pub device: Option<String>,
+    pub key_sha256: Option<String>,
+    pub chain_pem: Option<String>,
+    pub provisioned_at: Option<i64>,
+}
+
+impl RawClaimSerial {
+    pub fn into_entry(self) -> Result<ClaimSerial> {
+        let serial = UnitSerial::new(&self.serial).map_err(|e| RegistryError::Corrupt {
+            what: format!("allow-list serial {:?}", self.serial),
+            detail: e.to_string(),
+        })?;
+        let provisioned = match (self.device, self.provisioned_at) {
+            (Some(device), Some(at)) => Some(ProvisionedUnit {
+                device: parse_id(&format!("device id of unit serial {serial}"), device)?,
+                key_sha256: self.key_sha256.unwrap_or_default(),
+                chain_pem: self.chain_pem.unwrap_or_default(),
+                at: at.max(0) as u64,
+            }),
+            _ => None,
+        };
+        Ok(ClaimSerial {
+            batch: parse_id(&format!("batch of unit serial {serial}"), self.batch)?,
+            serial,
+            allowed_at: self.allowed_at.max(0) as u64,
+            provisioned,
+        })
+    }
+}

@@ -7,14 +7,14 @@ use std::collections::BTreeSet;
 use edgebind_protocol::messages::{
     Command, CommandResult, CommandStatus, Desired, Presence, Status, UnixSeconds,
 };
-use edgebind_protocol::{CommandId, DeviceId};
+use edgebind_protocol::{CommandId, DeviceId, UnitSerial};
 use serde_json::{Map, Value};
 
 use serde::Serialize;
 
 use super::{
-    CommandRecord, CommandState, ConnectPolicy, Delivery, Device, DeviceState, Lifecycle,
-    ManufacturingRecord, NewCommand, NewDevice, OnConnectRule, RegistryError, Result,
+    ClaimSerial, CommandRecord, CommandState, ConnectPolicy, Delivery, Device, DeviceState,
+    Lifecycle, ManufacturingRecord, NewCommand, NewDevice, OnConnectRule, RegistryError, Result,
     SERVICE_HEARTBEAT_S, ServicePresence, validate_setting_key,
 };
 
@@ -52,6 +52,41 @@ pub fn check_new_unit(
         return Err(RegistryError::DuplicateUnit {
             serial: record.serial.clone(),
             device: r.device.clone(),
+        });
+    }
+    match existing_device {
+        Some(d) if d.lifecycle == Lifecycle::Revoked => Err(RegistryError::Revoked(d.id.clone())),
+        Some(d) => Err(RegistryError::DuplicateDevice(d.id.clone())),
+        None => Ok(()),
+    }
+}
+
+/// A unit of a batch is provisioned once: its serial is on that batch's
+/// allow-list, not provisioned yet, and the id it asked for is free (a
+/// revoked id is never issued again).
+pub fn check_provision(
+    batch: &DeviceId,
+    serial: &UnitSerial,
+    entry: Option<&ClaimSerial>,
+    existing_device: Option<&Device>,
+) -> Result<()> {
+    let Some(entry) = entry else {
+        return Err(RegistryError::NotAllowed {
+            batch: batch.clone(),
+            serial: serial.clone(),
+        });
+    };
+    if &entry.batch != batch {
+        return Err(RegistryError::OtherBatch {
+            batch: batch.clone(),
+            serial: serial.clone(),
+            other: entry.batch.clone(),
+        });
+    }
+    if let Some(p) = &entry.provisioned {
+        return Err(RegistryError::AlreadyProvisioned {
+            serial: serial.clone(),
+            device: p.device.clone(),
         });
     }
     match existing_device {

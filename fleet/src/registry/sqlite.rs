@@ -20,8 +20,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, param
 use serde_json::{Map, Value};
 
 use super::rows::{
-    COMMAND_COLUMNS, DEVICE_COLUMNS, MANUFACTURING_COLUMNS, RawCommand, RawDevice,
-    RawManufacturing, RawState, STATE_COLUMNS, action_of, history_table, parse_id, parse_json,
+    CLAIM_SERIAL_COLUMNS, COMMAND_COLUMNS, DEVICE_COLUMNS, MANUFACTURING_COLUMNS, RawClaimSerial,
+    RawCommand, RawDevice, RawManufacturing, RawState, STATE_COLUMNS, action_of, history_table,
+    parse_id, parse_json,
 };
 use super::storage::{NewEvent, NewSample, Storage, StorageTx};
 use super::*;
@@ -162,6 +163,21 @@ const MIGRATIONS: &[&str] = &[
         made_at          INTEGER NOT NULL,
         image_sha256     TEXT
     ) STRICT;
+    "#,
+    // 6: allow-lists of claim-based first boot (issue 13): one entry per unit
+    // serial, on one batch's list; a device is provisioned for at most one.
+    r#"
+    CREATE TABLE claim_serials (
+        serial         TEXT PRIMARY KEY,
+        batch          TEXT NOT NULL,
+        allowed_at     INTEGER NOT NULL,
+        device_id      TEXT UNIQUE REFERENCES devices(id),
+        key_sha256     TEXT,
+        chain_pem      TEXT,
+        provisioned_at INTEGER,
+        CHECK ((device_id IS NULL) = (provisioned_at IS NULL))
+    ) STRICT;
+    CREATE INDEX claim_serials_batch ON claim_serials(batch, serial);
     "#,
 ];
 
@@ -524,6 +540,34 @@ impl SqliteTx<'_> {
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(db)?;
         raws.into_iter().map(RawCommand::into_command).collect()
+    }
+
+    fn query_claim_serials(
+        &self,
+        sql_tail: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<ClaimSerial>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(&format!(
+                "SELECT {CLAIM_SERIAL_COLUMNS} FROM claim_serials {sql_tail}"
+            ))
+            .map_err(db)?;
+        let raws = stmt
+            .query_map(params, |r| {
+                Ok(RawClaimSerial {
+                    serial: r.get(0)?,
+                    batch: r.get(1)?,
+                    allowed_at: r.get(2)?,
+                    device: r.get(3)?,
+                    key_sha256: r.get(4)?,
+                    chain_pem: r.get(5)?,
+                    provisioned_at: r.get(6)?,
+                })
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(db)?;
+        raws.into_iter().map(RawClaimSerial::into_entry).collect()
     }
 
     fn query_manufacturing(
@@ -1128,6 +1172,38 @@ impl StorageTx for SqliteTx<'_> {
                 r.operator,
                 r.made_at as i64,
                 r.image_sha256
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn claim_serial(&mut self, serial: &UnitSerial) -> Result<Option<ClaimSerial>> {
+        Ok(self
+            .query_claim_serials("WHERE serial = ?1", [serial.as_str()])?
+            .pop())
+    }
+
+    fn claim_serials(&mut self, batch: &DeviceId) -> Result<Vec<ClaimSerial>> {
+        self.query_claim_serials("WHERE batch = ?1 ORDER BY serial", [batch.as_str()])
+    }
+
+    fn save_claim_serial(&mut self, e: &ClaimSerial) -> Result<()> {
+        let p = e.provisioned.as_ref();
+        self.exec(
+            "INSERT INTO claim_serials (serial, batch, allowed_at, device_id, key_sha256, \
+             chain_pem, provisioned_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+             ON CONFLICT (serial) DO UPDATE SET batch = excluded.batch, \
+             allowed_at = excluded.allowed_at, device_id = excluded.device_id, \
+             key_sha256 = excluded.key_sha256, chain_pem = excluded.chain_pem, \
+             provisioned_at = excluded.provisioned_at",
+            params![
+                e.serial.as_str(),
+                e.batch.as_str(),
+                e.allowed_at as i64,
+                p.map(|p| p.device.as_str()),
+                p.map(|p| p.key_sha256.as_str()),
+                p.map(|p| p.chain_pem.as_str()),
+                p.map(|p| p.at as i64),
             ],
         )?;
         Ok(())

@@ -9,10 +9,12 @@ use edgebind_protocol::messages::{Action, Desired, Event, UnixSeconds};
 use edgebind_protocol::{CommandId, DeviceId};
 use serde_json::{Map, Value};
 
+use edgebind_protocol::UnitSerial;
+
 use super::{
-    CertInfo, CommandQuery, CommandRecord, Device, DeviceQuery, DeviceState, EventRow, History,
-    ManufacturingRecord, NewDevice, OnConnectRule, ReportedState, Result, Retention, Stats,
-    TelemetryRow,
+    CertInfo, ClaimSerial, CommandQuery, CommandRecord, Device, DeviceQuery, DeviceState, EventRow,
+    History, ManufacturingRecord, NewDevice, OnConnectRule, ReportedState, Result, Retention,
+    Stats, TelemetryRow,
 };
 
 /// One telemetry sample to append; `payload` is the JSON text as received.
@@ -158,4 +160,11 @@ pub trait StorageTx {
     fn manufacturing_all(&mut self) -> Result<Vec<ManufacturingRecord>>;
     /// Insert the record of its serial, or replace it.
     fn save_manufacturing(&mut self, record: &ManufacturingRecord) -> Result<()>;
+
+    /// A serial's allow-list entry (locked for the transaction when writing).
+    fn claim_serial(&mut self, serial: &UnitSerial) -> Result<Option<ClaimSerial>>;
+    /// A batch's allow-list, by serial.
+    fn claim_serials(&mut self, batch: &DeviceId) -> Result<Vec<ClaimSerial>>;
+    /// Insert an allow-list entry or replace it.
+    fn save_claim_serial(&mut self, entry: &ClaimSerial) -> Result<()>;
 }
