@@ -164,7 +164,20 @@ mod tests {
             "user dev-x\ntopic deny {}\n",
             revoked_deny_filter()
         )));
-        assert!(!acl.contains("$SYS"));
+        // The one `$SYS` line: the service's read of the dropped counter.
+        let sys: Vec<&str> = acl.lines().filter(|l| l.contains("$SYS")).collect();
+        assert_eq!(
+            sys,
+            [format!("topic read {}", edgebind_protocol::topics::BROKER_DROPPED).as_str()]
+        );
+        let service_block = acl.split("user service:fleet\n").nth(1).unwrap();
+        assert!(
+            service_block
+                .split("\nuser ")
+                .next()
+                .unwrap()
+                .contains("$SYS")
+        );
     }
 
     #[test]

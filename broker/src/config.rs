@@ -189,6 +189,10 @@ const MAX_QUEUED_MESSAGES: u32 = 100_000;
 /// Bytes Mosquitto queues per client, so a deep queue cannot exhaust memory.
 const MAX_QUEUED_BYTES: u64 = 64 * 1024 * 1024;
 
+/// Seconds between `$SYS` updates (Mosquitto's default too, said explicitly
+/// because the fleet service's drop detection depends on it).
+pub const SYS_INTERVAL_S: u32 = 10;
+
 /// Mosquitto started as root drops to an unprivileged user before it reads
 /// certificates, keys, the CRL and the ACL (also on every SIGHUP). The
 /// public files are world-readable already; the server key (0600) and the
@@ -287,7 +291,10 @@ pub fn render_conf(dir: &Path, settings: &BrokerSettings) -> String {
          # to devices whenever ingest lags for a moment. Devices only ever queue their\n\
          # own commands, so the deeper queue costs nothing there; bytes stay bounded.\n\
          max_queued_messages {max_queued}\n\
-         max_queued_bytes {max_queued_bytes}\n\n\
+         max_queued_bytes {max_queued_bytes}\n\
+         # How often $SYS counters are published: the fleet service reads the\n\
+         # dropped-messages counter, so a drop is reported within this many seconds.\n\
+         sys_interval {sys_interval}\n\n\
          {persistence}\n\
          log_dest stderr\n\
          log_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
@@ -307,6 +314,7 @@ pub fn render_conf(dir: &Path, settings: &BrokerSettings) -> String {
         max_packet = MAX_PACKET_BYTES,
         max_queued = MAX_QUEUED_MESSAGES,
         max_queued_bytes = MAX_QUEUED_BYTES,
+        sys_interval = SYS_INTERVAL_S,
         port = settings.port,
         bind = settings.bind,
     )

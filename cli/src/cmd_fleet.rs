@@ -224,8 +224,15 @@ async fn shutdown_signal() {
 fn stats(args: StatsArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
     let store = home.open_registry()?;
     let s = store.stats()?;
+    let services = store.services()?;
+    // The largest count any service read: the broker's counter only grows
+    // while it runs, so that is the freshest one.
+    let broker_dropped = services.iter().filter_map(|p| p.broker_dropped).max();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        let mut v = serde_json::to_value(&s)?;
+        v["services"] = serde_json::to_value(&services)?;
+        v["broker_dropped"] = serde_json::to_value(broker_dropped)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("registry           {}", store.location());
         println!("devices            {}", s.devices);
@@ -236,6 +243,30 @@ fn stats(args: StatsArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
         println!("database bytes     {}", s.db_bytes);
         if let Some(per) = s.db_bytes.checked_div(s.devices) {
             println!("bytes per device   {per}");
+        }
+        for p in &services {
+            println!(
+                "service {:<10} {} since {}, lag {} messages at {}",
+                p.name,
+                if p.connected {
+                    "connected"
+                } else {
+                    "not connected"
+                },
+                crate::render::unix_time(Some(p.since)),
+                p.lag,
+                crate::render::unix_time(Some(p.seen_at)),
+            );
+        }
+        match broker_dropped {
+            Some(0) => println!("broker dropped     0 messages since it started"),
+            Some(n) => println!(
+                "broker dropped     {n} messages since it started: a client's queue was full, \
+                 acknowledged device data may be lost (see the README's overload section)"
+            ),
+            None => {
+                println!("broker dropped     unknown (no service has read the broker's counter)")
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -119,8 +119,20 @@ fn backend_grants() -> Vec<Grant> {
 pub fn user_grants(principal: &Principal) -> Vec<Grant> {
     match principal {
         Principal::Device(_) | Principal::Claim(_) => Vec::new(),
-        Principal::Operator(_) | Principal::Service(_) => backend_grants(),
+        Principal::Operator(_) => backend_grants(),
+        Principal::Service(_) => service_grants(),
     }
+}
+
+/// A fleet service's grants: the back-end role's, and read access to the
+/// broker's dropped-messages counter, which nobody else gets.
+fn service_grants() -> Vec<Grant> {
+    let mut grants = backend_grants();
+    grants.push(Grant {
+        access: Access::Read,
+        filter: crate::topics::BROKER_DROPPED.to_owned(),
+    });
+    grants
 }
 
 /// Patterns of the provisioning listener, for every client on it: write
@@ -386,6 +398,24 @@ mod tests {
             &Topic::CmdResult(a, c).render()
         ));
         assert!(!allows(&op, Access::Read, "$SYS/broker/uptime"));
+        assert!(!allows(&op, Access::Read, crate::topics::BROKER_DROPPED));
+        let service = Principal::from_cn("service:fleet").unwrap();
+        assert!(allows(
+            &service,
+            Access::Read,
+            crate::topics::BROKER_DROPPED
+        ));
+        assert!(!allows(
+            &service,
+            Access::Write,
+            crate::topics::BROKER_DROPPED
+        ));
+        assert!(!allows(&service, Access::Read, "$SYS/broker/uptime"));
+        assert!(!allows(
+            &service,
+            Access::Read,
+            "$SYS/broker/publish/messages/received"
+        ));
     }
 
     #[test]

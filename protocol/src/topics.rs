@@ -30,6 +30,11 @@ use crate::ids::{CommandId, DeviceId};
 /// confused on one broker (v1 put the id before the kind; see the module doc).
 pub const NAMESPACE: &str = "edgebind/v2";
 
+/// Mosquitto's count of the messages it dropped since it started (a
+/// client's queue over `max_queued_messages`/`max_queued_bytes`): the one
+/// `$SYS` topic the fleet service may read, so a drop is never silent.
+pub const BROKER_DROPPED: &str = "$SYS/broker/publish/messages/dropped";
+
 /// The shared-subscription group of the fleet service instances: every
 /// instance subscribes as a member, so several share the ingest work.
 pub const FLEET_SHARE_GROUP: &str = "edgebind-fleet";

@@ -845,6 +845,8 @@ pub fn service_presence_is_recorded_per_service_and_replaced(registry: &dyn Fixt
         connected: true,
         since: 100,
         seen_at: 130,
+        broker_dropped: Some(96_284),
+        lag: 1200,
     };
     store.record_service(&up).unwrap();
     store
@@ -853,6 +855,8 @@ pub fn service_presence_is_recorded_per_service_and_replaced(registry: &dyn Fixt
             connected: false,
             since: 90,
             seen_at: 90,
+            broker_dropped: None,
+            lag: 0,
         })
         .unwrap();
     let down = ServicePresence {
@@ -867,6 +871,7 @@ pub fn service_presence_is_recorded_per_service_and_replaced(registry: &dyn Fixt
     assert_eq!(got.len(), 2);
     assert_eq!(got[0], down);
     assert_eq!(got[1].name, "fleet-2");
+    assert_eq!((got[1].broker_dropped, got[1].lag), (None, 0));
 }
 
 pub fn a_redelivered_batch_stores_nothing_twice(registry: &dyn Fixture) {

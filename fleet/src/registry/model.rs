@@ -685,6 +685,14 @@ pub struct ServicePresence {
     pub since: UnixSeconds,
     /// The last heartbeat.
     pub seen_at: UnixSeconds,
+    /// The broker's dropped-messages counter as this service last read it
+    /// (`$SYS/broker/publish/messages/dropped`, since the broker started;
+    /// every client's queues count). `None` until it was read.
+    #[serde(default)]
+    pub broker_dropped: Option<u64>,
+    /// Messages taken from the broker and not committed yet, at the heartbeat.
+    #[serde(default)]
+    pub lag: u64,
 }
 
 /// How often a connected service refreshes its [`ServicePresence`].

@@ -185,6 +185,11 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX claim_serials_batch ON claim_serials(batch, serial);
     "#,
+    // 6: overload seen by each fleet service (SQLite's version 7).
+    r#"
+    ALTER TABLE services ADD COLUMN broker_dropped BIGINT;
+    ALTER TABLE services ADD COLUMN lag BIGINT NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// The schema version this edgebind writes (one per migration).
@@ -1263,14 +1268,18 @@ impl StorageTx for PgTx<'_> {
 
     fn save_service(&mut self, p: &ServicePresence) -> Result<()> {
         self.exec(
-            "INSERT INTO services (name, connected, since, seen_at) VALUES ($1, $2, $3, $4) \
+            "INSERT INTO services (name, connected, since, seen_at, broker_dropped, lag) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (name) DO UPDATE SET connected = excluded.connected, \
-             since = excluded.since, seen_at = excluded.seen_at",
+             since = excluded.since, seen_at = excluded.seen_at, \
+             broker_dropped = excluded.broker_dropped, lag = excluded.lag",
             &[
                 &p.name,
                 &p.connected,
                 &(p.since as i64),
                 &(p.seen_at as i64),
+                &p.broker_dropped.map(|d| d as i64),
+                &(p.lag as i64),
             ],
         )?;
         Ok(())
@@ -1299,7 +1308,7 @@ impl StorageTx for PgTx<'_> {
 
     fn services(&mut self) -> Result<Vec<ServicePresence>> {
         let rows = self.rows(
-            "SELECT name, connected, since, seen_at FROM services ORDER BY name",
+            "SELECT name, connected, since, seen_at, broker_dropped, lag FROM services ORDER BY name",
             &[],
         )?;
         Ok(rows
@@ -1309,6 +1318,8 @@ impl StorageTx for PgTx<'_> {
                 connected: r.get(1),
                 since: r.get::<_, i64>(2).max(0) as u64,
                 seen_at: r.get::<_, i64>(3).max(0) as u64,
+                broker_dropped: r.get::<_, Option<i64>>(4).map(|d| d.max(0) as u64),
+                lag: r.get::<_, i64>(5).max(0) as u64,
             })
             .collect())
     }

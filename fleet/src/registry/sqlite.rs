@@ -179,6 +179,12 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX claim_serials_batch ON claim_serials(batch, serial);
     "#,
+    // 7: what each fleet service saw of overload (issue 17): the broker's
+    // dropped-messages counter and its own lag.
+    r#"
+    ALTER TABLE services ADD COLUMN broker_dropped INTEGER;
+    ALTER TABLE services ADD COLUMN lag INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -1091,10 +1097,19 @@ impl StorageTx for SqliteTx<'_> {
 
     fn save_service(&mut self, p: &ServicePresence) -> Result<()> {
         self.exec(
-            "INSERT INTO services (name, connected, since, seen_at) VALUES (?1, ?2, ?3, ?4) \
+            "INSERT INTO services (name, connected, since, seen_at, broker_dropped, lag) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
              ON CONFLICT (name) DO UPDATE SET connected = excluded.connected, \
-             since = excluded.since, seen_at = excluded.seen_at",
-            params![p.name, p.connected, p.since as i64, p.seen_at as i64],
+             since = excluded.since, seen_at = excluded.seen_at, \
+             broker_dropped = excluded.broker_dropped, lag = excluded.lag",
+            params![
+                p.name,
+                p.connected,
+                p.since as i64,
+                p.seen_at as i64,
+                p.broker_dropped.map(|d| d as i64),
+                p.lag as i64
+            ],
         )?;
         Ok(())
     }
@@ -1123,7 +1138,9 @@ impl StorageTx for SqliteTx<'_> {
     fn services(&mut self) -> Result<Vec<ServicePresence>> {
         let mut stmt = self
             .tx
-            .prepare_cached("SELECT name, connected, since, seen_at FROM services ORDER BY name")
+            .prepare_cached(
+                "SELECT name, connected, since, seen_at, broker_dropped, lag FROM services ORDER BY name",
+            )
             .map_err(db)?;
         let rows = stmt
             .query_map([], |r| {
@@ -1132,6 +1149,8 @@ impl StorageTx for SqliteTx<'_> {
                     connected: r.get(1)?,
                     since: r.get::<_, i64>(2)?.max(0) as u64,
                     seen_at: r.get::<_, i64>(3)?.max(0) as u64,
+                    broker_dropped: r.get::<_, Option<i64>>(4)?.map(|d| d.max(0) as u64),
+                    lag: r.get::<_, i64>(5)?.max(0) as u64,
                 })
             })
             .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())

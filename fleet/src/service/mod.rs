@@ -39,6 +39,7 @@ use std::time::Duration;
 
 use edgebind_protocol::CommandId;
 use edgebind_protocol::messages::now_unix;
+use edgebind_protocol::topics::BROKER_DROPPED;
 use rumqttc::v5::Event;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
@@ -140,11 +141,37 @@ pub struct Counters {
     pub published: AtomicU64,
     /// Times the connection to the broker was (re)established.
     pub connects: AtomicU64,
+    /// The broker's dropped-messages counter as last read (`None`: not yet).
+    pub broker_dropped: std::sync::Mutex<Option<u64>>,
 }
 
 impl Counters {
     pub fn get(&self, c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
+    }
+
+    /// Messages taken from the broker and not committed yet.
+    pub fn lag(&self) -> u64 {
+        self.get(&self.received)
+            .saturating_sub(self.get(&self.committed))
+    }
+
+    pub fn broker_dropped(&self) -> Option<u64> {
+        *self
+            .broker_dropped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new reading of the broker's counter; says how many more it dropped
+    /// since the previous reading.
+    fn saw_broker_dropped(&self, now: u64) -> Option<u64> {
+        let mut g = self
+            .broker_dropped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let before = g.replace(now);
+        before.map(|b| now.saturating_sub(b))
     }
 }
 
@@ -261,6 +288,10 @@ pub async fn run(
                     if let Err(e) = client.subscribe_many(filters).await {
                         return Err(ServiceError::Internal(format!("subscribe: {e}")));
                     }
+                    // Not shared: every instance watches the broker's drops.
+                    if let Err(e) = client.subscribe(BROKER_DROPPED, QoS::AtMostOnce).await {
+                        return Err(ServiceError::Internal(format!("subscribe: {e}")));
+                    }
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
                     use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as R;
@@ -270,6 +301,9 @@ pub async fn run(
                             config.instance
                         )));
                     }
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic == BROKER_DROPPED.as_bytes() => {
+                    broker_dropped(&counters, &publish.payload);
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     counters.received.fetch_add(1, Ordering::Relaxed);
@@ -327,6 +361,31 @@ pub async fn run(
         }
     }
     written.map_err(ServiceError::from)
+}
+
+/// The broker published its dropped-messages counter: a drop is loud.
+fn broker_dropped(counters: &Counters, payload: &[u8]) {
+    let Some(now) = std::str::from_utf8(payload)
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+    else {
+        tracing::warn!(payload = %String::from_utf8_lossy(payload), "unreadable broker dropped-messages counter");
+        return;
+    };
+    match counters.saw_broker_dropped(now) {
+        Some(0) => {}
+        Some(more) => tracing::error!(
+            dropped = more,
+            total = now,
+            "the broker DROPPED {more} messages (a client's queue was full): data devices \
+             believe delivered may be lost; see `edgebind fleet stats` and the README's overload section"
+        ),
+        None if now > 0 => tracing::warn!(
+            total = now,
+            "the broker has dropped {now} messages since it started (a client's queue was full)"
+        ),
+        None => {}
+    }
 }
 
 /// A service running on its own runtime thread (tests, benchmark).

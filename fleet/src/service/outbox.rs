@@ -45,21 +45,25 @@ pub(super) struct Outbox {
 
 impl Outbox {
     pub fn run(mut self, connected: Receiver<Vec<DeviceId>>) {
-        let mut recorded: Option<(bool, u64)> = None;
+        let mut recorded: Option<((bool, u64), Option<u64>)> = None;
         let mut beat_at = 0u64;
         loop {
             let now = now_unix();
             let link = self.link.get();
-            if recorded != Some(link) || now >= beat_at + SERVICE_HEARTBEAT_S {
+            let dropped = self.counters.broker_dropped();
+            // A change of the broker's drop count is recorded at once.
+            if recorded != Some((link, dropped)) || now >= beat_at + SERVICE_HEARTBEAT_S {
                 let presence = ServicePresence {
                     name: self.service_name.clone(),
                     connected: link.0,
                     since: link.1,
                     seen_at: now,
+                    broker_dropped: dropped,
+                    lag: self.counters.lag(),
                 };
                 match self.store.record_service(&presence) {
                     Ok(()) => {
-                        recorded = Some(link);
+                        recorded = Some((link, dropped));
                         beat_at = now;
                     }
                     Err(e) => tracing::error!(error = %e, "recording the service heartbeat failed"),
@@ -96,6 +100,8 @@ impl Outbox {
             connected: false,
             since: now,
             seen_at: now,
+            broker_dropped: self.counters.broker_dropped(),
+            lag: self.counters.lag(),
         };
         if let Err(e) = self.store.record_service(&presence) {
             tracing::error!(error = %e, "recording the service stop failed");

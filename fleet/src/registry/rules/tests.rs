@@ -380,6 +380,8 @@ fn presence_is_fresh_only_with_a_connected_service_and_a_recent_heartbeat() {
         connected,
         since,
         seen_at,
+        broker_dropped: None,
+        lag: 0,
     };
     assert_eq!(
         presence_view(&[], 1000),
