@@ -7,6 +7,7 @@ mod fleet_support;
 
 use std::time::Duration;
 
+use edgebind_fleet::registry::Store;
 use edgebind_protocol::DeviceId;
 use edgebind_protocol::topics::{BROKER_DROPPED, Topic};
 use edgebind_tests::{PubAckReason, QoS, TestClient, wait_for, wait_until};
@@ -36,9 +37,13 @@ fn broker_with(fleet: &mut Fleet, options: &[(&str, &str)]) {
 }
 
 fn telemetry(seq: u64) -> Vec<u8> {
-    json!({"ts": seq, "cpu_pct": 1.0, "mem_used_bytes": 50, "uptime_s": seq})
-        .to_string()
-        .into_bytes()
+    json!({
+        "ts": seq, "cpu_pct": 1.0, "load_avg": [0.0, 0.0, 0.0],
+        "mem_total_bytes": 100, "mem_used_bytes": 50,
+        "disk_total_bytes": 10, "disk_used_bytes": 5, "uptime_s": seq
+    })
+    .to_string()
+    .into_bytes()
 }
 
 #[test]
