@@ -57,6 +57,7 @@ macro_rules! conformance_tests {
             a_manufactured_unit_is_recorded_with_its_device_or_not_at_all,
             a_reissue_replaces_certificate_and_record_together,
             an_import_merges_once_and_a_conflict_imports_nothing,
+            a_login_code_logs_in_once_and_not_after_it_expires,
         );
     };
     (@each $fixture:expr; $($check:ident),+ $(,)?) => {
@@ -1187,4 +1188,43 @@ pub fn an_import_merges_once_and_a_conflict_imports_nothing(registry: &dyn Fixtu
         .unwrap_err();
     assert!(err.to_string().contains("twice"), "{err}");
     assert_eq!(full_snapshot(store.as_ref()), before);
+}
+
+pub fn a_login_code_logs_in_once_and_not_after_it_expires(registry: &dyn Fixture) {
+    let mut a = registry.open(Retention::default());
+    let mut b = registry.open(Retention::default());
+    let code = |hash: &str, expires_at| LoginCode {
+        hash: hash.into(),
+        operator: "alice".into(),
+        created_at: 1000,
+        expires_at,
+        used_at: None,
+    };
+    a.add_login_code(&code("h1", 2000)).unwrap();
+    a.add_login_code(&code("h2", 2000)).unwrap();
+    assert!(
+        a.add_login_code(&code("h1", 3000)).is_err(),
+        "a hash is stored once"
+    );
+    assert!(matches!(
+        b.redeem_login_code("nope", 1500),
+        Err(RegistryError::LoginRefused { .. })
+    ));
+    assert_eq!(b.redeem_login_code("h1", 1500).unwrap(), "alice");
+    assert!(
+        matches!(
+            a.redeem_login_code("h1", 1501),
+            Err(RegistryError::LoginRefused { why }) if why.contains("used")
+        ),
+        "the second store sees the code used"
+    );
+    assert!(matches!(
+        a.redeem_login_code("h2", 2000),
+        Err(RegistryError::LoginRefused { why }) if why.contains("expired")
+    ));
+    assert_eq!(
+        a.redeem_login_code("h2", 1999).unwrap(),
+        "alice",
+        "a refused attempt does not use the code up"
+    );
 }

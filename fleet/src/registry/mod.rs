@@ -72,6 +72,10 @@ pub enum RegistryError {
     InvalidTag(String),
     #[error("invalid setting {key:?}: {why}")]
     InvalidSetting { key: String, why: String },
+    /// A console login code that is unknown, used or expired (which of
+    /// them is in `why`; a login page shows only that it was refused).
+    #[error("login code refused: {why}")]
+    LoginRefused { why: &'static str },
     #[error("invalid device listing: {0}")]
     InvalidQuery(String),
     #[error("command {0} is not in the registry")]
@@ -260,6 +264,14 @@ pub trait Store: Send {
         &mut self,
         units: &[(NewDevice, ManufacturingRecord)],
     ) -> Result<ImportReport>;
+
+    /// Store a new console login code (its hash must be new).
+    fn add_login_code(&mut self, code: &LoginCode) -> Result<()>;
+    /// Exchange the code whose hash is `hash` at `now`: the operator it was
+    /// issued to, and the code is marked used in the same transaction, so
+    /// it logs in once. Unknown, used or expired codes are refused with
+    /// [`RegistryError::LoginRefused`] (see [`rules::check_login_code`]).
+    fn redeem_login_code(&mut self, hash: &str, now: UnixSeconds) -> Result<String>;
 }
 
 /// Open (creating and migrating if needed) the default registry backend.

@@ -720,3 +720,18 @@ pub struct ImportReport {
     /// Record already present, identical: nothing to do.
     pub unchanged: Vec<String>,
 }
+
+/// A console login code as the registry keeps it: only its SHA-256 (hex),
+/// never the code itself, so a copy of the registry logs nobody in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginCode {
+    /// SHA-256 of the code, lower-case hex.
+    pub hash: String,
+    /// The operator principal's name (`alice` for `operator:alice`).
+    pub operator: String,
+    pub created_at: UnixSeconds,
+    /// The code is refused from this second on.
+    pub expires_at: UnixSeconds,
+    /// When it was exchanged for a session; a used code is refused.
+    pub used_at: Option<UnixSeconds>,
+}

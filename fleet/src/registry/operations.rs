@@ -599,4 +599,17 @@ impl<S: Storage> Store for S {
             Ok(report)
         })
     }
+
+    fn add_login_code(&mut self, code: &LoginCode) -> Result<()> {
+        write(self, |tx| tx.insert_login_code(code))
+    }
+
+    fn redeem_login_code(&mut self, hash: &str, now: UnixSeconds) -> Result<String> {
+        write(self, |tx| {
+            let code = tx.login_code(hash)?;
+            let operator = rules::check_login_code(code.as_ref(), now)?;
+            tx.save_login_code_used(hash, now)?;
+            Ok(operator)
+        })
+    }
 }

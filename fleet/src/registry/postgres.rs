@@ -170,6 +170,16 @@ const MIGRATIONS: &[&str] = &[
         image_sha256     TEXT
     );
     "#,
+    // 5: console login codes (SQLite's version 6).
+    r#"
+    CREATE TABLE console_login_codes (
+        hash       TEXT COLLATE "C" PRIMARY KEY,
+        operator   TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        used_at    BIGINT
+    );
+    "#,
 ];
 
 /// The schema version this edgebind writes (one per migration).
@@ -1254,6 +1264,47 @@ impl StorageTx for PgTx<'_> {
 
     fn purge_leases(&mut self, before: UnixSeconds) -> Result<()> {
         self.exec("DELETE FROM leases WHERE until < $1", &[&(before as i64)])?;
+        Ok(())
+    }
+
+    fn insert_login_code(&mut self, c: &LoginCode) -> Result<()> {
+        self.exec(
+            "INSERT INTO console_login_codes (hash, operator, created_at, expires_at, used_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+            &[
+                &c.hash,
+                &c.operator,
+                &(c.created_at as i64),
+                &(c.expires_at as i64),
+                &c.used_at.map(|t| t as i64),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn login_code(&mut self, hash: &str) -> Result<Option<LoginCode>> {
+        let rows = self.rows(
+            &format!(
+                "SELECT hash, operator, created_at, expires_at, used_at \
+                 FROM console_login_codes WHERE hash = $1{}",
+                self.lock
+            ),
+            &[&hash],
+        )?;
+        Ok(rows.first().map(|r| LoginCode {
+            hash: r.get(0),
+            operator: r.get(1),
+            created_at: r.get::<_, i64>(2).max(0) as u64,
+            expires_at: r.get::<_, i64>(3).max(0) as u64,
+            used_at: r.get::<_, Option<i64>>(4).map(|t| t.max(0) as u64),
+        }))
+    }
+
+    fn save_login_code_used(&mut self, hash: &str, at: UnixSeconds) -> Result<()> {
+        self.exec(
+            "UPDATE console_login_codes SET used_at = $2 WHERE hash = $1",
+            &[&hash, &(at as i64)],
+        )?;
         Ok(())
     }
 

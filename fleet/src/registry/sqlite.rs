@@ -163,6 +163,17 @@ const MIGRATIONS: &[&str] = &[
         image_sha256     TEXT
     ) STRICT;
     "#,
+    // 6: console login codes (issue 15): only the SHA-256 of each code,
+    // single use, with an expiry.
+    r#"
+    CREATE TABLE console_login_codes (
+        hash       TEXT PRIMARY KEY,
+        operator   TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        used_at    INTEGER
+    ) STRICT;
+    "#,
 ];
 
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -1129,6 +1140,49 @@ impl StorageTx for SqliteTx<'_> {
                 r.made_at as i64,
                 r.image_sha256
             ],
+        )?;
+        Ok(())
+    }
+
+    fn insert_login_code(&mut self, c: &LoginCode) -> Result<()> {
+        self.exec(
+            "INSERT INTO console_login_codes (hash, operator, created_at, expires_at, used_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                c.hash,
+                c.operator,
+                c.created_at as i64,
+                c.expires_at as i64,
+                opt_i64(c.used_at)
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn login_code(&mut self, hash: &str) -> Result<Option<LoginCode>> {
+        self.tx
+            .query_row(
+                "SELECT hash, operator, created_at, expires_at, used_at \
+                 FROM console_login_codes WHERE hash = ?1",
+                [hash],
+                |r| {
+                    Ok(LoginCode {
+                        hash: r.get(0)?,
+                        operator: r.get(1)?,
+                        created_at: r.get::<_, i64>(2)?.max(0) as u64,
+                        expires_at: r.get::<_, i64>(3)?.max(0) as u64,
+                        used_at: r.get::<_, Option<i64>>(4)?.map(|t| t.max(0) as u64),
+                    })
+                },
+            )
+            .optional()
+            .map_err(db)
+    }
+
+    fn save_login_code_used(&mut self, hash: &str, at: UnixSeconds) -> Result<()> {
+        self.exec(
+            "UPDATE console_login_codes SET used_at = ?2 WHERE hash = ?1",
+            params![hash, at as i64],
         )?;
         Ok(())
     }

@@ -11,8 +11,8 @@ use serde_json::{Map, Value};
 
 use super::{
     CertInfo, CommandQuery, CommandRecord, Device, DeviceQuery, DeviceState, EventRow, History,
-    ManufacturingRecord, NewDevice, OnConnectRule, ReportedState, Result, Retention, Stats,
-    TelemetryRow,
+    LoginCode, ManufacturingRecord, NewDevice, OnConnectRule, ReportedState, Result, Retention,
+    Stats, TelemetryRow,
 };
 
 /// One telemetry sample to append; `payload` is the JSON text as received.
@@ -158,4 +158,9 @@ pub trait StorageTx {
     fn manufacturing_all(&mut self) -> Result<Vec<ManufacturingRecord>>;
     /// Insert the record of its serial, or replace it.
     fn save_manufacturing(&mut self, record: &ManufacturingRecord) -> Result<()>;
+
+    fn insert_login_code(&mut self, code: &LoginCode) -> Result<()>;
+    /// The code with this hash (locked for the rest of a write transaction).
+    fn login_code(&mut self, hash: &str) -> Result<Option<LoginCode>>;
+    fn save_login_code_used(&mut self, hash: &str, at: UnixSeconds) -> Result<()>;
 }
