@@ -42,7 +42,7 @@ pub use home::FleetHome;
 pub use login::{LoginCodeIssued, issue_login_code, redeem_login_code};
 pub use register::{
     BatchRegistered, BatchRegistration, IdentityOutput, Registered, Registration, Renewed, Unit,
-    register_device, register_devices, renew_device, renew_unit, staging_path,
+    register_device, register_devices, renew_device, renew_unit, staging_path, write_image,
 };
 pub use revoke::{Policy, Revoked, revoke, revoke_principal, revoke_serial};
 pub use send::{Mode, SendEvent, SendRequest, Sent, Targets, send};

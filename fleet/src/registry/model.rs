@@ -179,7 +179,71 @@ pub struct Device {
     pub telemetry_count: u64,
 }
 
+/// What an operator sees of a device at a glance: its lifecycle and
+/// presence in one word (the STATE column of `edgebind devices`, the
+/// console's badge and filter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceState {
+    Online,
+    Offline,
+    NeverSeen,
+    Revoked,
+}
+
+impl PresenceState {
+    pub const ALL: [PresenceState; 4] = [
+        PresenceState::Online,
+        PresenceState::Offline,
+        PresenceState::NeverSeen,
+        PresenceState::Revoked,
+    ];
+
+    /// `online`, `offline`, `never seen`, `revoked`.
+    pub fn label(self) -> &'static str {
+        match self {
+            PresenceState::Online => "online",
+            PresenceState::Offline => "offline",
+            PresenceState::NeverSeen => "never seen",
+            PresenceState::Revoked => "revoked",
+        }
+    }
+
+    /// `online`, `offline`, `never-seen`, `revoked` (a query value).
+    pub fn key(self) -> &'static str {
+        match self {
+            PresenceState::NeverSeen => "never-seen",
+            other => other.label(),
+        }
+    }
+
+    pub fn from_key(key: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.key() == key)
+    }
+
+    /// Narrow `query` to the devices in this state.
+    pub fn narrow(self, query: &mut DeviceQuery) {
+        let (lifecycle, online) = match self {
+            PresenceState::Online => (None, Some(true)),
+            PresenceState::Offline => (Some(Lifecycle::Provisioned), Some(false)),
+            PresenceState::NeverSeen => (Some(Lifecycle::Registered), None),
+            PresenceState::Revoked => (Some(Lifecycle::Revoked), None),
+        };
+        query.lifecycle = lifecycle;
+        query.online = online;
+    }
+}
+
 impl Device {
+    pub fn presence_state(&self) -> PresenceState {
+        match (self.lifecycle, self.online) {
+            (Lifecycle::Revoked, _) => PresenceState::Revoked,
+            (_, true) => PresenceState::Online,
+            (Lifecycle::Registered, false) => PresenceState::NeverSeen,
+            (_, false) => PresenceState::Offline,
+        }
+    }
+
     /// Whether the device reports having applied the current desired revision
     /// with every desired key at the desired value.
     pub fn converged(&self) -> bool {
