@@ -4,6 +4,7 @@
 //! image crates for the rest) and renders the result; nothing else.
 
 mod cmd_broker;
+mod cmd_console;
 mod cmd_factory;
 mod cmd_fleet;
 mod cmd_image;
@@ -79,6 +80,8 @@ enum Command {
     /// The flashing station: make units from a manifest, their records, export/import, station kit.
     #[command(subcommand)]
     Factory(cmd_factory::FactoryCommand),
+    /// The web console (HTTPS): add devices, watch the fleet, send actions; `console login`.
+    Console(cmd_console::ConsoleArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -95,6 +98,7 @@ fn main() -> std::process::ExitCode {
         Command::Fleet(c) => cmd_fleet::run(c, &home),
         Command::Image(c) => cmd_image::run(c, &home),
         Command::Factory(c) => cmd_factory::run(c, &home),
+        Command::Console(a) => cmd_console::run(a, &home),
     };
     match result {
         Ok(code) => code,
