@@ -39,6 +39,7 @@ pub fn routes(console: Shared) -> Router {
         .route("/devices/{id}/live", get(device_live))
         .route("/devices/{id}/send", post(send))
         .route("/devices/{id}/settings", post(settings))
+        .route("/devices/{id}/revoke", post(revoke))
         .route("/devices/{id}/bundle.tar", get(bundle))
         .route("/devices/{id}/image", get(image))
         .route("/add", get(add_form).post(add))
@@ -436,6 +437,50 @@ async fn send(
         Sent::Queued(q) => format!("{} command(s) queued", q.len()),
         Sent::Rules(r) => format!("{} on-connect rule(s) added", r.len()),
     };
+    console.sessions.flash(&op, message);
+    Ok(Redirect::to(&format!("/devices/{id}")).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct RevokeForm {
+    /// The device id typed again: the confirmation.
+    #[serde(default)]
+    confirm: String,
+}
+
+async fn revoke(
+    State(console): State<Shared>,
+    Extension(op): Extension<Operator>,
+    Path(id): Path<String>,
+    Form(form): Form<RevokeForm>,
+) -> Result<Response, Failure> {
+    let err = |e: Failure| e.for_operator(&op);
+    let id = DeviceId::new(&id).map_err(|e| err(e.into()))?;
+    if form.confirm.trim() != id.as_str() {
+        return Err(err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            format!("not revoked: type the device id {id} to confirm"),
+        )));
+    }
+    let target = id.clone();
+    let done = with_store(&console, move |home, store| {
+        Ok(ops::revoke(home, store, &target, ops::Policy::Refresh)?)
+    })
+    .await
+    .map_err(err)?;
+    let reloaded = done.policy.as_ref().is_some_and(|p| p.reloaded());
+    let mut message = format!(
+        "revoked {id}: {} certificate(s) on the CRL, {} queued command(s) dropped",
+        done.certificates.len(),
+        done.dropped_commands
+    );
+    message.push_str(if reloaded {
+        "; broker reloaded: its certificate is refused at every new handshake, and an open \
+         connection is denied every topic until it drops"
+    } else {
+        "; broker not running here: the new ACL/CRL apply at its next start or `edgebind broker reload`"
+    });
+    tracing::info!("console: operator:{} revoked {id}", op.name);
     console.sessions.flash(&op, message);
     Ok(Redirect::to(&format!("/devices/{id}")).into_response())
 }

@@ -324,6 +324,21 @@ pub fn device(op: &Operator, v: &DeviceView<'_>) -> Markup {
                         }
                     }
                 }
+                section.card {
+                    h2 { "Revoke" }
+                    p { "Revoking puts every certificate of " strong { (d.id) } " on the CRL, marks it revoked in \
+                        the registry, drops its queued commands and on-connect rules, and reloads the broker: \
+                        the device can no longer connect, and an open connection is denied every topic. \
+                        It cannot be undone; the id can only come back with a new registration." }
+                    form #revoke-form method="post" action={"/devices/" (d.id) "/revoke"}
+                        data-confirm={"Revoke " (d.id) "? This cannot be undone."} {
+                        (csrf(op))
+                        label for="confirm" { "Type the device id to confirm" }
+                        input #confirm type="text" name="confirm" autocomplete="off" required;
+                        " "
+                        button.danger #revoke type="submit" { "Revoke " (d.id) }
+                    }
+                }
             }
             section.card {
                 h2 { "Telemetry (latest first)" }

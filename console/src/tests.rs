@@ -148,6 +148,7 @@ const PAGES: &[&str] = &[
 const CHANGES: &[&str] = &[
     "/devices/dev-1/send",
     "/devices/dev-1/settings",
+    "/devices/dev-1/revoke",
     "/add",
     "/logout",
 ];
@@ -373,4 +374,51 @@ async fn added_devices_are_listed_with_their_bundle_and_bad_settings_register_no
     assert_eq!(set.status, StatusCode::SEE_OTHER);
     let page = app.get("/devices/dev-a", Some(&cookie)).await;
     assert!(page.body.contains("revision 1"), "the flash: {}", page.body);
+}
+
+#[tokio::test]
+async fn revoke_needs_the_id_typed_again() {
+    let home = Home::new();
+    let app = app(&home);
+    let (cookie, csrf) = app.login(&home).await;
+    let r = app
+        .post(
+            "/add",
+            Some(&cookie),
+            &[("board", "qemux86-64"), ("ids", "dev-r"), ("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let store = home.home.open_registry().unwrap();
+    let id = edgebind_protocol::DeviceId::new("dev-r").unwrap();
+    let r = app
+        .post(
+            "/devices/dev-r/revoke",
+            Some(&cookie),
+            &[("confirm", "dev-x"), ("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_ne!(
+        store.device(&id).unwrap().presence_state(),
+        edgebind_fleet::registry::PresenceState::Revoked
+    );
+    let r = app
+        .post(
+            "/devices/dev-r/revoke",
+            Some(&cookie),
+            &[("confirm", "dev-r"), ("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(
+        store.device(&id).unwrap().presence_state(),
+        edgebind_fleet::registry::PresenceState::Revoked
+    );
+    let page = app.get("/devices/dev-r", Some(&cookie)).await;
+    assert!(page.body.contains("revoked dev-r"), "{}", page.body);
+    assert!(
+        !page.body.contains("id=\"send\""),
+        "no actions for a revoked device"
+    );
 }
