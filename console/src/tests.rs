@@ -56,9 +56,15 @@ struct App {
 }
 
 fn app(home: &Home) -> App {
+    app_with(home, None)
+}
+
+fn app_with(home: &Home, images: Option<std::path::PathBuf>) -> App {
     let store = home.home.open_registry().unwrap();
+    let mut config = ConsoleConfig::new(home.home.clone());
+    config.images = images;
     let console = Arc::new(Console {
-        config: ConsoleConfig::new(home.home.clone()),
+        config,
         store: Mutex::new(store),
         sessions: auth::Sessions::default(),
     });
@@ -421,4 +427,109 @@ async fn revoke_needs_the_id_typed_again() {
         !page.body.contains("id=\"send\""),
         "no actions for a revoked device"
     );
+}
+
+/// A 40 MiB MBR image with a 16 MiB FAT partition at 1 MiB (as the
+/// factory line's tests make one), in `dir`.
+fn golden(dir: &std::path::Path) -> std::path::PathBuf {
+    const MIB: u64 = 1 << 20;
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("golden.wic");
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.set_len(40 * MIB).unwrap();
+    let mut mbr = mbrman::MBR::new_from(&mut f, 512, [1, 2, 3, 4]).unwrap();
+    mbr[1] = mbrman::MBRPartitionEntry {
+        boot: mbrman::BOOT_INACTIVE,
+        first_chs: mbrman::CHS::empty(),
+        sys: 0x0c,
+        last_chs: mbrman::CHS::empty(),
+        starting_lba: (MIB / 512) as u32,
+        sectors: (16 * MIB / 512) as u32,
+    };
+    mbr.write_into(&mut f).unwrap();
+    drop(f);
+    let out = std::process::Command::new("mkfs.vfat")
+        .args(["-n", "BOOT", "--offset", "2048"])
+        .arg(&path)
+        .arg((16 * 1024).to_string())
+        .output()
+        .expect("mkfs.vfat (dosfstools) must be installed");
+    assert!(out.status.success(), "{out:?}");
+    path
+}
+
+#[tokio::test]
+async fn a_personalized_image_carries_the_devices_bundle_and_downloads() {
+    let home = Home::new();
+    let images = home.home.root().join("golden");
+    let golden = golden(&images);
+    let before = std::fs::read(&golden).unwrap();
+    let app = app_with(&home, Some(images));
+    let (cookie, csrf) = app.login(&home).await;
+    let form = app.get("/add", Some(&cookie)).await;
+    assert!(
+        form.body.contains("golden.wic"),
+        "the golden image is offered"
+    );
+    let unknown = app
+        .post(
+            "/add",
+            Some(&cookie),
+            &[
+                ("board", "qemux86-64"),
+                ("ids", "dev-i"),
+                ("image", "../x.wic"),
+                ("csrf", &csrf),
+            ],
+        )
+        .await;
+    assert_eq!(
+        unknown.status,
+        StatusCode::BAD_REQUEST,
+        "only images in --images"
+    );
+    let r = app
+        .post(
+            "/add",
+            Some(&cookie),
+            &[
+                ("board", "qemux86-64"),
+                ("ids", "dev-i"),
+                ("image", "golden.wic"),
+                ("csrf", &csrf),
+            ],
+        )
+        .await;
+    assert!(r.body.contains("personalized image made"), "{}", r.body);
+    let img = app.get("/devices/dev-i/image", Some(&cookie)).await;
+    assert_eq!(img.status, StatusCode::OK);
+    assert_eq!(
+        img.headers[header::CONTENT_LENGTH],
+        (40u64 << 20).to_string()
+    );
+    assert_eq!(
+        std::fs::read(&golden).unwrap(),
+        before,
+        "the golden image is never written"
+    );
+    // The image's boot partition holds exactly the device's bundle tar.
+    let made = home.home.root().join("console/images/dev-i.img");
+    let slice =
+        fscommon::StreamSlice::new(std::fs::File::open(&made).unwrap(), 1 << 20, 17 << 20).unwrap();
+    let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new()).unwrap();
+    let mut on_image = Vec::new();
+    std::io::Read::read_to_end(
+        &mut fs
+            .root_dir()
+            .open_file(edgebind_protocol::bundle::IDENTITY_TAR_ON_BOOT)
+            .unwrap(),
+        &mut on_image,
+    )
+    .unwrap();
+    let bundle = edgebind_certs::bundle::tar_path_for(
+        &home
+            .home
+            .bundle_dir(&edgebind_protocol::DeviceId::new("dev-i").unwrap()),
+    );
+    assert_eq!(on_image, std::fs::read(bundle).unwrap());
 }
