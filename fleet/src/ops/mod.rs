@@ -12,12 +12,14 @@
 //! - [`broker_endpoint`], [`agent_broker`]: where clients and agents dial.
 //! - [`send()`]: one device, a tag or the fleet; now, queued or on connect.
 //! - [`set`]: desired settings.
+//! - [`audit`]: the audit log of operators' changes (CLI and console).
 //! - [`login`]: single-use console login codes for the fleet's operators.
 //! - [`identity`]: find or issue the operator's and services' client identities.
 //! - [`factory`]: the flashing station (a manifest's units made through
 //!   [`register_device`] / [`renew_unit`] with their manufacturing records,
 //!   export/import of records, the offline station kit).
 
+pub mod audit;
 pub mod broker_policy;
 pub mod endpoint;
 pub mod factory;

@@ -58,6 +58,7 @@ macro_rules! conformance_tests {
             a_reissue_replaces_certificate_and_record_together,
             an_import_merges_once_and_a_conflict_imports_nothing,
             a_login_code_logs_in_once_and_not_after_it_expires,
+            the_audit_log_keeps_every_entry_in_order_and_pages_back,
         );
     };
     (@each $fixture:expr; $($check:ident),+ $(,)?) => {
@@ -1226,5 +1227,32 @@ pub fn a_login_code_logs_in_once_and_not_after_it_expires(registry: &dyn Fixture
         a.redeem_login_code("h2", 1999).unwrap(),
         "alice",
         "a refused attempt does not use the code up"
+    );
+}
+
+pub fn the_audit_log_keeps_every_entry_in_order_and_pages_back(registry: &dyn Fixture) {
+    let mut a = registry.open(Retention::default());
+    let b = registry.open(Retention::default());
+    let entry = |n: u64| AuditEntry {
+        seq: 0,
+        at: 1000 + n,
+        actor: "operator:alice".into(),
+        action: "set".into(),
+        target: format!("dev-{n}"),
+        detail: format!("revision {n}"),
+    };
+    let seqs: Vec<i64> = (0..5).map(|n| a.record_audit(&entry(n)).unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let latest = b.audit_log(3, None).unwrap();
+    assert_eq!(
+        latest.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(),
+        ["dev-4", "dev-3", "dev-2"]
+    );
+    assert_eq!(latest[0].seq, seqs[4]);
+    assert_eq!(latest[0].actor, "operator:alice");
+    let older = b.audit_log(10, Some(latest[2].seq)).unwrap();
+    assert_eq!(
+        older.iter().map(|e| e.detail.as_str()).collect::<Vec<_>>(),
+        ["revision 1", "revision 0"]
     );
 }

@@ -272,6 +272,12 @@ pub trait Store: Send {
     /// it logs in once. Unknown, used or expired codes are refused with
     /// [`RegistryError::LoginRefused`] (see [`rules::check_login_code`]).
     fn redeem_login_code(&mut self, hash: &str, now: UnixSeconds) -> Result<String>;
+
+    /// Append to the audit log (its `seq` is assigned); the stored seq.
+    fn record_audit(&mut self, entry: &AuditEntry) -> Result<i64>;
+    /// The audit log, latest first, at most `limit` entries older than
+    /// `before` (a seq) when given.
+    fn audit_log(&self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEntry>>;
 }
 
 /// Open (creating and migrating if needed) the default registry backend.

@@ -799,3 +799,19 @@ pub struct LoginCode {
     /// When it was exchanged for a session; a used code is refused.
     pub used_at: Option<UnixSeconds>,
 }
+
+/// One line of the audit log: who changed what, when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Its place in the log (assigned when stored; 0 before).
+    pub seq: i64,
+    pub at: UnixSeconds,
+    /// The principal or user who did it (`operator:alice`, `cli:root`).
+    pub actor: String,
+    /// What was done (`device.add`, `send`, `set`, `revoke`, `console.login`...).
+    pub action: String,
+    /// What it was done to (a device id, or empty).
+    pub target: String,
+    /// The outcome in words.
+    pub detail: String,
+}

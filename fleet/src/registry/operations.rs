@@ -612,4 +612,12 @@ impl<S: Storage> Store for S {
             Ok(operator)
         })
     }
+
+    fn record_audit(&mut self, entry: &AuditEntry) -> Result<i64> {
+        write(self, |tx| tx.insert_audit(entry))
+    }
+
+    fn audit_log(&self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEntry>> {
+        read(self, |tx| tx.audit(limit.clamp(1, MAX_PAGE), before))
+    }
 }

@@ -180,6 +180,17 @@ const MIGRATIONS: &[&str] = &[
         used_at    BIGINT
     );
     "#,
+    // 6: the audit log (SQLite's version 7).
+    r#"
+    CREATE TABLE audit (
+        seq    BIGSERIAL PRIMARY KEY,
+        at     BIGINT NOT NULL,
+        actor  TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this edgebind writes (one per migration).
@@ -1306,6 +1317,34 @@ impl StorageTx for PgTx<'_> {
             &[&hash, &(at as i64)],
         )?;
         Ok(())
+    }
+
+    fn insert_audit(&mut self, e: &AuditEntry) -> Result<i64> {
+        let rows = self.rows(
+            "INSERT INTO audit (at, actor, action, target, detail) VALUES ($1, $2, $3, $4, $5) \
+             RETURNING seq",
+            &[&(e.at as i64), &e.actor, &e.action, &e.target, &e.detail],
+        )?;
+        Ok(rows.first().map(|r| r.get(0)).unwrap_or_default())
+    }
+
+    fn audit(&mut self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEntry>> {
+        let rows = self.rows(
+            "SELECT seq, at, actor, action, target, detail FROM audit \
+             WHERE seq < $1 ORDER BY seq DESC LIMIT $2",
+            &[&before.unwrap_or(i64::MAX), &i64::from(limit)],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| AuditEntry {
+                seq: r.get(0),
+                at: r.get::<_, i64>(1).max(0) as u64,
+                actor: r.get(2),
+                action: r.get(3),
+                target: r.get(4),
+                detail: r.get(5),
+            })
+            .collect())
     }
 
     fn services(&mut self) -> Result<Vec<ServicePresence>> {

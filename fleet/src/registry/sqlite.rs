@@ -174,6 +174,17 @@ const MIGRATIONS: &[&str] = &[
         used_at    INTEGER
     ) STRICT;
     "#,
+    // 7: the audit log (issue 15): who changed what, when.
+    r#"
+    CREATE TABLE audit (
+        seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+        at     INTEGER NOT NULL,
+        actor  TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        detail TEXT NOT NULL
+    ) STRICT;
+    "#,
 ];
 
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -1185,6 +1196,38 @@ impl StorageTx for SqliteTx<'_> {
             params![hash, at as i64],
         )?;
         Ok(())
+    }
+
+    fn insert_audit(&mut self, e: &AuditEntry) -> Result<i64> {
+        self.exec(
+            "INSERT INTO audit (at, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![e.at as i64, e.actor, e.action, e.target, e.detail],
+        )?;
+        Ok(self.tx.last_insert_rowid())
+    }
+
+    fn audit(&mut self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEntry>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "SELECT seq, at, actor, action, target, detail FROM audit \
+                 WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2",
+            )
+            .map_err(db)?;
+        let rows = stmt
+            .query_map(params![before.unwrap_or(i64::MAX), limit], |r| {
+                Ok(AuditEntry {
+                    seq: r.get(0)?,
+                    at: r.get::<_, i64>(1)?.max(0) as u64,
+                    actor: r.get(2)?,
+                    action: r.get(3)?,
+                    target: r.get(4)?,
+                    detail: r.get(5)?,
+                })
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(db)?;
+        Ok(rows)
     }
 
     fn stats(&mut self) -> Result<Stats> {

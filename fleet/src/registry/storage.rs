@@ -10,9 +10,9 @@ use edgebind_protocol::{CommandId, DeviceId};
 use serde_json::{Map, Value};
 
 use super::{
-    CertInfo, CommandQuery, CommandRecord, Device, DeviceQuery, DeviceState, EventRow, History,
-    LoginCode, ManufacturingRecord, NewDevice, OnConnectRule, ReportedState, Result, Retention,
-    Stats, TelemetryRow,
+    AuditEntry, CertInfo, CommandQuery, CommandRecord, Device, DeviceQuery, DeviceState, EventRow,
+    History, LoginCode, ManufacturingRecord, NewDevice, OnConnectRule, ReportedState, Result,
+    Retention, Stats, TelemetryRow,
 };
 
 /// One telemetry sample to append; `payload` is the JSON text as received.
@@ -163,4 +163,7 @@ pub trait StorageTx {
     /// The code with this hash (locked for the rest of a write transaction).
     fn login_code(&mut self, hash: &str) -> Result<Option<LoginCode>>;
     fn save_login_code_used(&mut self, hash: &str, at: UnixSeconds) -> Result<()>;
+
+    fn insert_audit(&mut self, entry: &AuditEntry) -> Result<i64>;
+    fn audit(&mut self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEntry>>;
 }
