@@ -229,6 +229,14 @@ pub async fn login(State(console): State<Arc<Console>>, Form(form): Form<LoginFo
             let ttl = console.config.session_ttl;
             let token = console.sessions.create(operator.to_string(), ttl);
             tracing::info!("console: operator:{operator} logged in");
+            crate::handlers::audit_later(
+                &console,
+                operator.as_str(),
+                "console.login",
+                "",
+                format!("session for {} min", ttl.as_secs() / 60),
+            )
+            .await;
             (
                 [(
                     header::SET_COOKIE,
@@ -262,6 +270,14 @@ pub async fn logout(
     Extension(operator): Extension<Operator>,
 ) -> Response {
     console.sessions.remove(&operator.token);
+    crate::handlers::audit_later(
+        &console,
+        &operator.name,
+        "console.logout",
+        "",
+        String::new(),
+    )
+    .await;
     (
         [(
             header::SET_COOKIE,

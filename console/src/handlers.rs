@@ -44,6 +44,7 @@ pub fn routes(console: Shared) -> Router {
         .route("/devices/{id}/image", get(image))
         .route("/add", get(add_form).post(add))
         .route("/api/devices", get(api_devices))
+        .route("/audit", get(audit_page))
         .route("/logout", post(auth::logout))
         .layer(middleware::from_fn_with_state(
             console.clone(),
@@ -146,6 +147,30 @@ async fn with_store<T: Send + 'static>(
     })
     .await
     .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+/// Record a completed change in the audit log as `operator:NAME`; a failure
+/// to record is logged (the change itself is done).
+fn audit(store: &mut dyn Store, operator: &str, action: &str, target: &str, detail: &str) {
+    let actor = format!("operator:{operator}");
+    if let Err(e) = ops::audit::record(store, &actor, action, target, detail) {
+        tracing::error!("console: {action} {target} by {actor} done but not in the audit log: {e}");
+    }
+}
+
+pub(crate) async fn audit_later(
+    console: &Shared,
+    operator: &str,
+    action: &str,
+    target: &str,
+    detail: String,
+) {
+    let (operator, action, target) = (operator.to_owned(), action.to_owned(), target.to_owned());
+    let _ = with_store(console, move |_, store| {
+        audit(store, &operator, &action, &target, &detail);
+        Ok(())
+    })
+    .await;
 }
 
 fn presence(store: &dyn Store) -> Result<PresenceView, Failure> {
@@ -437,6 +462,14 @@ async fn send(
         Sent::Queued(q) => format!("{} command(s) queued", q.len()),
         Sent::Rules(r) => format!("{} on-connect rule(s) added", r.len()),
     };
+    audit_later(
+        &console,
+        &op.name,
+        "send",
+        id.as_str(),
+        format!("{action}: {message}"),
+    )
+    .await;
     console.sessions.flash(&op, message);
     Ok(Redirect::to(&format!("/devices/{id}")).into_response())
 }
@@ -463,8 +496,12 @@ async fn revoke(
         )));
     }
     let target = id.clone();
+    let operator = op.name.clone();
     let done = with_store(&console, move |home, store| {
-        Ok(ops::revoke(home, store, &target, ops::Policy::Refresh)?)
+        let done = ops::revoke(home, store, &target, ops::Policy::Refresh)?;
+        let detail = format!("{} certificate(s) on the CRL", done.certificates.len());
+        audit(store, &operator, "revoke", target.as_str(), &detail);
+        Ok(done)
     })
     .await
     .map_err(err)?;
@@ -500,8 +537,16 @@ async fn settings(
     let id = DeviceId::new(&id).map_err(|e| err(e.into()))?;
     let changes = parse_settings(&form.settings).map_err(err)?;
     let target = id.clone();
+    let operator = op.name.clone();
     let done = with_store(&console, move |_, store| {
-        Ok(ops::set(store, &target, &changes)?)
+        let done = ops::set(store, &target, &changes)?;
+        let detail = format!(
+            "desired settings revision {} = {}",
+            done.desired.revision,
+            Value::Object(changes)
+        );
+        audit(store, &operator, "set", target.as_str(), &detail);
+        Ok(done)
     })
     .await
     .map_err(err)?;
@@ -671,11 +716,18 @@ async fn add(
                 .into_response());
         }
     };
+    let operator = op.name.clone();
     let rows = with_store(&console, move |home, store| {
         Ok(req
             .ids
             .iter()
-            .map(|id| add_one(home, store, &req, id))
+            .map(|id| {
+                let row = add_one(home, store, &req, id);
+                if let Ok(detail) = &row.result {
+                    audit(store, &operator, "device.add", id.as_str(), detail);
+                }
+                row
+            })
             .collect::<Vec<_>>())
     })
     .await
@@ -748,4 +800,23 @@ fn add_one(
             image: false,
         },
     }
+}
+
+#[derive(Deserialize)]
+pub struct AuditQuery {
+    before: Option<i64>,
+}
+
+async fn audit_page(
+    State(console): State<Shared>,
+    Extension(op): Extension<Operator>,
+    Query(q): Query<AuditQuery>,
+) -> Result<Response, Failure> {
+    let entries = with_store(
+        &console,
+        move |_, store| Ok(store.audit_log(100, q.before)?),
+    )
+    .await
+    .map_err(|e| e.for_operator(&op))?;
+    Ok(pages::audit(&op, &entries).into_response())
 }

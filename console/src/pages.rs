@@ -3,7 +3,7 @@
 use edgebind_fleet::operator::{DeviceOutcome, Outcome};
 use edgebind_fleet::registry::rules::PresenceView;
 use edgebind_fleet::registry::{
-    CommandRecord, Device, DevicePage, KNOWN_BOARDS, PresenceState, TelemetryRow,
+    AuditEntry, CommandRecord, Device, DevicePage, KNOWN_BOARDS, PresenceState, TelemetryRow,
 };
 use maud::{DOCTYPE, Markup, html};
 use serde_json::Value;
@@ -53,6 +53,7 @@ pub fn layout(op: &Operator, title: &str, body: Markup) -> Markup {
                     nav {
                         a href="/devices" { "Devices" }
                         a href="/add" { "Add devices" }
+                        a href="/audit" { "Audit log" }
                     }
                     div.who {
                         span { "operator:" (op.name) }
@@ -495,6 +496,37 @@ pub fn added(op: &Operator, rows: &[AddedRow]) -> Markup {
                 }
             }
             p { a href="/devices" { "To the devices" } " · " a href="/add" { "Add more" } }
+        },
+    )
+}
+
+pub fn audit(op: &Operator, entries: &[AuditEntry]) -> Markup {
+    layout(
+        op,
+        "Audit log",
+        html! {
+            h1 { "Audit log" }
+            p.muted { "Every change made through the console or the CLI, latest first (also "
+                code { "edgebind audit" } ")." }
+            table #audit {
+                thead { tr { th { "#" } th { "When" } th { "Who" } th { "What" } th { "Target" } th { "Detail" } } }
+                tbody {
+                    @for e in entries {
+                        tr {
+                            td.num { (e.seq) }
+                            td { (unix_time(Some(e.at))) }
+                            td { (e.actor) }
+                            td { code { (e.action) } }
+                            td { @if !e.target.is_empty() && !e.target.contains(':') && e.target != "all" {
+                                a href={"/devices/" (e.target)} { (e.target) } } @else { (e.target) } }
+                            td { (e.detail) }
+                        }
+                    }
+                }
+            }
+            @if let Some(last) = entries.last().filter(|_| entries.len() >= 100) {
+                p.pager { a href={"/audit?before=" (last.seq)} { "Older →" } }
+            }
         },
     )
 }

@@ -150,6 +150,7 @@ const PAGES: &[&str] = &[
     "/devices/dev-1/image",
     "/add",
     "/api/devices",
+    "/audit",
 ];
 const CHANGES: &[&str] = &[
     "/devices/dev-1/send",
@@ -380,6 +381,29 @@ async fn added_devices_are_listed_with_their_bundle_and_bad_settings_register_no
     assert_eq!(set.status, StatusCode::SEE_OTHER);
     let page = app.get("/devices/dev-a", Some(&cookie)).await;
     assert!(page.body.contains("revision 1"), "the flash: {}", page.body);
+    // Every change is in the audit log, with who did it.
+    let log = home
+        .home
+        .open_registry()
+        .unwrap()
+        .audit_log(10, None)
+        .unwrap();
+    let lines: Vec<(String, String, String)> = log
+        .iter()
+        .map(|e| (e.actor.clone(), e.action.clone(), e.target.clone()))
+        .collect();
+    let who = "operator:alice".to_owned();
+    assert_eq!(
+        lines,
+        [
+            (who.clone(), "set".into(), "dev-a".into()),
+            (who.clone(), "device.add".into(), "dev-b".into()),
+            (who.clone(), "device.add".into(), "dev-a".into()),
+            (who.clone(), "console.login".into(), String::new()),
+        ]
+    );
+    let page = app.get("/audit", Some(&cookie)).await;
+    assert!(page.body.contains("device.add"), "{}", page.body);
 }
 
 #[tokio::test]

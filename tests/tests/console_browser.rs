@@ -341,6 +341,15 @@ async fn an_operator_onboards_a_device_in_the_browser_and_sees_it_come_online() 
     );
     stage("revoked");
 
+    // The audit log names the operator for each change.
+    c.goto(&format!("{base}/audit")).await.unwrap();
+    let log = wait_text(&c, "#audit", "revoke", LONG).await;
+    for what in ["console.login", "device.add", "send", "revoke"] {
+        assert!(log.contains(what), "{what} in the audit log: {log}");
+    }
+    assert!(log.contains("operator:tester"), "{log}");
+    screenshot(&c, "audit.png").await;
+
     c.close().await.unwrap();
     agent.terminate();
 }
