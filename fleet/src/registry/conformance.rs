@@ -59,6 +59,7 @@ macro_rules! conformance_tests {
             an_import_merges_once_and_a_conflict_imports_nothing,
             a_login_code_logs_in_once_and_not_after_it_expires,
             the_audit_log_keeps_every_entry_in_order_and_pages_back,
+            the_overview_counts_states_expiring_certificates_and_pending_settings,
         );
     };
     (@each $fixture:expr; $($check:ident),+ $(,)?) => {
@@ -1255,4 +1256,33 @@ pub fn the_audit_log_keeps_every_entry_in_order_and_pages_back(registry: &dyn Fi
         older.iter().map(|e| e.detail.as_str()).collect::<Vec<_>>(),
         ["revision 1", "revision 0"]
     );
+}
+
+pub fn the_overview_counts_states_expiring_certificates_and_pending_settings(
+    registry: &dyn Fixture,
+) {
+    let mut store = registry.open(Retention::default());
+    assert_eq!(store.overview(0).unwrap(), Overview::default());
+    for d in ["on", "off", "new", "gone"] {
+        store.add_device(&new_device(d, &[])).unwrap();
+    }
+    store
+        .apply(&[online("on", 100), online("off", 100), online("gone", 100)])
+        .unwrap();
+    store.apply(&[offline("off", 110)]).unwrap();
+    store.revoke(&id("gone")).unwrap();
+    let mut changes = Map::new();
+    changes.insert("log_level".into(), json!("debug"));
+    store.set_desired(&id("on"), &changes).unwrap();
+    let o = store.overview(2_000_000_001).unwrap();
+    assert_eq!(
+        (o.total, o.online, o.offline, o.never_seen, o.revoked),
+        (4, 1, 1, 1, 1)
+    );
+    assert_eq!(
+        o.cert_expiring, 3,
+        "every non-revoked one expires before then"
+    );
+    assert_eq!(o.settings_pending, 1);
+    assert_eq!(store.overview(1_000).unwrap().cert_expiring, 0);
 }

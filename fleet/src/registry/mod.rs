@@ -278,6 +278,9 @@ pub trait Store: Send {
     /// The audit log, latest first, at most `limit` entries older than
     /// `before` (a seq) when given.
     fn audit_log(&self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEntry>>;
+    /// Counts of the whole fleet; `cert_expiring` counts the non-revoked
+    /// devices whose certificate expires before `expiring_before`.
+    fn overview(&self, expiring_before: UnixSeconds) -> Result<Overview>;
 }
 
 /// Open (creating and migrating if needed) the default registry backend.

@@ -234,14 +234,20 @@ impl PresenceState {
     }
 }
 
-impl Device {
-    pub fn presence_state(&self) -> PresenceState {
-        match (self.lifecycle, self.online) {
+impl PresenceState {
+    pub fn of(lifecycle: Lifecycle, online: bool) -> Self {
+        match (lifecycle, online) {
             (Lifecycle::Revoked, _) => PresenceState::Revoked,
             (_, true) => PresenceState::Online,
             (Lifecycle::Registered, false) => PresenceState::NeverSeen,
             (_, false) => PresenceState::Offline,
         }
+    }
+}
+
+impl Device {
+    pub fn presence_state(&self) -> PresenceState {
+        PresenceState::of(self.lifecycle, self.online)
     }
 
     /// Whether the device reports having applied the current desired revision
@@ -814,4 +820,41 @@ pub struct AuditEntry {
     pub target: String,
     /// The outcome in words.
     pub detail: String,
+}
+
+/// The fleet at a glance: devices by [`PresenceState`], and the
+/// non-revoked ones that need attention.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Overview {
+    pub total: u64,
+    pub online: u64,
+    pub offline: u64,
+    pub never_seen: u64,
+    pub revoked: u64,
+    /// Certificates that expire before the instant asked about.
+    pub cert_expiring: u64,
+    /// Desired settings whose revision the device has not reported yet.
+    pub settings_pending: u64,
+}
+
+impl Overview {
+    pub fn count(&self, state: PresenceState) -> u64 {
+        match state {
+            PresenceState::Online => self.online,
+            PresenceState::Offline => self.offline,
+            PresenceState::NeverSeen => self.never_seen,
+            PresenceState::Revoked => self.revoked,
+        }
+    }
+
+    /// Add `n` devices of (`lifecycle`, `online`).
+    pub fn add(&mut self, lifecycle: Lifecycle, online: bool, n: u64) {
+        self.total += n;
+        *match PresenceState::of(lifecycle, online) {
+            PresenceState::Online => &mut self.online,
+            PresenceState::Offline => &mut self.offline,
+            PresenceState::NeverSeen => &mut self.never_seen,
+            PresenceState::Revoked => &mut self.revoked,
+        } += n;
+    }
 }

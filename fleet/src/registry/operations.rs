@@ -620,4 +620,15 @@ impl<S: Storage> Store for S {
     fn audit_log(&self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEntry>> {
         read(self, |tx| tx.audit(limit.clamp(1, MAX_PAGE), before))
     }
+
+    fn overview(&self, expiring_before: UnixSeconds) -> Result<Overview> {
+        read(self, |tx| {
+            let mut o = Overview::default();
+            for (lifecycle, online, n) in tx.presence_counts()? {
+                o.add(lifecycle, online, n);
+            }
+            (o.cert_expiring, o.settings_pending) = tx.attention_counts(expiring_before)?;
+            Ok(o)
+        })
+    }
 }

@@ -1347,6 +1347,41 @@ impl StorageTx for PgTx<'_> {
             .collect())
     }
 
+    fn presence_counts(&mut self) -> Result<Vec<(Lifecycle, bool, u64)>> {
+        let rows = self.rows(
+            "SELECT lifecycle, online, count(*) FROM devices GROUP BY 1, 2",
+            &[],
+        )?;
+        rows.iter()
+            .map(|r| {
+                let l: String = r.get(0);
+                let lifecycle = Lifecycle::parse(&l).ok_or_else(|| RegistryError::Corrupt {
+                    what: "device lifecycle".into(),
+                    detail: l.clone(),
+                })?;
+                Ok((lifecycle, r.get(1), r.get::<_, i64>(2).max(0) as u64))
+            })
+            .collect()
+    }
+
+    fn attention_counts(&mut self, before: UnixSeconds) -> Result<(u64, u64)> {
+        let rows = self.rows(
+            "SELECT \
+             count(*) FILTER (WHERE cert_not_after < $1), \
+             count(*) FILTER (WHERE desired_rev > coalesce(reported_rev, 0)) \
+             FROM devices WHERE lifecycle <> 'revoked'",
+            &[&(before as i64)],
+        )?;
+        let r = rows.first().ok_or_else(|| RegistryError::Corrupt {
+            what: "device counts".into(),
+            detail: "no row".into(),
+        })?;
+        Ok((
+            r.get::<_, i64>(0).max(0) as u64,
+            r.get::<_, i64>(1).max(0) as u64,
+        ))
+    }
+
     fn services(&mut self) -> Result<Vec<ServicePresence>> {
         let rows = self.rows(
             "SELECT name, connected, since, seen_at FROM services ORDER BY name",

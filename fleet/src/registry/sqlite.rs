@@ -1230,6 +1230,50 @@ impl StorageTx for SqliteTx<'_> {
         Ok(rows)
     }
 
+    fn presence_counts(&mut self) -> Result<Vec<(Lifecycle, bool, u64)>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT lifecycle, online, count(*) FROM devices GROUP BY 1, 2")
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, bool>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(db)?;
+        rows.into_iter()
+            .map(|(l, online, n)| {
+                let lifecycle = Lifecycle::parse(&l).ok_or_else(|| RegistryError::Corrupt {
+                    what: "device lifecycle".into(),
+                    detail: l.clone(),
+                })?;
+                Ok((lifecycle, online, n.max(0) as u64))
+            })
+            .collect()
+    }
+
+    fn attention_counts(&mut self, before: UnixSeconds) -> Result<(u64, u64)> {
+        self.tx
+            .query_row(
+                "SELECT \
+             count(*) FILTER (WHERE cert_not_after < ?1), \
+             count(*) FILTER (WHERE desired_rev > coalesce(reported_rev, 0)) \
+             FROM devices WHERE lifecycle <> 'revoked'",
+                [before as i64],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?.max(0) as u64,
+                        r.get::<_, i64>(1)?.max(0) as u64,
+                    ))
+                },
+            )
+            .map_err(db)
+    }
+
     fn stats(&mut self) -> Result<Stats> {
         let count = |sql: &str| -> Result<u64> {
             Ok(self

@@ -9,6 +9,7 @@ use edgebind_protocol::messages::{Action, Desired, Event, UnixSeconds};
 use edgebind_protocol::{CommandId, DeviceId};
 use serde_json::{Map, Value};
 
+use super::Lifecycle;
 use super::{
     AuditEntry, CertInfo, CommandQuery, CommandRecord, Device, DeviceQuery, DeviceState, EventRow,
     History, LoginCode, ManufacturingRecord, NewDevice, OnConnectRule, ReportedState, Result,
@@ -166,4 +167,9 @@ pub trait StorageTx {
 
     fn insert_audit(&mut self, entry: &AuditEntry) -> Result<i64>;
     fn audit(&mut self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEntry>>;
+    /// (lifecycle, online, count) of every device.
+    fn presence_counts(&mut self) -> Result<Vec<(Lifecycle, bool, u64)>>;
+    /// Non-revoked devices whose certificate expires before `before`, and
+    /// those whose desired revision is newer than the reported one.
+    fn attention_counts(&mut self, before: UnixSeconds) -> Result<(u64, u64)>;
 }
