@@ -32,7 +32,7 @@ type Shared = Arc<Console>;
 
 pub fn routes(console: Shared) -> Router {
     let private = Router::new()
-        .route("/", get(|| async { Redirect::to("/devices") }))
+        .route("/", get(overview))
         .route("/devices", get(devices))
         .route("/devices/rows", get(device_rows))
         .route("/devices/{id}", get(device))
@@ -819,4 +819,20 @@ async fn audit_page(
     .await
     .map_err(|e| e.for_operator(&op))?;
     Ok(pages::audit(&op, &entries).into_response())
+}
+
+/// Certificates expiring within this many days count as "expiring soon".
+const EXPIRY_WARNING_DAYS: u64 = 30;
+
+async fn overview(
+    State(console): State<Shared>,
+    Extension(op): Extension<Operator>,
+) -> Result<Response, Failure> {
+    let soon = now_unix() + EXPIRY_WARNING_DAYS * 86_400;
+    let (o, view) = with_store(&console, move |_, store| {
+        Ok((store.overview(soon)?, presence(store)?))
+    })
+    .await
+    .map_err(|e| e.for_operator(&op))?;
+    Ok(pages::overview(&op, &o, view, EXPIRY_WARNING_DAYS).into_response())
 }

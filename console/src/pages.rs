@@ -3,7 +3,8 @@
 use edgebind_fleet::operator::{DeviceOutcome, Outcome};
 use edgebind_fleet::registry::rules::PresenceView;
 use edgebind_fleet::registry::{
-    AuditEntry, CommandRecord, Device, DevicePage, KNOWN_BOARDS, PresenceState, TelemetryRow,
+    AuditEntry, CommandRecord, Device, DevicePage, KNOWN_BOARDS, Overview, PresenceState,
+    TelemetryRow,
 };
 use maud::{DOCTYPE, Markup, html};
 use serde_json::Value;
@@ -51,6 +52,7 @@ pub fn layout(op: &Operator, title: &str, body: Markup) -> Markup {
                 header {
                     span.brand { "Edgebind" }
                     nav {
+                        a href="/" { "Overview" }
                         a href="/devices" { "Devices" }
                         a href="/add" { "Add devices" }
                         a href="/audit" { "Audit log" }
@@ -526,6 +528,38 @@ pub fn audit(op: &Operator, entries: &[AuditEntry]) -> Markup {
             }
             @if let Some(last) = entries.last().filter(|_| entries.len() >= 100) {
                 p.pager { a href={"/audit?before=" (last.seq)} { "Older →" } }
+            }
+        },
+    )
+}
+
+pub fn overview(op: &Operator, o: &Overview, view: PresenceView, expiry_days: u64) -> Markup {
+    layout(
+        op,
+        "Overview",
+        html! {
+            h1 { "Fleet overview" }
+            (stale_note(view))
+            div.grid #overview {
+                section.card {
+                    h2 { (o.total) " devices" }
+                    dl {
+                        @for s in PresenceState::ALL {
+                            dt { (badge(s)) }
+                            dd { a href={"/devices?state=" (s.key())} { (o.count(s)) } }
+                        }
+                    }
+                }
+                section.card {
+                    h2 { "Needs attention" }
+                    dl {
+                        dt { "Certificate expires within " (expiry_days) " days" }
+                        dd #cert-expiring { (o.cert_expiring) }
+                        dt { "Settings not yet reported applied" }
+                        dd #settings-pending { (o.settings_pending) }
+                    }
+                    p.muted { "Renew a certificate with " code { "edgebind pki issue device ID" } " (a renewal for a registered device)" "." }
+                }
             }
         },
     )

@@ -404,6 +404,16 @@ async fn added_devices_are_listed_with_their_bundle_and_bad_settings_register_no
     );
     let page = app.get("/audit", Some(&cookie)).await;
     assert!(page.body.contains("device.add"), "{}", page.body);
+    let overview = app.get("/", Some(&cookie)).await;
+    assert_eq!(overview.status, StatusCode::OK);
+    assert!(overview.body.contains("2 devices"), "{}", overview.body);
+    assert!(
+        overview
+            .body
+            .contains(r#"<dd id="settings-pending">1</dd>"#),
+        "{}",
+        overview.body
+    );
 }
 
 #[tokio::test]
