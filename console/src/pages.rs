@@ -344,7 +344,9 @@ pub fn device(op: &Operator, v: &DeviceView<'_>) -> Markup {
                 }
             }
             section.card {
-                h2 { "Telemetry (latest first)" }
+                h2 { "Telemetry" }
+                (chart(v.telemetry))
+                h2 { "Samples (latest first)" }
                 table #telemetry {
                     thead { tr { th { "Time" } th { "CPU" } th { "Memory used" } th { "Temperature" } th { "Disk used" } } }
                     tbody {
@@ -563,4 +565,68 @@ pub fn overview(op: &Operator, o: &Overview, view: PresenceView, expiry_days: u6
             }
         },
     )
+}
+
+/// The percentage a sample shows for one series of the chart.
+fn series_value(p: &Value, series: &str) -> Option<f64> {
+    let ratio = |used: &str, total: &str| {
+        let total = p.get(total)?.as_f64().filter(|t| *t > 0.0)?;
+        Some(100.0 * p.get(used)?.as_f64()? / total)
+    };
+    match series {
+        "cpu" => p.get("cpu_pct")?.as_f64(),
+        "memory" => ratio("mem_used_bytes", "mem_total_bytes"),
+        "disk" => ratio("disk_used_bytes", "disk_total_bytes"),
+        // Degrees Celsius on the same 0-100 scale.
+        _ => p.get("soc_temp_c")?.as_f64(),
+    }
+}
+
+/// CPU, memory, disk (percent) and temperature (°C) over the recent
+/// samples, oldest on the left: an inline SVG, no script.
+pub fn chart(rows: &[TelemetryRow]) -> Markup {
+    const W: f64 = 600.0;
+    const H: f64 = 120.0;
+    let series = [
+        ("cpu", "CPU %", "#0b6bcb"),
+        ("memory", "memory %", "#1a7f37"),
+        ("disk", "disk %", "#9a6700"),
+        ("temperature", "temperature °C", "#cf222e"),
+    ];
+    let n = rows.len();
+    let points = |name: &str| -> String {
+        rows.iter()
+            .rev()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                let v = series_value(&r.payload, name)?.clamp(0.0, 100.0);
+                let x = if n > 1 {
+                    W * i as f64 / (n - 1) as f64
+                } else {
+                    W / 2.0
+                };
+                Some(format!("{x:.1},{:.1}", H - H * v / 100.0))
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    html! {
+        @if rows.is_empty() {
+            p.muted { "No telemetry yet." }
+        } @else {
+            svg #telemetry-chart viewBox={"0 0 " (W) " " (H)} width="100%" height="140"
+                preserveAspectRatio="none" role="img" aria-label="telemetry over the recent samples" {
+                line x1="0" y1=(H / 2.0) x2=(W) y2=(H / 2.0) stroke="#dde2e7" {}
+                @for (name, _, colour) in series {
+                    polyline fill="none" stroke=(colour) stroke-width="2" points=(points(name)) {}
+                }
+            }
+            p.muted {
+                @for (name, label, _) in series {
+                    span class={"key-" (name)} { "■ " } (label) "  "
+                }
+                " · last " (n) " samples, 0–100"
+            }
+        }
+    }
 }

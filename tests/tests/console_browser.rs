@@ -294,9 +294,14 @@ async fn an_operator_onboards_a_device_in_the_browser_and_sees_it_come_online() 
     assert_eq!(same_page, json!(true), "the page was not reloaded");
     screenshot(&c, "devices.png").await;
 
-    // The device page: ping through the console, as `edgebind send` would.
+    // The device page: a chart of its telemetry; ping through the console,
+    // as `edgebind send` would.
+    fleet.wait_device("web-1", LONG, "telemetry", |d| d.telemetry_count >= 2);
     c.goto(&format!("{base}/devices/web-1")).await.unwrap();
     wait_text(&c, "#state", "online", LONG).await;
+    c.find(Locator::Css("#telemetry-chart polyline"))
+        .await
+        .expect("the telemetry chart");
     let ping = c
         .find(Locator::Css("#action option[value=ping]"))
         .await
