@@ -4,6 +4,7 @@
 //! image crates for the rest) and renders the result; nothing else.
 
 mod cmd_broker;
+mod cmd_console;
 mod cmd_factory;
 mod cmd_fleet;
 mod cmd_image;
@@ -79,6 +80,61 @@ enum Command {
     /// The flashing station: make units from a manifest, their records, export/import, station kit.
     #[command(subcommand)]
     Factory(cmd_factory::FactoryCommand),
+    /// The audit log: who changed what, when (CLI and console).
+    Audit(AuditArgs),
+    /// The web console (HTTPS): add devices, watch the fleet, send actions; `console login`.
+    Console(cmd_console::ConsoleArgs),
+}
+
+#[derive(clap::Args)]
+struct AuditArgs {
+    /// Most entries shown (latest first).
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    /// Only entries before this sequence number (the next page).
+    #[arg(long, value_name = "SEQ")]
+    before: Option<i64>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn audit_log(args: AuditArgs, home: &FleetHome) -> anyhow::Result<std::process::ExitCode> {
+    let store = home.open_registry()?;
+    let entries = store.audit_log(args.limit, args.before)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+    } else {
+        let rows: Vec<[String; 6]> = entries
+            .iter()
+            .map(|e| {
+                [
+                    e.seq.to_string(),
+                    render::unix_time(Some(e.at)),
+                    e.actor.clone(),
+                    e.action.clone(),
+                    e.target.clone(),
+                    e.detail.clone(),
+                ]
+            })
+            .collect();
+        render::table(&["SEQ", "WHEN", "WHO", "WHAT", "TARGET", "DETAIL"], &rows);
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Record a completed change in the audit log; a failure to record is
+/// reported, not fatal (the change itself is done).
+fn audit(
+    home: &FleetHome,
+    store: &mut dyn edgebind_fleet::registry::Store,
+    action: &str,
+    target: &str,
+    detail: &str,
+) {
+    let actor = edgebind_fleet::ops::audit::cli_actor(home);
+    if let Err(e) = edgebind_fleet::ops::audit::record(store, &actor, action, target, detail) {
+        eprintln!("edgebind: warning: {action} {target} done but not in the audit log: {e}");
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -95,6 +151,8 @@ fn main() -> std::process::ExitCode {
         Command::Fleet(c) => cmd_fleet::run(c, &home),
         Command::Image(c) => cmd_image::run(c, &home),
         Command::Factory(c) => cmd_factory::run(c, &home),
+        Command::Console(a) => cmd_console::run(a, &home),
+        Command::Audit(a) => audit_log(a, &home),
     };
     match result {
         Ok(code) => code,

@@ -38,6 +38,16 @@ pub fn add(args: AddArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
         unit: None,
     };
     let done = ops::register_device(home, store.as_mut(), &req)?;
+    crate::audit(
+        home,
+        store.as_mut(),
+        "device.add",
+        done.device.id.as_str(),
+        &format!(
+            "registered ({}), certificate serial {}",
+            done.device.board, done.serial
+        ),
+    );
     let IdentityOutput::Bundle { dir } = &done.output else {
         unreachable!("device add writes a bundle")
     };

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use edgebind_fleet::ops::FleetHome;
-use edgebind_fleet::registry::{DeviceQuery, Lifecycle};
+use edgebind_fleet::registry::{DeviceQuery, PresenceState};
 use edgebind_protocol::DeviceId;
 use serde_json::{Value, json};
 
@@ -13,14 +13,13 @@ use crate::render;
 
 impl StateFilter {
     fn narrow(self, query: &mut DeviceQuery) {
-        let (lifecycle, online) = match self {
-            StateFilter::Online => (None, Some(true)),
-            StateFilter::Offline => (Some(Lifecycle::Provisioned), Some(false)),
-            StateFilter::NeverSeen => (Some(Lifecycle::Registered), None),
-            StateFilter::Revoked => (Some(Lifecycle::Revoked), None),
-        };
-        query.lifecycle = lifecycle;
-        query.online = online;
+        match self {
+            StateFilter::Online => PresenceState::Online,
+            StateFilter::Offline => PresenceState::Offline,
+            StateFilter::NeverSeen => PresenceState::NeverSeen,
+            StateFilter::Revoked => PresenceState::Revoked,
+        }
+        .narrow(query);
     }
 }
 
@@ -91,12 +90,7 @@ pub fn list(args: ListArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
     let rows: Vec<[String; 8]> = devices
         .iter()
         .map(|d| {
-            let state = match (d.lifecycle, d.online) {
-                (Lifecycle::Revoked, _) => "revoked",
-                (_, true) => "online",
-                (Lifecycle::Registered, false) => "never seen",
-                (_, false) => "offline",
-            };
+            let state = d.presence_state().label();
             let t = d.telemetry.as_ref();
             let cpu = t
                 .and_then(|t| t.get("cpu_pct")?.as_f64())

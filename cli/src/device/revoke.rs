@@ -12,6 +12,13 @@ pub fn revoke(args: RevokeArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
     let id = DeviceId::new(&args.id)?;
     let mut store = home.open_registry()?;
     let done = ops::revoke(home, store.as_mut(), &id, Policy::Refresh)?;
+    crate::audit(
+        home,
+        store.as_mut(),
+        "revoke",
+        id.as_str(),
+        &format!("{} certificate(s) on the CRL", done.certificates.len()),
+    );
     let reloaded = done.policy.as_ref().is_some_and(|p| p.reloaded());
     if args.json {
         println!(

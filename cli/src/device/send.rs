@@ -84,6 +84,18 @@ pub fn send(args: SendArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
             "edgebind: warning: {d} has reported no action list yet; arguments not checked here (the device checks them)"
         ),
     })?;
+    let target = match &req.targets {
+        Targets::Device(id) => id.to_string(),
+        Targets::Tag(tag) => format!("tag:{tag}"),
+        Targets::All => "all".into(),
+    };
+    crate::audit(
+        home,
+        store.as_mut(),
+        "send",
+        &target,
+        &format!("{action} {}", sent_summary(&sent)),
+    );
     match &sent {
         Sent::Rules(rules) => {
             if args.json {
@@ -128,6 +140,25 @@ pub fn send(args: SendArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// One line for the audit log.
+fn sent_summary(sent: &Sent) -> String {
+    match sent {
+        Sent::Rules(r) => format!("{} on-connect rule(s)", r.len()),
+        Sent::Queued(q) => format!("{} queued", q.len()),
+        Sent::Finished { outcomes, .. } => {
+            let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+            for o in outcomes {
+                *counts.entry(o.outcome.label()).or_default() += 1;
+            }
+            counts
+                .iter()
+                .map(|(k, v)| format!("{v} {k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    }
 }
 
 fn print_outcomes(outcomes: &[DeviceOutcome], action: &Action) {

@@ -14,6 +14,17 @@ pub fn set(args: SetArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
     let changes = parse_settings(&args.settings)?;
     let mut store = home.open_registry()?;
     let done = ops::set(store.as_mut(), &id, &changes)?;
+    crate::audit(
+        home,
+        store.as_mut(),
+        "set",
+        id.as_str(),
+        &format!(
+            "desired settings revision {} = {}",
+            done.desired.revision,
+            Value::Object(changes.clone())
+        ),
+    );
     let desired = &done.desired;
     if args.json {
         println!(

@@ -133,3 +133,41 @@ pub fn identity_cn(dir: &Path) -> Option<String> {
     let files = find_identity(dir, &["client", "operator"]).ok()?;
     edgebind_certs::inspect::first_cert_cn(&files.cert).ok()
 }
+
+/// A TLS server identity (the console's): `server.crt` (leaf and issuing
+/// CA) and `server.key` in `dir`, issued from the fleet PKI with `hosts` and
+/// `ips` as its names when there is none yet or `renew` asks for a new one.
+/// Returns the chain and key PEM, and the serial when it was issued now.
+pub fn ensure_server_identity(
+    home: &FleetHome,
+    dir: &Path,
+    hosts: &[String],
+    ips: &[std::net::IpAddr],
+    renew: bool,
+) -> Result<(String, String, Option<String>), OpsError> {
+    let (crt, key) = (dir.join("server.crt"), dir.join("server.key"));
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| OpsError::Io { path, source }
+    };
+    if !renew && crt.exists() && key.exists() {
+        return Ok((
+            std::fs::read_to_string(&crt).map_err(io(&crt))?,
+            std::fs::read_to_string(&key).map_err(io(&key))?,
+            None,
+        ));
+    }
+    let pki = home.open_pki()?;
+    let issued = pki.issue_server(hosts, ips, Validity::days(default_days::BROKER))?;
+    let written = (|| {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        edgebind_certs::files::write_private(&key, issued.key_pem.as_bytes())?;
+        edgebind_certs::files::write_public(&crt, issued.chain_pem.as_bytes())?;
+        Ok::<_, OpsError>(())
+    })();
+    if let Err(e) = written {
+        let _ = pki.revoke_serial(&issued.serial);
+        return Err(e);
+    }
+    Ok((issued.chain_pem, issued.key_pem, Some(issued.serial)))
+}

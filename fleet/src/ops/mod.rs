@@ -13,16 +13,20 @@
 //! - [`broker_endpoint`], [`agent_broker`]: where clients and agents dial.
 //! - [`send()`]: one device, a tag or the fleet; now, queued or on connect.
 //! - [`set`]: desired settings.
+//! - [`audit`]: the audit log of operators' changes (CLI and console).
+//! - [`login`]: single-use console login codes for the fleet's operators.
 //! - [`identity`]: find or issue the operator's and services' client identities.
 //! - [`factory`]: the flashing station (a manifest's units made through
 //!   [`register_device`] / [`renew_unit`] with their manufacturing records,
 //!   export/import of records, the offline station kit).
 
+pub mod audit;
 pub mod broker_policy;
 pub mod endpoint;
 pub mod factory;
 pub mod home;
 pub mod identity;
+pub mod login;
 pub mod register;
 pub mod revoke;
 pub mod send;
@@ -38,10 +42,11 @@ use edgebind_protocol::{DeviceId, IdError};
 pub use broker_policy::{AppliedPolicy, PolicyRefresh, refresh_broker_policy};
 pub use endpoint::{AgentBroker, agent_broker, broker_endpoint};
 pub use home::FleetHome;
+pub use login::{LoginCodeIssued, issue_login_code, redeem_login_code};
 pub use register::{
     BatchRegistered, BatchRegistration, ClaimRequest, IdentityOutput, Provisioned, Registered,
     Registration, Renewed, Unit, provision_device, register_device, register_devices, renew_device,
-    renew_unit, staging_path,
+    renew_unit, staging_path, write_image,
 };
 pub use revoke::{Policy, Revoked, revoke, revoke_principal, revoke_serial};
 pub use send::{Mode, SendEvent, SendRequest, Sent, Targets, send};

@@ -151,7 +151,9 @@ impl IdentityOutput {
 
 /// Copy `golden` to the staging name of `image`, write `tar` onto its boot
 /// partition, rename it onto `image`. On any error the staging copy is removed.
-fn write_image(
+/// (How a registration writes [`IdentityOutput::Image`]; the console makes
+/// an image of a device registered with a bundle the same way.)
+pub fn write_image(
     golden: &Path,
     partition: Option<usize>,
     image: &Path,

@@ -28,16 +28,7 @@ pub fn set(
     id: &DeviceId,
     changes: &Map<String, Value>,
 ) -> Result<SettingsChanged, OpsError> {
-    for (key, value) in changes {
-        if settings::is_known(key) && !value.is_null() {
-            settings::validate(key, value).map_err(|e| {
-                OpsError::from(RegistryError::InvalidSetting {
-                    key: key.clone(),
-                    why: format!("{key} {e}; nothing was changed"),
-                })
-            })?;
-        }
-    }
+    check(changes)?;
     let desired = store.set_desired(id, changes)?;
     Ok(SettingsChanged {
         device: id.clone(),
@@ -48,4 +39,21 @@ pub fn set(
             .cloned()
             .collect(),
     })
+}
+
+/// The check [`set`] makes before it changes anything, for callers that
+/// must know before they start (the console's "add devices" checks the
+/// initial settings before it registers any device).
+pub fn check(changes: &Map<String, Value>) -> Result<(), OpsError> {
+    for (key, value) in changes {
+        if settings::is_known(key) && !value.is_null() {
+            settings::validate(key, value).map_err(|e| {
+                OpsError::from(RegistryError::InvalidSetting {
+                    key: key.clone(),
+                    why: format!("{key} {e}; nothing was changed"),
+                })
+            })?;
+        }
+    }
+    Ok(())
 }

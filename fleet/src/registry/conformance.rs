@@ -60,6 +60,9 @@ macro_rules! conformance_tests {
             an_allow_list_belongs_to_one_batch_and_is_added_whole_or_not_at_all,
             a_serial_is_provisioned_once_with_its_device,
             two_stores_racing_to_provision_one_serial_register_it_once,
+            a_login_code_logs_in_once_and_not_after_it_expires,
+            the_audit_log_keeps_every_entry_in_order_and_pages_back,
+            the_overview_counts_states_expiring_certificates_and_pending_settings,
         );
     };
     (@each $fixture:expr; $($check:ident),+ $(,)?) => {
@@ -1372,4 +1375,99 @@ pub fn two_stores_racing_to_provision_one_serial_register_it_once(registry: &dyn
     }
     let registered = s.devices(&Selector::All).unwrap();
     assert_eq!(registered.len(), 1, "{registered:?}");
+}
+
+pub fn a_login_code_logs_in_once_and_not_after_it_expires(registry: &dyn Fixture) {
+    let mut a = registry.open(Retention::default());
+    let mut b = registry.open(Retention::default());
+    let code = |hash: &str, expires_at| LoginCode {
+        hash: hash.into(),
+        operator: "alice".into(),
+        created_at: 1000,
+        expires_at,
+        used_at: None,
+    };
+    a.add_login_code(&code("h1", 2000)).unwrap();
+    a.add_login_code(&code("h2", 2000)).unwrap();
+    assert!(
+        a.add_login_code(&code("h1", 3000)).is_err(),
+        "a hash is stored once"
+    );
+    assert!(matches!(
+        b.redeem_login_code("nope", 1500),
+        Err(RegistryError::LoginRefused { .. })
+    ));
+    assert_eq!(b.redeem_login_code("h1", 1500).unwrap(), "alice");
+    assert!(
+        matches!(
+            a.redeem_login_code("h1", 1501),
+            Err(RegistryError::LoginRefused { why }) if why.contains("used")
+        ),
+        "the second store sees the code used"
+    );
+    assert!(matches!(
+        a.redeem_login_code("h2", 2000),
+        Err(RegistryError::LoginRefused { why }) if why.contains("expired")
+    ));
+    assert_eq!(
+        a.redeem_login_code("h2", 1999).unwrap(),
+        "alice",
+        "a refused attempt does not use the code up"
+    );
+}
+
+pub fn the_audit_log_keeps_every_entry_in_order_and_pages_back(registry: &dyn Fixture) {
+    let mut a = registry.open(Retention::default());
+    let b = registry.open(Retention::default());
+    let entry = |n: u64| AuditEntry {
+        seq: 0,
+        at: 1000 + n,
+        actor: "operator:alice".into(),
+        action: "set".into(),
+        target: format!("dev-{n}"),
+        detail: format!("revision {n}"),
+    };
+    let seqs: Vec<i64> = (0..5).map(|n| a.record_audit(&entry(n)).unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let latest = b.audit_log(3, None).unwrap();
+    assert_eq!(
+        latest.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(),
+        ["dev-4", "dev-3", "dev-2"]
+    );
+    assert_eq!(latest[0].seq, seqs[4]);
+    assert_eq!(latest[0].actor, "operator:alice");
+    let older = b.audit_log(10, Some(latest[2].seq)).unwrap();
+    assert_eq!(
+        older.iter().map(|e| e.detail.as_str()).collect::<Vec<_>>(),
+        ["revision 1", "revision 0"]
+    );
+}
+
+pub fn the_overview_counts_states_expiring_certificates_and_pending_settings(
+    registry: &dyn Fixture,
+) {
+    let mut store = registry.open(Retention::default());
+    assert_eq!(store.overview(0).unwrap(), Overview::default());
+    for d in ["on", "off", "new", "gone"] {
+        store.add_device(&new_device(d, &[])).unwrap();
+    }
+    store
+        .apply(&[online("on", 100), online("off", 100), online("gone", 100)])
+        .unwrap();
+    store.apply(&[offline("off", 110)]).unwrap();
+    store.revoke(&id("gone")).unwrap();
+    let mut changes = Map::new();
+    changes.insert("log_level".into(), json!("debug"));
+    store.set_desired(&id("on"), &changes).unwrap();
+    let o = store.overview(2_000_000_001).unwrap();
+    assert_eq!(
+        (o.total, o.online, o.offline, o.never_seen, o.revoked),
+        (4, 1, 1, 1, 1)
+    );
+    assert_eq!(
+        o.cert_expiring, 3,
+        "every non-revoked one expires before then"
+    );
+    assert_eq!(o.settings_pending, 1);
+    assert_eq!(store.overview(1_000).unwrap().cert_expiring, 0);
 }

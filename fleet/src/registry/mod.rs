@@ -85,6 +85,10 @@ pub enum RegistryError {
     InvalidTag(String),
     #[error("invalid setting {key:?}: {why}")]
     InvalidSetting { key: String, why: String },
+    /// A console login code that is unknown, used or expired (which of
+    /// them is in `why`; a login page shows only that it was refused).
+    #[error("login code refused: {why}")]
+    LoginRefused { why: &'static str },
     #[error("invalid device listing: {0}")]
     InvalidQuery(String),
     #[error("command {0} is not in the registry")]
@@ -292,6 +296,23 @@ pub trait Store: Send {
         &mut self,
         units: &[(NewDevice, ManufacturingRecord)],
     ) -> Result<ImportReport>;
+
+    /// Store a new console login code (its hash must be new).
+    fn add_login_code(&mut self, code: &LoginCode) -> Result<()>;
+    /// Exchange the code whose hash is `hash` at `now`: the operator it was
+    /// issued to, and the code is marked used in the same transaction, so
+    /// it logs in once. Unknown, used or expired codes are refused with
+    /// [`RegistryError::LoginRefused`] (see [`rules::check_login_code`]).
+    fn redeem_login_code(&mut self, hash: &str, now: UnixSeconds) -> Result<String>;
+
+    /// Append to the audit log (its `seq` is assigned); the stored seq.
+    fn record_audit(&mut self, entry: &AuditEntry) -> Result<i64>;
+    /// The audit log, latest first, at most `limit` entries older than
+    /// `before` (a seq) when given.
+    fn audit_log(&self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEntry>>;
+    /// Counts of the whole fleet; `cert_expiring` counts the non-revoked
+    /// devices whose certificate expires before `expiring_before`.
+    fn overview(&self, expiring_before: UnixSeconds) -> Result<Overview>;
 }
 
 /// Open (creating and migrating if needed) the default registry backend.

@@ -179,7 +179,77 @@ pub struct Device {
     pub telemetry_count: u64,
 }
 
+/// What an operator sees of a device at a glance: its lifecycle and
+/// presence in one word (the STATE column of `edgebind devices`, the
+/// console's badge and filter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceState {
+    Online,
+    Offline,
+    NeverSeen,
+    Revoked,
+}
+
+impl PresenceState {
+    pub const ALL: [PresenceState; 4] = [
+        PresenceState::Online,
+        PresenceState::Offline,
+        PresenceState::NeverSeen,
+        PresenceState::Revoked,
+    ];
+
+    /// `online`, `offline`, `never seen`, `revoked`.
+    pub fn label(self) -> &'static str {
+        match self {
+            PresenceState::Online => "online",
+            PresenceState::Offline => "offline",
+            PresenceState::NeverSeen => "never seen",
+            PresenceState::Revoked => "revoked",
+        }
+    }
+
+    /// `online`, `offline`, `never-seen`, `revoked` (a query value).
+    pub fn key(self) -> &'static str {
+        match self {
+            PresenceState::NeverSeen => "never-seen",
+            other => other.label(),
+        }
+    }
+
+    pub fn from_key(key: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.key() == key)
+    }
+
+    /// Narrow `query` to the devices in this state.
+    pub fn narrow(self, query: &mut DeviceQuery) {
+        let (lifecycle, online) = match self {
+            PresenceState::Online => (None, Some(true)),
+            PresenceState::Offline => (Some(Lifecycle::Provisioned), Some(false)),
+            PresenceState::NeverSeen => (Some(Lifecycle::Registered), None),
+            PresenceState::Revoked => (Some(Lifecycle::Revoked), None),
+        };
+        query.lifecycle = lifecycle;
+        query.online = online;
+    }
+}
+
+impl PresenceState {
+    pub fn of(lifecycle: Lifecycle, online: bool) -> Self {
+        match (lifecycle, online) {
+            (Lifecycle::Revoked, _) => PresenceState::Revoked,
+            (_, true) => PresenceState::Online,
+            (Lifecycle::Registered, false) => PresenceState::NeverSeen,
+            (_, false) => PresenceState::Offline,
+        }
+    }
+}
+
 impl Device {
+    pub fn presence_state(&self) -> PresenceState {
+        PresenceState::of(self.lifecycle, self.online)
+    }
+
     /// Whether the device reports having applied the current desired revision
     /// with every desired key at the desired value.
     pub fn converged(&self) -> bool {
@@ -761,4 +831,72 @@ pub struct ImportReport {
     pub recorded: Vec<String>,
     /// Record already present, identical: nothing to do.
     pub unchanged: Vec<String>,
+}
+
+/// A console login code as the registry keeps it: only its SHA-256 (hex),
+/// never the code itself, so a copy of the registry logs nobody in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginCode {
+    /// SHA-256 of the code, lower-case hex.
+    pub hash: String,
+    /// The operator principal's name (`alice` for `operator:alice`).
+    pub operator: String,
+    pub created_at: UnixSeconds,
+    /// The code is refused from this second on.
+    pub expires_at: UnixSeconds,
+    /// When it was exchanged for a session; a used code is refused.
+    pub used_at: Option<UnixSeconds>,
+}
+
+/// One line of the audit log: who changed what, when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Its place in the log (assigned when stored; 0 before).
+    pub seq: i64,
+    pub at: UnixSeconds,
+    /// The principal or user who did it (`operator:alice`, `cli:root`).
+    pub actor: String,
+    /// What was done (`device.add`, `send`, `set`, `revoke`, `console.login`...).
+    pub action: String,
+    /// What it was done to (a device id, or empty).
+    pub target: String,
+    /// The outcome in words.
+    pub detail: String,
+}
+
+/// The fleet at a glance: devices by [`PresenceState`], and the
+/// non-revoked ones that need attention.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Overview {
+    pub total: u64,
+    pub online: u64,
+    pub offline: u64,
+    pub never_seen: u64,
+    pub revoked: u64,
+    /// Certificates that expire before the instant asked about.
+    pub cert_expiring: u64,
+    /// Desired settings whose revision the device has not reported yet.
+    pub settings_pending: u64,
+}
+
+impl Overview {
+    pub fn count(&self, state: PresenceState) -> u64 {
+        match state {
+            PresenceState::Online => self.online,
+            PresenceState::Offline => self.offline,
+            PresenceState::NeverSeen => self.never_seen,
+            PresenceState::Revoked => self.revoked,
+        }
+    }
+
+    /// Add `n` devices of (`lifecycle`, `online`).
+    pub fn add(&mut self, lifecycle: Lifecycle, online: bool, n: u64) {
+        self.total += n;
+        *match PresenceState::of(lifecycle, online) {
+            PresenceState::Online => &mut self.online,
+            PresenceState::Offline => &mut self.offline,
+            PresenceState::NeverSeen => &mut self.never_seen,
+            PresenceState::Revoked => &mut self.revoked,
+        } += n;
+    }
 }

@@ -660,4 +660,36 @@ impl<S: Storage> Store for S {
             load(tx, &device.id)
         })
     }
+
+    fn add_login_code(&mut self, code: &LoginCode) -> Result<()> {
+        write(self, |tx| tx.insert_login_code(code))
+    }
+
+    fn redeem_login_code(&mut self, hash: &str, now: UnixSeconds) -> Result<String> {
+        write(self, |tx| {
+            let code = tx.login_code(hash)?;
+            let operator = rules::check_login_code(code.as_ref(), now)?;
+            tx.save_login_code_used(hash, now)?;
+            Ok(operator)
+        })
+    }
+
+    fn record_audit(&mut self, entry: &AuditEntry) -> Result<i64> {
+        write(self, |tx| tx.insert_audit(entry))
+    }
+
+    fn audit_log(&self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEntry>> {
+        read(self, |tx| tx.audit(limit.clamp(1, MAX_PAGE), before))
+    }
+
+    fn overview(&self, expiring_before: UnixSeconds) -> Result<Overview> {
+        read(self, |tx| {
+            let mut o = Overview::default();
+            for (lifecycle, online, n) in tx.presence_counts()? {
+                o.add(lifecycle, online, n);
+            }
+            (o.cert_expiring, o.settings_pending) = tx.attention_counts(expiring_before)?;
+            Ok(o)
+        })
+    }
 }

@@ -190,6 +190,27 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE services ADD COLUMN broker_dropped BIGINT;
     ALTER TABLE services ADD COLUMN lag BIGINT NOT NULL DEFAULT 0;
     "#,
+    // 7: console login codes (SQLite's version 8).
+    r#"
+    CREATE TABLE console_login_codes (
+        hash       TEXT COLLATE "C" PRIMARY KEY,
+        operator   TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        used_at    BIGINT
+    );
+    "#,
+    // 8: the audit log (SQLite's version 9).
+    r#"
+    CREATE TABLE audit (
+        seq    BIGSERIAL PRIMARY KEY,
+        at     BIGINT NOT NULL,
+        actor  TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this edgebind writes (one per migration).
@@ -1304,6 +1325,110 @@ impl StorageTx for PgTx<'_> {
     fn purge_leases(&mut self, before: UnixSeconds) -> Result<()> {
         self.exec("DELETE FROM leases WHERE until < $1", &[&(before as i64)])?;
         Ok(())
+    }
+
+    fn insert_login_code(&mut self, c: &LoginCode) -> Result<()> {
+        self.exec(
+            "INSERT INTO console_login_codes (hash, operator, created_at, expires_at, used_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+            &[
+                &c.hash,
+                &c.operator,
+                &(c.created_at as i64),
+                &(c.expires_at as i64),
+                &c.used_at.map(|t| t as i64),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn login_code(&mut self, hash: &str) -> Result<Option<LoginCode>> {
+        let rows = self.rows(
+            &format!(
+                "SELECT hash, operator, created_at, expires_at, used_at \
+                 FROM console_login_codes WHERE hash = $1{}",
+                self.lock
+            ),
+            &[&hash],
+        )?;
+        Ok(rows.first().map(|r| LoginCode {
+            hash: r.get(0),
+            operator: r.get(1),
+            created_at: r.get::<_, i64>(2).max(0) as u64,
+            expires_at: r.get::<_, i64>(3).max(0) as u64,
+            used_at: r.get::<_, Option<i64>>(4).map(|t| t.max(0) as u64),
+        }))
+    }
+
+    fn save_login_code_used(&mut self, hash: &str, at: UnixSeconds) -> Result<()> {
+        self.exec(
+            "UPDATE console_login_codes SET used_at = $2 WHERE hash = $1",
+            &[&hash, &(at as i64)],
+        )?;
+        Ok(())
+    }
+
+    fn insert_audit(&mut self, e: &AuditEntry) -> Result<i64> {
+        let rows = self.rows(
+            "INSERT INTO audit (at, actor, action, target, detail) VALUES ($1, $2, $3, $4, $5) \
+             RETURNING seq",
+            &[&(e.at as i64), &e.actor, &e.action, &e.target, &e.detail],
+        )?;
+        Ok(rows.first().map(|r| r.get(0)).unwrap_or_default())
+    }
+
+    fn audit(&mut self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEntry>> {
+        let rows = self.rows(
+            "SELECT seq, at, actor, action, target, detail FROM audit \
+             WHERE seq < $1 ORDER BY seq DESC LIMIT $2",
+            &[&before.unwrap_or(i64::MAX), &i64::from(limit)],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| AuditEntry {
+                seq: r.get(0),
+                at: r.get::<_, i64>(1).max(0) as u64,
+                actor: r.get(2),
+                action: r.get(3),
+                target: r.get(4),
+                detail: r.get(5),
+            })
+            .collect())
+    }
+
+    fn presence_counts(&mut self) -> Result<Vec<(Lifecycle, bool, u64)>> {
+        let rows = self.rows(
+            "SELECT lifecycle, online, count(*) FROM devices GROUP BY 1, 2",
+            &[],
+        )?;
+        rows.iter()
+            .map(|r| {
+                let l: String = r.get(0);
+                let lifecycle = Lifecycle::parse(&l).ok_or_else(|| RegistryError::Corrupt {
+                    what: "device lifecycle".into(),
+                    detail: l.clone(),
+                })?;
+                Ok((lifecycle, r.get(1), r.get::<_, i64>(2).max(0) as u64))
+            })
+            .collect()
+    }
+
+    fn attention_counts(&mut self, before: UnixSeconds) -> Result<(u64, u64)> {
+        let rows = self.rows(
+            "SELECT \
+             count(*) FILTER (WHERE cert_not_after < $1), \
+             count(*) FILTER (WHERE desired_rev > coalesce(reported_rev, 0)) \
+             FROM devices WHERE lifecycle <> 'revoked'",
+            &[&(before as i64)],
+        )?;
+        let r = rows.first().ok_or_else(|| RegistryError::Corrupt {
+            what: "device counts".into(),
+            detail: "no row".into(),
+        })?;
+        Ok((
+            r.get::<_, i64>(0).max(0) as u64,
+            r.get::<_, i64>(1).max(0) as u64,
+        ))
     }
 
     fn services(&mut self) -> Result<Vec<ServicePresence>> {

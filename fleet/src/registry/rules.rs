@@ -14,9 +14,21 @@ use serde::Serialize;
 
 use super::{
     ClaimSerial, CommandRecord, CommandState, ConnectPolicy, Delivery, Device, DeviceState,
-    Lifecycle, ManufacturingRecord, NewCommand, NewDevice, OnConnectRule, RegistryError, Result,
-    SERVICE_HEARTBEAT_S, ServicePresence, validate_setting_key,
+    Lifecycle, LoginCode, ManufacturingRecord, NewCommand, NewDevice, OnConnectRule, RegistryError,
+    Result, SERVICE_HEARTBEAT_S, ServicePresence, validate_setting_key,
 };
+
+/// Whether a console login code may be exchanged at `now`: it must exist,
+/// be unused and not expired. Gives the operator it was issued to.
+pub fn check_login_code(code: Option<&LoginCode>, now: UnixSeconds) -> Result<String> {
+    let refused = |why| Err(RegistryError::LoginRefused { why });
+    match code {
+        None => refused("unknown code"),
+        Some(c) if c.used_at.is_some() => refused("the code was already used"),
+        Some(c) if now >= c.expires_at => refused("the code has expired"),
+        Some(c) => Ok(c.operator.clone()),
+    }
+}
 
 /// What a device may be asked to do: anything, unless it is revoked.
 pub fn ensure_active(device: &Device) -> Result<()> {

@@ -185,6 +185,28 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE services ADD COLUMN broker_dropped INTEGER;
     ALTER TABLE services ADD COLUMN lag INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 8: console login codes (issue 15): only the SHA-256 of each code,
+    // single use, with an expiry.
+    r#"
+    CREATE TABLE console_login_codes (
+        hash       TEXT PRIMARY KEY,
+        operator   TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        used_at    INTEGER
+    ) STRICT;
+    "#,
+    // 9: the audit log (issue 15): who changed what, when.
+    r#"
+    CREATE TABLE audit (
+        seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+        at     INTEGER NOT NULL,
+        actor  TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        detail TEXT NOT NULL
+    ) STRICT;
+    "#,
 ];
 
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -1226,6 +1248,125 @@ impl StorageTx for SqliteTx<'_> {
             ],
         )?;
         Ok(())
+    }
+
+    fn insert_login_code(&mut self, c: &LoginCode) -> Result<()> {
+        self.exec(
+            "INSERT INTO console_login_codes (hash, operator, created_at, expires_at, used_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                c.hash,
+                c.operator,
+                c.created_at as i64,
+                c.expires_at as i64,
+                opt_i64(c.used_at)
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn login_code(&mut self, hash: &str) -> Result<Option<LoginCode>> {
+        self.tx
+            .query_row(
+                "SELECT hash, operator, created_at, expires_at, used_at \
+                 FROM console_login_codes WHERE hash = ?1",
+                [hash],
+                |r| {
+                    Ok(LoginCode {
+                        hash: r.get(0)?,
+                        operator: r.get(1)?,
+                        created_at: r.get::<_, i64>(2)?.max(0) as u64,
+                        expires_at: r.get::<_, i64>(3)?.max(0) as u64,
+                        used_at: r.get::<_, Option<i64>>(4)?.map(|t| t.max(0) as u64),
+                    })
+                },
+            )
+            .optional()
+            .map_err(db)
+    }
+
+    fn save_login_code_used(&mut self, hash: &str, at: UnixSeconds) -> Result<()> {
+        self.exec(
+            "UPDATE console_login_codes SET used_at = ?2 WHERE hash = ?1",
+            params![hash, at as i64],
+        )?;
+        Ok(())
+    }
+
+    fn insert_audit(&mut self, e: &AuditEntry) -> Result<i64> {
+        self.exec(
+            "INSERT INTO audit (at, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![e.at as i64, e.actor, e.action, e.target, e.detail],
+        )?;
+        Ok(self.tx.last_insert_rowid())
+    }
+
+    fn audit(&mut self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEntry>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "SELECT seq, at, actor, action, target, detail FROM audit \
+                 WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2",
+            )
+            .map_err(db)?;
+        let rows = stmt
+            .query_map(params![before.unwrap_or(i64::MAX), limit], |r| {
+                Ok(AuditEntry {
+                    seq: r.get(0)?,
+                    at: r.get::<_, i64>(1)?.max(0) as u64,
+                    actor: r.get(2)?,
+                    action: r.get(3)?,
+                    target: r.get(4)?,
+                    detail: r.get(5)?,
+                })
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(db)?;
+        Ok(rows)
+    }
+
+    fn presence_counts(&mut self) -> Result<Vec<(Lifecycle, bool, u64)>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT lifecycle, online, count(*) FROM devices GROUP BY 1, 2")
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, bool>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(db)?;
+        rows.into_iter()
+            .map(|(l, online, n)| {
+                let lifecycle = Lifecycle::parse(&l).ok_or_else(|| RegistryError::Corrupt {
+                    what: "device lifecycle".into(),
+                    detail: l.clone(),
+                })?;
+                Ok((lifecycle, online, n.max(0) as u64))
+            })
+            .collect()
+    }
+
+    fn attention_counts(&mut self, before: UnixSeconds) -> Result<(u64, u64)> {
+        self.tx
+            .query_row(
+                "SELECT \
+             count(*) FILTER (WHERE cert_not_after < ?1), \
+             count(*) FILTER (WHERE desired_rev > coalesce(reported_rev, 0)) \
+             FROM devices WHERE lifecycle <> 'revoked'",
+                [before as i64],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?.max(0) as u64,
+                        r.get::<_, i64>(1)?.max(0) as u64,
+                    ))
+                },
+            )
+            .map_err(db)
     }
 
     fn stats(&mut self) -> Result<Stats> {

@@ -11,10 +11,11 @@ use serde_json::{Map, Value};
 
 use edgebind_protocol::UnitSerial;
 
+use super::Lifecycle;
 use super::{
-    CertInfo, ClaimSerial, CommandQuery, CommandRecord, Device, DeviceQuery, DeviceState, EventRow,
-    History, ManufacturingRecord, NewDevice, OnConnectRule, ReportedState, Result, Retention,
-    Stats, TelemetryRow,
+    AuditEntry, CertInfo, ClaimSerial, CommandQuery, CommandRecord, Device, DeviceQuery,
+    DeviceState, EventRow, History, LoginCode, ManufacturingRecord, NewDevice, OnConnectRule,
+    ReportedState, Result, Retention, Stats, TelemetryRow,
 };
 
 /// One telemetry sample to append; `payload` is the JSON text as received.
@@ -167,4 +168,17 @@ pub trait StorageTx {
     fn claim_serials(&mut self, batch: &DeviceId) -> Result<Vec<ClaimSerial>>;
     /// Insert an allow-list entry or replace it.
     fn save_claim_serial(&mut self, entry: &ClaimSerial) -> Result<()>;
+
+    fn insert_login_code(&mut self, code: &LoginCode) -> Result<()>;
+    /// The code with this hash (locked for the rest of a write transaction).
+    fn login_code(&mut self, hash: &str) -> Result<Option<LoginCode>>;
+    fn save_login_code_used(&mut self, hash: &str, at: UnixSeconds) -> Result<()>;
+
+    fn insert_audit(&mut self, entry: &AuditEntry) -> Result<i64>;
+    fn audit(&mut self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEntry>>;
+    /// (lifecycle, online, count) of every device.
+    fn presence_counts(&mut self) -> Result<Vec<(Lifecycle, bool, u64)>>;
+    /// Non-revoked devices whose certificate expires before `before`, and
+    /// those whose desired revision is newer than the reported one.
+    fn attention_counts(&mut self, before: UnixSeconds) -> Result<(u64, u64)>;
 }
