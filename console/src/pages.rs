@@ -1,6 +1,6 @@
 //! The console's HTML, as maud templates (checked when the crate compiles).
 
-use edgebind_fleet::operator::{DeviceOutcome, Outcome};
+use edgebind_fleet::operator::DeviceOutcome;
 use edgebind_fleet::registry::rules::PresenceView;
 use edgebind_fleet::registry::{
     AuditEntry, CommandRecord, Device, DevicePage, KNOWN_BOARDS, Overview, PresenceState,
@@ -406,17 +406,7 @@ fn commands(cmds: &[CommandRecord]) -> Markup {
 
 /// One line per outcome, as `edgebind send` prints them.
 pub fn outcome_line(o: &DeviceOutcome, action: &str) -> String {
-    let detail = match &o.outcome {
-        Outcome::Succeeded { output: Some(out) } => format!(" {out}"),
-        Outcome::Failed { reason, output } => format!(
-            " {}{}",
-            reason.as_deref().unwrap_or(""),
-            output.as_ref().map(|o| format!(" {o}")).unwrap_or_default()
-        ),
-        Outcome::Rejected { reason } => format!(" {}", reason.as_deref().unwrap_or("")),
-        Outcome::Refused { reason } => format!(" {reason}"),
-        _ => String::new(),
-    };
+    let detail = o.outcome.detail();
     format!(
         "{} {} {} ({} ms) [{}]{}",
         o.device,
@@ -424,7 +414,7 @@ pub fn outcome_line(o: &DeviceOutcome, action: &str) -> String {
         o.outcome.label(),
         o.elapsed_ms,
         o.command,
-        detail.trim_end()
+        detail
     )
 }
 

@@ -46,6 +46,22 @@ impl Outcome {
         matches!(self, Outcome::Succeeded { .. })
     }
 
+    /// What follows the label in a one-line report: the output, or why not.
+    pub fn detail(&self) -> String {
+        let detail = match self {
+            Outcome::Succeeded { output: Some(out) } => format!(" {out}"),
+            Outcome::Failed { reason, output } => format!(
+                " {}{}",
+                reason.as_deref().unwrap_or(""),
+                output.as_ref().map(|o| format!(" {o}")).unwrap_or_default()
+            ),
+            Outcome::Rejected { reason } => format!(" {}", reason.as_deref().unwrap_or("")),
+            Outcome::Refused { reason } => format!(" {reason}"),
+            Outcome::Succeeded { output: None } | Outcome::TimedOut { .. } => String::new(),
+        };
+        detail.trim_end().to_owned()
+    }
+
     pub fn label(&self) -> &'static str {
         match self {
             Outcome::Succeeded { .. } => "succeeded",

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::bail;
-use edgebind_fleet::operator::{DeviceOutcome, Outcome};
+use edgebind_fleet::operator::DeviceOutcome;
 use edgebind_fleet::ops::{self, FleetHome, Mode, SendEvent, SendRequest, Sent, Targets};
 use edgebind_fleet::registry::parse_args;
 use edgebind_protocol::DeviceId;
@@ -163,17 +163,7 @@ fn sent_summary(sent: &Sent) -> String {
 
 fn print_outcomes(outcomes: &[DeviceOutcome], action: &Action) {
     for o in outcomes {
-        let detail = match &o.outcome {
-            Outcome::Succeeded { output: Some(out) } => format!(" {out}"),
-            Outcome::Failed { reason, output } => format!(
-                " {}{}",
-                reason.as_deref().unwrap_or(""),
-                output.as_ref().map(|o| format!(" {o}")).unwrap_or_default()
-            ),
-            Outcome::Rejected { reason } => format!(" {}", reason.as_deref().unwrap_or("")),
-            Outcome::Refused { reason } => format!(" {reason}"),
-            _ => String::new(),
-        };
+        let detail = o.outcome.detail();
         println!(
             "{:<24} {} {} ({} ms) [{}]{}",
             o.device,
@@ -181,7 +171,7 @@ fn print_outcomes(outcomes: &[DeviceOutcome], action: &Action) {
             o.outcome.label(),
             o.elapsed_ms,
             o.command,
-            detail.trim_end()
+            detail
         );
     }
     if outcomes.len() > 1 {
