@@ -469,9 +469,21 @@ impl<S: Storage> Store for S {
                 tx.save_states(&states)?;
             }
             if !latest.is_empty() {
-                tx.save_latest_telemetry_of(&latest)?;
-                let ids: Vec<&DeviceId> = latest.iter().map(|l| l.device).collect();
-                tx.prune_each(History::Telemetry, &ids, retention.telemetry_per_device)?;
+                let totals = tx.save_latest_telemetry_of(&latest)?;
+                // A device that has sent no more samples than the window
+                // holds cannot have more stored: no pruning (a prune walks
+                // `keep` index entries per device, the biggest cost of a
+                // batch on PostgreSQL).
+                let keep = retention.telemetry_per_device;
+                let ids: Vec<&DeviceId> = latest
+                    .iter()
+                    .zip(totals)
+                    .filter(|(_, total)| *total > u64::from(keep))
+                    .map(|(l, _)| l.device)
+                    .collect();
+                if !ids.is_empty() {
+                    tx.prune_each(History::Telemetry, &ids, keep)?;
+                }
             }
             if !with_events.is_empty() {
                 tx.prune_each(History::Events, &with_events, retention.events_per_device)?;

@@ -968,13 +968,13 @@ impl StorageTx for PgTx<'_> {
         ts: UnixSeconds,
         payload: &str,
         added: u64,
-    ) -> Result<()> {
-        self.exec(
+    ) -> Result<u64> {
+        let rows = self.rows(
             "UPDATE devices SET telemetry = $2, telemetry_at = $3, \
-             telemetry_count = telemetry_count + $4 WHERE id = $1",
+             telemetry_count = telemetry_count + $4 WHERE id = $1 RETURNING telemetry_count",
             &[&id.as_str(), &payload, &(ts as i64), &(added as i64)],
         )?;
-        Ok(())
+        Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0).max(0) as u64))
     }
 
     fn insert_telemetry(&mut self, samples: &[NewSample<'_>]) -> Result<Vec<bool>> {
@@ -1086,21 +1086,31 @@ impl StorageTx for PgTx<'_> {
         Ok(())
     }
 
-    fn save_latest_telemetry_of(&mut self, latest: &[LatestSample<'_>]) -> Result<()> {
+    fn save_latest_telemetry_of(&mut self, latest: &[LatestSample<'_>]) -> Result<Vec<u64>> {
+        let mut totals = Vec::with_capacity(latest.len());
         for chunk in latest.chunks(INSERT_CHUNK) {
             let ids: Vec<&str> = chunk.iter().map(|l| l.device.as_str()).collect();
             let ts: Vec<i64> = chunk.iter().map(|l| l.ts as i64).collect();
             let payloads: Vec<&str> = chunk.iter().map(|l| l.payload).collect();
             let added: Vec<i64> = chunk.iter().map(|l| l.added as i64).collect();
-            self.exec(
+            let rows = self.rows(
                 "UPDATE devices AS d SET telemetry = u.payload, telemetry_at = u.ts, \
                  telemetry_count = d.telemetry_count + u.added \
                  FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[]) AS u(id, ts, payload, added) \
-                 WHERE d.id = u.id",
+                 WHERE d.id = u.id RETURNING d.id, d.telemetry_count",
                 &[&ids, &ts, &payloads, &added],
             )?;
+            // RETURNING comes in no particular order.
+            let by_id: HashMap<String, i64> = rows
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get(1)))
+                .collect();
+            totals.extend(
+                ids.iter()
+                    .map(|id| by_id.get(*id).map_or(0, |n| (*n).max(0) as u64)),
+            );
         }
-        Ok(())
+        Ok(totals)
     }
 
     fn prune_each(&mut self, history: History, ids: &[&DeviceId], keep: u32) -> Result<()> {

@@ -861,13 +861,22 @@ impl StorageTx for SqliteTx<'_> {
         ts: UnixSeconds,
         payload: &str,
         added: u64,
-    ) -> Result<()> {
-        self.exec(
-            "UPDATE devices SET telemetry = ?2, telemetry_at = ?3, \
-             telemetry_count = telemetry_count + ?4 WHERE id = ?1",
-            params![id.as_str(), payload, ts as i64, added as i64],
-        )?;
-        Ok(())
+    ) -> Result<u64> {
+        let total = self
+            .tx
+            .prepare_cached(
+                "UPDATE devices SET telemetry = ?2, telemetry_at = ?3, \
+                 telemetry_count = telemetry_count + ?4 WHERE id = ?1 RETURNING telemetry_count",
+            )
+            .and_then(|mut s| {
+                s.query_row(
+                    params![id.as_str(), payload, ts as i64, added as i64],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()
+            })
+            .map_err(db)?;
+        Ok(total.unwrap_or(0).max(0) as u64)
     }
 
     fn insert_telemetry(&mut self, samples: &[NewSample<'_>]) -> Result<Vec<bool>> {

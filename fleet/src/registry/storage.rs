@@ -83,14 +83,15 @@ pub trait StorageTx {
     fn save_reported(&mut self, id: &DeviceId, reported: &ReportedState) -> Result<()>;
     fn save_inventory(&mut self, id: &DeviceId, inventory: &Value, at: UnixSeconds) -> Result<()>;
     /// The latest sample as the device's current telemetry, and `added` more
-    /// samples counted.
+    /// samples counted; returns the count received after the update (0 for
+    /// an unknown id).
     fn save_latest_telemetry(
         &mut self,
         id: &DeviceId,
         ts: UnixSeconds,
         payload: &str,
         added: u64,
-    ) -> Result<()>;
+    ) -> Result<u64>;
     /// Append samples in the order given (one statement on a server: a batch
     /// is thousands of samples), skipping any whose (device, ts, digest) is
     /// already stored. Says for each sample whether it was stored.
@@ -106,10 +107,14 @@ pub trait StorageTx {
     fn save_states(&mut self, states: &[(&DeviceId, &DeviceState)]) -> Result<()> {
         states.iter().try_for_each(|(id, s)| self.save_state(id, s))
     }
-    fn save_latest_telemetry_of(&mut self, latest: &[LatestSample<'_>]) -> Result<()> {
+    /// Returns, in the order of `latest`, each device's count of samples
+    /// received after the update (registered devices only: an unknown id
+    /// gets 0).
+    fn save_latest_telemetry_of(&mut self, latest: &[LatestSample<'_>]) -> Result<Vec<u64>> {
         latest
             .iter()
-            .try_for_each(|l| self.save_latest_telemetry(l.device, l.ts, l.payload, l.added))
+            .map(|l| self.save_latest_telemetry(l.device, l.ts, l.payload, l.added))
+            .collect()
     }
     fn prune_each(&mut self, history: History, ids: &[&DeviceId], keep: u32) -> Result<()> {
         ids.iter().try_for_each(|id| self.prune(history, id, keep))
