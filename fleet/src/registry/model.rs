@@ -589,7 +589,9 @@ pub struct ConnectPolicy {
     pub requested_by: Option<String>,
 }
 
-/// How much history to keep per device.
+/// How much history to keep per device. Telemetry is trimmed back to its
+/// window once it has grown a tenth past it ([`super::rules::telemetry_trim_due`]),
+/// so up to `telemetry_per_device * 1.1` samples (plus one batch) are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
     pub telemetry_per_device: u32,

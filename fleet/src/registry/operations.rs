@@ -470,15 +470,11 @@ impl<S: Storage> Store for S {
             }
             if !latest.is_empty() {
                 let totals = tx.save_latest_telemetry_of(&latest)?;
-                // A device that has sent no more samples than the window
-                // holds cannot have more stored: no pruning (a prune walks
-                // `keep` index entries per device, the biggest cost of a
-                // batch on PostgreSQL).
                 let keep = retention.telemetry_per_device;
                 let ids: Vec<&DeviceId> = latest
                     .iter()
                     .zip(totals)
-                    .filter(|(_, total)| *total > u64::from(keep))
+                    .filter(|(l, total)| rules::telemetry_trim_due(*total, l.added, keep))
                     .map(|(l, _)| l.device)
                     .collect();
                 if !ids.is_empty() {

@@ -359,6 +359,25 @@ fn connection_command_id(
 /// What makes a telemetry sample or event the same message again: 16 bytes
 /// of SHA-256 over its content, stored with its device and timestamp under a
 /// unique index, so a redelivered message is not stored twice.
+/// Whether a batch that brought a device's count of samples received to
+/// `total` (`added` of them in this batch) should trim its history back to
+/// `keep`. Trimming walks `keep` index entries, so it is done once the
+/// history has grown a tenth of `keep` past it, not on every batch: at most
+/// `keep + keep / 10` samples are stored, and never fewer than `keep` (or
+/// all received) are kept. A device that has sent no more than `keep` has
+/// nothing to trim.
+pub fn telemetry_trim_due(total: u64, added: u64, keep: u32) -> bool {
+    let keep = u64::from(keep);
+    if total <= keep {
+        return false;
+    }
+    let slack = (keep / 10).max(1);
+    // Past `keep`, the batch crossed a multiple of `slack`.
+    let before = total.saturating_sub(added).saturating_sub(keep);
+    let after = total - keep;
+    before / slack != after / slack || before == 0
+}
+
 pub fn content_digest(parts: &[&[u8]]) -> [u8; 16] {
     let mut h = ring::digest::Context::new(&ring::digest::SHA256);
     for part in parts {

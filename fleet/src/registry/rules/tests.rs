@@ -484,3 +484,36 @@ fn an_import_step_is_nothing_when_identical_and_a_conflict_otherwise() {
     // A record that does not match its own device entry.
     assert!(import_step(&new, &unit("SN1", "d2", "c1"), None, None, None).is_err());
 }
+
+#[test]
+fn telemetry_is_trimmed_once_it_grew_a_tenth_past_the_window() {
+    // Up to the window nothing is trimmed, however it arrives.
+    assert!(!telemetry_trim_due(1000, 1000, 1000));
+    assert!(!telemetry_trim_due(400, 1, 1000));
+    // The first sample past the window trims.
+    assert!(telemetry_trim_due(1001, 1, 1000));
+    assert!(telemetry_trim_due(1050, 100, 1000));
+    // Then once per 100 (a tenth of 1000) more, one sample at a time...
+    let trims = (1002..=2001)
+        .filter(|t| telemetry_trim_due(*t, 1, 1000))
+        .count();
+    assert_eq!(trims, 10);
+    // ...and a batch that crosses a multiple trims too.
+    assert!(telemetry_trim_due(1210, 20, 1000));
+    assert!(!telemetry_trim_due(1190, 20, 1000));
+    // Small windows trim on every batch past them.
+    assert!((6..30).all(|t| telemetry_trim_due(t, 1, 5)));
+    // So the stored history never passes keep + keep / 10.
+    let (keep, mut stored, mut total) = (1000u64, 0u64, 0u64);
+    for added in [7u64, 300, 1, 1, 99, 250, 1, 3].iter().cycle().take(500) {
+        total += added;
+        stored += added;
+        if telemetry_trim_due(total, *added, keep as u32) {
+            stored = stored.min(keep);
+        }
+        assert!(
+            stored <= keep + keep / 10 + 300,
+            "stored {stored} at total {total}"
+        );
+    }
+}
