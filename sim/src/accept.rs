@@ -124,9 +124,15 @@ async fn connect_once(o: rumqttc::v5::MqttOptions) -> bool {
     .await
     .unwrap_or(false);
     if acked {
+        // Until the DISCONNECT is written: polling on would reconnect.
         let _ = client.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while eventloop.poll().await.is_ok() {}
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
         })
         .await;
     }

@@ -301,3 +301,17 @@ fn simulate(
     sim.stop(Duration::from_secs(30));
     Ok((last, cost, all_online, ran_s, never))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_prefix_makes_valid_device_ids() {
+        let p = fresh_prefix();
+        assert!(p.starts_with("sim-"), "{p}");
+        let ids = identities::device_ids(&p, 5000).unwrap();
+        assert_eq!(ids.len(), 5000);
+        assert!(ids[4999].as_str().ends_with("-05000"));
+    }
+}

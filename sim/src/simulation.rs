@@ -163,6 +163,11 @@ impl Simulation {
         &self.counters
     }
 
+    /// The counters, to read from another thread.
+    pub fn shared_counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
     pub fn identities(&self) -> &Identities {
         &self.identities
     }
