@@ -140,6 +140,10 @@ pub struct RunOptions {
     pub notifier: Notifier,
     pub watchdog: Option<Duration>,
     pub log: Option<LogControl>,
+    /// Told what the runtime does (an embedder's counters, see [`crate::embed`]).
+    pub observer: Option<Arc<dyn crate::embed::Observer>>,
+    /// Replaces the configured reboot request (a simulated reboot).
+    pub reboot: Option<crate::embed::RebootHook>,
 }
 
 impl Default for RunOptions {
@@ -149,6 +153,8 @@ impl Default for RunOptions {
             notifier: Notifier::disabled(),
             watchdog: None,
             log: None,
+            observer: None,
+            reboot: None,
         }
     }
 }
@@ -286,9 +292,11 @@ impl Agent {
             match fx {
                 Effect::Record(e) | Effect::Note(e) => journal.append(e).map_err(state_err)?,
                 Effect::Compact(all) => journal.rewrite(all).map_err(state_err)?,
-                Effect::Store { frames, .. } | Effect::StoreFrames(frames) => {
-                    outbox.append(frames).map_err(state_err)?
+                Effect::Store { queued, frames } => {
+                    outbox.append(frames).map_err(state_err)?;
+                    observe_result(&options, &identity.device_id, queued);
                 }
+                Effect::StoreFrames(frames) => outbox.append(frames).map_err(state_err)?,
                 Effect::CompactOutbox(bytes) => outbox.rewrite(bytes).map_err(state_err)?,
                 _ => {}
             }
@@ -466,6 +474,9 @@ impl Running {
                     let sample = self.sampler.sample(now);
                     let fx = self.core.telemetry(&sample, now);
                     self.execute(fx, &mut io).await;
+                    if let Some(obs) = &self.options.observer {
+                        obs.telemetry(&self.device);
+                    }
                 }
                 _ = async { watchdog.as_mut().unwrap().tick().await }, if watchdog.is_some() => {
                     self.options.notifier.notify("WATCHDOG=1");
@@ -515,6 +526,15 @@ impl Running {
         exit
     }
 
+    /// Tell the embedder's observer which kind of record the broker took.
+    fn observe_delivered(&self, seq: u64) {
+        if let Some(obs) = &self.options.observer
+            && let Some(r) = self.core.outbox().records().find(|r| r.seq == seq)
+        {
+            obs.delivered(&self.device, r.class);
+        }
+    }
+
     /// Hand the connection what the outbox may send now.
     fn send_outbox(&mut self, io: &mut Io) {
         if io.connected {
@@ -536,6 +556,7 @@ impl Running {
             self.writer.flush_all();
             match tokio::time::timeout_at(deadline, net_rx.recv()).await {
                 Ok(Some(NetEvent::Delivered(seq))) => {
+                    self.observe_delivered(seq);
                     let fx = self.core.on_delivered(seq, now_unix());
                     self.execute(fx, io).await;
                 }
@@ -556,6 +577,9 @@ impl Running {
                     "connected to broker"
                 );
                 self.options.notifier.notify("STATUS=connected to broker");
+                if let Some(obs) = &self.options.observer {
+                    obs.connected(&self.device);
+                }
                 let uptime = self.options.host.uptime_s();
                 let addresses = self.sampler.addresses();
                 let fx = self.core.on_connected(uptime, addresses, now_unix());
@@ -597,6 +621,9 @@ impl Running {
                 } else {
                     warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "cannot connect to broker: {error}");
                 }
+                if let Some(obs) = &self.options.observer {
+                    obs.lost(&self.device, io.connected, &error);
+                }
                 io.connected = false;
                 self.core.on_disconnected();
                 self.options
@@ -604,6 +631,7 @@ impl Running {
                     .notify(&format!("STATUS=disconnected: {error}"));
             }
             NetEvent::Delivered(seq) => {
+                self.observe_delivered(seq);
                 let fx = self.core.on_delivered(seq, now_unix());
                 self.execute(fx, io).await;
             }
@@ -654,6 +682,7 @@ impl Running {
                     if queued.class == Some(crate::outbox::Class::Result) {
                         info!(topic = %queued.topic, result = %String::from_utf8_lossy(&queued.payload), "command result");
                     }
+                    observe_result(&self.options, &self.device, &queued);
                     self.writer.outbox(frames);
                 }
                 Effect::StoreFrames(frames) => self.writer.outbox_lazy(frames),
@@ -662,6 +691,16 @@ impl Running {
                 Effect::Run { id, job } => {
                     let tx = io.done_tx.clone();
                     info!(id = %id, job = ?job, "running action");
+                    if let (crate::actions::Job::Reboot(_), Some(hook)) =
+                        (&job, &self.options.reboot)
+                    {
+                        let outcome = match hook(&self.device, &id) {
+                            Ok(()) => crate::actions::JobOutcome::succeeded(None),
+                            Err(why) => crate::actions::JobOutcome::failed(why),
+                        };
+                        let _ = tx.send((id, outcome));
+                        continue;
+                    }
                     tokio::spawn(async move {
                         let outcome = job.run(&id).await;
                         let _ = tx.send((id, outcome));
@@ -691,6 +730,17 @@ impl Running {
                 }
             }
         }
+    }
+}
+
+/// Tell the embedder's observer about a command result going out.
+fn observe_result(options: &RunOptions, device: &DeviceId, queued: &Outgoing) {
+    if let Some(obs) = &options.observer
+        && queued.class == Some(crate::outbox::Class::Result)
+        && let Ok(r) =
+            serde_json::from_slice::<edgebind_protocol::messages::CommandResult>(&queued.payload)
+    {
+        obs.result(device, &r.id, r.status);
     }
 }
 

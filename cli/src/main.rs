@@ -9,6 +9,7 @@ mod cmd_factory;
 mod cmd_fleet;
 mod cmd_image;
 mod cmd_pki;
+mod cmd_sim;
 mod connect;
 mod crl_warning;
 mod device;
@@ -84,6 +85,8 @@ enum Command {
     Audit(AuditArgs),
     /// The web console (HTTPS): add devices, watch the fleet, send actions; `console login`.
     Console(cmd_console::ConsoleArgs),
+    /// Simulate N devices in this process (each the real agent with its own identity): load-test a broker.
+    Sim(cmd_sim::SimArgs),
 }
 
 #[derive(clap::Args)]
@@ -153,6 +156,7 @@ fn main() -> std::process::ExitCode {
         Command::Factory(c) => cmd_factory::run(c, &home),
         Command::Console(a) => cmd_console::run(a, &home),
         Command::Audit(a) => audit_log(a, &home),
+        Command::Sim(a) => cmd_sim::run(a, &home),
     };
     match result {
         Ok(code) => code,

@@ -434,6 +434,7 @@ async fn send(
             identity_dir,
             identity_explicit: true,
             broker: None,
+            rate: None,
         };
         ops::send(&home, store.as_mut(), &req, |_| {})
     })

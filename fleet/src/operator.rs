@@ -89,6 +89,14 @@ pub enum SendError {
     Connect(String),
 }
 
+/// How long publishing `total` commands at `rate` per second takes.
+pub fn pacing_time(total: usize, rate: Option<u32>) -> Duration {
+    match rate {
+        Some(r) if r > 0 => Duration::from_secs_f64(total as f64 / f64::from(r)),
+        _ => Duration::ZERO,
+    }
+}
+
 /// Everything the wait produced: per-device outcomes (in the order of the
 /// commands) and every result message seen (for the registry).
 #[derive(Debug, Default)]
@@ -104,19 +112,22 @@ struct Pending {
 }
 
 /// Publish `commands` (QoS 1) once the result subscription is in place and
-/// wait up to `timeout` for every final result. `progress(done, total,
+/// wait up to `timeout` for every final result. `rate` paces the publishing
+/// (commands per second; `None`: as fast as the broker takes them), and the
+/// wait is extended by the time pacing takes. `progress(done, total,
 /// outcome)` is called as each device finishes.
 pub async fn send_and_wait(
     mut opts: MqttOptions,
     commands: Vec<(DeviceId, Command)>,
     timeout: Duration,
+    rate: Option<u32>,
     mut progress: impl FnMut(usize, usize, &DeviceOutcome),
 ) -> Result<SendReport, SendError> {
     opts.set_clean_start(true);
     let total = commands.len();
     let (client, mut eventloop) = crate::mqtt::connect(opts, total.max(16) * 2 + 16);
     let started = Instant::now();
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = tokio::time::Instant::now() + timeout + pacing_time(total, rate);
 
     let mut pending: HashMap<(DeviceId, CommandId), Pending> = commands
         .iter()
@@ -168,7 +179,12 @@ pub async fn send_and_wait(
                 // Publish from another task: the request channel is drained
                 // by this loop, so publishing here could wait on itself.
                 tokio::spawn(async move {
-                    for (device, command) in batch {
+                    let begun = tokio::time::Instant::now();
+                    for (i, (device, command)) in batch.into_iter().enumerate() {
+                        if let Some(r) = rate.filter(|r| *r > 0) {
+                            let at = begun + Duration::from_secs_f64(i as f64 / f64::from(r));
+                            tokio::time::sleep_until(at).await;
+                        }
                         let topic = Topic::Cmd(device, command.id.clone()).render();
                         if c.publish(topic, QoS::AtLeastOnce, false, command.encode())
                             .await

@@ -138,6 +138,11 @@ pub struct SendArgs {
     /// Run the action every time the device connects (an on-connect rule).
     #[arg(long)]
     pub on_connect: bool,
+    /// Publish at most N commands per second (a fan-out of `reboot` must
+    /// not restart every device at the same instant); --timeout and the
+    /// commands' expiry are extended by the time this takes.
+    #[arg(long, value_name = "N", conflicts_with_all = ["queue", "on_connect"])]
+    pub rate: Option<u32>,
     #[command(flatten)]
     pub connect: ConnectArgs,
     #[arg(long)]

@@ -55,8 +55,12 @@ pub fn send(args: SendArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| home.operator_dir()),
         identity_explicit: args.connect.identity.is_some(),
         broker: args.connect.broker.clone(),
+        rate: args.rate,
     };
     let mut store = home.open_registry()?;
+    let started = std::time::Instant::now();
+    // Results are printed as they come (human form); the summary follows.
+    let mut streamed = false;
     let sent = ops::send(home, store.as_mut(), &req, |event| match event {
         SendEvent::IdentityIssued(i) => eprintln!(
             "edgebind: issued {} (serial {}) into {}",
@@ -64,15 +68,22 @@ pub fn send(args: SendArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
             i.serial,
             i.dir.display()
         ),
+        SendEvent::Outcome(o) if !args.json => {
+            // Clear the progress line first so the two never share a line.
+            eprint!("\r\x1b[K");
+            print_outcome(o, &action);
+            let _ = std::io::stdout().flush();
+            streamed = true;
+        }
+        SendEvent::Outcome(_) => {}
         SendEvent::Progress {
             done,
             total,
             failures,
         } if total > 1 && !args.json => {
             eprint!(
-                "\r[{done:>width$}/{total}] {} ok, {failures} not ok",
-                done - failures,
-                width = total.to_string().len()
+                "\r{}",
+                progress_line(done, total, failures, started.elapsed())
             );
             let _ = std::io::stderr().flush();
             if done == total {
@@ -131,7 +142,12 @@ pub fn send(args: SendArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(outcomes)?);
             } else {
-                print_outcomes(outcomes, &action);
+                if !streamed {
+                    for o in outcomes {
+                        print_outcome(o, &action);
+                    }
+                }
+                print_summary(outcomes);
             }
         }
     }
@@ -161,26 +177,47 @@ fn sent_summary(sent: &Sent) -> String {
     }
 }
 
-fn print_outcomes(outcomes: &[DeviceOutcome], action: &Action) {
-    for o in outcomes {
-        let detail = o.outcome.detail();
-        println!(
-            "{:<24} {} {} ({} ms) [{}]{}",
-            o.device,
-            action,
-            o.outcome.label(),
-            o.elapsed_ms,
-            o.command,
-            detail
-        );
-    }
+/// `[#########...........]  2500/5000  2490 ok  10 not ok  1250/s`
+fn progress_line(done: usize, total: usize, failures: usize, elapsed: Duration) -> String {
+    const WIDTH: usize = 24;
+    let filled = (done * WIDTH).checked_div(total).unwrap_or(WIDTH);
+    format!(
+        "[{}{}] {done:>width$}/{total}  {} ok  {failures} not ok  {:.0}/s",
+        "#".repeat(filled),
+        ".".repeat(WIDTH - filled),
+        done - failures,
+        done as f64 / elapsed.as_secs_f64().max(1e-3),
+        width = total.to_string().len()
+    )
+}
+
+fn print_outcome(o: &DeviceOutcome, action: &Action) {
+    println!(
+        "{:<24} {} {} ({} ms) [{}]{}",
+        o.device,
+        action,
+        o.outcome.label(),
+        o.elapsed_ms,
+        o.command,
+        o.outcome.detail()
+    );
+}
+
+/// Counts by outcome (and when the last result came) for a fan-out.
+fn print_summary(outcomes: &[DeviceOutcome]) {
     if outcomes.len() > 1 {
         let mut counts = std::collections::BTreeMap::<&str, usize>::new();
         for o in outcomes {
             *counts.entry(o.outcome.label()).or_default() += 1;
         }
         let summary: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
-        println!("{} devices: {}", outcomes.len(), summary.join(", "));
+        let last = outcomes.iter().map(|o| o.elapsed_ms).max().unwrap_or(0);
+        println!(
+            "{} devices: {} (last result after {:.1} s)",
+            outcomes.len(),
+            summary.join(", "),
+            last as f64 / 1000.0
+        );
     }
 }
 
@@ -210,5 +247,28 @@ mod tests {
         let a = send_args(&["send", "dev-a"]);
         assert!(send_words(&a).is_err());
         assert!(Cli::try_parse_from(["x", "send", "--all", "--tag", "t", "ping"]).is_err());
+        assert_eq!(
+            send_args(&["send", "--all", "--rate", "50", "reboot"]).rate,
+            Some(50)
+        );
+        assert!(
+            Cli::try_parse_from(["x", "send", "--all", "--rate", "5", "--queue", "ping"]).is_err()
+        );
+    }
+
+    #[test]
+    fn the_progress_bar_fills_with_the_results() {
+        let d = Duration::from_secs(2);
+        let line = progress_line(0, 4, 0, d);
+        assert!(
+            line.starts_with("[........................] 0/4  0 ok  0 not ok"),
+            "{line}"
+        );
+        let line = progress_line(2, 4, 1, d);
+        assert!(
+            line.starts_with("[############............] 2/4  1 ok  1 not ok  1/s"),
+            "{line}"
+        );
+        assert!(progress_line(4, 4, 0, d).starts_with(&format!("[{}]", "#".repeat(24))));
     }
 }

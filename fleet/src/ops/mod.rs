@@ -7,7 +7,7 @@
 //! - [`register_device`], [`register_devices`] (a factory batch) and
 //!   [`renew_device`]: certificate, identity files, broker policy, registry;
 //!   [`provision_device`]: the same for a unit's claim request (its CSR).
-//! - [`revoke`], [`revoke_principal`], [`revoke_serial`]: PKI, registry
+//! - [`revoke`], [`revoke_devices`] (a batch), [`revoke_principal`], [`revoke_serial`]: PKI, registry
 //!   lifecycle and queued commands, broker policy; every revocation path.
 //! - [`refresh_broker_policy`]: ACL + CRL from the PKI, SIGHUP to a running broker.
 //! - [`broker_endpoint`], [`agent_broker`]: where clients and agents dial.
@@ -48,7 +48,9 @@ pub use register::{
     Registration, Renewed, Unit, provision_device, register_device, register_devices, renew_device,
     renew_unit, staging_path, write_image,
 };
-pub use revoke::{Policy, Revoked, revoke, revoke_principal, revoke_serial};
+pub use revoke::{
+    Policy, Revoked, RevokedBatch, revoke, revoke_devices, revoke_principal, revoke_serial,
+};
 pub use send::{Mode, SendEvent, SendRequest, Sent, Targets, send};
 pub use settings::{SettingsChanged, set};
 

@@ -120,6 +120,68 @@ pub fn revoke_serial(
     Ok(revoked)
 }
 
+/// What [`revoke_devices`] changed.
+#[derive(Debug, Clone, Serialize)]
+pub struct RevokedBatch {
+    /// Certificates revoked by this call.
+    pub certificates: usize,
+    /// Devices revoked in the registry by this call.
+    pub devices: usize,
+    /// Queued commands rejected with them.
+    pub dropped_commands: usize,
+    pub policy: Option<PolicyRefresh>,
+}
+
+/// [`revoke`] for many registered devices at once (the fleet simulator's
+/// cleanup, a decommissioned batch): the same steps in the same order, PKI
+/// first (every usable certificate of every device, in one CRL update), then
+/// each registry row, then one broker policy refresh for all of them instead
+/// of one per device. It rolls forward like [`revoke`]: after an error,
+/// running it again completes it (devices already revoked everywhere are
+/// skipped, not refused).
+pub fn revoke_devices(
+    home: &FleetHome,
+    store: &mut dyn Store,
+    ids: &[DeviceId],
+    policy: Policy,
+) -> Result<RevokedBatch, OpsError> {
+    let pki = home.open_pki()?;
+    let now = time::OffsetDateTime::now_utc();
+    let wanted: std::collections::BTreeSet<&str> = ids.iter().map(DeviceId::as_str).collect();
+    let serials: Vec<String> = pki
+        .inventory()?
+        .entries
+        .iter()
+        .filter(|e| e.role == "device" && e.is_active(now) && wanted.contains(e.cn.as_str()))
+        .map(|e| e.serial.clone())
+        .collect();
+    let certificates = if serials.is_empty() {
+        0
+    } else {
+        pki.revoke_serials(&serials)?.len()
+    };
+    let mut devices = 0;
+    let mut dropped_commands = 0;
+    for id in ids {
+        let current = match store.device(id) {
+            Ok(d) => d,
+            Err(RegistryError::UnknownDevice(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if current.lifecycle != Lifecycle::Revoked {
+            let (_, dropped) = revoke_in_registry(store, id)?;
+            devices += 1;
+            dropped_commands += dropped;
+        }
+    }
+    Ok(RevokedBatch {
+        certificates,
+        devices,
+        dropped_commands,
+        policy: refresh(home, &pki, policy)?,
+    })
+}
+
 fn revoke_device_everywhere(
     home: &FleetHome,
     pki: &Pki,

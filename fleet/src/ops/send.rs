@@ -62,6 +62,10 @@ pub struct SendRequest {
     pub identity_explicit: bool,
     /// `host:port`; default: the broker settings of the home.
     pub broker: Option<String>,
+    /// Commands published per second ([`Mode::Now`]): a reboot of every
+    /// device must not be one instant. The wait and each command's expiry
+    /// are extended by the time the pacing takes. `None`: unpaced.
+    pub rate: Option<u32>,
 }
 
 /// What a send reports while it runs.
@@ -75,6 +79,8 @@ pub enum SendEvent<'a> {
         total: usize,
         failures: usize,
     },
+    /// One device's final outcome, as it comes (before its `Progress`).
+    Outcome(&'a DeviceOutcome),
     /// The registry holds no action list for this device (never
     /// inventoried, or an agent older than the list): its arguments were not
     /// checked here; the device still checks them.
@@ -246,9 +252,17 @@ pub fn send(
         Some(o) => Some(o.cn.clone()),
         None => identity_cn(&req.identity_dir),
     };
+    // A paced command published last must not expire before it is sent.
+    let spread = if queued {
+        0
+    } else {
+        operator::pacing_time(targets.len(), req.rate)
+            .as_secs()
+            .saturating_add(1)
+    };
     let expires_at = match (req.expires_in, queued) {
-        (Some(s), _) => Some(now_unix() + s),
-        (None, false) => Some(now_unix() + req.timeout.as_secs()),
+        (Some(s), _) => Some(now_unix() + s + spread),
+        (None, false) => Some(now_unix() + req.timeout.as_secs() + spread),
         (None, true) => None,
     };
     let new: Vec<NewCommand> = targets
@@ -333,10 +347,12 @@ fn deliver_now(
         opts,
         commands,
         req.timeout,
+        req.rate,
         |done, total, o: &DeviceOutcome| {
             if !o.outcome.is_success() {
                 failures += 1;
             }
+            on_event(SendEvent::Outcome(o));
             on_event(SendEvent::Progress {
                 done,
                 total,
@@ -401,12 +417,13 @@ fn wait_in_registry(
             if !outcome.is_success() {
                 failures += 1;
             }
-            *slot = Some(DeviceOutcome {
+            let o = slot.insert(DeviceOutcome {
                 device: c.device.clone(),
                 command: c.id.clone(),
                 outcome,
                 elapsed_ms: started.elapsed().as_millis() as u64,
             });
+            on_event(SendEvent::Outcome(o));
             done += 1;
         }
         on_event(SendEvent::Progress {

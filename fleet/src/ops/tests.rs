@@ -367,6 +367,7 @@ fn sends_resolve_only_non_revoked_targets() {
         identity_dir: Path::new("/nonexistent").to_owned(),
         identity_explicit: false,
         broker: None,
+        rate: None,
     };
     let Sent::Queued(q) = send(&h.home, &mut h.store, &req, |_| {}).unwrap() else {
         panic!("queued")
