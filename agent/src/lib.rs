@@ -24,6 +24,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod core;
+pub mod enroll;
 pub mod host;
 pub mod identity;
 pub mod journal;
