@@ -30,6 +30,7 @@ pub mod identity;
 pub mod journal;
 pub mod logging;
 pub mod outbox;
+pub mod renewal;
 pub mod runner;
 pub mod runtime;
 pub mod systemd;
