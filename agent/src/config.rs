@@ -72,6 +72,10 @@ pub struct AgentConfig {
     /// `[log]`: logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// `[renewal]`: renewing the device certificate before it expires
+    /// (see [`crate::renewal::RenewalConfig`]).
+    #[serde(default)]
+    pub renewal: crate::renewal::RenewalConfig,
 }
 
 /// `[broker]`
@@ -472,6 +476,7 @@ impl AgentConfig {
             state: StateConfig::default(),
             actions: ActionsConfig::default(),
             log: LogConfig::default(),
+            renewal: crate::renewal::RenewalConfig::default(),
         }
     }
 
@@ -526,6 +531,10 @@ impl AgentConfig {
             key: key.to_owned(),
             message,
         };
+        if let Err(message) = self.renewal.check() {
+            let key = message.split(' ').next().unwrap_or("renewal").to_owned();
+            return Err(invalid(&key, message));
+        }
         let b = &self.broker;
         if b.host.trim().is_empty() {
             return Err(invalid("broker.host", "must not be empty".into()));

@@ -1624,6 +1624,7 @@ mod tests {
                 "inventory",
                 "ping",
                 "reboot",
+                "renew",
                 "restart-agent"
             ]
         );

@@ -239,13 +239,16 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, IdentityError> {
         })
 }
 
-struct LeafFacts {
-    cn: Option<String>,
-    not_before: i64,
-    not_after: i64,
+pub(crate) struct LeafFacts {
+    pub(crate) cn: Option<String>,
+    pub(crate) not_before: i64,
+    pub(crate) not_after: i64,
 }
 
-fn leaf_facts(leaf: &CertificateDer<'_>, path: &Path) -> Result<LeafFacts, IdentityError> {
+pub(crate) fn leaf_facts(
+    leaf: &CertificateDer<'_>,
+    path: &Path,
+) -> Result<LeafFacts, IdentityError> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|e| {
         IdentityError::BadCertificate {
             path: path.to_owned(),
@@ -267,7 +270,7 @@ fn leaf_facts(leaf: &CertificateDer<'_>, path: &Path) -> Result<LeafFacts, Ident
 
 /// Verify leaf → (intermediates from the chain file) → fleet CA, for client
 /// authentication, with the fleet CA as the only trust anchor.
-fn verify_chain(
+pub(crate) fn verify_chain(
     chain: &[CertificateDer<'static>],
     ca: &CertificateDer<'static>,
     provider: &CryptoProvider,

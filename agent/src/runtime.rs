@@ -40,6 +40,7 @@ use crate::identity::{Identity, IdentityError};
 use crate::journal::{JournalFile, Ledger, Retention};
 use crate::logging::LogControl;
 use crate::outbox::OutboxFile;
+use crate::renewal::{self, Renewal};
 use crate::systemd::Notifier;
 use crate::telemetry::Sampler;
 use crate::writer::StateWriter;
@@ -170,6 +171,7 @@ pub struct Agent {
     sampler: Sampler,
     options: RunOptions,
     not_after: i64,
+    renewal: Option<Renewal>,
 }
 
 impl Agent {
@@ -177,6 +179,15 @@ impl Agent {
     /// files, chain, key, validity, CN; state directory and journal.
     pub fn prepare(config: AgentConfig, options: RunOptions) -> Result<Agent, StartError> {
         let provider = edgebind_link::provider();
+        // A renewed identity whose install a restart interrupted is
+        // finished first (see `renewal`), so what is loaded is one pair.
+        if let Err(e) = renewal::resume(
+            &config.state.dir,
+            &config.identity,
+            config.device_id.as_ref(),
+        ) {
+            warn!(error = %e, "could not finish installing a renewed identity; keeping the one in place");
+        }
         let identity = Identity::load(
             &config.identity,
             config.device_id.as_ref(),
@@ -303,7 +314,16 @@ impl Agent {
         }
         outbox.sync().map_err(state_err)?;
         let sampler = Sampler::new(dir);
+        let renewal = config.renewal.enabled.then(|| {
+            Renewal::new(
+                config.renewal.clone(),
+                &config.state.dir,
+                &config.identity,
+                renewal::current_of(&identity),
+            )
+        });
         let agent = Agent {
+            renewal,
             device: identity.device_id.clone(),
             not_after: identity.not_after,
             tls: Arc::new(tls),
@@ -336,6 +356,7 @@ impl Agent {
             sampler,
             options,
             not_after,
+            renewal,
         } = self;
         let writer = match StateWriter::spawn(journal, outbox) {
             Ok(w) => w,
@@ -347,6 +368,9 @@ impl Agent {
         let mut this = Running {
             config,
             device,
+            home_tls: tls.clone(),
+            trial: None,
+            renewal,
             tls,
             core,
             writer,
@@ -365,7 +389,14 @@ impl Agent {
 struct Running {
     config: AgentConfig,
     device: DeviceId,
+    /// The identity the connection presents: the installed one, or a
+    /// renewed one on trial.
     tls: Arc<rustls::ClientConfig>,
+    /// The installed identity, to fall back on.
+    home_tls: Arc<rustls::ClientConfig>,
+    renewal: Option<Renewal>,
+    /// A renewed identity being tried, and until when.
+    trial: Option<(renewal::Trial, Instant)>,
     core: Core,
     writer: StateWriter,
     sampler: Sampler,
@@ -373,8 +404,119 @@ struct Running {
     not_after: i64,
 }
 
+/// How one connection's serve loop ended.
+enum Served {
+    Done(Exit),
+    /// Connect again with `Running::tls` (a renewed identity on trial, or
+    /// back to the installed one).
+    Reconnect,
+}
+
 impl Running {
     async fn serve(&mut self, shutdown: &mut ShutdownSignal) -> Exit {
+        loop {
+            match self.serve_connection(shutdown).await {
+                Served::Done(exit) => return exit,
+                Served::Reconnect => self.core.on_disconnected(),
+            }
+        }
+    }
+
+    /// The renewal's part of a turn: a request due, a trial that ran out.
+    fn renewal_turn(&mut self, io: &mut Io) -> bool {
+        let now = now_unix() as i64;
+        if let Some((_, until)) = &self.trial
+            && !io.connected
+            && Instant::now() >= *until
+        {
+            if let Some(r) = &mut self.renewal {
+                r.trial_failed(now);
+            }
+            self.trial = None;
+            self.tls = self.home_tls.clone();
+            return true;
+        }
+        if io.connected
+            && self.trial.is_none()
+            && let Some(r) = &mut self.renewal
+            && let Some(o) = r.poll(now)
+        {
+            io.publish(o, None);
+        }
+        false
+    }
+
+    /// A message on our renewal response topic: maybe a trial to begin.
+    fn renewal_response(&mut self, payload: &[u8]) -> bool {
+        let Some(r) = &mut self.renewal else {
+            return false;
+        };
+        let renewal::Step::Switch(trial) = r.on_response(payload, now_unix() as i64) else {
+            return false;
+        };
+        let files = crate::config::IdentityConfig {
+            ca: self.config.identity.ca.clone(),
+            ..trial.files.clone()
+        };
+        let tls = Identity::load(
+            &files,
+            Some(&self.device),
+            &edgebind_link::provider(),
+            UnixTime::now(),
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|id| {
+            edgebind_link::client_config(edgebind_link::ClientAuth {
+                chain: Some(id.chain.clone()),
+                key: Some(id.key.clone_key()),
+                ca: std::slice::from_ref(&id.ca),
+                server_name: Some(self.config.broker.server_name()),
+            })
+            .map_err(|e| e.to_string())
+        });
+        match tls {
+            Ok(tls) => {
+                info!(serial = %trial.serial, "reconnecting with the renewed identity");
+                self.tls = Arc::new(tls);
+                let until = Instant::now() + r.trial_timeout();
+                self.trial = Some((trial, until));
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "the renewed identity is not usable; keeping the current one");
+                r.trial_failed(now_unix() as i64);
+                false
+            }
+        }
+    }
+
+    /// Connected: a trial that connected is installed; the fleet is told.
+    fn renewal_connected(&mut self, io: &mut Io) -> bool {
+        let Some(r) = &mut self.renewal else {
+            return false;
+        };
+        let mut fall_back = false;
+        if let Some((trial, _)) = self.trial.take() {
+            match r.trial_connected(&trial, now_unix() as i64) {
+                Ok(()) => {
+                    self.home_tls = self.tls.clone();
+                    self.not_after = trial.not_after;
+                }
+                Err(e) => {
+                    error!(error = %e, "cannot install the renewed identity; back to the current one");
+                    r.trial_failed(now_unix() as i64);
+                    self.tls = self.home_tls.clone();
+                    fall_back = true;
+                }
+            }
+        }
+        if !fall_back && let Some(o) = r.on_connected() {
+            io.publish(o, None);
+        }
+        fall_back
+    }
+
+    async fn serve_connection(&mut self, shutdown: &mut ShutdownSignal) -> Served {
         let (client, eventloop) = AsyncClient::new(
             mqtt_options(&self.config, &self.device, &self.core, &self.tls),
             REQUEST_CHANNEL_CAPACITY,
@@ -403,6 +545,7 @@ impl Running {
             connected: false,
             done_tx,
             restart: false,
+            reconnect: false,
         };
 
         let days_left = (self.not_after - now_unix() as i64) / 86_400;
@@ -436,6 +579,9 @@ impl Running {
             .watchdog
             .map(|d| tokio::time::interval(d.max(Duration::from_millis(100))));
 
+        let mut reconnect = false;
+        let mut renewal_tick = tokio::time::interval(Duration::from_secs(1));
+        renewal_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let exit = loop {
             io.flush_backlog();
             self.send_outbox(&mut io);
@@ -481,9 +627,17 @@ impl Running {
                 _ = async { watchdog.as_mut().unwrap().tick().await }, if watchdog.is_some() => {
                     self.options.notifier.notify("WATCHDOG=1");
                 }
+                _ = renewal_tick.tick(), if self.renewal.is_some() => {
+                    if self.renewal_turn(&mut io) {
+                        reconnect = true;
+                    }
+                }
             }
             if io.restart {
                 break Exit::RestartRequested;
+            }
+            if reconnect || io.reconnect {
+                break Exit::Stopped;
             }
             let wanted = self.core.settings().telemetry_interval_s;
             if wanted != period {
@@ -523,7 +677,11 @@ impl Running {
             // don't wait out a reconnect backoff.
             network.abort();
         }
-        exit
+        if reconnect || io.reconnect {
+            Served::Reconnect
+        } else {
+            Served::Done(exit)
+        }
     }
 
     /// Tell the embedder's observer which kind of record the broker took.
@@ -584,12 +742,32 @@ impl Running {
                 let addresses = self.sampler.addresses();
                 let fx = self.core.on_connected(uptime, addresses, now_unix());
                 self.execute(fx, io).await;
+                if self.renewal_connected(io) {
+                    io.reconnect = true;
+                    return;
+                }
+                let renewal_topic = self.renewal.as_ref().map(Renewal::response_topic);
                 let subs = self
                     .core
                     .subscriptions()
+                    .into_iter()
+                    .chain(renewal_topic)
                     .map(|f| rumqttc::v5::mqttbytes::v5::Filter::new(f, QoS::AtLeastOnce));
                 if let Err(e) = io.client.try_subscribe_many(subs) {
                     warn!(error = %e, "could not queue the subscriptions");
+                }
+            }
+            NetEvent::Message(publish)
+                if self
+                    .renewal
+                    .as_ref()
+                    .is_some_and(|r| publish.topic == r.response_topic().as_bytes()) =>
+            {
+                if self.renewal_response(&publish.payload) {
+                    io.reconnect = true;
+                }
+                if let Err(e) = io.client.try_ack(&publish) {
+                    warn!(error = %e, "could not queue the acknowledgement");
                 }
             }
             NetEvent::Message(publish) => {
@@ -689,6 +867,11 @@ impl Running {
                 Effect::CompactOutbox(bytes) => self.writer.rewrite_outbox(bytes),
                 Effect::Publish(o) => io.publish(o, None),
                 Effect::Run { id, job } => {
+                    if job == crate::actions::Job::Renew
+                        && let Some(r) = &mut self.renewal
+                    {
+                        r.force(now_unix() as i64);
+                    }
                     let tx = io.done_tx.clone();
                     info!(id = %id, job = ?job, "running action");
                     if let (crate::actions::Job::Reboot(_), Some(hook)) =
@@ -816,6 +999,8 @@ struct Io {
     connected: bool,
     done_tx: mpsc::UnboundedSender<(edgebind_protocol::CommandId, crate::actions::JobOutcome)>,
     restart: bool,
+    /// Connect again with another identity (renewal).
+    reconnect: bool,
 }
 
 impl Io {

@@ -39,6 +39,11 @@ pub struct InventoryEntry {
     pub issued_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option", default)]
     pub revoked_at: Option<OffsetDateTime>,
+    /// SHA-256 (hex) of the issuing CA certificate that signed it; absent
+    /// in entries from before the first CA rollover, which `pki rollover`
+    /// fills in with the issuing CA it replaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
 }
 
 impl InventoryEntry {
@@ -123,6 +128,13 @@ impl Inventory {
         self.entries
             .iter()
             .filter(move |e| e.is_revoked() && !e.is_expired(now))
+    }
+
+    /// Whether some usable certificate was signed by the issuing CA `issuer`.
+    pub fn depends_on(&self, issuer: &str, now: OffsetDateTime) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.issuer.as_deref() == Some(issuer) && e.is_active(now))
     }
 }
 
@@ -230,6 +242,7 @@ mod tests {
             not_after: now + time::Duration::days(1),
             issued_at: now,
             revoked_at: revoked.then_some(now),
+            issuer: None,
         }
     }
 

@@ -31,7 +31,7 @@ pub mod profile;
 pub use csr::DeviceCsr;
 pub use error::Error;
 pub use inventory::{AuditFinding, CrlStatus, Inventory, InventoryEntry};
-pub use pki::{InitOptions, IssuedCert, Pki};
+pub use pki::{InitOptions, IssuedCert, Pki, Rollover};
 pub use profile::Validity;
 
 /// File names inside the PKI directory.

@@ -61,6 +61,8 @@ pub struct IssuedCert {
     pub chain_pem: String,
     /// PKCS#8 PEM private key.
     pub key_pem: String,
+    /// SHA-256 (hex) of the issuing CA certificate that signed it.
+    pub issuer_id: String,
 }
 
 impl std::fmt::Debug for IssuedCert {
@@ -90,6 +92,7 @@ impl IssuedCert {
             not_after: self.not_after,
             issued_at,
             revoked_at: None,
+            issuer: Some(self.issuer_id.clone()).filter(|i| !i.is_empty()),
         }
     }
 
@@ -130,8 +133,58 @@ pub struct Pki {
     dir: PathBuf,
     issuer: Issuer<'static, KeyPair>,
     issuing_pem: String,
+    /// SHA-256 (hex) of the issuing CA certificate.
+    issuer_id: String,
+    /// Issuing CAs replaced by a rollover whose certificates may still be
+    /// in use: they sign CRLs (nothing else) until they are retired.
+    previous: Vec<PreviousIssuer>,
     root_pem: String,
     crl_validity: Duration,
+}
+
+/// An issuing CA replaced by [`Pki::rollover`], kept for its CRL.
+struct PreviousIssuer {
+    id: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// What [`Pki::rollover`] did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Rollover {
+    /// SHA-256 of the new issuing CA certificate.
+    pub new_issuer: String,
+    pub new_subject: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+    /// The issuing CA it replaces, now in `previous-issuing/`.
+    pub previous_issuer: String,
+}
+
+/// Where replaced issuing CAs live: `previous-issuing/<sha256>.{crt,key}`
+/// while certificates they signed are usable, `retired-issuing/` after.
+pub const PREVIOUS_ISSUING_DIR: &str = "previous-issuing";
+pub const RETIRED_ISSUING_DIR: &str = "retired-issuing";
+
+/// SHA-256 (hex) of the first certificate of a PEM text.
+fn pem_cert_sha256(pem: &str) -> Option<String> {
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    Some(hex(
+        digest::digest(&digest::SHA256, &block.contents).as_ref()
+    ))
+}
+
+fn load_issuer(cert: &Path, key: &Path) -> Result<(Issuer<'static, KeyPair>, String), Error> {
+    let pem = read_string(cert)?;
+    let key_pem = read_string(key)?;
+    let pair = KeyPair::from_pem(&key_pem).map_err(|e| Error::Parse {
+        path: key.to_owned(),
+        message: format!("not a usable private key: {e}"),
+    })?;
+    let issuer = Issuer::from_ca_cert_pem(&pem, pair).map_err(|e| Error::Parse {
+        path: cert.to_owned(),
+        message: format!("not a usable CA certificate: {e}"),
+    })?;
+    Ok((issuer, pem))
 }
 
 /// Default lifetime of a CRL: the broker refuses everyone once it lapses, so
@@ -201,13 +254,150 @@ impl Pki {
             path: dir.join(ISSUING_CERT),
             message: format!("not a usable CA certificate: {e}"),
         })?;
+        let issuer_id = pem_cert_sha256(&issuing_pem).unwrap_or_default();
+        let mut previous = Vec::new();
+        let prev_dir = dir.join(PREVIOUS_ISSUING_DIR);
+        if let Ok(list) = fs::read_dir(&prev_dir) {
+            let mut names: Vec<PathBuf> = list
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "crt"))
+                .collect();
+            names.sort();
+            for crt in names {
+                let (issuer, pem) = load_issuer(&crt, &crt.with_extension("key"))?;
+                previous.push(PreviousIssuer {
+                    id: pem_cert_sha256(&pem).unwrap_or_default(),
+                    issuer,
+                });
+            }
+        }
         Ok(Pki {
             dir: dir.to_owned(),
             issuer,
             issuing_pem,
+            issuer_id,
+            previous,
             root_pem,
             crl_validity: Duration::days(i64::from(DEFAULT_CRL_DAYS)),
         })
+    }
+
+    /// SHA-256 (hex) of the issuing CA certificate that signs now.
+    pub fn issuer_id(&self) -> &str {
+        &self.issuer_id
+    }
+
+    /// Issuing CAs replaced by a rollover and not retired yet.
+    pub fn previous_issuers(&self) -> Vec<String> {
+        self.previous.iter().map(|p| p.id.clone()).collect()
+    }
+
+    /// Replace the issuing CA by a new one under the same root (which needs
+    /// `root-ca.key` in the directory). The old one moves to
+    /// `previous-issuing/` and keeps signing its CRL, so the certificates it
+    /// signed stay usable until they expire, are revoked or are renewed;
+    /// [`Pki::retire_unused`] retires it once none is left. Inventory
+    /// entries from before issuers were recorded are marked as the old one's.
+    /// Returns the rollover; open the PKI again to use the new issuer.
+    pub fn rollover(&self, days: u32) -> Result<Rollover, Error> {
+        let root_key_path = self.dir.join(ROOT_KEY);
+        let root_key_pem = read_string(&root_key_path).map_err(|_| {
+            Error::Invalid(format!(
+                "{} is not there: a rollover signs the new issuing CA with the root key; put it back for the rollover (and move it offline again after)",
+                root_key_path.display()
+            ))
+        })?;
+        let root_key = KeyPair::from_pem(&root_key_pem).map_err(|e| Error::Parse {
+            path: root_key_path.clone(),
+            message: format!("not a usable private key: {e}"),
+        })?;
+        let root =
+            Issuer::from_ca_cert_pem(&self.root_pem, root_key).map_err(|e| Error::Parse {
+                path: self.dir.join(ROOT_CERT),
+                message: format!("not a usable CA certificate: {e}"),
+            })?;
+        let fleet = fleet_of(&self.root_pem).unwrap_or_else(|| "edgebind".into());
+        let now = OffsetDateTime::now_utc();
+        // A subject of its own: CRLs are found by issuer name, and two
+        // issuing CAs with one name would make brokers pick the wrong one.
+        let stamp = format!(
+            "{:04}{:02}{:02}{:02}{:02}{:02}",
+            now.year(),
+            u8::from(now.month()),
+            now.day(),
+            now.hour(),
+            now.minute(),
+            now.second()
+        );
+        let mut params = profile::issuing_ca(&fleet, Validity::days(days))?;
+        let subject = format!("{fleet} Edgebind Issuing CA {stamp}");
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, fleet.as_str());
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, subject.as_str());
+        let key = KeyPair::generate().map_err(|e| Error::crypto("issuing CA key", e))?;
+        let cert = params
+            .signed_by(&key, &root)
+            .map_err(|e| Error::crypto("issuing CA certificate", e))?;
+        let new_id = hex(digest::digest(&digest::SHA256, cert.der()).as_ref());
+        let old_id = self.issuer_id.clone();
+        let prev = self.dir.join(PREVIOUS_ISSUING_DIR);
+        create_dir(&prev, 0o700)?;
+        self.update(|inv| {
+            for e in inv.entries.iter_mut().filter(|e| e.issuer.is_none()) {
+                e.issuer = Some(old_id.clone());
+            }
+            // The old pair is copied before the new one replaces it: a crash
+            // in between leaves both usable.
+            write_private(
+                &prev.join(format!("{old_id}.key")),
+                read_string(&self.dir.join(ISSUING_KEY))?.as_bytes(),
+            )?;
+            write_public(
+                &prev.join(format!("{old_id}.crt")),
+                self.issuing_pem.as_bytes(),
+            )?;
+            write_private(&self.dir.join(ISSUING_KEY), key.serialize_pem().as_bytes())?;
+            write_public(&self.dir.join(ISSUING_CERT), cert.pem().as_bytes())?;
+            Ok(())
+        })?;
+        Ok(Rollover {
+            new_issuer: new_id,
+            new_subject: subject,
+            not_after: params.not_after,
+            previous_issuer: old_id,
+        })
+    }
+
+    /// Retire every previous issuing CA on which no usable certificate
+    /// depends any more (its files move to `retired-issuing/`; it signs no
+    /// more CRLs). Returns the retired ones.
+    pub fn retire_unused(&self, now: OffsetDateTime) -> Result<Vec<String>, Error> {
+        if self.previous.is_empty() {
+            return Ok(Vec::new());
+        }
+        let inv = self.inventory()?;
+        let retired_dir = self.dir.join(RETIRED_ISSUING_DIR);
+        let mut retired = Vec::new();
+        for p in &self.previous {
+            if inv.depends_on(&p.id, now) {
+                continue;
+            }
+            create_dir(&retired_dir, 0o700)?;
+            for ext in ["crt", "key"] {
+                let from = self
+                    .dir
+                    .join(PREVIOUS_ISSUING_DIR)
+                    .join(format!("{}.{ext}", p.id));
+                let to = retired_dir.join(format!("{}.{ext}", p.id));
+                fs::rename(&from, &to).map_err(|e| Error::io(&from, e))?;
+            }
+            retired.push(p.id.clone());
+        }
+        Ok(retired)
     }
 
     /// Change how long CRLs issued by this handle stay valid.
@@ -277,6 +467,7 @@ impl Pki {
         chain_pem.push_str(&cert_pem);
         chain_pem.push_str(&self.issuing_pem);
         Ok(IssuedCert {
+            issuer_id: self.issuer_id.clone(),
             principal,
             cn,
             serial: normalize_serial(&serial),
@@ -593,30 +784,45 @@ impl Pki {
         let now = OffsetDateTime::now_utc();
         let crl = self.update(|inv| {
             inv.crl_number += 1;
-            let revoked_certs = inv
-                .crl_entries(now)
-                .map(|e| {
-                    Ok(RevokedCertParams {
-                        serial_number: SerialNumber::from_slice(&parse_hex(&e.serial)?),
-                        revocation_time: e.revoked_at.unwrap_or(now),
-                        reason_code: Some(RevocationReason::Unspecified),
-                        invalidity_date: None,
+            // One CRL per issuing CA in use, the current one first: a broker
+            // checks a client against the CRL of the CA that signed it.
+            let mut pem = String::new();
+            let signers = std::iter::once((self.issuer_id.as_str(), &self.issuer))
+                .chain(self.previous.iter().map(|p| (p.id.as_str(), &p.issuer)));
+            for (id, issuer) in signers {
+                let current = id == self.issuer_id;
+                let revoked_certs = inv
+                    .crl_entries(now)
+                    .filter(|e| match e.issuer.as_deref() {
+                        Some(i) => i == id,
+                        // Recorded before issuers were: the original issuer's,
+                        // the current one until the first rollover stamps them.
+                        None => current,
                     })
-                })
-                .collect::<Result<Vec<_>, Error>>()?;
-            let params = CertificateRevocationListParams {
-                // Back-dated like certificates, for brokers with a slightly slow clock.
-                this_update: now - Duration::minutes(5),
-                next_update: now + validity,
-                crl_number: SerialNumber::from(inv.crl_number),
-                issuing_distribution_point: None,
-                revoked_certs,
-                key_identifier_method: KeyIdMethod::Sha256,
-            };
-            let crl = params
-                .signed_by(&self.issuer)
-                .map_err(|e| Error::crypto("CRL", e))?;
-            crl.pem().map_err(|e| Error::crypto("CRL PEM", e))
+                    .map(|e| {
+                        Ok(RevokedCertParams {
+                            serial_number: SerialNumber::from_slice(&parse_hex(&e.serial)?),
+                            revocation_time: e.revoked_at.unwrap_or(now),
+                            reason_code: Some(RevocationReason::Unspecified),
+                            invalidity_date: None,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, Error>>()?;
+                let params = CertificateRevocationListParams {
+                    // Back-dated like certificates, for brokers with a slightly slow clock.
+                    this_update: now - Duration::minutes(5),
+                    next_update: now + validity,
+                    crl_number: SerialNumber::from(inv.crl_number),
+                    issuing_distribution_point: None,
+                    revoked_certs,
+                    key_identifier_method: KeyIdMethod::Sha256,
+                };
+                let crl = params
+                    .signed_by(issuer)
+                    .map_err(|e| Error::crypto("CRL", e))?;
+                pem.push_str(&crl.pem().map_err(|e| Error::crypto("CRL PEM", e))?);
+            }
+            Ok(pem)
         })?;
         write_public(&self.crl_path(), crl.as_bytes())?;
         Ok(crl)
@@ -631,6 +837,17 @@ impl Pki {
     pub fn crl_status(&self) -> Result<CrlStatus, Error> {
         crl_status(&self.crl_path())
     }
+}
+
+/// The fleet name of a root certificate (its organization).
+fn fleet_of(root_pem: &str) -> Option<String> {
+    let (_, block) = x509_parser::pem::parse_x509_pem(root_pem.as_bytes()).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&block.contents).ok()?;
+    cert.subject()
+        .iter_organization()
+        .next()
+        .and_then(|o| o.as_str().ok())
+        .map(str::to_owned)
 }
 
 /// Read a CRL file's update times (any CRL PEM, e.g. the broker's copy).

@@ -38,6 +38,15 @@ impl Validity {
         }
     }
 
+    /// Valid for `seconds` from now (renewal tests use lifetimes of minutes).
+    pub fn seconds(seconds: u64) -> Self {
+        let now = OffsetDateTime::now_utc();
+        Validity {
+            not_before: now - BACKDATE,
+            not_after: now + Duration::seconds(i64::try_from(seconds).unwrap_or(i64::MAX / 2)),
+        }
+    }
+
     /// An explicit window (tests use it to make expired or not-yet-valid certificates).
     pub fn between(not_before: OffsetDateTime, not_after: OffsetDateTime) -> Self {
         Validity {
@@ -51,8 +60,10 @@ impl Validity {
 pub mod default_days {
     pub const ROOT_CA: u32 = 20 * 365;
     pub const ISSUING_CA: u32 = 10 * 365;
-    /// Devices in the field are hard to reach: five years, renewable any time.
-    pub const DEVICE: u32 = 5 * 365;
+    /// Short on purpose: the agent renews its certificate by itself at
+    /// about two thirds of its life (`edgebind_protocol::renewal`), so a
+    /// leaked key is worth little. Configurable per fleet.
+    pub const DEVICE: u32 = 90;
     pub const BROKER: u32 = 825;
     pub const OPERATOR: u32 = 365;
     pub const SERVICE: u32 = 365;

@@ -246,3 +246,131 @@ fn crl_lifetime_follows_the_request() {
     assert!(!s.expires_within(now, 1));
     assert!(!s.is_lapsed(now));
 }
+
+/// Every CRL in a PEM text: (issuer CN, revoked serials); each must be
+/// named after one of the CA certificates `cas`. (Their signatures are
+/// checked by a real broker in the rollover integration test.)
+fn crls(pem: &str, cas: &[&str]) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for block in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
+        let block = block.unwrap();
+        let (_, crl) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(&block.contents)
+                .unwrap();
+        let issuer_cn = crl
+            .issuer()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            cas.iter().any(|p| {
+                let der = parse(p);
+                let (_, c) = parse_x509_certificate(&der).unwrap();
+                c.subject()
+                    .iter_common_name()
+                    .next()
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    == issuer_cn
+            }),
+            "a CA certificate for the CRL of {issuer_cn}"
+        );
+        let serials = crl
+            .iter_revoked_certificates()
+            .map(|r| r.raw_serial_as_string().replace(':', ""))
+            .collect();
+        out.push((issuer_cn, serials));
+    }
+    out
+}
+
+#[test]
+fn a_rollover_signs_with_a_new_issuing_ca_and_keeps_the_old_ones_crl_until_retired() {
+    let (dir, pki) = new_pki();
+    let pki_dir = dir.path().join("pki");
+    let a = DeviceId::new("dev-a").unwrap();
+    let b = DeviceId::new("dev-b").unwrap();
+    let old_a = pki.issue_device(&a, Validity::days(10)).unwrap();
+    let old_b = pki.issue_device(&b, Validity::days(10)).unwrap();
+    let old_issuing = pki.issuing_pem().to_owned();
+    let old_id = pki.issuer_id().to_owned();
+
+    let r = pki.rollover(365).unwrap();
+    assert_eq!(r.previous_issuer, old_id);
+    let pki = Pki::open(&pki_dir).unwrap();
+    assert_eq!(pki.issuer_id(), r.new_issuer);
+    assert_ne!(pki.issuing_pem(), old_issuing);
+    assert_eq!(pki.previous_issuers(), std::slice::from_ref(&old_id));
+    // New certificates chain to the new issuing CA, under the same root.
+    let new_a = pki.issue_device(&a, Validity::days(10)).unwrap();
+    assert!(new_a.chain_pem.ends_with(pki.issuing_pem()));
+    let (leaf_der, issuing_der, root_der) = (
+        parse(&new_a.cert_pem),
+        parse(pki.issuing_pem()),
+        parse(pki.root_pem()),
+    );
+    let (_, leaf) = parse_x509_certificate(&leaf_der).unwrap();
+    let (_, issuing) = parse_x509_certificate(&issuing_der).unwrap();
+    let (_, root) = parse_x509_certificate(&root_der).unwrap();
+    assert_eq!(leaf.issuer(), issuing.subject());
+    assert_eq!(issuing.issuer(), root.subject());
+    assert_ne!(issuing.subject(), root.subject());
+
+    // Revocations land in the CRL of the CA that signed each certificate.
+    pki.revoke_serial(&old_b.serial).unwrap();
+    let text = pki.refresh_crl().unwrap();
+    let lists = crls(&text, &[pki.issuing_pem(), &old_issuing]);
+    assert_eq!(lists.len(), 2, "one CRL per issuing CA in use");
+    assert!(
+        lists[0].1.is_empty(),
+        "nothing of the new CA revoked: {lists:?}"
+    );
+    assert_eq!(lists[1].1, std::slice::from_ref(&old_b.serial));
+
+    // old_a still depends on the old CA: not retired.
+    assert!(
+        pki.retire_unused(::time::OffsetDateTime::now_utc())
+            .unwrap()
+            .is_empty()
+    );
+    pki.revoke_serial(&old_a.serial).unwrap();
+    assert_eq!(
+        pki.retire_unused(::time::OffsetDateTime::now_utc())
+            .unwrap(),
+        std::slice::from_ref(&old_id)
+    );
+    let pki = Pki::open(&pki_dir).unwrap();
+    assert!(pki.previous_issuers().is_empty());
+    assert_eq!(
+        crls(&pki.refresh_crl().unwrap(), &[pki.issuing_pem()]).len(),
+        1
+    );
+    assert!(
+        pki_dir
+            .join("retired-issuing")
+            .join(format!("{old_id}.key"))
+            .exists()
+    );
+    // Every entry knows its issuer now.
+    let inv = pki.inventory().unwrap();
+    assert!(inv.entries.iter().all(|e| e.issuer.is_some()));
+    assert_eq!(
+        inv.by_serial(&new_a.serial).unwrap().issuer.as_deref(),
+        Some(r.new_issuer.as_str())
+    );
+}
+
+#[test]
+fn a_rollover_without_the_root_key_is_refused_and_changes_nothing() {
+    let (dir, pki) = new_pki();
+    let pki_dir = dir.path().join("pki");
+    std::fs::rename(pki_dir.join(ROOT_KEY), dir.path().join("offline.key")).unwrap();
+    let before = pki.issuing_pem().to_owned();
+    let err = pki.rollover(365).unwrap_err();
+    assert!(err.to_string().contains("root key"), "{err}");
+    assert_eq!(Pki::open(&pki_dir).unwrap().issuing_pem(), before);
+}

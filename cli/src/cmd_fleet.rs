@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use edgebind_certs::profile::default_days;
+use edgebind_fleet::ops::renew::RenewalPolicy;
 use edgebind_fleet::ops::{self, FleetHome, identity};
 use edgebind_fleet::registry::{RegistryUrl, Retention, SqliteStore};
 use edgebind_fleet::service::{self, Counters, ServiceConfig};
@@ -80,6 +81,42 @@ pub struct ServeArgs {
     /// Log filter (`info`, `debug`, `edgebind_fleet=debug`...).
     #[arg(long, env = "EDGEBIND_LOG", default_value = "info")]
     pub log_level: String,
+    #[command(flatten)]
+    pub renewal: RenewalArgs,
+}
+
+/// How this instance answers devices' certificate renewals.
+#[derive(Args)]
+pub struct RenewalArgs {
+    /// Lifetime of a certificate signed by renewal, in days (the fleet's
+    /// device lifetime: agents renew at about two thirds of it).
+    #[arg(long, default_value_t = default_days::DEVICE, value_name = "DAYS")]
+    pub device_cert_days: u32,
+    /// The same in seconds, overriding --device-cert-days (short-lived test fleets).
+    #[arg(long, value_name = "SECONDS", hide = true)]
+    pub device_cert_seconds: Option<u64>,
+    /// At most one renewal signed per device in this many seconds.
+    #[arg(long, default_value_t = RenewalPolicy::default().min_interval_s, value_name = "SECONDS")]
+    pub renewal_min_interval_s: u64,
+    /// How long a device's previous certificate stays valid after it
+    /// connected with its renewed one, before it is revoked.
+    #[arg(long, default_value_t = RenewalPolicy::default().grace_s, value_name = "SECONDS")]
+    pub renewal_grace_s: u64,
+    /// Do not answer renewal requests (another instance does, or none should).
+    #[arg(long)]
+    pub no_renewal: bool,
+}
+
+impl RenewalArgs {
+    fn policy(&self) -> RenewalPolicy {
+        RenewalPolicy {
+            validity_s: self
+                .device_cert_seconds
+                .unwrap_or(u64::from(self.device_cert_days) * 86_400),
+            min_interval_s: self.renewal_min_interval_s,
+            grace_s: self.renewal_grace_s,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -195,6 +232,12 @@ fn serve(args: ServeArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
     config.batch_max = args.batch_max;
     config.batch_window = Duration::from_millis(args.batch_window_ms);
     config.inventory_on_connect = !args.no_inventory_on_connect;
+    if !args.renewal.no_renewal {
+        config.renewal = Some(service::RenewalService {
+            home: home.clone(),
+            policy: args.renewal.policy(),
+        });
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -86,6 +86,29 @@ client is disconnected.")]
     Crl(CrlArgs),
     /// List issued certificates (serial, CN, role, expiry, revocation).
     List(ListArgs),
+    /// Replace the issuing CA by a new one under the same root, without an outage.
+    #[command(after_help = "Examples:\n  \
+        edgebind pki rollover                 # needs <home>/pki/root-ca.key for the moment\n  \
+        edgebind pki rollover --retire        # retire old issuing CAs nothing depends on any more\n\n\
+        Certificates are signed by the new issuing CA from then on (renewals too); the old \
+        one keeps signing its CRL, so the broker accepts certificates of both. Devices move \
+        over when they renew (`edgebind device renew DEV` hurries one). The fleet service \
+        retires the old CA once no usable certificate depends on it; re-issue the broker's \
+        certificate (`edgebind broker config`) and operator/service identities meanwhile.")]
+    Rollover(RolloverArgs),
+}
+
+#[derive(Args)]
+pub struct RolloverArgs {
+    /// Lifetime of the new issuing CA in days.
+    #[arg(long, default_value_t = profile::default_days::ISSUING_CA)]
+    days: u32,
+    /// Do not roll over: only retire previous issuing CAs that no usable
+    /// certificate depends on, and list the others.
+    #[arg(long)]
+    retire: bool,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -286,7 +309,46 @@ pub fn run(cmd: PkiCommand, home: &FleetHome) -> anyhow::Result<ExitCode> {
         PkiCommand::Revoke(a) => revoke(a, home),
         PkiCommand::Crl(a) => crl(a, home),
         PkiCommand::List(a) => list(a, home),
+        PkiCommand::Rollover(a) => rollover(a, home),
     }
+}
+
+fn rollover(a: RolloverArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
+    use edgebind_fleet::ops::rollover;
+    if a.retire {
+        let r = rollover::retire_unused(home)?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            for id in &r.retired {
+                println!("retired issuing CA {id}: no usable certificate depends on it");
+            }
+            for id in &r.remaining {
+                println!("issuing CA {id} is still in use (certificates it signed are usable)");
+            }
+            if r.retired.is_empty() && r.remaining.is_empty() {
+                println!("no previous issuing CA");
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let done = rollover::rollover(home, a.days)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&done)?);
+    } else {
+        let r = &done.rollover;
+        println!(
+            "new issuing CA \"{}\" sha256 {} valid until {}; the previous one ({}) signs only its CRL until nothing depends on it",
+            r.new_subject,
+            r.new_issuer,
+            r.not_after.date(),
+            r.previous_issuer
+        );
+        if !done.policy.reloaded() {
+            eprintln!("edgebind: the broker was not reloaded; run `edgebind broker reload`");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn describe(issued: &IssuedCert) -> String {

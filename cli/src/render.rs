@@ -28,6 +28,26 @@ pub fn unix_date(t: Option<u64>) -> String {
     s.split('T').next().unwrap_or("-").to_owned()
 }
 
+/// A device's renewal in a few words: a certificate waiting for the device
+/// to connect with it, previous ones in their grace period, or how many
+/// renewals so far.
+pub fn renewal_state(r: &edgebind_fleet::registry::RenewalStatus) -> String {
+    if let Some(p) = &r.pending {
+        return format!("pending {}", short_serial(p));
+    }
+    if !r.previous.is_empty() {
+        return format!("renewed ({} in grace)", r.previous.len());
+    }
+    match r.renewals {
+        0 => "-".to_owned(),
+        n => format!("renewed x{n} (last {})", unix_date(r.last_renewed_at)),
+    }
+}
+
+fn short_serial(s: &str) -> &str {
+    s.get(..8).unwrap_or(s)
+}
+
 /// Columns padded to their widest cell, two spaces apart, the last one unpadded.
 pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
     let mut widths = header.map(str::len);

@@ -7,6 +7,7 @@
 
 use crate::principal::Principal;
 use crate::provision::Leg;
+use crate::renewal;
 use crate::topics::{Direction, Kind, NAMESPACE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,16 +42,23 @@ fn direction_access(kind: Kind) -> Access {
 }
 
 /// Grants every device has on its own topics, as `%u` patterns: write what it
-/// reports, read what it is told. Mosquitto applies pattern lines to every
+/// reports, read what it is told, and its own renewal exchange (write its
+/// request, read its response). Mosquitto applies pattern lines to every
 /// authenticated user of the listener, whatever its CN.
 pub fn device_patterns() -> Vec<Grant> {
-    Kind::ALL
-        .into_iter()
-        .map(|kind| Grant {
-            access: direction_access(kind),
-            filter: kind.acl_pattern(),
-        })
-        .collect()
+    let kinds = Kind::ALL.into_iter().map(|kind| Grant {
+        access: direction_access(kind),
+        filter: kind.acl_pattern(),
+    });
+    let renewal = renewal::Leg::ALL.into_iter().map(|leg| Grant {
+        access: if leg.from_device() {
+            Access::Write
+        } else {
+            Access::Read
+        },
+        filter: leg.acl_pattern(),
+    });
+    kinds.chain(renewal).collect()
 }
 
 /// Mosquitto's `%u` substitution: the username (the certificate CN) is
@@ -124,13 +132,23 @@ pub fn user_grants(principal: &Principal) -> Vec<Grant> {
     }
 }
 
-/// A fleet service's grants: the back-end role's, and read access to the
-/// broker's dropped-messages counter, which nobody else gets.
+/// A fleet service's grants: the back-end role's, read access to the
+/// broker's dropped-messages counter, and the fleet side of every device's
+/// renewal exchange (read requests, write responses), which nobody else gets:
+/// an operator can neither see a device's CSR nor answer it.
 fn service_grants() -> Vec<Grant> {
     let mut grants = backend_grants();
     grants.push(Grant {
         access: Access::Read,
         filter: crate::topics::BROKER_DROPPED.to_owned(),
+    });
+    grants.push(Grant {
+        access: Access::Read,
+        filter: renewal::Leg::Request.filter_all(),
+    });
+    grants.push(Grant {
+        access: Access::Write,
+        filter: renewal::Leg::Response.filter_all(),
     });
     grants
 }
@@ -475,6 +493,8 @@ mod tests {
             .map(String::from),
         );
         fragments.extend(Kind::ALL.map(|k| k.segment().to_owned()));
+        fragments
+            .extend([renewal::SEGMENT, "request", "response", "renew/request"].map(String::from));
         fragments.push(NAMESPACE.to_owned());
         let mut names = vec![String::new()];
         let mut frontier = vec![String::new()];
@@ -512,7 +532,11 @@ mod tests {
             .iter()
             .flat_map(|v| {
                 let id = DeviceId::new(*v).unwrap();
-                Kind::ALL.map(move |k| (*v, k.filter_for(&id)))
+                let renewal = renewal::Leg::ALL.map(|l| (*v, l.topic(&id)));
+                Kind::ALL
+                    .map(|k| (*v, k.filter_for(&id)))
+                    .into_iter()
+                    .chain(renewal)
             })
             .collect();
         let mut checked = 0u64;
@@ -539,6 +563,9 @@ mod tests {
                 let concrete = g.filter.replace('+', "c1");
                 if let Some(topic) = Topic::parse(&concrete) {
                     assert_eq!(topic.device().as_str(), name, "{concrete}");
+                }
+                if let Some(device) = renewal::parse_request(&concrete) {
+                    assert_eq!(device.as_str(), name, "{concrete}");
                 }
                 // No subscription filter any consumer uses sees it as another device's.
                 for kind in Kind::ALL {
@@ -723,6 +750,38 @@ mod tests {
         assert!(checked > 1_000_000, "{checked} checks");
     }
 
+    #[test]
+    fn a_device_renews_only_for_itself_and_only_the_service_answers() {
+        let a = DeviceId::new("dev-a").unwrap();
+        let b = DeviceId::new("dev-b").unwrap();
+        let (req, resp) = (renewal::Leg::Request, renewal::Leg::Response);
+        let me = p("dev-a");
+        assert!(allows(&me, Access::Write, &req.topic(&a)));
+        assert!(allows(&me, Access::Read, &resp.topic(&a)));
+        // Not its own response (no forging), not its request back.
+        assert!(!allows(&me, Access::Write, &resp.topic(&a)));
+        assert!(!allows(&me, Access::Read, &req.topic(&a)));
+        // Nothing of another device's exchange: no renewing for dev-b, no
+        // reading dev-b's new certificate.
+        for access in [Access::Read, Access::Write] {
+            for leg in renewal::Leg::ALL {
+                assert!(!allows(&me, access, &leg.topic(&b)), "{access:?} {leg:?}");
+            }
+        }
+        let svc = p("service:fleet");
+        assert!(allows(&svc, Access::Read, &req.topic(&a)));
+        assert!(allows(&svc, Access::Write, &resp.topic(&a)));
+        assert!(!allows(&svc, Access::Write, &req.topic(&a)));
+        // Operators and claim identities get nothing of it.
+        for who in [p("operator:alice"), p("claim:line-1")] {
+            for access in [Access::Read, Access::Write] {
+                for leg in renewal::Leg::ALL {
+                    assert!(!allows(&who, access, &leg.topic(&a)), "{who} {leg:?}");
+                }
+            }
+        }
+    }
+
     /// The same check catches the v1 layout's flaw, so it is not vacuous.
     #[test]
     fn the_property_check_rejects_the_v1_layout() {
@@ -741,8 +800,13 @@ mod tests {
                 assert_eq!(f.split('/').count(), 2 + kind.depth(), "{f}");
             }
         }
-        for g in backend_grants() {
+        for g in backend_grants().into_iter().chain(service_grants()) {
             assert!(!g.filter.contains('#'), "{}", g.filter);
+        }
+        for leg in renewal::Leg::ALL {
+            for f in [leg.filter_all(), leg.acl_pattern()] {
+                assert_eq!(f.split('/').count(), 2 + renewal::Leg::DEPTH, "{f}");
+            }
         }
     }
 }

@@ -30,6 +30,8 @@ pub const REBOOT: Action = Action(Cow::Borrowed("reboot"));
 pub const PING: Action = Action(Cow::Borrowed("ping"));
 /// `inventory`: the device's facts and the actions it offers.
 pub const INVENTORY: Action = Action(Cow::Borrowed("inventory"));
+/// `renew`: renew the device certificate now (see [`crate::renewal`]).
+pub const RENEW: Action = Action(Cow::Borrowed("renew"));
 /// `restart-agent`: the agent leaves and systemd starts it again.
 pub const RESTART_AGENT: Action = Action(Cow::Borrowed("restart-agent"));
 

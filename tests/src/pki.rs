@@ -128,6 +128,7 @@ impl TestPki {
             .signed_by(&key, self.pki.issuer())
             .expect("sign custom certificate");
         let issued = IssuedCert {
+            issuer_id: self.pki.issuer_id().to_owned(),
             principal: None,
             cn: label.to_owned(),
             serial: String::new(),

@@ -29,6 +29,7 @@ pub mod declared;
 pub mod inventory;
 pub mod ping;
 pub mod reboot;
+pub mod renew;
 pub mod restart_agent;
 pub mod restart_service;
 
@@ -63,6 +64,9 @@ pub enum Plan {
 pub enum Job {
     Reboot(RebootConfig),
     Program(ProgramSpec),
+    /// Renew the certificate now: the runtime starts the renewal
+    /// ([`crate::renewal`]) when it hands this job out.
+    Renew,
 }
 
 /// How a job ended: a final status (succeeded, failed, timed_out), why, and
@@ -101,6 +105,7 @@ impl Job {
                 Err(why) => JobOutcome::failed(why),
             },
             Job::Program(p) => runner::run(&p, id).await,
+            Job::Renew => JobOutcome::succeeded(Some(Value::String("renewal started".into()))),
         }
     }
 }
@@ -135,6 +140,9 @@ impl ActionSet {
         set.add(Arc::new(ping::Ping));
         set.add(Arc::new(inventory::InventoryAction));
         set.add(Arc::new(restart_agent::RestartAgent));
+        if config.renewal.enabled {
+            set.add(Arc::new(renew::Renew));
+        }
         if !a.allowed_units.is_empty() {
             set.add(Arc::new(restart_service::RestartService::new(a)));
             set.add(Arc::new(collect_logs::CollectLogs::new(a)));
@@ -230,6 +238,9 @@ pub(crate) mod tests {
         // Without allowed units the unit actions are not offered at all.
         assert!(set.get(&Action::new("restart-service").unwrap()).is_none());
         let names: Vec<String> = set.specs().iter().map(|s| s.name.to_string()).collect();
-        assert_eq!(names, ["inventory", "ping", "reboot", "restart-agent"]);
+        assert_eq!(
+            names,
+            ["inventory", "ping", "reboot", "renew", "restart-agent"]
+        );
     }
 }

@@ -23,6 +23,52 @@ pub enum DeviceCommand {
     Revoke(RevokeArgs),
     /// Remove an on-connect rule (see `device show`).
     OnConnectRemove(RuleArgs),
+    /// Ask a device to renew its certificate now (the `renew` action): it
+    /// makes a new key and sends a CSR over its own connection.
+    #[command(after_help = "Examples:\n  \
+        edgebind device renew rpi-0001\n  \
+        edgebind device renew rpi-0001 --queue      # when it is next online\n\n\
+        Agents renew by themselves at about two thirds of their certificate's \
+        life; `edgebind device show` lists the device's certificates and their states.")]
+    Renew(RenewArgs),
+    /// Issue a fresh identity bundle for a registered device by hand (the
+    /// factory or service-centre path, e.g. a device whose certificate expired).
+    #[command(after_help = "Examples:\n  \
+        edgebind device reissue rpi-0001\n  \
+        edgebind device reissue rpi-0001 --out /media/usb/rpi-0001\n\n\
+        The registry records the new certificate as the device's current one; \
+        the previous one stays valid until it expires or is revoked \
+        (`edgebind pki revoke --serial`). A revoked device is refused.")]
+    Reissue(ReissueArgs),
+}
+
+#[derive(Args)]
+pub struct RenewArgs {
+    pub id: String,
+    /// Seconds to wait for the device's answer.
+    #[arg(long, default_value_t = 30)]
+    pub timeout: u64,
+    /// Queue it for the fleet service to deliver when the device is online.
+    #[arg(long)]
+    pub queue: bool,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct ReissueArgs {
+    pub id: String,
+    /// Certificate lifetime in days.
+    #[arg(long, default_value_t = default_days::DEVICE)]
+    pub days: u32,
+    /// Bundle directory (default: <home>/bundles/<id>, replaced), with
+    /// <dir>.tar beside it; agent.toml dials the broker of the home's settings.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

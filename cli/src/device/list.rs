@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use edgebind_fleet::ops::FleetHome;
-use edgebind_fleet::registry::{DeviceQuery, PresenceState};
+use edgebind_fleet::registry::{DeviceQuery, PresenceState, RenewalStatus};
 use edgebind_protocol::DeviceId;
 use serde_json::{Value, json};
 
@@ -52,10 +52,16 @@ pub fn list(args: ListArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
         eprintln!("(more devices: --after {after})");
     }
     let devices = page.devices;
+    // One history read per device of the page (a page is at most a few hundred).
+    let renewals: Vec<RenewalStatus> = devices
+        .iter()
+        .map(|d| store.cert_history(&d.id).map(|h| RenewalStatus::of(&h)))
+        .collect::<Result<_, _>>()?;
     if args.json {
         let rows: Vec<Value> = devices
             .iter()
-            .map(|d| {
+            .zip(&renewals)
+            .map(|(d, renewal)| {
                 json!({
                     "id": d.id,
                     "board": d.board,
@@ -69,6 +75,7 @@ pub fn list(args: ListArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
                     "mem_used_bytes": d.telemetry.as_ref().and_then(|t| t.get("mem_used_bytes")),
                     "mem_total_bytes": d.telemetry.as_ref().and_then(|t| t.get("mem_total_bytes")),
                     "cert_not_after": d.cert.as_ref().map(|c| c.not_after),
+                    "renewal": renewal,
                     "desired_revision": d.desired_revision,
                     "converged": d.converged(),
                 })
@@ -86,10 +93,12 @@ pub fn list(args: ListArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
         "CPU",
         "MEMORY",
         "CERT EXPIRES",
+        "RENEWAL",
     ];
-    let rows: Vec<[String; 8]> = devices
+    let rows: Vec<[String; 9]> = devices
         .iter()
-        .map(|d| {
+        .zip(&renewals)
+        .map(|(d, renewal)| {
             let state = d.presence_state().label();
             let t = d.telemetry.as_ref();
             let cpu = t
@@ -112,6 +121,7 @@ pub fn list(args: ListArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
                 cpu,
                 mem,
                 render::unix_date(d.cert.as_ref().map(|c| c.not_after)),
+                render::renewal_state(renewal),
             ]
         })
         .collect();

@@ -1,10 +1,11 @@
-//! `edgebind device add|show|list|revoke|on-connect-remove`, `devices`,
+//! `edgebind device add|show|list|revoke|renew|reissue|on-connect-remove`, `devices`,
 //! `send`, `set`, `revoke`: one file per command, each parsing its
 //! arguments, calling `edgebind_fleet::ops` and rendering the result.
 
 mod add;
 pub mod args;
 mod list;
+mod renew;
 mod revoke;
 mod send;
 mod set;
@@ -24,6 +25,8 @@ pub fn run(cmd: DeviceCommand, home: &FleetHome) -> anyhow::Result<ExitCode> {
         DeviceCommand::Show(a) => show::show(a, home),
         DeviceCommand::List(a) => list::list(a, home),
         DeviceCommand::Revoke(a) => revoke::revoke(a, home),
+        DeviceCommand::Renew(a) => renew::renew(a, home),
+        DeviceCommand::Reissue(a) => renew::reissue(a, home),
         DeviceCommand::OnConnectRemove(a) => {
             home.open_registry()?.remove_on_connect(a.rule)?;
             println!("removed on-connect rule {}", a.rule);

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use edgebind_fleet::ops::FleetHome;
-use edgebind_fleet::registry::Tag;
+use edgebind_fleet::registry::{RenewalStatus, Tag};
 use edgebind_protocol::DeviceId;
 use edgebind_protocol::actions::{ActionSpec, ArgType, Origin};
 use edgebind_protocol::messages::Inventory;
@@ -20,6 +20,8 @@ pub fn show(args: ShowArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
     let rules = store.on_connect_rules(&id)?;
     let telemetry = store.telemetry_history(&id, args.recent)?;
     let events = store.events(&id, args.recent)?;
+    let certificates = store.cert_history(&id)?;
+    let renewal = RenewalStatus::of(&certificates);
     let view = edgebind_fleet::registry::rules::presence_view(
         &store.services()?,
         edgebind_protocol::messages::now_unix(),
@@ -37,6 +39,8 @@ pub fn show(args: ShowArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
                 "on_connect": rules,
                 "telemetry": telemetry,
                 "events": events,
+                "certificates": certificates,
+                "renewal": renewal,
             }))?
         );
         return Ok(ExitCode::SUCCESS);
@@ -66,6 +70,20 @@ pub fn show(args: ShowArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
             c.fingerprint_sha256,
             render::unix_time(Some(c.not_after))
         );
+    }
+    println!("renewal       {}", render::renewal_state(&renewal));
+    if certificates.len() > 1 {
+        println!("certificates:");
+        for r in &certificates {
+            println!(
+                "  {} {:<9} {:<10} issued {} expires {}",
+                r.serial,
+                r.state.as_str(),
+                r.origin.as_str(),
+                render::unix_time(Some(r.issued_at)),
+                render::unix_time(Some(r.not_after))
+            );
+        }
     }
     println!(
         "desired       rev {} {}{}",

@@ -7,6 +7,10 @@
 //! - [`register_device`], [`register_devices`] (a factory batch) and
 //!   [`renew_device`]: certificate, identity files, broker policy, registry;
 //!   [`provision_device`]: the same for a unit's claim request (its CSR).
+//! - [`renew`]: renewal by the device over its own connection (sign a CSR
+//!   for the current certificate's device, confirm, retire the previous).
+//! - [`rollover`]: a new issuing CA under the same root, the old one retired
+//!   once nothing depends on it.
 //! - [`revoke`], [`revoke_devices`] (a batch), [`revoke_principal`], [`revoke_serial`]: PKI, registry
 //!   lifecycle and queued commands, broker policy; every revocation path.
 //! - [`refresh_broker_policy`]: ACL + CRL from the PKI, SIGHUP to a running broker.
@@ -28,7 +32,9 @@ pub mod home;
 pub mod identity;
 pub mod login;
 pub mod register;
+pub mod renew;
 pub mod revoke;
+pub mod rollover;
 pub mod send;
 pub mod settings;
 

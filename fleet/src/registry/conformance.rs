@@ -63,6 +63,8 @@ macro_rules! conformance_tests {
             a_login_code_logs_in_once_and_not_after_it_expires,
             the_audit_log_keeps_every_entry_in_order_and_pages_back,
             the_overview_counts_states_expiring_certificates_and_pending_settings,
+            renewals_keep_the_certificate_history_in_order,
+            a_renewal_of_a_revoked_or_unknown_device_records_nothing,
         );
     };
     (@each $fixture:expr; $($check:ident),+ $(,)?) => {
@@ -1470,4 +1472,172 @@ pub fn the_overview_counts_states_expiring_certificates_and_pending_settings(
     );
     assert_eq!(o.settings_pending, 1);
     assert_eq!(store.overview(1_000).unwrap().cert_expiring, 0);
+}
+
+fn renewed(device: &str, serial: &str, key: &str, at: u64) -> CertRecord {
+    CertRecord {
+        device: id(device),
+        serial: serial.into(),
+        fingerprint_sha256: format!("{serial}-fp"),
+        not_after: at + 90,
+        issued_at: at,
+        origin: CertOrigin::Renewed,
+        state: CertState::Pending,
+        key_sha256: Some(key.into()),
+        chain_pem: Some(format!("chain of {serial}")),
+        confirmed_at: None,
+        superseded_at: None,
+        retired_at: None,
+    }
+}
+
+fn states(history: &[CertRecord]) -> Vec<(String, CertState)> {
+    history
+        .iter()
+        .map(|r| (r.serial.clone(), r.state))
+        .collect()
+}
+
+pub fn renewals_keep_the_certificate_history_in_order(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    store.add_device(&unit_device("dev-a", "a0")).unwrap();
+    store.add_device(&unit_device("dev-b", "b0")).unwrap();
+    // Before any renewal: the row's certificate, current.
+    let h = store.cert_history(&id("dev-a")).unwrap();
+    assert_eq!(states(&h), [("a0".to_owned(), CertState::Current)]);
+
+    // Renewal 1 signed, not confirmed: the row still names a0.
+    assert!(
+        store
+            .record_renewal(&renewed("dev-a", "a1", "k1", 100))
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.device(&id("dev-a")).unwrap().cert.unwrap().serial,
+        "a0"
+    );
+    // A second one before the first was confirmed abandons the first.
+    assert_eq!(
+        store
+            .record_renewal(&renewed("dev-a", "a2", "k2", 200))
+            .unwrap(),
+        ["a1"]
+    );
+    let changed = store.confirm_certificate(&id("dev-a"), "a2", 250).unwrap();
+    assert_eq!(changed.len(), 2);
+    let dev = store.device(&id("dev-a")).unwrap();
+    assert_eq!(dev.cert.unwrap().serial, "a2");
+    // Confirming again changes nothing; an abandoned one cannot be confirmed.
+    assert!(
+        store
+            .confirm_certificate(&id("dev-a"), "a2", 260)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.confirm_certificate(&id("dev-a"), "a1", 260).is_err());
+    assert!(
+        store
+            .confirm_certificate(&id("dev-a"), "nope", 260)
+            .is_err()
+    );
+
+    // Renewal 3, confirmed: a2 is previous too.
+    store
+        .record_renewal(&renewed("dev-a", "a3", "k3", 300))
+        .unwrap();
+    store.confirm_certificate(&id("dev-a"), "a3", 350).unwrap();
+    // Seen by another store on the same registry.
+    let other = registry.open(Retention::default());
+    let h = other.cert_history(&id("dev-a")).unwrap();
+    assert_eq!(
+        states(&h),
+        [
+            ("a0".to_owned(), CertState::Previous),
+            ("a1".to_owned(), CertState::Abandoned),
+            ("a2".to_owned(), CertState::Previous),
+            ("a3".to_owned(), CertState::Current),
+        ]
+    );
+    assert_eq!(h[3].key_sha256.as_deref(), Some("k3"));
+    assert_eq!(h[3].chain_pem.as_deref(), Some("chain of a3"));
+    assert_eq!(h[3].confirmed_at, Some(350));
+    assert_eq!(h[2].superseded_at, Some(350));
+    let status = RenewalStatus::of(&h);
+    assert_eq!((status.renewals, status.pending), (3, None));
+
+    // Grace: a0 superseded at 250, a2 at 350.
+    let due = store.due_retirements(300).unwrap();
+    assert_eq!(
+        due.iter().map(|r| r.serial.as_str()).collect::<Vec<_>>(),
+        ["a0"]
+    );
+    store.mark_retired(&["a0".to_owned()], 400).unwrap();
+    let due = store.due_retirements(1000).unwrap();
+    assert_eq!(
+        due.iter().map(|r| r.serial.as_str()).collect::<Vec<_>>(),
+        ["a2"]
+    );
+    let h = store.cert_history(&id("dev-a")).unwrap();
+    assert_eq!(
+        (h[0].state, h[0].retired_at),
+        (CertState::Retired, Some(400))
+    );
+    // The other device was never touched.
+    assert_eq!(
+        states(&store.cert_history(&id("dev-b")).unwrap()),
+        [("b0".to_owned(), CertState::Current)]
+    );
+
+    // Reissued by hand afterwards: the history shows it as current.
+    store
+        .set_certificate(
+            &id("dev-a"),
+            &CertInfo {
+                serial: "a4".into(),
+                fingerprint_sha256: "a4-fp".into(),
+                not_after: 9_999,
+            },
+        )
+        .unwrap();
+    let h = store.cert_history(&id("dev-a")).unwrap();
+    let last = h.last().unwrap();
+    assert_eq!(
+        (last.serial.as_str(), last.state, last.origin),
+        ("a4", CertState::Current, CertOrigin::Reissued)
+    );
+    assert!(h.iter().filter(|r| r.state == CertState::Current).count() == 1);
+}
+
+pub fn a_renewal_of_a_revoked_or_unknown_device_records_nothing(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    store.add_device(&unit_device("dev-a", "a0")).unwrap();
+    assert!(matches!(
+        store.record_renewal(&renewed("dev-x", "x1", "k", 1)),
+        Err(RegistryError::UnknownDevice(_))
+    ));
+    store
+        .record_renewal(&renewed("dev-a", "a1", "k1", 100))
+        .unwrap();
+    store.revoke(&id("dev-a")).unwrap();
+    assert!(matches!(
+        store.record_renewal(&renewed("dev-a", "a2", "k2", 200)),
+        Err(RegistryError::Revoked(_))
+    ));
+    assert!(matches!(
+        store.confirm_certificate(&id("dev-a"), "a1", 300),
+        Err(RegistryError::Revoked(_))
+    ));
+    let h = store.cert_history(&id("dev-a")).unwrap();
+    assert_eq!(
+        states(&h),
+        [
+            ("a0".to_owned(), CertState::Current),
+            ("a1".to_owned(), CertState::Pending)
+        ]
+    );
+    assert_eq!(
+        store.device(&id("dev-a")).unwrap().cert.unwrap().serial,
+        "a0"
+    );
 }

@@ -22,6 +22,7 @@
 //! current-thread tokio runtime and blocks on each statement; the async
 //! driver stays an implementation detail of `postgres.rs`.
 
+pub mod cert_history;
 mod model;
 mod operations;
 pub mod postgres;
@@ -41,6 +42,7 @@ use edgebind_protocol::messages::{Action, Desired, UnixSeconds};
 use edgebind_protocol::{CommandId, DeviceId, IdError, UnitSerial};
 use serde_json::{Map, Value};
 
+pub use cert_history::{CertOrigin, CertRecord, CertState, RenewalStatus};
 pub use model::*;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -74,6 +76,14 @@ pub enum RegistryError {
     AlreadyProvisioned {
         serial: UnitSerial,
         device: DeviceId,
+    },
+    #[error("certificate {serial} is not one of device {device}'s")]
+    UnknownCertificate { device: DeviceId, serial: String },
+    #[error("certificate {serial} of device {device} is {state}, not pending or current")]
+    CertificateState {
+        device: DeviceId,
+        serial: String,
+        state: &'static str,
     },
     #[error(transparent)]
     InvalidId(#[from] IdError),
@@ -310,6 +320,30 @@ pub trait Store: Send {
     /// The audit log, latest first, at most `limit` entries older than
     /// `before` (a seq) when given.
     fn audit_log(&self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEntry>>;
+    /// The device's certificates, oldest first. A device whose certificate
+    /// predates the history has one record made from its row.
+    fn cert_history(&self, id: &DeviceId) -> Result<Vec<CertRecord>>;
+    /// Record a certificate signed by renewal as `pending` (one transaction):
+    /// refused for an unknown or revoked device; a pending one of the
+    /// device not confirmed yet becomes `abandoned`. Returns the abandoned
+    /// serials (for the caller to revoke).
+    fn record_renewal(&mut self, record: &CertRecord) -> Result<Vec<String>>;
+    /// The device connected with `serial`: a pending certificate becomes
+    /// the device's current one (and the registry row's), the current one
+    /// `previous`. Returns the records changed (none when `serial` was
+    /// current already). See [`cert_history::confirm_step`].
+    fn confirm_certificate(
+        &mut self,
+        id: &DeviceId,
+        serial: &str,
+        now: UnixSeconds,
+    ) -> Result<Vec<CertRecord>>;
+    /// `previous` certificates superseded before `superseded_before`: their
+    /// grace period is over.
+    fn due_retirements(&self, superseded_before: UnixSeconds) -> Result<Vec<CertRecord>>;
+    /// Mark certificates `retired` (revoked after their grace period).
+    fn mark_retired(&mut self, serials: &[String], at: UnixSeconds) -> Result<()>;
+
     /// Counts of the whole fleet; `cert_expiring` counts the non-revoked
     /// devices whose certificate expires before `expiring_before`.
     fn overview(&self, expiring_before: UnixSeconds) -> Result<Overview>;

@@ -35,6 +35,32 @@ fn write<S: Storage, T>(s: &mut S, f: impl FnOnce(&mut dyn StorageTx) -> Result<
     located(s, r)
 }
 
+/// A device's certificate history; a device whose certificate predates
+/// the history (or was replaced outside it) gets a current record made
+/// from its row, so the history always ends at what the row says.
+fn history_of(tx: &mut dyn StorageTx, device: &Device) -> Result<Vec<CertRecord>> {
+    let mut history = tx.cert_records(&device.id)?;
+    if let Some(cert) = &device.cert
+        && !history.iter().any(|r| r.serial == cert.serial)
+    {
+        let mut record = CertRecord::from_device(
+            &device.id,
+            cert,
+            device.provisioned_at.unwrap_or(device.registered_at),
+        );
+        if let Some(last) = history.iter().map(|r| r.issued_at).max() {
+            // Replaced by hand (`device reissue`, `pki bundle`) since.
+            record.origin = CertOrigin::Reissued;
+            record.issued_at = record.issued_at.max(last);
+        }
+        for r in history.iter_mut().filter(|r| r.state == CertState::Current) {
+            r.state = CertState::Replaced;
+        }
+        history.push(record);
+    }
+    Ok(history)
+}
+
 fn load(tx: &mut dyn StorageTx, id: &DeviceId) -> Result<Device> {
     tx.device(id)?
         .ok_or_else(|| RegistryError::UnknownDevice(id.clone()))
@@ -688,6 +714,88 @@ impl<S: Storage> Store for S {
 
     fn audit_log(&self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEntry>> {
         read(self, |tx| tx.audit(limit.clamp(1, MAX_PAGE), before))
+    }
+
+    fn cert_history(&self, id: &DeviceId) -> Result<Vec<CertRecord>> {
+        read(self, |tx| {
+            let device = load(tx, id)?;
+            history_of(tx, &device)
+        })
+    }
+
+    fn record_renewal(&mut self, record: &CertRecord) -> Result<Vec<String>> {
+        write(self, |tx| {
+            let device = load(tx, &record.device)?;
+            if device.lifecycle == Lifecycle::Revoked {
+                return Err(RegistryError::Revoked(device.id));
+            }
+            let history = history_of(tx, &device)?;
+            let mut abandoned = Vec::new();
+            for old in history {
+                // The row made from the device (no history before) is stored
+                // now, so the history starts with the certificate renewed.
+                if old.state == CertState::Pending {
+                    abandoned.push(old.serial.clone());
+                    tx.save_cert_record(&CertRecord {
+                        state: CertState::Abandoned,
+                        ..old
+                    })?;
+                } else {
+                    tx.save_cert_record(&old)?;
+                }
+            }
+            tx.save_cert_record(&CertRecord {
+                state: CertState::Pending,
+                ..record.clone()
+            })?;
+            Ok(abandoned)
+        })
+    }
+
+    fn confirm_certificate(
+        &mut self,
+        id: &DeviceId,
+        serial: &str,
+        now: UnixSeconds,
+    ) -> Result<Vec<CertRecord>> {
+        write(self, |tx| {
+            let device = load(tx, id)?;
+            if device.lifecycle == Lifecycle::Revoked {
+                return Err(RegistryError::Revoked(device.id));
+            }
+            let history = history_of(tx, &device)?;
+            let changed = cert_history::confirm_step(id, &history, serial, now)?;
+            for r in &changed {
+                tx.save_cert_record(r)?;
+                if r.state == CertState::Current {
+                    tx.save_certificate(id, &r.info())?;
+                }
+            }
+            Ok(changed)
+        })
+    }
+
+    fn due_retirements(&self, superseded_before: UnixSeconds) -> Result<Vec<CertRecord>> {
+        read(self, |tx| {
+            tx.cert_records_superseded(CertState::Previous, superseded_before)
+        })
+    }
+
+    fn mark_retired(&mut self, serials: &[String], at: UnixSeconds) -> Result<()> {
+        write(self, |tx| {
+            for serial in serials {
+                if let Some(r) = tx.cert_record(serial)?
+                    && r.state == CertState::Previous
+                {
+                    tx.save_cert_record(&CertRecord {
+                        state: CertState::Retired,
+                        retired_at: Some(at),
+                        ..r
+                    })?;
+                }
+            }
+            Ok(())
+        })
     }
 
     fn overview(&self, expiring_before: UnixSeconds) -> Result<Overview> {

@@ -36,9 +36,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::rows::{
-    CLAIM_SERIAL_COLUMNS, COMMAND_COLUMNS, DEVICE_COLUMNS, MANUFACTURING_COLUMNS, RawClaimSerial,
-    RawCommand, RawDevice, RawManufacturing, RawState, STATE_COLUMNS, action_of, history_table,
-    parse_id, parse_json,
+    CERT_COLUMNS, CLAIM_SERIAL_COLUMNS, COMMAND_COLUMNS, DEVICE_COLUMNS, MANUFACTURING_COLUMNS,
+    RawCert, RawClaimSerial, RawCommand, RawDevice, RawManufacturing, RawState, STATE_COLUMNS,
+    action_of, history_table, parse_id, parse_json,
 };
 use super::storage::{LatestSample, NewEvent, NewSample, Storage, StorageTx};
 use super::*;
@@ -210,6 +210,26 @@ const MIGRATIONS: &[&str] = &[
         target TEXT NOT NULL,
         detail TEXT NOT NULL
     );
+    "#,
+    // 9: device certificate history and renewal (SQLite's version 10).
+    r#"
+    CREATE TABLE device_certificates (
+        seq           BIGSERIAL PRIMARY KEY,
+        serial        TEXT COLLATE "C" NOT NULL UNIQUE,
+        device_id     TEXT COLLATE "C" NOT NULL REFERENCES devices(id),
+        fingerprint   TEXT NOT NULL,
+        not_after     BIGINT NOT NULL,
+        issued_at     BIGINT NOT NULL,
+        origin        TEXT NOT NULL CHECK (origin IN ('registered', 'renewed', 'reissued')),
+        state         TEXT NOT NULL CHECK (state IN ('pending', 'current', 'previous', 'retired', 'abandoned', 'replaced')),
+        key_sha256    TEXT,
+        chain_pem     TEXT,
+        confirmed_at  BIGINT,
+        superseded_at BIGINT,
+        retired_at    BIGINT
+    );
+    CREATE INDEX device_certificates_by_device ON device_certificates(device_id, seq);
+    CREATE INDEX device_certificates_by_state ON device_certificates(state, superseded_at);
     "#,
 ];
 
@@ -630,6 +650,32 @@ impl PgTx<'_> {
                     provisioned_at: r.get(6),
                 }
                 .into_entry()
+            })
+            .collect()
+    }
+
+    fn certs_of_rows(&self, sql_tail: &str, params: &Params<'_>) -> Result<Vec<CertRecord>> {
+        let rows = self.rows(
+            &format!("SELECT {CERT_COLUMNS} FROM device_certificates {sql_tail}"),
+            params,
+        )?;
+        rows.iter()
+            .map(|r| {
+                RawCert {
+                    serial: r.get(0),
+                    device: r.get(1),
+                    fingerprint: r.get(2),
+                    not_after: r.get(3),
+                    issued_at: r.get(4),
+                    origin: r.get(5),
+                    state: r.get(6),
+                    key_sha256: r.get(7),
+                    chain_pem: r.get(8),
+                    confirmed_at: r.get(9),
+                    superseded_at: r.get(10),
+                    retired_at: r.get(11),
+                }
+                .into_record()
             })
             .collect()
     }
@@ -1404,6 +1450,57 @@ impl StorageTx for PgTx<'_> {
                 detail: r.get(5),
             })
             .collect())
+    }
+
+    fn cert_records(&mut self, device: &DeviceId) -> Result<Vec<CertRecord>> {
+        self.certs_of_rows(
+            &format!("WHERE device_id = $1 ORDER BY seq{}", self.lock),
+            &[&device.as_str()],
+        )
+    }
+
+    fn save_cert_record(&mut self, r: &CertRecord) -> Result<()> {
+        let opt = |t: Option<u64>| t.map(|t| t as i64);
+        self.exec(
+            "INSERT INTO device_certificates (serial, device_id, fingerprint, not_after, issued_at, \
+             origin, state, key_sha256, chain_pem, confirmed_at, superseded_at, retired_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             ON CONFLICT (serial) DO UPDATE SET state = excluded.state, origin = excluded.origin, \
+             confirmed_at = excluded.confirmed_at, superseded_at = excluded.superseded_at, \
+             retired_at = excluded.retired_at",
+            &[
+                &r.serial,
+                &r.device.as_str(),
+                &r.fingerprint_sha256,
+                &(r.not_after as i64),
+                &(r.issued_at as i64),
+                &r.origin.as_str(),
+                &r.state.as_str(),
+                &r.key_sha256,
+                &r.chain_pem,
+                &opt(r.confirmed_at),
+                &opt(r.superseded_at),
+                &opt(r.retired_at),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn cert_records_superseded(
+        &mut self,
+        state: CertState,
+        before: UnixSeconds,
+    ) -> Result<Vec<CertRecord>> {
+        self.certs_of_rows(
+            "WHERE state = $1 AND superseded_at < $2 ORDER BY seq",
+            &[&state.as_str(), &(before as i64)],
+        )
+    }
+
+    fn cert_record(&mut self, serial: &str) -> Result<Option<CertRecord>> {
+        Ok(self
+            .certs_of_rows(&format!("WHERE serial = $1{}", self.lock), &[&serial])?
+            .pop())
     }
 
     fn presence_counts(&mut self) -> Result<Vec<(Lifecycle, bool, u64)>> {

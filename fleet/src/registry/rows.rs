@@ -352,3 +352,50 @@ impl RawClaimSerial {
         })
     }
 }
+
+pub(super) const CERT_COLUMNS: &str = "serial, device_id, fingerprint, not_after, issued_at, \
+    origin, state, key_sha256, chain_pem, confirmed_at, superseded_at, retired_at";
+
+/// A certificate history row in the order of [`CERT_COLUMNS`].
+pub(super) struct RawCert {
+    pub serial: String,
+    pub device: String,
+    pub fingerprint: String,
+    pub not_after: i64,
+    pub issued_at: i64,
+    pub origin: String,
+    pub state: String,
+    pub key_sha256: Option<String>,
+    pub chain_pem: Option<String>,
+    pub confirmed_at: Option<i64>,
+    pub superseded_at: Option<i64>,
+    pub retired_at: Option<i64>,
+}
+
+impl RawCert {
+    pub fn into_record(self) -> Result<CertRecord> {
+        let corrupt = |what: &str, value: &str| RegistryError::Corrupt {
+            what: format!("{what} of certificate {}", self.serial),
+            detail: format!("{value:?} is not a known value"),
+        };
+        let at = |t: Option<i64>| t.map(|t| t.max(0) as u64);
+        Ok(CertRecord {
+            device: parse_id(
+                &format!("device id of certificate {}", self.serial),
+                self.device.clone(),
+            )?,
+            origin: CertOrigin::parse(&self.origin)
+                .ok_or_else(|| corrupt("origin", &self.origin))?,
+            state: CertState::parse(&self.state).ok_or_else(|| corrupt("state", &self.state))?,
+            fingerprint_sha256: self.fingerprint,
+            not_after: self.not_after.max(0) as u64,
+            issued_at: self.issued_at.max(0) as u64,
+            key_sha256: self.key_sha256,
+            chain_pem: self.chain_pem,
+            confirmed_at: at(self.confirmed_at),
+            superseded_at: at(self.superseded_at),
+            retired_at: at(self.retired_at),
+            serial: self.serial,
+        })
+    }
+}

@@ -20,9 +20,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, param
 use serde_json::{Map, Value};
 
 use super::rows::{
-    CLAIM_SERIAL_COLUMNS, COMMAND_COLUMNS, DEVICE_COLUMNS, MANUFACTURING_COLUMNS, RawClaimSerial,
-    RawCommand, RawDevice, RawManufacturing, RawState, STATE_COLUMNS, action_of, history_table,
-    parse_id, parse_json,
+    CERT_COLUMNS, CLAIM_SERIAL_COLUMNS, COMMAND_COLUMNS, DEVICE_COLUMNS, MANUFACTURING_COLUMNS,
+    RawCert, RawClaimSerial, RawCommand, RawDevice, RawManufacturing, RawState, STATE_COLUMNS,
+    action_of, history_table, parse_id, parse_json,
 };
 use super::storage::{NewEvent, NewSample, Storage, StorageTx};
 use super::*;
@@ -206,6 +206,27 @@ const MIGRATIONS: &[&str] = &[
         target TEXT NOT NULL,
         detail TEXT NOT NULL
     ) STRICT;
+    "#,
+    // 10: device certificate history and renewal (issue 14): every
+    // certificate signed by renewal and the ones it replaced, with its state.
+    r#"
+    CREATE TABLE device_certificates (
+        seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+        serial        TEXT NOT NULL UNIQUE,
+        device_id     TEXT NOT NULL REFERENCES devices(id),
+        fingerprint   TEXT NOT NULL,
+        not_after     INTEGER NOT NULL,
+        issued_at     INTEGER NOT NULL,
+        origin        TEXT NOT NULL CHECK (origin IN ('registered', 'renewed', 'reissued')),
+        state         TEXT NOT NULL CHECK (state IN ('pending', 'current', 'previous', 'retired', 'abandoned', 'replaced')),
+        key_sha256    TEXT,
+        chain_pem     TEXT,
+        confirmed_at  INTEGER,
+        superseded_at INTEGER,
+        retired_at    INTEGER
+    ) STRICT;
+    CREATE INDEX device_certificates_by_device ON device_certificates(device_id, seq);
+    CREATE INDEX device_certificates_by_state ON device_certificates(state, superseded_at);
     "#,
 ];
 
@@ -596,6 +617,40 @@ impl SqliteTx<'_> {
             .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
             .map_err(db)?;
         raws.into_iter().map(RawClaimSerial::into_entry).collect()
+    }
+
+    fn query_certs(
+        &self,
+        sql_tail: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<CertRecord>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(&format!(
+                "SELECT {CERT_COLUMNS} FROM device_certificates {sql_tail}"
+            ))
+            .map_err(db)?;
+        let raws = stmt
+            .query_map(params, |r| {
+                Ok(RawCert {
+                    serial: r.get(0)?,
+                    device: r.get(1)?,
+                    fingerprint: r.get(2)?,
+                    not_after: r.get(3)?,
+                    issued_at: r.get(4)?,
+                    origin: r.get(5)?,
+                    state: r.get(6)?,
+                    key_sha256: r.get(7)?,
+                    chain_pem: r.get(8)?,
+                    confirmed_at: r.get(9)?,
+                    superseded_at: r.get(10)?,
+                    retired_at: r.get(11)?,
+                })
+            })
+            .map_err(db)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db)?;
+        raws.into_iter().map(RawCert::into_record).collect()
     }
 
     fn query_manufacturing(
@@ -1332,6 +1387,51 @@ impl StorageTx for SqliteTx<'_> {
             .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
             .map_err(db)?;
         Ok(rows)
+    }
+
+    fn cert_records(&mut self, device: &DeviceId) -> Result<Vec<CertRecord>> {
+        self.query_certs("WHERE device_id = ?1 ORDER BY seq", [device.as_str()])
+    }
+
+    fn save_cert_record(&mut self, r: &CertRecord) -> Result<()> {
+        self.exec(
+            "INSERT INTO device_certificates (serial, device_id, fingerprint, not_after, issued_at, \
+             origin, state, key_sha256, chain_pem, confirmed_at, superseded_at, retired_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+             ON CONFLICT (serial) DO UPDATE SET state = excluded.state, origin = excluded.origin, \
+             confirmed_at = excluded.confirmed_at, superseded_at = excluded.superseded_at, \
+             retired_at = excluded.retired_at",
+            params![
+                r.serial,
+                r.device.as_str(),
+                r.fingerprint_sha256,
+                r.not_after as i64,
+                r.issued_at as i64,
+                r.origin.as_str(),
+                r.state.as_str(),
+                r.key_sha256,
+                r.chain_pem,
+                r.confirmed_at.map(|t| t as i64),
+                r.superseded_at.map(|t| t as i64),
+                r.retired_at.map(|t| t as i64),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn cert_records_superseded(
+        &mut self,
+        state: CertState,
+        before: UnixSeconds,
+    ) -> Result<Vec<CertRecord>> {
+        self.query_certs(
+            "WHERE state = ?1 AND superseded_at < ?2 ORDER BY seq",
+            params![state.as_str(), before as i64],
+        )
+    }
+
+    fn cert_record(&mut self, serial: &str) -> Result<Option<CertRecord>> {
+        Ok(self.query_certs("WHERE serial = ?1", [serial])?.pop())
     }
 
     fn presence_counts(&mut self) -> Result<Vec<(Lifecycle, bool, u64)>> {

@@ -181,6 +181,20 @@ pub trait StorageTx {
 
     fn insert_audit(&mut self, entry: &AuditEntry) -> Result<i64>;
     fn audit(&mut self, limit: u32, before: Option<i64>) -> Result<Vec<AuditEntry>>;
+    /// The certificate records of a device, oldest first (locked for the
+    /// rest of a write transaction).
+    fn cert_records(&mut self, device: &DeviceId) -> Result<Vec<super::CertRecord>>;
+    /// Insert a certificate record or replace the one with its serial.
+    fn save_cert_record(&mut self, record: &super::CertRecord) -> Result<()>;
+    /// Records in `state` superseded before `before`, oldest first.
+    fn cert_records_superseded(
+        &mut self,
+        state: super::CertState,
+        before: UnixSeconds,
+    ) -> Result<Vec<super::CertRecord>>;
+    /// The record with this serial.
+    fn cert_record(&mut self, serial: &str) -> Result<Option<super::CertRecord>>;
+
     /// (lifecycle, online, count) of every device.
     fn presence_counts(&mut self) -> Result<Vec<(Lifecycle, bool, u64)>>;
     /// Non-revoked devices whose certificate expires before `before`, and

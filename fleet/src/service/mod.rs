@@ -31,7 +31,10 @@
 //! instances never publish the same command or settings revision.
 
 mod outbox;
+mod renewal;
 mod writer;
+
+pub use renewal::{RenewalCounters, RenewalService};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -76,6 +79,9 @@ pub struct ServiceConfig {
     /// Ask every device that connects for its inventory.
     pub inventory_on_connect: bool,
     pub retention: Retention,
+    /// Answer devices' renewal requests (signing with the home's PKI);
+    /// `None`: this instance does not subscribe to them.
+    pub renewal: Option<RenewalService>,
 }
 
 impl ServiceConfig {
@@ -95,6 +101,7 @@ impl ServiceConfig {
             poll_interval: Duration::from_millis(250),
             inventory_on_connect: true,
             retention: Retention::default(),
+            renewal: None,
         }
     }
 }
@@ -143,6 +150,8 @@ pub struct Counters {
     pub connects: AtomicU64,
     /// The broker's dropped-messages counter as last read (`None`: not yet).
     pub broker_dropped: std::sync::Mutex<Option<u64>>,
+    /// Renewals signed, refused, confirmed, retired.
+    pub renewal: RenewalCounters,
 }
 
 impl Counters {
@@ -226,6 +235,7 @@ pub async fn run(
             }
         }
     });
+    let renew_acks = acks.clone();
     let writer_failed = Arc::new(tokio::sync::Notify::new());
     let writer = writer::Writer {
         store: writer_store,
@@ -246,6 +256,38 @@ pub async fn run(
         .spawn(move || writer.run(writer_rx))
         .map_err(|e| ServiceError::Internal(format!("cannot start the writer thread: {e}")))?;
 
+    let (renew_tx, renewer_thread) = match &config.renewal {
+        None => {
+            drop(renew_acks);
+            (None, None)
+        }
+        Some(service) => {
+            let pki = service
+                .home
+                .open_pki()
+                .map_err(|e| ServiceError::Internal(format!("renewal: {e}")))?;
+            let renewer = renewal::Renewer {
+                service: service.clone(),
+                pki,
+                store: registry::open_store(&config.registry, config.retention)?,
+                client: client.clone(),
+                runtime: runtime.clone(),
+                acks: renew_acks,
+                counters: counters.clone(),
+                stopping: stopping.clone(),
+                holder: format!("service:{}", config.instance),
+            };
+            let (tx, rx) = std::sync::mpsc::channel::<Publish>();
+            let thread = std::thread::Builder::new()
+                .name("fleet-renewal".into())
+                .spawn(move || renewer.run(rx))
+                .map_err(|e| {
+                    ServiceError::Internal(format!("cannot start the renewal thread: {e}"))
+                })?;
+            (Some(tx), Some(thread))
+        }
+    };
+
     let link = Arc::new(Link::default());
     link.set(false);
     let outbox = outbox::Outbox {
@@ -264,7 +306,10 @@ pub async fn run(
         .map_err(|e| ServiceError::Internal(format!("cannot start the outbox thread: {e}")))?;
     drop(connected_tx);
 
-    let subscriptions = ingest::subscriptions();
+    let mut subscriptions = ingest::subscriptions();
+    if renew_tx.is_some() {
+        subscriptions.push(edgebind_protocol::renewal::Leg::Request.filter_shared());
+    }
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -305,6 +350,14 @@ pub async fn run(
                 Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic == BROKER_DROPPED.as_bytes() => {
                     broker_dropped(&counters, &publish.payload);
                 }
+                Ok(Event::Incoming(Packet::Publish(publish)))
+                    if renew_tx.is_some() && is_renewal(&publish.topic) =>
+                {
+                    counters.received.fetch_add(1, Ordering::Relaxed);
+                    if let Some(tx) = &renew_tx && tx.send(publish).is_err() {
+                        break;
+                    }
+                }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     counters.received.fetch_add(1, Ordering::Relaxed);
                     if to_writer.send(publish).await.is_err() {
@@ -330,6 +383,12 @@ pub async fn run(
     tracing::info!("fleet service stopping");
     stopping.store(true, Ordering::Relaxed);
     drop(to_writer);
+    drop(renew_tx);
+    if let Some(t) = renewer_thread {
+        // It answers what it holds (the event loop keeps running below for
+        // the publishes it makes), then drops its ack sender.
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
     let writer_done = async move {
         let joined = tokio::task::spawn_blocking(move || writer_thread.join()).await;
         // The writer's sender is gone now: the ack task ends after the last batch.
@@ -361,6 +420,15 @@ pub async fn run(
         }
     }
     written.map_err(ServiceError::from)
+}
+
+fn is_renewal(topic: &[u8]) -> bool {
+    let prefix = format!(
+        "{}/{}/",
+        edgebind_protocol::topics::NAMESPACE,
+        edgebind_protocol::renewal::SEGMENT
+    );
+    topic.starts_with(prefix.as_bytes())
 }
 
 /// The broker published its dropped-messages counter: a drop is loud.
