@@ -27,6 +27,11 @@ pub const FAILED_LOGIN_WINDOW: Duration = Duration::from_secs(60);
 
 struct Session {
     operator: String,
+    /// How the session's token is presented: an `Authorization: Bearer`
+    /// header (a script's, from `POST /api/session`) or the cookie (a
+    /// browser's). Each works only the way it was issued, so a bearer
+    /// session never rides on a cookie a browser sends by itself.
+    bearer: bool,
     csrf: String,
     expires: Instant,
     flash: Option<String>,
@@ -61,7 +66,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Sessions {
-    fn create(&self, operator: String, ttl: Duration) -> String {
+    fn create(&self, operator: String, ttl: Duration, bearer: bool) -> String {
         let token = random_token();
         let mut sessions = self.sessions.lock().unwrap();
         let now = Instant::now();
@@ -70,6 +75,7 @@ impl Sessions {
             token.clone(),
             Session {
                 operator,
+                bearer,
                 csrf: random_token(),
                 expires: now + ttl,
                 flash: None,
@@ -78,11 +84,14 @@ impl Sessions {
         token
     }
 
-    fn get(&self, token: &str) -> Option<Operator> {
+    fn get(&self, token: &str, bearer: bool) -> Option<Operator> {
         let mut sessions = self.sessions.lock().unwrap();
         let s = sessions.get_mut(token)?;
         if s.expires <= Instant::now() {
             sessions.remove(token);
+            return None;
+        }
+        if s.bearer != bearer {
             return None;
         }
         Some(Operator {
@@ -91,6 +100,15 @@ impl Sessions {
             flash: s.flash.take(),
             token: token.to_owned(),
         })
+    }
+
+    /// Whether `operator`'s session is still valid (without taking its flash).
+    pub fn alive(&self, operator: &Operator) -> bool {
+        self.sessions
+            .lock()
+            .unwrap()
+            .get(&operator.token)
+            .is_some_and(|s| s.expires > Instant::now())
     }
 
     /// Keep `message` for the next page this session sees.
@@ -156,7 +174,16 @@ pub async fn require_session(
     req: Request,
     next: Next,
 ) -> Response {
-    let operator = cookie(req.headers(), SESSION_COOKIE).and_then(|t| console.sessions.get(t));
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned());
+    let operator = match &bearer {
+        Some(token) => console.sessions.get(token, true),
+        None => cookie(req.headers(), SESSION_COOKIE).and_then(|t| console.sessions.get(t, false)),
+    };
     let Some(operator) = operator else {
         if wants_html(&req) {
             return Redirect::to("/login").into_response();
@@ -168,7 +195,8 @@ pub async fn require_session(
             .into_response();
     };
     let mut req = req;
-    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+    // A bearer token is never sent by a browser on its own: no CSRF to fear.
+    if bearer.is_none() && !matches!(*req.method(), Method::GET | Method::HEAD) {
         let by_header = req
             .headers()
             .get("x-csrf-token")
@@ -210,74 +238,96 @@ pub struct LoginForm {
     code: String,
 }
 
-pub async fn login(State(console): State<Arc<Console>>, Form(form): Form<LoginForm>) -> Response {
+/// Why a login code was not exchanged.
+pub enum Refused {
+    Limited,
+    Code,
+    Internal(String),
+}
+
+/// Exchange a login code for a new session (rate-limited, audited): the
+/// operator's name and the session token.
+pub async fn redeem(
+    console: &Arc<Console>,
+    code: String,
+    bearer: bool,
+) -> Result<(String, String), Refused> {
     if console.sessions.limited() {
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            pages::login("", Some("too many failed logins: wait a minute")),
-        )
-            .into_response();
+        return Err(Refused::Limited);
     }
     let c = console.clone();
     let redeemed = tokio::task::spawn_blocking(move || {
         let mut store = c.store.lock().unwrap();
-        edgebind_fleet::ops::redeem_login_code(&c.config.home, store.as_mut(), &form.code)
+        edgebind_fleet::ops::redeem_login_code(&c.config.home, store.as_mut(), &code)
     })
     .await;
     match redeemed {
         Ok(Ok(operator)) => {
             let ttl = console.config.session_ttl;
-            let token = console.sessions.create(operator.to_string(), ttl);
+            let token = console.sessions.create(operator.to_string(), ttl, bearer);
             tracing::info!("console: operator:{operator} logged in");
+            let kind = if bearer { "API session" } else { "session" };
             crate::handlers::audit_later(
-                &console,
+                console,
                 operator.as_str(),
                 "console.login",
                 "",
-                format!("session for {} min", ttl.as_secs() / 60),
+                format!("{kind} for {} min", ttl.as_secs() / 60),
             )
             .await;
-            (
-                [(
-                    header::SET_COOKIE,
-                    format!(
-                        "{SESSION_COOKIE}={token}; Path=/; Max-Age={}; Secure; HttpOnly; SameSite=Strict",
-                        ttl.as_secs()
-                    ),
-                )],
-                Redirect::to("/devices"),
-            )
-                .into_response()
+            Ok((operator.to_string(), token))
         }
         Ok(Err(e)) => {
             console.sessions.failed();
             tracing::warn!("console: login refused: {e}");
-            (
-                StatusCode::FORBIDDEN,
-                pages::login(
-                    "",
-                    Some("login code refused: unknown, already used or expired"),
-                ),
-            )
-                .into_response()
+            Err(Refused::Code)
         }
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => Err(Refused::Internal(e.to_string())),
     }
+}
+
+pub async fn login(State(console): State<Arc<Console>>, Form(form): Form<LoginForm>) -> Response {
+    match redeem(&console, form.code, false).await {
+        Ok((_, token)) => (
+            [(
+                header::SET_COOKIE,
+                format!(
+                    "{SESSION_COOKIE}={token}; Path=/; Max-Age={}; Secure; HttpOnly; SameSite=Strict",
+                    console.config.session_ttl.as_secs()
+                ),
+            )],
+            Redirect::to("/devices"),
+        )
+            .into_response(),
+        Err(Refused::Limited) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            pages::login("", Some("too many failed logins: wait a minute")),
+        )
+            .into_response(),
+        Err(Refused::Code) => (
+            StatusCode::FORBIDDEN,
+            pages::login(
+                "",
+                Some("login code refused: unknown, already used or expired"),
+            ),
+        )
+            .into_response(),
+        Err(Refused::Internal(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+    }
+}
+
+/// End `operator`'s session (audited).
+pub async fn end_session(console: &Arc<Console>, operator: &Operator) {
+    console.sessions.remove(&operator.token);
+    crate::handlers::audit_later(console, &operator.name, "console.logout", "", String::new())
+        .await;
 }
 
 pub async fn logout(
     State(console): State<Arc<Console>>,
     Extension(operator): Extension<Operator>,
 ) -> Response {
-    console.sessions.remove(&operator.token);
-    crate::handlers::audit_later(
-        &console,
-        &operator.name,
-        "console.logout",
-        "",
-        String::new(),
-    )
-    .await;
+    end_session(&console, &operator).await;
     (
         [(
             header::SET_COOKIE,

@@ -12,18 +12,19 @@ use axum::http::{StatusCode, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use axum::{Extension, Form, Json};
+use axum::{Extension, Form};
 use edgebind_fleet::ops::{
     self, FleetHome, IdentityOutput, Mode, OpsError, Registration, SendRequest, Sent, Targets,
 };
 use edgebind_fleet::registry::rules::PresenceView;
 use edgebind_fleet::registry::{
-    Board, DeviceQuery, PresenceState, RegistryError, Store, Tag, parse_args, parse_setting, rules,
+    Board, CommandRecord, DeviceQuery, PresenceChange, PresenceState, RegistryError, Store, Tag,
+    parse_args, parse_setting, rules,
 };
 use edgebind_protocol::messages::{Action, Inventory, now_unix};
 use edgebind_protocol::{DeviceId, Principal, actions};
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::auth::{self, Operator};
 use crate::{Console, assets, pages};
@@ -37,15 +38,24 @@ pub fn routes(console: Shared) -> Router {
         .route("/devices/rows", get(device_rows))
         .route("/devices/{id}", get(device))
         .route("/devices/{id}/live", get(device_live))
+        .route("/live/devices", get(live_rows))
+        .route("/live/devices/{id}", get(live_device))
         .route("/devices/{id}/send", post(send))
         .route("/devices/{id}/settings", post(settings))
         .route("/devices/{id}/revoke", post(revoke))
         .route("/devices/{id}/bundle.tar", get(bundle))
         .route("/devices/{id}/image", get(image))
         .route("/add", get(add_form).post(add))
-        .route("/api/devices", get(api_devices))
+        .route("/factory", get(crate::factory::page))
+        .route("/factory/claims", post(crate::factory::claim))
+        .route("/factory/claims/{batch}", get(crate::factory::batch))
+        .route(
+            "/factory/claims/{batch}/identity.tar",
+            get(crate::factory::identity),
+        )
         .route("/audit", get(audit_page))
         .route("/logout", post(auth::logout))
+        .merge(crate::api::private_routes())
         .layer(middleware::from_fn_with_state(
             console.clone(),
             auth::require_session,
@@ -54,9 +64,24 @@ pub fn routes(console: Shared) -> Router {
         .route("/login", get(auth::login_page).post(auth::login))
         .route("/assets/console.css", get(assets::css))
         .route("/assets/console.js", get(assets::js))
+        .merge(crate::api::public_routes())
         .merge(private)
         .layer(middleware::map_response(security_headers))
+        .layer(middleware::from_fn(server_timing))
         .with_state(console)
+}
+
+/// How long the console took to answer (until the response headers: a
+/// stream's or a download's body is not counted), as `Server-Timing`: the
+/// browser's developer tools show it, and `bench_console` reads it.
+async fn server_timing(req: axum::extract::Request, next: middleware::Next) -> Response {
+    let started = std::time::Instant::now();
+    let mut res = next.run(req).await;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    if let Ok(v) = format!("app;dur={ms:.2}").parse() {
+        res.headers_mut().insert("server-timing", v);
+    }
+    res
 }
 
 /// No framing, no sniffing, no referrer, scripts and styles only from the
@@ -80,13 +105,13 @@ async fn security_headers(mut res: Response) -> Response {
 
 /// What a handler fails with: a page that says what went wrong.
 pub struct Failure {
-    status: StatusCode,
-    message: String,
+    pub(crate) status: StatusCode,
+    pub(crate) message: String,
     operator: Option<Box<Operator>>,
 }
 
 impl Failure {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Failure {
             status,
             message: message.into(),
@@ -94,7 +119,7 @@ impl Failure {
         }
     }
 
-    fn for_operator(mut self, op: &Operator) -> Self {
+    pub(crate) fn for_operator(mut self, op: &Operator) -> Self {
         self.operator = Some(Box::new(op.clone()));
         self
     }
@@ -136,7 +161,7 @@ impl IntoResponse for Failure {
 }
 
 /// Run `f` with the console's registry on a blocking thread.
-async fn with_store<T: Send + 'static>(
+pub(crate) async fn with_store<T: Send + 'static>(
     console: &Shared,
     f: impl FnOnce(&FleetHome, &mut dyn Store) -> Result<T, Failure> + Send + 'static,
 ) -> Result<T, Failure> {
@@ -151,7 +176,13 @@ async fn with_store<T: Send + 'static>(
 
 /// Record a completed change in the audit log as `operator:NAME`; a failure
 /// to record is logged (the change itself is done).
-fn audit(store: &mut dyn Store, operator: &str, action: &str, target: &str, detail: &str) {
+pub(crate) fn audit(
+    store: &mut dyn Store,
+    operator: &str,
+    action: &str,
+    target: &str,
+    detail: &str,
+) {
     let actor = format!("operator:{operator}");
     if let Err(e) = ops::audit::record(store, &actor, action, target, detail) {
         tracing::error!("console: {action} {target} by {actor} done but not in the audit log: {e}");
@@ -173,25 +204,32 @@ pub(crate) async fn audit_later(
     .await;
 }
 
-fn presence(store: &dyn Store) -> Result<PresenceView, Failure> {
+pub(crate) fn presence(store: &dyn Store) -> Result<PresenceView, Failure> {
     Ok(rules::presence_view(&store.services()?, now_unix()))
 }
 
-#[derive(Deserialize, Default)]
+/// The device listing's filters (pages and API alike).
+#[derive(Deserialize, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only devices with this tag.
     #[serde(default)]
-    tag: String,
+    pub(crate) tag: String,
+    /// `online`, `offline`, `never-seen` or `revoked`.
     #[serde(default)]
-    state: String,
+    pub(crate) state: String,
+    /// Part of the device id.
     #[serde(default)]
-    q: String,
+    pub(crate) q: String,
+    /// The page after this device id (`next_after` of the previous page).
     #[serde(default)]
-    after: String,
-    limit: Option<u32>,
+    pub(crate) after: String,
+    /// Devices per page (default 50).
+    pub(crate) limit: Option<u32>,
 }
 
 impl ListQuery {
-    fn to_query(&self) -> Result<DeviceQuery, Failure> {
+    pub(crate) fn to_query(&self) -> Result<DeviceQuery, Failure> {
         let bad = |e: String| Failure::new(StatusCode::BAD_REQUEST, e);
         let mut query = DeviceQuery {
             tag: non_empty(&self.tag)
@@ -223,11 +261,11 @@ impl ListQuery {
     }
 }
 
-fn non_empty(s: &str) -> Option<&str> {
+pub(crate) fn non_empty(s: &str) -> Option<&str> {
     Some(s.trim()).filter(|s| !s.is_empty())
 }
 
-async fn list(
+pub(crate) async fn list(
     console: &Shared,
     q: &ListQuery,
 ) -> Result<(edgebind_fleet::registry::DevicePage, PresenceView), Failure> {
@@ -262,36 +300,98 @@ async fn device_rows(
     Ok(pages::device_rows(&page, view).into_response())
 }
 
-async fn api_devices(
+/// The device table, live (see [`crate::live`]).
+async fn live_rows(
     State(console): State<Shared>,
+    Extension(op): Extension<Operator>,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, Failure> {
-    let (page, view) = list(&console, &q).await?;
-    let rows: Vec<Value> = page
-        .devices
-        .iter()
-        .map(|d| {
-            json!({
-                "id": d.id, "board": d.board, "tags": d.tags, "lifecycle": d.lifecycle,
-                "state": d.presence_state(), "online": d.online, "presence_stale": !view.fresh,
-                "last_seen": d.last_seen, "agent_version": d.agent_version,
-                "cert_not_after": d.cert.as_ref().map(|c| c.not_after),
-                "desired_revision": d.desired_revision, "converged": d.converged(),
-            })
+    // A bad filter is refused once, here, not on every tick.
+    q.to_query()?;
+    let c = console.clone();
+    let q = Arc::new(q);
+    Ok(crate::live::region(console, op, move || {
+        let (c, q) = (c.clone(), q.clone());
+        async move {
+            let (page, view) = list(&c, &q).await?;
+            Ok::<_, Failure>(vec![(
+                "device-list",
+                pages::device_rows(&page, view).into_string(),
+            )])
+        }
+    }))
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.status, self.message)
+    }
+}
+
+/// Commands shown on a device page (latest first).
+const DEVICE_COMMANDS: u32 = 20;
+
+/// Connection changes shown on a device page (latest first).
+const DEVICE_PRESENCE: u32 = 20;
+
+/// What a device page shows that changes while it is open.
+pub(crate) struct DeviceNow {
+    pub device: edgebind_fleet::registry::Device,
+    pub view: PresenceView,
+    pub commands: Vec<CommandRecord>,
+    pub presence: Vec<PresenceChange>,
+}
+
+pub(crate) async fn device_state(console: &Shared, id: DeviceId) -> Result<DeviceNow, Failure> {
+    with_store(console, move |_, store| {
+        Ok(DeviceNow {
+            device: store.device(&id)?,
+            view: presence(store)?,
+            commands: store.commands_for(&id, DEVICE_COMMANDS)?,
+            presence: store.presence_history(&id, DEVICE_PRESENCE)?,
         })
-        .collect();
-    Ok(Json(json!({"devices": rows, "next_after": page.next_after})).into_response())
+    })
+    .await
+}
+
+/// A device page's presence, settings and commands, live.
+async fn live_device(
+    State(console): State<Shared>,
+    Extension(op): Extension<Operator>,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    let id = DeviceId::new(&id)?;
+    // An unknown device is a 404 once, not an empty stream.
+    device_state(&console, id.clone()).await?;
+    let c = console.clone();
+    Ok(crate::live::region(console, op, move || {
+        let (c, id) = (c.clone(), id.clone());
+        async move {
+            let now = device_state(&c, id).await?;
+            Ok::<_, Failure>(vec![
+                (
+                    "live",
+                    pages::device_live(&now.device, now.view).into_string(),
+                ),
+                ("commands", pages::commands(&now.commands).into_string()),
+                (
+                    "presence-history",
+                    pages::presence_history(&now.presence).into_string(),
+                ),
+            ])
+        }
+    }))
 }
 
 /// Where the console keeps the personalized image of a device.
-fn image_path(home: &FleetHome, id: &DeviceId) -> std::path::PathBuf {
+pub(crate) fn image_path(home: &FleetHome, id: &DeviceId) -> std::path::PathBuf {
     home.root()
         .join("console")
         .join("images")
         .join(format!("{id}.img"))
 }
 
-fn offered_actions(inventory: Option<&Value>) -> Vec<String> {
+pub(crate) fn offered_actions(inventory: Option<&Value>) -> Vec<String> {
     let declared: Vec<String> = inventory
         .and_then(|v| serde_json::from_value::<Inventory>(v.clone()).ok())
         .map(|inv| {
@@ -323,16 +423,10 @@ async fn device(
 ) -> Result<Response, Failure> {
     let err = |e: Failure| e.for_operator(&op);
     let id = DeviceId::new(&id).map_err(|e| err(e.into()))?;
-    let (device, view, telemetry, commands) = with_store(&console, {
+    let now = device_state(&console, id.clone()).await.map_err(err)?;
+    let telemetry = with_store(&console, {
         let id = id.clone();
-        move |_, store| {
-            Ok((
-                store.device(&id)?,
-                presence(store)?,
-                store.telemetry_history(&id, 20)?,
-                store.commands_for(&id, 20)?,
-            ))
-        }
+        move |_, store| Ok(store.telemetry_history(&id, 20)?)
     })
     .await
     .map_err(err)?;
@@ -341,11 +435,17 @@ async fn device(
         .ok()
         .map(|m| format!("{} MiB", m.len() >> 20));
     let v = pages::DeviceView {
-        actions: offered_actions(device.inventory.as_ref()),
-        device: &device,
-        view,
+        actions: offered_actions(now.device.inventory.as_ref()),
+        inventory: now
+            .device
+            .inventory
+            .as_ref()
+            .and_then(|v| serde_json::from_value::<Inventory>(v.clone()).ok()),
+        device: &now.device,
+        view: now.view,
         telemetry: &telemetry,
-        commands: &commands,
+        commands: &now.commands,
+        presence: &now.presence,
         image,
     };
     Ok(pages::device(&op, &v).into_response())
@@ -356,11 +456,8 @@ async fn device_live(
     Path(id): Path<String>,
 ) -> Result<Response, Failure> {
     let id = DeviceId::new(&id)?;
-    let (device, view) = with_store(&console, move |_, store| {
-        Ok((store.device(&id)?, presence(store)?))
-    })
-    .await?;
-    Ok(pages::device_live(&device, view).into_response())
+    let now = device_state(&console, id).await?;
+    Ok(pages::device_live(&now.device, now.view).into_response())
 }
 
 /// `key=value` lines (blank lines skipped).
@@ -402,6 +499,52 @@ fn operator_identity(home: &FleetHome, name: &str) -> Result<std::path::PathBuf,
     Ok(dir)
 }
 
+/// Queue `action` for `id` through `ops::send` (audited). Queued for the
+/// fleet service, which delivers it at once to an online device and
+/// records its result: the caller returns at once and the result appears
+/// live under Commands (`crate::live`). It expires like an immediate
+/// `edgebind send`: a device that does not take it within the console's
+/// send timeout refuses it.
+pub(crate) async fn send_action(
+    console: &Shared,
+    op: &Operator,
+    id: DeviceId,
+    action: Action,
+    args: Map<String, Value>,
+) -> Result<Vec<ops::send::QueuedCommand>, Failure> {
+    let timeout = console.config.send_timeout;
+    let operator = op.name.clone();
+    let target = id.clone();
+    let act = action.clone();
+    let sent = with_store(console, move |home, store| {
+        let req = SendRequest {
+            targets: Targets::Device(target.clone()),
+            action: act.clone(),
+            args,
+            mode: Mode::Queue,
+            timeout,
+            expires_in: Some(timeout.as_secs()),
+            identity_dir: operator_identity(home, &operator)?,
+            identity_explicit: true,
+            broker: None,
+        };
+        let sent = ops::send(home, store, &req, |_| {})?;
+        let Sent::Queued(queued) = sent else {
+            return Err(Failure::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "a queued send did not queue",
+            ));
+        };
+        let ids: Vec<&str> = queued.iter().map(|c| c.command.as_str()).collect();
+        let detail = format!("{act}: queued as {}", ids.join(", "));
+        audit(store, &operator, "send", target.as_str(), &detail);
+        Ok(queued)
+    })
+    .await?;
+    tracing::info!("console: operator:{} sent {action} to {id}", op.name);
+    Ok(sent)
+}
+
 async fn send(
     State(console): State<Shared>,
     Extension(op): Extension<Operator>,
@@ -415,62 +558,20 @@ async fn send(
         .parse()
         .map_err(|e: String| err(Failure::new(StatusCode::BAD_REQUEST, e)))?;
     let args = parse_args(lines(&form.args)).map_err(|e| err(e.into()))?;
-    let home = console.config.home.clone();
-    let timeout = console.config.send_timeout;
-    let operator = op.name.clone();
-    let target = id.clone();
-    let act = action.clone();
-    let sent = tokio::task::spawn_blocking(move || -> Result<Sent, OpsError> {
-        let identity_dir = operator_identity(&home, &operator)?;
-        // Its own registry connection: a send waits for the device.
-        let mut store = home.open_registry()?;
-        let req = SendRequest {
-            targets: Targets::Device(target),
-            action: act,
-            args,
-            mode: Mode::Now,
-            timeout,
-            expires_in: None,
-            identity_dir,
-            identity_explicit: true,
-            broker: None,
-            rate: None,
-        };
-        ops::send(&home, store.as_mut(), &req, |_| {})
-    })
-    .await
-    .map_err(|e| {
-        err(Failure::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            e.to_string(),
-        ))
-    })?
-    .map_err(|e| err(e.into()))?;
-    let message = match &sent {
-        Sent::Finished {
-            outcomes,
-            not_recorded,
-        } => {
-            let mut m: Vec<String> = outcomes
-                .iter()
-                .map(|o| pages::outcome_line(o, action.as_str()))
-                .collect();
-            if let Some(e) = not_recorded {
-                m.push(format!("results not recorded in the registry: {e}"));
-            }
-            m.join("\n")
-        }
-        Sent::Queued(q) => format!("{} command(s) queued", q.len()),
-        Sent::Rules(r) => format!("{} on-connect rule(s) added", r.len()),
-    };
-    audit_later(
-        &console,
-        &op.name,
-        "send",
-        id.as_str(),
-        format!("{action}: {message}"),
-    )
-    .await;
+    let queued = send_action(&console, &op, id.clone(), action.clone(), args)
+        .await
+        .map_err(err)?;
+    let message = queued
+        .iter()
+        .map(|c| {
+            format!(
+                "{action} queued as command {} for {}: the fleet service delivers it, \
+                 its result appears under Commands",
+                c.command, c.device
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
     console.sessions.flash(&op, message);
     Ok(Redirect::to(&format!("/devices/{id}")).into_response())
 }
@@ -482,6 +583,52 @@ pub struct RevokeForm {
     confirm: String,
 }
 
+/// Revoke `id` through `ops::revoke` (audited), if `confirm` is its id.
+pub(crate) async fn revoke_device(
+    console: &Shared,
+    op: &Operator,
+    id: DeviceId,
+    confirm: &str,
+) -> Result<ops::Revoked, Failure> {
+    if confirm.trim() != id.as_str() {
+        return Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            format!("not revoked: type the device id {id} to confirm"),
+        ));
+    }
+    let target = id.clone();
+    let operator = op.name.clone();
+    let done = with_store(console, move |home, store| {
+        let done = ops::revoke(home, store, &target, ops::Policy::Refresh)?;
+        let detail = format!("{} certificate(s) on the CRL", done.certificates.len());
+        audit(store, &operator, "revoke", target.as_str(), &detail);
+        Ok(done)
+    })
+    .await?;
+    tracing::info!("console: operator:{} revoked {id}", op.name);
+    Ok(done)
+}
+
+/// What a revocation did, in words.
+pub(crate) fn revoked_message(id: &DeviceId, done: &ops::Revoked) -> String {
+    let mut message = format!(
+        "revoked {id}: {} certificate(s) on the CRL, {} queued command(s) dropped",
+        done.certificates.len(),
+        done.dropped_commands
+    );
+    message.push_str(if broker_reloaded(done) {
+        "; broker reloaded: its certificate is refused at every new handshake, and an open \
+         connection is denied every topic until it drops"
+    } else {
+        "; broker not running here: the new ACL/CRL apply at its next start or `edgebind broker reload`"
+    });
+    message
+}
+
+pub(crate) fn broker_reloaded(done: &ops::Revoked) -> bool {
+    done.policy.as_ref().is_some_and(|p| p.reloaded())
+}
+
 async fn revoke(
     State(console): State<Shared>,
     Extension(op): Extension<Operator>,
@@ -490,42 +637,38 @@ async fn revoke(
 ) -> Result<Response, Failure> {
     let err = |e: Failure| e.for_operator(&op);
     let id = DeviceId::new(&id).map_err(|e| err(e.into()))?;
-    if form.confirm.trim() != id.as_str() {
-        return Err(err(Failure::new(
-            StatusCode::BAD_REQUEST,
-            format!("not revoked: type the device id {id} to confirm"),
-        )));
-    }
-    let target = id.clone();
-    let operator = op.name.clone();
-    let done = with_store(&console, move |home, store| {
-        let done = ops::revoke(home, store, &target, ops::Policy::Refresh)?;
-        let detail = format!("{} certificate(s) on the CRL", done.certificates.len());
-        audit(store, &operator, "revoke", target.as_str(), &detail);
-        Ok(done)
-    })
-    .await
-    .map_err(err)?;
-    let reloaded = done.policy.as_ref().is_some_and(|p| p.reloaded());
-    let mut message = format!(
-        "revoked {id}: {} certificate(s) on the CRL, {} queued command(s) dropped",
-        done.certificates.len(),
-        done.dropped_commands
-    );
-    message.push_str(if reloaded {
-        "; broker reloaded: its certificate is refused at every new handshake, and an open \
-         connection is denied every topic until it drops"
-    } else {
-        "; broker not running here: the new ACL/CRL apply at its next start or `edgebind broker reload`"
-    });
-    tracing::info!("console: operator:{} revoked {id}", op.name);
-    console.sessions.flash(&op, message);
+    let done = revoke_device(&console, &op, id.clone(), &form.confirm)
+        .await
+        .map_err(err)?;
+    console.sessions.flash(&op, revoked_message(&id, &done));
     Ok(Redirect::to(&format!("/devices/{id}")).into_response())
 }
 
 #[derive(Deserialize)]
 pub struct SettingsForm {
     settings: String,
+}
+
+/// Change `id`'s desired settings through `ops::set` (audited; checked by
+/// the typed settings contract there).
+pub(crate) async fn set_settings(
+    console: &Shared,
+    op: &Operator,
+    id: DeviceId,
+    changes: Map<String, Value>,
+) -> Result<ops::SettingsChanged, Failure> {
+    let operator = op.name.clone();
+    with_store(console, move |_, store| {
+        let done = ops::set(store, &id, &changes)?;
+        let detail = format!(
+            "desired settings revision {} = {}",
+            done.desired.revision,
+            Value::Object(changes)
+        );
+        audit(store, &operator, "set", id.as_str(), &detail);
+        Ok(done)
+    })
+    .await
 }
 
 async fn settings(
@@ -537,20 +680,9 @@ async fn settings(
     let err = |e: Failure| e.for_operator(&op);
     let id = DeviceId::new(&id).map_err(|e| err(e.into()))?;
     let changes = parse_settings(&form.settings).map_err(err)?;
-    let target = id.clone();
-    let operator = op.name.clone();
-    let done = with_store(&console, move |_, store| {
-        let done = ops::set(store, &target, &changes)?;
-        let detail = format!(
-            "desired settings revision {} = {}",
-            done.desired.revision,
-            Value::Object(changes)
-        );
-        audit(store, &operator, "set", target.as_str(), &detail);
-        Ok(done)
-    })
-    .await
-    .map_err(err)?;
+    let done = set_settings(&console, &op, id.clone(), changes)
+        .await
+        .map_err(err)?;
     let mut message = format!(
         "desired settings revision {} = {} (the fleet service publishes it to the device)",
         done.desired.revision,
@@ -619,7 +751,7 @@ async fn image(
 }
 
 /// The golden images the console offers: the files in `--images DIR`.
-fn golden_images(console: &Console) -> Vec<String> {
+pub(crate) fn golden_images(console: &Console) -> Vec<String> {
     let Some(dir) = &console.config.images else {
         return Vec::new();
     };
@@ -652,7 +784,7 @@ pub struct AddForm {
 }
 
 /// What "add devices" asks for, checked before anything is registered.
-struct AddRequest {
+pub(crate) struct AddRequest {
     board: Board,
     tags: BTreeSet<Tag>,
     settings: Map<String, Value>,
@@ -661,30 +793,46 @@ struct AddRequest {
 }
 
 fn check_add(console: &Console, form: &AddForm) -> Result<AddRequest, String> {
-    let board: Board = form
-        .board
-        .parse()
-        .map_err(|e: RegistryError| e.to_string())?;
-    let tags = form
-        .tags
-        .split(|c: char| c == ',' || c.is_whitespace())
-        .filter(|t| !t.is_empty())
+    let settings = parse_settings(&form.settings).map_err(|f| f.message)?;
+    check_add_parts(
+        console,
+        &form.board,
+        form.tags
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|t| !t.is_empty()),
+        settings,
+        form.ids.split_whitespace(),
+        non_empty(&form.image),
+    )
+}
+
+/// Check everything "add devices" asks for before anything is registered.
+pub(crate) fn check_add_parts<'a>(
+    console: &Console,
+    board: &str,
+    tags: impl IntoIterator<Item = &'a str>,
+    settings: Map<String, Value>,
+    ids: impl IntoIterator<Item = &'a str>,
+    image: Option<&str>,
+) -> Result<AddRequest, String> {
+    let board: Board = board.parse().map_err(|e: RegistryError| e.to_string())?;
+    let tags = tags
+        .into_iter()
         .map(|t| t.parse::<Tag>().map_err(|e| e.to_string()))
         .collect::<Result<BTreeSet<_>, _>>()?;
-    let settings = parse_settings(&form.settings).map_err(|f| f.message)?;
     ops::settings::check(&settings).map_err(|e| e.to_string())?;
-    let mut ids = Vec::new();
-    for word in form.ids.split_whitespace() {
+    let mut checked = Vec::new();
+    for word in ids {
         let id = DeviceId::new(word).map_err(|e| e.to_string())?;
-        if ids.contains(&id) {
+        if checked.contains(&id) {
             return Err(format!("{id} is listed twice"));
         }
-        ids.push(id);
+        checked.push(id);
     }
-    if ids.is_empty() {
+    if checked.is_empty() {
         return Err("name at least one device id".into());
     }
-    let golden = match non_empty(&form.image) {
+    let golden = match image {
         None => None,
         Some(name) => {
             if !golden_images(console).iter().any(|n| n == name) {
@@ -697,9 +845,32 @@ fn check_add(console: &Console, form: &AddForm) -> Result<AddRequest, String> {
         board,
         tags,
         settings,
-        ids,
+        ids: checked,
         golden,
     })
+}
+
+/// Register each device of `req` (audited), one result per device.
+pub(crate) async fn add_devices(
+    console: &Shared,
+    op: &Operator,
+    req: AddRequest,
+) -> Result<Vec<pages::AddedRow>, Failure> {
+    let operator = op.name.clone();
+    with_store(console, move |home, store| {
+        Ok(req
+            .ids
+            .iter()
+            .map(|id| {
+                let row = add_one(home, store, &req, id);
+                if let Ok(detail) = &row.result {
+                    audit(store, &operator, "device.add", id.as_str(), detail);
+                }
+                row
+            })
+            .collect::<Vec<_>>())
+    })
+    .await
 }
 
 async fn add(
@@ -717,22 +888,9 @@ async fn add(
                 .into_response());
         }
     };
-    let operator = op.name.clone();
-    let rows = with_store(&console, move |home, store| {
-        Ok(req
-            .ids
-            .iter()
-            .map(|id| {
-                let row = add_one(home, store, &req, id);
-                if let Ok(detail) = &row.result {
-                    audit(store, &operator, "device.add", id.as_str(), detail);
-                }
-                row
-            })
-            .collect::<Vec<_>>())
-    })
-    .await
-    .map_err(|e| e.for_operator(&op))?;
+    let rows = add_devices(&console, &op, req)
+        .await
+        .map_err(|e| e.for_operator(&op))?;
     Ok(pages::added(&op, &rows).into_response())
 }
 
@@ -823,7 +981,7 @@ async fn audit_page(
 }
 
 /// Certificates expiring within this many days count as "expiring soon".
-const EXPIRY_WARNING_DAYS: u64 = 30;
+pub(crate) const EXPIRY_WARNING_DAYS: u64 = 30;
 
 async fn overview(
     State(console): State<Shared>,

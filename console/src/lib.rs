@@ -24,12 +24,30 @@
 //! `SameSite=Strict`, expiring with the session); every state-changing
 //! request carries the session's CSRF token (a form field or the
 //! `x-csrf-token` header), checked before the handler runs; failed logins
-//! are rate-limited. Sessions live in the console process: restarting it
-//! logs everyone out.
+//! are rate-limited. Scripts exchange a code for a bearer token instead
+//! (the JSON API, module `api`).
+//!
+//! # Why sessions do not survive a restart
+//!
+//! Sessions live in the console process only, so restarting it logs
+//! everyone out. Keeping them (in the registry) would put a credential
+//! that opens the console on disk, readable by whoever copies the registry
+//! or a backup of it; what it would save is one `console login` per
+//! operator per restart, which costs little when logging in is already
+//! tied to the fleet home. Every session still expires after its lifetime
+//! (`--session-minutes`), live streams included (module `live`).
+//!
+//! # Live regions
+//!
+//! Pages update in place over server-sent events, re-rendered from the
+//! registry (module `live`); the console keeps no state of the fleet.
 
+mod api;
 mod assets;
 mod auth;
+mod factory;
 mod handlers;
+mod live;
 mod pages;
 
 #[cfg(test)]
@@ -44,6 +62,7 @@ use axum::Router;
 use edgebind_fleet::ops::{self, FleetHome};
 use edgebind_fleet::registry::Store;
 
+pub use api::{ApiDoc, OPENAPI_PATH};
 pub use auth::SESSION_COOKIE;
 
 /// How the console runs.
@@ -54,7 +73,8 @@ pub struct ConsoleConfig {
     pub images: Option<PathBuf>,
     /// How long a session lasts after login.
     pub session_ttl: Duration,
-    /// How long "send" waits for a device's result.
+    /// How long a command sent from the console stays valid: a device that
+    /// has not taken it by then refuses it as expired.
     pub send_timeout: Duration,
 }
 

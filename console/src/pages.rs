@@ -1,11 +1,12 @@
 //! The console's HTML, as maud templates (checked when the crate compiles).
 
-use edgebind_fleet::operator::DeviceOutcome;
 use edgebind_fleet::registry::rules::PresenceView;
 use edgebind_fleet::registry::{
-    AuditEntry, CommandRecord, Device, DevicePage, KNOWN_BOARDS, Overview, PresenceState,
-    TelemetryRow,
+    AuditEntry, CommandRecord, Device, DevicePage, KNOWN_BOARDS, Overview, PresenceChange,
+    PresenceState, TelemetryRow,
 };
+use edgebind_protocol::actions::{ArgSpec, ArgType};
+use edgebind_protocol::messages::Inventory;
 use maud::{DOCTYPE, Markup, html};
 use serde_json::Value;
 
@@ -55,6 +56,7 @@ pub fn layout(op: &Operator, title: &str, body: Markup) -> Markup {
                         a href="/" { "Overview" }
                         a href="/devices" { "Devices" }
                         a href="/add" { "Add devices" }
+                        a href="/factory" { "Factory" }
                         a href="/audit" { "Audit log" }
                     }
                     div.who {
@@ -206,7 +208,7 @@ pub fn devices(
                 div { label for="limit" { "Per page" } input #limit type="number" name="limit" min="1" max="1000" value=(f.limit); }
                 div { button type="submit" { "Filter" } }
             }
-            div #device-list data-live={"/devices/rows?" (f.query)} { (device_rows(page, view)) }
+            div #device-list data-live={"/live/devices?" (f.query)} { (device_rows(page, view)) }
             @if let Some(next) = &page.next_after {
                 p.pager { a href={"/devices?" (f.query) "&after=" (next)} { "Next page →" } }
             }
@@ -264,8 +266,113 @@ pub struct DeviceView<'a> {
     pub view: PresenceView,
     pub telemetry: &'a [TelemetryRow],
     pub commands: &'a [CommandRecord],
+    pub presence: &'a [PresenceChange],
     pub actions: Vec<String>,
+    /// What the device last reported of itself (None: never, or unreadable).
+    pub inventory: Option<Inventory>,
     pub image: Option<String>,
+}
+
+/// Actions that ask for a confirmation before they are sent.
+const CONFIRM_ACTIONS: &str = "reboot,restart-agent";
+
+/// "3 h 2 min"-style length of a connection.
+fn span(seconds: u64) -> String {
+    match seconds {
+        s if s < 60 => format!("{s} s"),
+        s if s < 3600 => format!("{} min {} s", s / 60, s % 60),
+        s if s < 86_400 => format!("{} h {} min", s / 3600, (s % 3600) / 60),
+        s => format!("{} d {} h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+/// Connects and disconnects, latest first, with how long each connection
+/// lasted (the live part of the presence history).
+pub fn presence_history(entries: &[PresenceChange]) -> Markup {
+    html! {
+        @if entries.is_empty() {
+            p.muted { "Never connected." }
+        } @else {
+            table #presence-table {
+                thead { tr { th { "When" } th { "Change" } th { "Connection lasted" } } }
+                tbody {
+                    @for (i, e) in entries.iter().enumerate() {
+                        tr {
+                            td { (unix_time(Some(e.at))) }
+                            td { @if e.online { span.badge.online { "connected" } } @else { span.badge.offline { "disconnected" } } }
+                            td {
+                                @if e.online {
+                                    @match i.checked_sub(1).map(|j| &entries[j]) {
+                                        Some(end) if !end.online => { (span(end.at.saturating_sub(e.at))) }
+                                        _ => { @if i == 0 { "still connected" } @else { "-" } }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn arg_rule(a: &ArgSpec) -> String {
+    let ty = match &a.ty {
+        ArgType::String { allowed, max_len } if allowed.is_empty() => {
+            format!("text, at most {max_len} bytes")
+        }
+        ArgType::String { allowed, .. } => format!("one of {}", allowed.join(", ")),
+        ArgType::Integer { min, max } => format!("whole number {min}..{max}"),
+        ArgType::Bool => "true or false".to_owned(),
+    };
+    if a.required {
+        format!("{ty}, required")
+    } else {
+        ty
+    }
+}
+
+fn inventory_card(d: &Device, inv: Option<&Inventory>) -> Markup {
+    html! {
+        section.card #inventory {
+            h2 { "Inventory" }
+            @match inv {
+                None => { p.muted { "Not reported yet: send " code { "inventory" } "." } }
+                Some(inv) => {
+                    dl {
+                        dt { "Reported" } dd { (unix_time(d.inventory_at)) }
+                        dt { "Agent" } dd { (inv.agent_version) }
+                        dt { "OS" } dd { (inv.os_release.as_deref().unwrap_or("-")) }
+                        dt { "Kernel" } dd { (inv.kernel.as_deref().unwrap_or("-")) }
+                        dt { "Board model" } dd { (inv.board_model.as_deref().unwrap_or("-")) }
+                        dt { "Serial" } dd.mono { (inv.serial.as_deref().unwrap_or("-")) }
+                    }
+                    @if !inv.actions.is_empty() {
+                        h2 { "Actions it offers" }
+                        table #declared-actions {
+                            thead { tr { th { "Action" } th { "From" } th { "Arguments" } th { "What it does" } } }
+                            tbody {
+                                @for a in &inv.actions {
+                                    tr {
+                                        td { code { (a.name) } }
+                                        td { (format!("{:?}", a.origin).to_lowercase()) }
+                                        td {
+                                            @if a.args.is_empty() { span.muted { "none" } }
+                                            @for (name, spec) in &a.args {
+                                                div { code { (name) } ": " (arg_rule(spec))
+                                                    @if let Some(d) = &spec.description { span.muted { " — " (d) } } }
+                                            }
+                                        }
+                                        td { (a.description.as_deref().unwrap_or("")) }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 pub fn device(op: &Operator, v: &DeviceView<'_>) -> Markup {
@@ -299,20 +406,22 @@ pub fn device(op: &Operator, v: &DeviceView<'_>) -> Markup {
                 }
                 section.card {
                     h2 { "Presence" }
-                    div #live data-live={"/devices/" (d.id) "/live"} { (device_live(d, v.view)) }
+                    div #live data-live={"/live/devices/" (d.id)} aria-live="polite" { (device_live(d, v.view)) }
                 }
             }
             @if !revoked {
                 div.grid {
                     section.card {
                         h2 { "Send an action" }
-                        form method="post" action={"/devices/" (d.id) "/send"} {
+                        form #send-form method="post" action={"/devices/" (d.id) "/send"}
+                            data-confirm-actions=(CONFIRM_ACTIONS)
+                            data-confirm={"It runs on " (d.id) " as soon as the device takes it."} {
                             (csrf(op))
                             label for="action" { "Action" }
                             select #action name="action" {
                                 @for a in &v.actions { option value=(a) { (a) } }
                             }
-                            label for="args" { "Arguments (key=value, one per line)" }
+                            label for="args" { "Arguments (key=value, one per line; see Inventory for what each action takes)" }
                             textarea #args name="args" {}
                             p { button #send type="submit" { "Send" } }
                         }
@@ -344,6 +453,17 @@ pub fn device(op: &Operator, v: &DeviceView<'_>) -> Markup {
                 }
             }
             section.card {
+                h2 { "Commands (latest first)" }
+                div #commands aria-live="polite" { (commands(v.commands)) }
+            }
+            div.grid {
+                section.card {
+                    h2 { "Presence history" }
+                    div #presence-history { (presence_history(v.presence)) }
+                }
+                (inventory_card(d, v.inventory.as_ref()))
+            }
+            section.card {
                 h2 { "Telemetry" }
                 (chart(v.telemetry))
                 h2 { "Samples (latest first)" }
@@ -361,10 +481,6 @@ pub fn device(op: &Operator, v: &DeviceView<'_>) -> Markup {
                         }
                     }
                 }
-            }
-            section.card {
-                h2 { "Commands (latest first)" }
-                (commands(v.commands))
             }
         },
     )
@@ -384,9 +500,9 @@ fn mib(p: &Value, key: &str) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-fn commands(cmds: &[CommandRecord]) -> Markup {
+pub fn commands(cmds: &[CommandRecord]) -> Markup {
     html! {
-        table #commands {
+        table #command-table {
             thead { tr { th { "Command" } th { "Action" } th { "State" } th { "By" } th { "Created" } th { "Result" } } }
             tbody {
                 @for c in cmds {
@@ -402,20 +518,6 @@ fn commands(cmds: &[CommandRecord]) -> Markup {
             }
         }
     }
-}
-
-/// One line per outcome, as `edgebind send` prints them.
-pub fn outcome_line(o: &DeviceOutcome, action: &str) -> String {
-    let detail = o.outcome.detail();
-    format!(
-        "{} {} {} ({} ms) [{}]{}",
-        o.device,
-        action,
-        o.outcome.label(),
-        o.elapsed_ms,
-        o.command,
-        detail
-    )
 }
 
 pub fn add_form(op: &Operator, images: &[String], error: Option<&str>) -> Markup {
@@ -473,7 +575,7 @@ pub fn added(op: &Operator, rows: &[AddedRow]) -> Markup {
                 thead { tr { th { "Device" } th { "Result" } th { "Downloads" } } }
                 tbody {
                     @for r in rows {
-                        tr {
+                        tr data-added=(r.id) {
                             td { (r.id) }
                             @match &r.result {
                                 Ok(msg) => {

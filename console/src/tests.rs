@@ -146,6 +146,11 @@ const PAGES: &[&str] = &[
     "/devices/rows",
     "/devices/dev-1",
     "/devices/dev-1/live",
+    "/live/devices",
+    "/live/devices/dev-1",
+    "/factory",
+    "/factory/claims/line-1",
+    "/factory/claims/line-1/identity.tar",
     "/devices/dev-1/bundle.tar",
     "/devices/dev-1/image",
     "/add",
@@ -157,6 +162,7 @@ const CHANGES: &[&str] = &[
     "/devices/dev-1/settings",
     "/devices/dev-1/revoke",
     "/add",
+    "/factory/claims",
     "/logout",
 ];
 
@@ -566,4 +572,458 @@ async fn a_personalized_image_carries_the_devices_bundle_and_downloads() {
             .bundle_dir(&edgebind_protocol::DeviceId::new("dev-i").unwrap()),
     );
     assert_eq!(on_image, std::fs::read(bundle).unwrap());
+}
+
+/// A device in the registry, as `fleet serve` would know it.
+fn add_device(home: &Home, id: &str) {
+    let mut store = home.home.open_registry().unwrap();
+    store
+        .add_device(&edgebind_fleet::registry::NewDevice {
+            id: id.parse().unwrap(),
+            board: "raspberrypi3-64".parse().unwrap(),
+            tags: Default::default(),
+            cert: None,
+        })
+        .unwrap();
+}
+
+fn status(home: &Home, id: &str, state: edgebind_protocol::messages::Presence) {
+    use edgebind_fleet::registry::Update;
+    use edgebind_protocol::messages::Status;
+    let now = edgebind_protocol::messages::now_unix();
+    let status = match state {
+        edgebind_protocol::messages::Presence::Online => Status {
+            state,
+            session: Some("s1".into()),
+            agent_version: Some("0.1.0".into()),
+            boot_id: Some("b1".into()),
+            uptime_s: Some(5),
+            addresses: vec![],
+            ts: Some(now),
+        },
+        _ => Status::offline(),
+    };
+    let mut store = home.home.open_registry().unwrap();
+    store
+        .apply(&[Update::Status {
+            device: id.parse().unwrap(),
+            status,
+            received_at: now,
+        }])
+        .unwrap();
+}
+
+/// The server-sent events of one live stream, read as they arrive.
+struct Events(Body);
+
+impl Events {
+    async fn open(app: &App, path: &str, cookie: &str) -> Events {
+        let req = Request::get(path)
+            .header(header::ACCEPT, "text/event-stream")
+            .header(header::COOKIE, cookie)
+            .body(Body::empty())
+            .unwrap();
+        let res = app.router.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "GET {path}");
+        assert_eq!(res.headers()[header::CONTENT_TYPE], "text/event-stream");
+        Events(res.into_body())
+    }
+
+    /// The next event's text (its `event:` and `data:` lines); None when
+    /// the stream ended.
+    async fn next(&mut self) -> Option<String> {
+        let mut text = String::new();
+        loop {
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(10), self.0.frame())
+                .await
+                .expect("an event within 10 s");
+            let Some(frame) = frame else {
+                return (!text.is_empty()).then_some(text);
+            };
+            if let Ok(data) = frame.unwrap().into_data() {
+                text.push_str(&String::from_utf8_lossy(&data));
+                if text.ends_with("\n\n") {
+                    return Some(text);
+                }
+            }
+        }
+    }
+
+    /// Events until one contains `want`.
+    async fn until(&mut self, want: &str) -> String {
+        loop {
+            let e = self
+                .next()
+                .await
+                .unwrap_or_else(|| panic!("stream ended before {want:?}"));
+            if e.contains(want) {
+                return e;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_device_list_streams_presence_changes_and_ends_with_the_session() {
+    use edgebind_protocol::messages::Presence;
+    let home = Home::new();
+    add_device(&home, "dev-1");
+    add_device(&home, "dev-2");
+    let app = app(&home);
+    let (cookie, _) = app.login(&home).await;
+    let mut events = Events::open(&app, "/live/devices?q=dev", &cookie).await;
+    let first = events.next().await.unwrap();
+    assert!(first.starts_with("event: update"), "{first}");
+    assert!(first.contains("device-list"), "{first}");
+    assert!(first.contains("never seen"), "{first}");
+
+    // The fleet service records dev-1 online: the stream sends the new rows
+    // without being asked again.
+    status(&home, "dev-1", Presence::Online);
+    let update = events.until("badge online").await;
+    assert!(update.contains(r#"data-device=\"dev-1\""#), "{update}");
+
+    // A will of a device never seen changes no row: no event; the next one
+    // is dev-1 going offline.
+    status(&home, "dev-2", Presence::Offline);
+    status(&home, "dev-1", Presence::Offline);
+    let update = events.next().await.unwrap();
+    assert!(update.contains("badge offline"), "{update}");
+    assert!(!update.contains("badge online"), "{update}");
+    assert!(update.contains("never seen"), "dev-2 unchanged: {update}");
+
+    // The session expires: the stream says so and ends.
+    app.console.sessions.expire_all();
+    let last = events.until("event: expired").await;
+    assert!(!last.contains("update"), "{last}");
+    assert_eq!(events.next().await, None, "the stream ended");
+}
+
+#[tokio::test]
+async fn a_device_page_streams_its_commands_and_settings() {
+    let home = Home::new();
+    add_device(&home, "dev-1");
+    let app = app(&home);
+    let (cookie, _) = app.login(&home).await;
+    let mut events = Events::open(&app, "/live/devices/dev-1", &cookie).await;
+    let first = events.next().await.unwrap();
+    assert!(
+        first.contains(r#""live":"#) && first.contains(r#""commands":"#),
+        "{first}"
+    );
+
+    let mut store = home.home.open_registry().unwrap();
+    let changes = serde_json::json!({"log_level": "debug"});
+    ops::set(
+        store.as_mut(),
+        &"dev-1".parse().unwrap(),
+        changes.as_object().unwrap(),
+    )
+    .unwrap();
+    events.until("log_level").await;
+
+    // An unknown device is refused once, not streamed.
+    let missing = app
+        .call(
+            Request::get("/live/devices/dev-9")
+                .header(header::COOKIE, &cookie)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+}
+
+#[test]
+fn a_slow_render_slows_its_stream_down() {
+    use std::time::Duration;
+    assert_eq!(
+        live::next_interval(Duration::from_millis(1)),
+        live::MIN_INTERVAL
+    );
+    assert_eq!(
+        live::next_interval(Duration::from_millis(50)),
+        Duration::from_millis(500)
+    );
+}
+
+impl App {
+    /// A bearer token from `POST /api/session`.
+    async fn api_token(&self, home: &Home) -> String {
+        let r = self
+            .call(
+                Request::post("/api/session")
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(
+                        serde_json::json!({"code": home.code("alice")}).to_string(),
+                    ))
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        v["token"].as_str().unwrap().to_owned()
+    }
+
+    async fn api(&self, method: &str, path: &str, auth: &str, body: serde_json::Value) -> Reply {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(cookie) = auth.strip_prefix("cookie:") {
+            req = req.header(header::COOKIE, cookie);
+        } else {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {auth}"));
+        }
+        self.call(req.body(Body::from(body.to_string())).unwrap())
+            .await
+    }
+}
+
+#[tokio::test]
+async fn a_bearer_token_needs_no_csrf_but_works_only_as_a_bearer_token() {
+    let home = Home::new();
+    let app = app(&home);
+    let token = app.api_token(&home).await;
+    let add = serde_json::json!({"board": "raspberrypi3-64", "ids": ["dev-1"]});
+    let r = app.api("POST", "/api/devices", &token, add.clone()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r.body.contains(r#""registered":true"#), "{}", r.body);
+
+    // The token as a cookie is no session (a browser would send that by itself).
+    let as_cookie = format!("cookie:{SESSION_COOKIE}={token}");
+    let r = app
+        .api("GET", "/api/devices", &as_cookie, serde_json::json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    // A browser session's cookie is no bearer token, and with the cookie a
+    // change still needs the CSRF token.
+    let (cookie, csrf) = app.login(&home).await;
+    let cookie_token = cookie.split_once('=').unwrap().1;
+    let r = app
+        .api("GET", "/api/devices", cookie_token, serde_json::json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let add2 = serde_json::json!({"board": "raspberrypi3-64", "ids": ["dev-2"]});
+    let r = app
+        .api(
+            "POST",
+            "/api/devices",
+            &format!("cookie:{cookie}"),
+            add2.clone(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "no CSRF token");
+    let r = app
+        .call(
+            Request::post("/api/devices")
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::COOKIE, &cookie)
+                .header("x-csrf-token", &csrf)
+                .body(Body::from(add2.to_string()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+
+    // Errors are JSON; an expired token is refused.
+    let r = app
+        .api("GET", "/api/devices/dev-9", &token, serde_json::json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert!(r.body.starts_with(r#"{"error":"#), "{}", r.body);
+    app.console.sessions.expire_all();
+    let r = app
+        .api("GET", "/api/devices", &token, serde_json::json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn a_session_of_one_fleet_home_reaches_nothing_of_another() {
+    let (home_a, home_b) = (Home::new(), Home::new());
+    add_device(&home_a, "only-in-a");
+    add_device(&home_b, "only-in-b");
+    let (app_a, app_b) = (app(&home_a), app(&home_b));
+    let token_a = app_a.api_token(&home_a).await;
+    let (cookie_a, _) = app_a.login(&home_a).await;
+
+    // Console A shows A's devices only.
+    let r = app_a
+        .api("GET", "/api/devices", &token_a, serde_json::json!({}))
+        .await;
+    assert!(
+        r.body.contains("only-in-a") && !r.body.contains("only-in-b"),
+        "{}",
+        r.body
+    );
+    // A's token and cookie mean nothing to console B, on any page or call.
+    for path in [
+        "/api/devices",
+        "/api/devices/only-in-b",
+        "/devices",
+        "/live/devices",
+    ] {
+        let r = app_b
+            .api("GET", path, &token_a, serde_json::json!({}))
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{path} by token");
+        let r = app_b.get(path, Some(&cookie_a)).await;
+        assert_ne!(r.status, StatusCode::OK, "{path} by cookie");
+        assert!(!r.body.contains("only-in-b"), "{path}: {}", r.body);
+    }
+    // A login code of home A does not open console B.
+    let code_a = home_a.code("alice");
+    let r = app_b.post("/login", None, &[("code", &code_a)]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn the_openapi_description_is_served_and_lists_every_api_route() {
+    let home = Home::new();
+    let app = app(&home);
+    let r = app
+        .call(Request::get(OPENAPI_PATH).body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let doc: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    for (method, path) in [
+        ("post", "/api/session"),
+        ("delete", "/api/session"),
+        ("get", "/api/devices"),
+        ("post", "/api/devices"),
+        ("get", "/api/devices/{id}"),
+        ("post", "/api/devices/{id}/commands"),
+        ("post", "/api/devices/{id}/settings"),
+        ("post", "/api/devices/{id}/revoke"),
+        ("get", "/api/overview"),
+        ("get", "/api/audit"),
+    ] {
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "{method} {path}"
+        );
+    }
+    // Every documented route answers (not 404/405) when called without a session.
+    for (path, item) in paths {
+        for method in item.as_object().unwrap().keys() {
+            let uri = path.replace("{id}", "dev-1");
+            let r = app
+                .call(
+                    Request::builder()
+                        .method(method.to_uppercase().as_str())
+                        .uri(&uri)
+                        .header(header::CONTENT_TYPE, "application/json")
+                        .body(Body::from("{}"))
+                        .unwrap(),
+                )
+                .await;
+            assert!(
+                !matches!(
+                    r.status,
+                    StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
+                ),
+                "{method} {uri}: {}",
+                r.status
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_claim_batch_puts_serials_on_its_allow_list_and_issues_its_identity() {
+    let home = Home::new();
+    let app = app(&home);
+    let (cookie, csrf) = app.login(&home).await;
+
+    // A bad serial or batch name allows nothing.
+    for (batch, serials) in [
+        ("line-1", "SN-1 bad/serial"),
+        ("Line 1", "SN-1"),
+        ("line-1", "SN-1 SN-1"),
+    ] {
+        let r = app
+            .post(
+                "/factory/claims",
+                Some(&cookie),
+                &[("csrf", &csrf), ("batch", batch), ("serials", serials)],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{batch} {serials}");
+        assert!(r.body.contains("role=\"alert\""), "{}", r.body);
+    }
+    let store = home.home.open_registry().unwrap();
+    let batch: edgebind_protocol::DeviceId = "line-1".parse().unwrap();
+    assert!(store.claim_serials(&batch).unwrap().is_empty());
+
+    let r = app
+        .post(
+            "/factory/claims",
+            Some(&cookie),
+            &[
+                ("csrf", &csrf),
+                ("batch", "line-1"),
+                ("serials", "SN-1\nSN-2, SN-3"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(r.headers[header::LOCATION], "/factory/claims/line-1");
+    let serials: Vec<String> = store
+        .claim_serials(&batch)
+        .unwrap()
+        .iter()
+        .map(|s| s.serial.to_string())
+        .collect();
+    assert_eq!(serials, ["SN-1", "SN-2", "SN-3"]);
+    let page = app.get("/factory/claims/line-1", Some(&cookie)).await;
+    assert!(page.body.contains("3 serial(s) added"), "{}", page.body);
+    assert!(page.body.contains("SN-2"), "{}", page.body);
+
+    // Again with one more: only that one is new.
+    app.post(
+        "/factory/claims",
+        Some(&cookie),
+        &[
+            ("csrf", &csrf),
+            ("batch", "line-1"),
+            ("serials", "SN-3 SN-4"),
+        ],
+    )
+    .await;
+    let page = app.get("/factory/claims/line-1", Some(&cookie)).await;
+    assert!(
+        page.body
+            .contains("1 serial(s) added to the allow-list, 1 already"),
+        "{}",
+        page.body
+    );
+
+    // The claim identity downloads as a tar whose certificate is claim:line-1.
+    let r = app
+        .call(
+            Request::get("/factory/claims/line-1/identity.tar")
+                .header(header::COOKIE, &cookie)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let dir = home
+        .home
+        .identity_dir(&edgebind_protocol::Principal::Claim(batch.clone()));
+    assert_eq!(
+        ops::identity::identity_cn(&dir).as_deref(),
+        Some("claim:line-1")
+    );
+    let log = store.audit_log(10, None).unwrap();
+    assert!(
+        log.iter()
+            .any(|e| e.action == "factory.allow" && e.target == "claim:line-1")
+    );
+    // The factory page lists the (empty) records and the form.
+    let page = app.get("/factory", Some(&cookie)).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("No unit made yet"), "{}", page.body);
 }

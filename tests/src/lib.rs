@@ -40,6 +40,8 @@
 //!   reconnect by itself, so [`TestClient::connack_count`] proves "same
 //!   connection". [`TestClient311`] is its MQTT 3.1.1 counterpart.
 //! * [`TestFleet`] – a `TestPki` with a started `Broker`.
+//! * [`console`] – `edgebind console` on a free port ([`console::ConsoleProc`])
+//!   and headless Chromium over WebDriver ([`console::Browser`]).
 //! * [`wait_until`], [`wait_for`] – poll a condition until a deadline.
 //! * [`PgCluster`] – a real PostgreSQL in a tempdir (`initdb` + `pg_ctl`,
 //!   free 127.0.0.1 port), one per test process ([`PgCluster::shared`]),
@@ -55,6 +57,7 @@
 mod bins;
 mod broker;
 pub mod cli;
+pub mod console;
 mod hostile;
 mod mqtt;
 mod mqtt311;

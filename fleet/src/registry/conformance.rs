@@ -34,6 +34,7 @@ macro_rules! conformance_tests {
             bad_inputs_are_clear_errors_and_change_nothing,
             duplicate_command_ids_insert_nothing,
             status_moves_online_offline_and_provisions_once,
+            connects_and_disconnects_are_kept_in_the_presence_history,
             unknown_devices_are_reported_and_skipped,
             telemetry_keeps_latest_and_a_bounded_history,
             events_are_stored_latest_first,
@@ -556,6 +557,53 @@ pub fn status_moves_online_offline_and_provisions_once(registry: &dyn Fixture) {
     assert_eq!(r.connected, vec![id("a")]);
     let d = store.device(&id("a")).unwrap();
     assert_eq!(d.provisioned_at, Some(100));
+}
+
+pub fn connects_and_disconnects_are_kept_in_the_presence_history(registry: &dyn Fixture) {
+    let mut store = registry.open(Retention::default());
+    store.add_device(&new_device("a", &[])).unwrap();
+    store.add_device(&new_device("b", &[])).unwrap();
+    assert!(store.presence_history(&id("a"), 10).unwrap().is_empty());
+    // A connection, its retained status replayed, a telemetry sample, the
+    // last will delivered twice, a new connection; b's in the same batches.
+    store
+        .apply(&[online("a", 100), online("b", 101), telemetry("a", 102)])
+        .unwrap();
+    store.apply(&[online("a", 100)]).unwrap();
+    store
+        .apply(&[offline("a", 150), offline("a", 151), offline("b", 152)])
+        .unwrap();
+    store.apply(&[online("a", 200)]).unwrap();
+    let change = |at, online| PresenceChange { at, online };
+    assert_eq!(
+        store.presence_history(&id("a"), 10).unwrap(),
+        vec![change(200, true), change(150, false), change(100, true)],
+        "latest first, each change once"
+    );
+    assert_eq!(
+        store.presence_history(&id("a"), 1).unwrap(),
+        vec![change(200, true)]
+    );
+    assert_eq!(
+        store.presence_history(&id("b"), 10).unwrap(),
+        vec![change(152, false), change(101, true)]
+    );
+    assert!(matches!(
+        store.presence_history(&id("nope"), 10),
+        Err(RegistryError::UnknownDevice(_))
+    ));
+
+    // Only the newest PRESENCE_PER_DEVICE are kept.
+    let flaps: Vec<Update> = (0..PRESENCE_PER_DEVICE as u64)
+        .flat_map(|i| [online("b", 1_000 + 2 * i), offline("b", 1_001 + 2 * i)])
+        .collect();
+    store.apply(&flaps).unwrap();
+    let kept = store.presence_history(&id("b"), 10_000).unwrap();
+    assert_eq!(kept.len(), PRESENCE_PER_DEVICE as usize);
+    assert_eq!(
+        kept[0],
+        change(1_001 + 2 * (PRESENCE_PER_DEVICE as u64 - 1), false)
+    );
 }
 
 pub fn unknown_devices_are_reported_and_skipped(registry: &dyn Fixture) {

@@ -249,6 +249,9 @@ pub trait Store: Send {
     fn telemetry_history(&self, device: &DeviceId, limit: u32) -> Result<Vec<TelemetryRow>>;
     /// Latest first.
     fn events(&self, device: &DeviceId, limit: u32) -> Result<Vec<EventRow>>;
+    /// The device's connects and disconnects, latest first (the newest
+    /// [`PRESENCE_PER_DEVICE`] are kept).
+    fn presence_history(&self, device: &DeviceId, limit: u32) -> Result<Vec<PresenceChange>>;
     fn stats(&self) -> Result<Stats>;
 
     /// Record a fleet service's broker connection (heartbeats, connect, loss, stop).

@@ -349,12 +349,26 @@ pub enum CommandQuery<'a> {
     QueuedOnline,
 }
 
-/// The per-device histories that are capped by [`Retention`].
+/// The per-device histories that are capped by [`Retention`] (presence
+/// by [`PRESENCE_PER_DEVICE`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum History {
     Telemetry,
     Events,
     Commands,
+    Presence,
+}
+
+/// Connection changes kept per device (the newest).
+pub const PRESENCE_PER_DEVICE: u32 = 200;
+
+/// One change of a device's connection as the fleet service saw it: a new
+/// connection (`online`, at the `ts` of its `online` status) or its end
+/// (`offline`, when the last will or a clean `offline` arrived).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PresenceChange {
+    pub at: UnixSeconds,
+    pub online: bool,
 }
 
 /// Which devices a listing or a fan-out addresses.

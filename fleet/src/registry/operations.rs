@@ -317,6 +317,7 @@ impl<S: Storage> Store for S {
                 .collect();
             let mut report = BatchReport::default();
             let mut pruned_commands: BTreeSet<DeviceId> = BTreeSet::new();
+            let mut presence_changed: BTreeSet<DeviceId> = BTreeSet::new();
             let mut samples = Vec::new();
             let mut events = Vec::new();
             for update in batch {
@@ -334,6 +335,12 @@ impl<S: Storage> Store for S {
                     } => {
                         let (next, new_connection) =
                             rules::on_status(&t.state, status, *received_at);
+                        if let Some(change) =
+                            rules::presence_change(&t.state, &next, new_connection, *received_at)
+                        {
+                            tx.insert_presence(device, &change)?;
+                            presence_changed.insert(device.clone());
+                        }
                         if new_connection && next.lifecycle != Lifecycle::Revoked {
                             let connected_at = next.connected_at.unwrap_or(*received_at);
                             let queued = rules::on_connect_commands(
@@ -466,6 +473,9 @@ impl<S: Storage> Store for S {
             for device in &pruned_commands {
                 tx.prune(History::Commands, device, retention.commands_per_device)?;
             }
+            for device in &presence_changed {
+                tx.prune(History::Presence, device, PRESENCE_PER_DEVICE)?;
+            }
             // In id order: the same order the rows were locked in.
             let mut touched: Vec<(&DeviceId, &Touched)> = touched.iter().collect();
             touched.sort_by_key(|(id, _)| *id);
@@ -525,6 +535,13 @@ impl<S: Storage> Store for S {
         read(self, |tx| {
             require(tx, device)?;
             tx.events(device, limit)
+        })
+    }
+
+    fn presence_history(&self, device: &DeviceId, limit: u32) -> Result<Vec<PresenceChange>> {
+        read(self, |tx| {
+            require(tx, device)?;
+            tx.presence_history(device, limit)
         })
     }
 

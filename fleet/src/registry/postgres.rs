@@ -231,6 +231,16 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX device_certificates_by_device ON device_certificates(device_id, seq);
     CREATE INDEX device_certificates_by_state ON device_certificates(state, superseded_at);
     "#,
+    // 10: presence history (SQLite's version 11).
+    r#"
+    CREATE TABLE presence_history (
+        seq       BIGSERIAL PRIMARY KEY,
+        device_id TEXT COLLATE "C" NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        at        BIGINT NOT NULL,
+        online    BOOLEAN NOT NULL
+    );
+    CREATE INDEX presence_history_by_device ON presence_history(device_id, seq);
+    "#,
 ];
 
 /// The schema version this edgebind writes (one per migration).
@@ -1203,6 +1213,28 @@ impl StorageTx for PgTx<'_> {
                 })
             })
             .collect()
+    }
+
+    fn insert_presence(&mut self, id: &DeviceId, change: &PresenceChange) -> Result<()> {
+        self.exec(
+            "INSERT INTO presence_history (device_id, at, online) VALUES ($1, $2, $3)",
+            &[&id.as_str(), &(change.at as i64), &change.online],
+        )?;
+        Ok(())
+    }
+
+    fn presence_history(&mut self, id: &DeviceId, limit: u32) -> Result<Vec<PresenceChange>> {
+        let rows = self.rows(
+            "SELECT at, online FROM presence_history WHERE device_id = $1 ORDER BY seq DESC LIMIT $2",
+            &[&id.as_str(), &i64::from(limit)],
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|r| PresenceChange {
+                at: r.get::<_, i64>(0).max(0) as u64,
+                online: r.get(1),
+            })
+            .collect())
     }
 
     fn events(&mut self, id: &DeviceId, limit: u32) -> Result<Vec<EventRow>> {

@@ -221,6 +221,7 @@ pub(super) fn history_table(history: History) -> &'static str {
         History::Telemetry => "telemetry",
         History::Events => "events",
         History::Commands => "commands",
+        History::Presence => "presence_history",
     }
 }
 

@@ -14,8 +14,9 @@ use serde::Serialize;
 
 use super::{
     ClaimSerial, CommandRecord, CommandState, ConnectPolicy, Delivery, Device, DeviceState,
-    Lifecycle, LoginCode, ManufacturingRecord, NewCommand, NewDevice, OnConnectRule, RegistryError,
-    Result, SERVICE_HEARTBEAT_S, ServicePresence, validate_setting_key,
+    Lifecycle, LoginCode, ManufacturingRecord, NewCommand, NewDevice, OnConnectRule,
+    PresenceChange, RegistryError, Result, SERVICE_HEARTBEAT_S, ServicePresence,
+    validate_setting_key,
 };
 
 /// Whether a console login code may be exchanged at `now`: it must exist,
@@ -401,6 +402,29 @@ pub fn mark_sent(command: &CommandRecord, at: UnixSeconds) -> Option<CommandReco
 
 /// Presence after a status message received at `received_at`, and whether
 /// it began a new connection.
+/// The connection change a status made, if any: a new connection, or the
+/// end of one (a replayed retained `online` or a second last will is none).
+pub fn presence_change(
+    before: &DeviceState,
+    after: &DeviceState,
+    new_connection: bool,
+    received_at: UnixSeconds,
+) -> Option<PresenceChange> {
+    if new_connection && after.online {
+        Some(PresenceChange {
+            at: after.connected_at.unwrap_or(received_at),
+            online: true,
+        })
+    } else if before.online && !after.online {
+        Some(PresenceChange {
+            at: received_at,
+            online: false,
+        })
+    } else {
+        None
+    }
+}
+
 pub fn on_status(
     state: &DeviceState,
     status: &Status,

@@ -228,6 +228,17 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX device_certificates_by_device ON device_certificates(device_id, seq);
     CREATE INDEX device_certificates_by_state ON device_certificates(state, superseded_at);
     "#,
+    // 11: presence history (issue 15): each connect and disconnect the
+    // fleet service saw, the newest PRESENCE_PER_DEVICE per device.
+    r#"
+    CREATE TABLE presence_history (
+        seq       INTEGER PRIMARY KEY,
+        device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        at        INTEGER NOT NULL,
+        online    INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX presence_history_by_device ON presence_history(device_id, seq);
+    "#,
 ];
 
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -983,6 +994,34 @@ impl StorageTx for SqliteTx<'_> {
                     .map_err(db)
             })
             .collect()
+    }
+
+    fn insert_presence(&mut self, id: &DeviceId, change: &PresenceChange) -> Result<()> {
+        self.exec(
+            "INSERT INTO presence_history (device_id, at, online) VALUES (?1, ?2, ?3)",
+            params![id.as_str(), change.at as i64, change.online],
+        )?;
+        Ok(())
+    }
+
+    fn presence_history(&mut self, id: &DeviceId, limit: u32) -> Result<Vec<PresenceChange>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "SELECT at, online FROM presence_history WHERE device_id = ?1 ORDER BY seq DESC LIMIT ?2",
+            )
+            .map_err(db)?;
+        let rows = stmt
+            .query_map(params![id.as_str(), limit], |r| {
+                Ok(PresenceChange {
+                    at: r.get::<_, i64>(0)?.max(0) as u64,
+                    online: r.get(1)?,
+                })
+            })
+            .map_err(db)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db)?;
+        Ok(rows)
     }
 
     fn prune(&mut self, history: History, id: &DeviceId, keep: u32) -> Result<()> {

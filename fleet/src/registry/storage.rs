@@ -15,7 +15,7 @@ use super::Lifecycle;
 use super::{
     AuditEntry, CertInfo, ClaimSerial, CommandQuery, CommandRecord, Device, DeviceQuery,
     DeviceState, EventRow, History, LoginCode, ManufacturingRecord, NewDevice, OnConnectRule,
-    ReportedState, Result, Retention, Stats, TelemetryRow,
+    PresenceChange, ReportedState, Result, Retention, Stats, TelemetryRow,
 };
 
 /// One telemetry sample to append; `payload` is the JSON text as received.
@@ -98,6 +98,8 @@ pub trait StorageTx {
     fn insert_telemetry(&mut self, samples: &[NewSample<'_>]) -> Result<Vec<bool>>;
     /// Like [`StorageTx::insert_telemetry`].
     fn insert_events(&mut self, events: &[NewEvent<'_>]) -> Result<Vec<bool>>;
+    /// Append one connection change of a device.
+    fn insert_presence(&mut self, id: &DeviceId, change: &PresenceChange) -> Result<()>;
     /// Keep only the newest `keep` entries of one device's `history`.
     fn prune(&mut self, history: History, id: &DeviceId, keep: u32) -> Result<()>;
 
@@ -121,6 +123,8 @@ pub trait StorageTx {
     }
     fn telemetry(&mut self, id: &DeviceId, limit: u32) -> Result<Vec<TelemetryRow>>;
     fn events(&mut self, id: &DeviceId, limit: u32) -> Result<Vec<EventRow>>;
+    /// Latest first.
+    fn presence_history(&mut self, id: &DeviceId, limit: u32) -> Result<Vec<PresenceChange>>;
 
     fn command(&mut self, id: &CommandId) -> Result<Option<CommandRecord>>;
     fn commands(&mut self, query: CommandQuery<'_>) -> Result<Vec<CommandRecord>>;
