@@ -527,6 +527,7 @@ pub(crate) async fn send_action(
             identity_dir: operator_identity(home, &operator)?,
             identity_explicit: true,
             broker: None,
+            rate: None,
         };
         let sent = ops::send(home, store, &req, |_| {})?;
         let Sent::Queued(queued) = sent else {
