@@ -834,4 +834,73 @@ mod tests {
         assert_eq!(c.actions.reboot.method, RebootMethod::Command);
         assert_eq!(c.actions.reboot.command.len(), 3);
     }
+
+    /// The fuzz set for the configuration file: whatever a bundle or a hand
+    /// edit puts in it, the agent gets a config or an error naming the file,
+    /// and the shared template holds any host it is given.
+    mod fuzz {
+        use super::*;
+        use crate::fuzz_support::{apply_text, byte_edits};
+        use proptest::prelude::*;
+
+        fn template() -> String {
+            agent_toml(&DeviceId::new("dev-a").unwrap(), "broker.lan", 8883, None)
+        }
+
+        fn names_the_file(e: &ConfigError) -> bool {
+            e.to_string()
+                .starts_with("configuration file /etc/edgebind/agent.toml")
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_text_is_a_config_or_an_error_naming_the_file(text in "(?s).{0,400}") {
+                if let Err(e) = parse(&text) {
+                    prop_assert!(names_the_file(&e), "{}", e);
+                }
+            }
+
+            #[test]
+            fn any_toml_shaped_text_is_a_config_or_an_error_naming_the_file(
+                lines in prop::collection::vec(
+                    prop_oneof![
+                        "\\[[a-z._\\[\\]\" ]{0,16}\\]",
+                        "[a-z_\". ]{0,16} ?= ?[0-9a-z\"\\[\\]{},.:+-]{0,16}",
+                        "[#a-z =\"\\\\]{0,20}",
+                    ],
+                    0..12,
+                ),
+            ) {
+                let text = format!("[broker]\nhost = \"h\"\n{}\n", lines.join("\n"));
+                if let Err(e) = parse(&text) {
+                    prop_assert!(names_the_file(&e), "{}", e);
+                }
+            }
+
+            #[test]
+            fn a_damaged_template_is_a_config_or_an_error_naming_the_file(edits in byte_edits()) {
+                if let Err(e) = parse(&apply_text(&template(), &edits)) {
+                    prop_assert!(names_the_file(&e), "{}", e);
+                }
+            }
+
+            /// The template's own TOML escaping holds any text: the parser
+            /// reads back exactly the host it was given (or refuses it by
+            /// name for not being a host name), never a TOML syntax error.
+            #[test]
+            fn the_template_carries_any_host_verbatim(host in "(?s).{0,40}", port in 1u16..) {
+                let id = DeviceId::new("dev-a").unwrap();
+                match parse(&agent_toml(&id, &host, port, None)) {
+                    Ok(c) => {
+                        prop_assert_eq!(&c.broker.host, &host);
+                        prop_assert_eq!(c.broker.port, port);
+                    }
+                    Err(ConfigError::Invalid { key, .. }) => prop_assert_eq!(key, "broker.host"),
+                    Err(e) => prop_assert!(false, "the template of host {:?} does not parse: {}", host, e),
+                }
+            }
+        }
+    }
 }

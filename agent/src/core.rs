@@ -1635,4 +1635,109 @@ mod tests {
                 .contains_key("level")
         );
     }
+
+    /// The fuzz set for what the broker delivers to the agent: a command or a
+    /// desired state of any bytes gets an answer (a result, a report, an
+    /// event saying why not), never a panic and never silence.
+    mod fuzz {
+        use super::*;
+        use crate::fuzz_support::{apply, byte_edits};
+        use proptest::prelude::*;
+
+        fn topic_of(fx: &[Effect], kind: edgebind_protocol::topics::Kind) -> usize {
+            sent(fx)
+                .into_iter()
+                .filter(|o| Topic::parse(&o.topic).is_some_and(|t| t.kind() == kind))
+                .count()
+        }
+
+        fn valid_command() -> impl Strategy<Value = Vec<u8>> {
+            (
+                prop_oneof![
+                    Just("ping"),
+                    Just("inventory"),
+                    Just("reboot"),
+                    Just("nope")
+                ],
+                prop::option::of(any::<u64>()),
+            )
+                .prop_map(|(action, expires_at)| {
+                    let mut v = serde_json::json!({"id": "c1", "action": action});
+                    if let Some(e) = expires_at {
+                        v["expires_at"] = e.into();
+                    }
+                    serde_json::to_vec(&v).unwrap()
+                })
+        }
+
+        fn answers_the_command(bytes: &[u8]) -> Result<(), TestCaseError> {
+            let mut c = core();
+            let fx = c.on_message(&cmd_topic("c1"), bytes, NOW);
+            let r = results(&fx);
+            if bytes.is_empty() {
+                prop_assert!(r.is_empty());
+            } else {
+                prop_assert!(
+                    !r.is_empty(),
+                    "no result for {:?}",
+                    String::from_utf8_lossy(bytes)
+                );
+                if let Some((CommandStatus::Rejected, reason)) = r.first() {
+                    prop_assert!(reason.as_deref().is_some_and(|w| !w.is_empty()));
+                }
+            }
+            Ok(())
+        }
+
+        fn answers_the_desired_state(bytes: &[u8]) -> Result<(), TestCaseError> {
+            let mut c = core();
+            let fx = c.on_message(&Topic::Desired(dev()).render(), bytes, NOW);
+            let reports = topic_of(&fx, edgebind_protocol::topics::Kind::Reported);
+            let events = topic_of(&fx, edgebind_protocol::topics::Kind::Events);
+            if bytes.is_empty() {
+                prop_assert_eq!((reports, events), (0, 0));
+            } else {
+                prop_assert_eq!(reports + events, 1);
+            }
+            // Whatever was asked, the settings in force obey the contract.
+            let s = c.settings();
+            let (lo, hi) = edgebind_protocol::settings::TELEMETRY_INTERVAL_RANGE_S;
+            prop_assert!((lo..=hi).contains(&s.telemetry_interval_s));
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_command_bytes_get_a_result(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+                answers_the_command(&bytes)?;
+            }
+
+            #[test]
+            fn a_damaged_command_gets_a_result(cmd in valid_command(), edits in byte_edits()) {
+                answers_the_command(&apply(cmd, &edits))?;
+            }
+
+            #[test]
+            fn any_desired_bytes_are_reported_or_refused(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+                answers_the_desired_state(&bytes)?;
+            }
+
+            #[test]
+            fn a_damaged_desired_state_is_reported_or_refused(
+                interval in any::<i64>(),
+                level in prop_oneof![Just("debug"), Just("loud"), Just("")],
+                edits in byte_edits(),
+            ) {
+                let valid = serde_json::to_vec(&serde_json::json!({
+                    "revision": 3,
+                    "settings": {"telemetry_interval_s": interval, "log_level": level},
+                }))
+                .unwrap();
+                answers_the_desired_state(&valid)?;
+                answers_the_desired_state(&apply(valid, &edits))?;
+            }
+        }
+    }
 }

@@ -443,7 +443,7 @@ mod tests {
         assert_eq!((recs.len(), report.skipped_lines), (2, 0));
     }
 
-    mod prop {
+    mod fuzz {
         use super::super::*;
         use proptest::prelude::*;
 
@@ -471,6 +471,36 @@ mod tests {
                 // Good lines before the garbage are kept (the garbage may at
                 // most take the line it starts in, which is its own).
                 prop_assert!(recs.len() >= wanted);
+                f.append(&super::entry("after", 99, CommandStatus::Succeeded)).unwrap();
+                let (_, again, report) = JournalFile::open(dir.path()).unwrap();
+                prop_assert_eq!(report.skipped_lines, 0);
+                prop_assert!(again.iter().any(|e| e.id.as_str() == "after"));
+            }
+
+            /// Damage inside the file (a bad sector, a torn write) costs at
+            /// most the lines it touches: the rest is read, and the file
+            /// takes appends that read back clean.
+            #[test]
+            fn a_damaged_journal_loses_only_the_lines_it_touches(
+                n in 1usize..12,
+                edits in crate::fuzz_support::byte_edits(),
+            ) {
+                let dir = tempfile::tempdir().unwrap();
+                let lines: Vec<Vec<u8>> = (0..n)
+                    .map(|i| {
+                        let e = super::entry(&format!("g{i}"), i as u64, CommandStatus::Succeeded);
+                        serde_json::to_vec(&e).unwrap()
+                    })
+                    .collect();
+                let raw: Vec<u8> = lines.iter().flat_map(|l| l.iter().chain(b"\n")).copied().collect();
+                let damaged = crate::fuzz_support::apply(raw, &edits);
+                std::fs::write(dir.path().join(JOURNAL_FILE_NAME), &damaged).unwrap();
+                let (mut f, recs, _) = JournalFile::open(dir.path()).unwrap();
+                // Every line the damage left whole is read.
+                let mut whole: Vec<&[u8]> = damaged.split(|b| *b == b'\n').collect();
+                whole.pop(); // after the last newline: not a complete line
+                let intact = lines.iter().filter(|l| whole.contains(&l.as_slice())).count();
+                prop_assert!(recs.len() >= intact, "{} read, {} intact", recs.len(), intact);
                 f.append(&super::entry("after", 99, CommandStatus::Succeeded)).unwrap();
                 let (_, again, report) = JournalFile::open(dir.path()).unwrap();
                 prop_assert_eq!(report.skipped_lines, 0);

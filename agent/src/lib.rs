@@ -38,5 +38,8 @@ pub mod systemd;
 pub mod telemetry;
 pub mod writer;
 
+#[cfg(test)]
+mod fuzz_support;
+
 pub use config::AgentConfig;
 pub use runtime::{Agent, Exit, RunOptions, ShutdownHandle, ShutdownSignal, shutdown_channel};

@@ -589,7 +589,7 @@ mod tests {
         assert_eq!((d.records.len(), d.damaged), (4, 0));
     }
 
-    mod prop {
+    mod fuzz {
         use super::super::*;
         use proptest::prelude::*;
 

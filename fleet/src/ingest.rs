@@ -49,6 +49,53 @@ fn invalid(topic: &str, detail: impl ToString) -> Dropped {
 
 /// Decode one message. `received_at` is the service's clock.
 pub fn decode(topic: &str, payload: &[u8], received_at: UnixSeconds) -> Result<Update, Dropped> {
+    let mut update = decode_raw(topic, payload, received_at)?;
+    replace_nul(&mut update);
+    Ok(update)
+}
+
+/// A NUL character (`\u0000` in the JSON) is valid JSON and a valid Rust
+/// string, but PostgreSQL refuses it in TEXT: one such status or event made
+/// every retry of its batch fail, the service gave up, and the broker handed
+/// the unacknowledged message to the next start, so one device could halt
+/// ingest for the fleet. The free text stored as is (not as JSON, which
+/// escapes it) gets U+FFFD instead, as a lossy UTF-8 read would, on every
+/// backend alike.
+fn replace_nul(update: &mut Update) {
+    fn clean(s: &mut String) {
+        if s.contains('\0') {
+            *s = s.replace('\0', "\u{FFFD}");
+        }
+    }
+    match update {
+        Update::Status { status, .. } => {
+            for s in [
+                &mut status.agent_version,
+                &mut status.boot_id,
+                &mut status.session,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                clean(s);
+            }
+            status.addresses.iter_mut().for_each(clean);
+        }
+        Update::Event { event, .. } => {
+            clean(&mut event.kind);
+            clean(&mut event.message);
+        }
+        Update::CommandResult { result, .. } => {
+            if let Some(r) = &mut result.reason {
+                clean(r);
+            }
+        }
+        // Stored as JSON text (escaped) or as a validated id.
+        Update::Telemetry { .. } | Update::Reported { .. } | Update::CommandSeen { .. } => {}
+    }
+}
+
+fn decode_raw(topic: &str, payload: &[u8], received_at: UnixSeconds) -> Result<Update, Dropped> {
     let parsed = Topic::parse(topic).ok_or_else(|| Dropped::ForeignTopic(topic.to_owned()))?;
     if payload.is_empty() {
         return Err(Dropped::Empty {
@@ -120,7 +167,7 @@ pub fn decode(topic: &str, payload: &[u8], received_at: UnixSeconds) -> Result<U
 mod tests {
     use edgebind_protocol::messages::{CommandStatus, Presence};
     use edgebind_protocol::{CommandId, DeviceId};
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
 
@@ -181,6 +228,49 @@ mod tests {
             if result.status == CommandStatus::Rejected && result.id == CommandId::new("c1").unwrap()));
     }
 
+    /// The strings of `u` stored as they are (not as JSON).
+    fn free_text(u: &Update) -> Vec<&str> {
+        match u {
+            Update::Status { status, .. } => {
+                [&status.agent_version, &status.boot_id, &status.session]
+                    .into_iter()
+                    .flatten()
+                    .chain(&status.addresses)
+                    .map(String::as_str)
+                    .collect()
+            }
+            Update::Event { event, .. } => vec![&event.kind, &event.message],
+            Update::CommandResult { result, .. } => result.reason.as_deref().into_iter().collect(),
+            _ => vec![],
+        }
+    }
+
+    #[test]
+    fn a_nul_in_stored_free_text_becomes_a_replacement_character() {
+        let u = decode(
+            "edgebind/v2/events/a",
+            br#"{"ts":1,"kind":"k\u0000","message":"a\u0000b"}"#,
+            2,
+        )
+        .unwrap();
+        match u {
+            Update::Event { event, .. } => {
+                assert_eq!(
+                    (event.kind.as_str(), event.message.as_str()),
+                    ("k\u{FFFD}", "a\u{FFFD}b")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let u = decode(
+            "edgebind/v2/status/a",
+            br#"{"state":"online","agent_version":"\u0000","addresses":["\u0000"]}"#,
+            2,
+        )
+        .unwrap();
+        assert!(free_text(&u).iter().all(|s| !s.contains('\0')), "{u:?}");
+    }
+
     #[test]
     fn bad_messages_are_dropped_with_a_reason() {
         let cases: &[(&str, &[u8])] = &[
@@ -212,5 +302,140 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("c2") && err.contains("c1"), "{err}");
+    }
+
+    /// The fuzz set for what devices (and anyone allowed to publish) send the
+    /// fleet: any topic and any bytes are an update for the device the topic
+    /// names, or a reason to drop them, never a panic.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+        use proptest::sample::Index;
+
+        fn topic() -> impl Strategy<Value = String> {
+            (
+                prop_oneof![
+                    Just("status".to_owned()),
+                    Just("telemetry".to_owned()),
+                    Just("events".to_owned()),
+                    Just("reported".to_owned()),
+                    Just("cmd-result".to_owned()),
+                    Just("cmd".to_owned()),
+                    Just("desired".to_owned()),
+                    "[a-z+#-]{0,10}",
+                ],
+                prop_oneof![Just("a".to_owned()), "[a-zA-Z0-9/+#._ -]{0,10}"],
+                prop_oneof![Just("c1".to_owned()), "[a-zA-Z0-9/+#._ -]{0,10}"],
+                0..3usize,
+            )
+                .prop_map(|(kind, dev, cmd, shape)| match shape {
+                    0 => format!("edgebind/v2/{kind}/{dev}/{cmd}"),
+                    1 => format!("edgebind/v2/{kind}/{dev}"),
+                    _ => format!("{kind}/{dev}/{cmd}"),
+                })
+        }
+
+        /// A valid payload for `topic`'s kind (or `{}`).
+        fn valid_payload(topic: &str) -> Vec<u8> {
+            let kind = topic.split('/').nth(2).unwrap_or("");
+            let v = match kind {
+                "status" => {
+                    json!({"state": "online", "agent_version": "0.1.0", "ts": 5, "addresses": ["10.0.0.2"]})
+                }
+                "telemetry" => serde_json::from_str(&telemetry_json(42)).unwrap(),
+                "events" => json!({"ts": 1, "kind": "k", "message": "m"}),
+                "reported" => {
+                    json!({"revision": 2, "applied": {"log_level": "info"}, "ignored": {}, "ts": 3})
+                }
+                "cmd-result" => {
+                    json!({"id": "c1", "status": "succeeded", "output": {"a": [1, 2]}, "facts": true, "ts": 1})
+                }
+                "cmd" => json!({"id": "c1", "action": "ping", "args": {"x": 1}}),
+                _ => json!({}),
+            };
+            serde_json::to_vec(&v).unwrap()
+        }
+
+        fn field_edit() -> impl Strategy<Value = (Index, Value)> {
+            let value = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(Value::from),
+                ".{0,8}".prop_map(Value::from),
+                Just(json!([])),
+                Just(json!({"nested": [null]})),
+            ];
+            (any::<Index>(), value)
+        }
+
+        fn check(topic: &str, payload: &[u8]) -> Result<(), TestCaseError> {
+            match decode(topic, payload, 9) {
+                Ok(update) => {
+                    let parsed = Topic::parse(topic);
+                    prop_assert_eq!(parsed.as_ref().map(Topic::device), Some(update.device()));
+                    if let Update::Telemetry {
+                        payload: stored, ..
+                    } = &update
+                    {
+                        prop_assert_eq!(stored.as_bytes(), payload, "stored verbatim");
+                    }
+                    // Nothing PostgreSQL would refuse (see replace_nul).
+                    prop_assert!(
+                        free_text(&update).iter().all(|s| !s.contains('\0')),
+                        "{:?}",
+                        update
+                    );
+                }
+                Err(d) => prop_assert!(!d.to_string().is_empty()),
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_topic_and_bytes_are_an_update_or_dropped_with_a_reason(
+                topic in topic(),
+                bytes in prop::collection::vec(any::<u8>(), 0..256),
+            ) {
+                check(&topic, &bytes)?;
+            }
+
+            #[test]
+            fn a_damaged_message_is_an_update_or_dropped_with_a_reason(
+                topic in topic(),
+                flips in prop::collection::vec((any::<Index>(), 1..=255u8), 1..4),
+                cut in any::<Index>(),
+            ) {
+                let mut bytes = valid_payload(&topic);
+                for (i, m) in &flips {
+                    let at = i.index(bytes.len());
+                    bytes[at] ^= m;
+                }
+                check(&topic, &bytes)?;
+                bytes.truncate(cut.index(bytes.len()));
+                check(&topic, &bytes)?;
+            }
+
+            #[test]
+            fn a_message_with_a_wrong_field_is_an_update_or_dropped_with_a_reason(
+                topic in topic(),
+                edits in prop::collection::vec(field_edit(), 1..4),
+            ) {
+                let mut v: Value = serde_json::from_slice(&valid_payload(&topic)).unwrap();
+                let obj = v.as_object_mut().unwrap();
+                for (i, value) in edits {
+                    let keys: Vec<String> = obj.keys().cloned().collect();
+                    if !keys.is_empty() {
+                        obj.insert(keys[i.index(keys.len())].clone(), value);
+                    }
+                }
+                check(&topic, &serde_json::to_vec(&v).unwrap())?;
+            }
+        }
     }
 }

@@ -4,7 +4,7 @@
 //! agents and new fleet services can talk; unknown fields are ignored on
 //! purpose for the same reason.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
 use crate::ids::CommandId;
@@ -81,6 +81,7 @@ pub struct NetCounters {
 pub struct Telemetry {
     pub ts: UnixSeconds,
     /// Whole-system CPU use since the previous sample, 0–100.
+    #[serde(deserialize_with = "finite_f32")]
     pub cpu_pct: f32,
     pub load_avg: [f64; 3],
     pub mem_total_bytes: u64,
@@ -89,10 +90,35 @@ pub struct Telemetry {
     pub disk_total_bytes: u64,
     pub disk_used_bytes: u64,
     pub uptime_s: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "finite_f32_opt"
+    )]
     pub soc_temp_c: Option<f32>,
     #[serde(default)]
     pub net: Vec<NetCounters>,
+}
+
+/// serde reads an `f32` from any JSON number and turns one beyond its range
+/// into infinity, which renders as `null` and then no longer parses (the
+/// registry stores telemetry as received and reads it back): refused here.
+fn finite_f32<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    let wide = f64::deserialize(d)?;
+    let narrow = wide as f32;
+    if narrow.is_finite() {
+        Ok(narrow)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{wide} is beyond the range of an f32"
+        )))
+    }
+}
+
+fn finite_f32_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f32>, D::Error> {
+    #[derive(Deserialize)]
+    struct Wrap(#[serde(deserialize_with = "finite_f32")] f32);
+    Ok(Option::<Wrap>::deserialize(d)?.map(|Wrap(f)| f))
 }
 
 /// Free-form device event (e.g. "settings applied", "identity expires soon").

@@ -389,4 +389,73 @@ type = "string"
         assert_eq!(names, ["selftest"]);
         assert!(load_dir(&dir.path().join("none"), &cfg).is_empty());
     }
+
+    /// The fuzz set for action definitions (files the image ships, which a
+    /// layer or a hand edit can get wrong): a definition or a reason, and a
+    /// checked command becomes one argv word per argument, never more.
+    mod fuzz {
+        use super::*;
+        use crate::fuzz_support::{apply_text, byte_edits};
+        use edgebind_protocol::actions::validate_args;
+        use proptest::prelude::*;
+
+        fn arg_value() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                any::<bool>().prop_map(Value::from),
+                (0i64..8).prop_map(Value::from),
+                prop_oneof![
+                    Just("quick".to_owned()),
+                    Just("full".to_owned()),
+                    "(?s).{0,12}"
+                ]
+                .prop_map(Value::from),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_text_is_a_definition_or_a_reason(text in "(?s).{0,300}") {
+                if let Err(e) = parse("t", &text, Sandbox::Fallback) {
+                    prop_assert!(!e.trim().is_empty());
+                }
+            }
+
+            #[test]
+            fn a_damaged_definition_is_a_definition_or_a_reason(edits in byte_edits()) {
+                match parse("selftest", &apply_text(SELFTEST, &edits), Sandbox::Fallback) {
+                    Ok(d) => {
+                        let spec = d.spec();
+                        let text = serde_json::to_string(&spec).unwrap();
+                        prop_assert_eq!(serde_json::from_str::<ActionSpec>(&text).unwrap(), spec);
+                    }
+                    Err(e) => prop_assert!(!e.trim().is_empty()),
+                }
+            }
+
+            #[test]
+            fn checked_arguments_become_one_argv_word_each(
+                args in prop::collection::btree_map(
+                    prop_oneof![Just("level"), Just("count"), Just("target"), Just("other")],
+                    arg_value(),
+                    0..4,
+                ),
+            ) {
+                let d = parse("selftest", SELFTEST, Sandbox::Fallback).unwrap();
+                let args: Map<String, Value> =
+                    args.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+                if validate_args(&d.spec().args, &args).is_ok() {
+                    let argv = d.argv(&args);
+                    let separator = usize::from(args.contains_key("target"));
+                    prop_assert_eq!(argv.len(), 1 + args.len() + separator);
+                    // A positional value, whatever it spells, comes after `--`.
+                    if let Some(Value::String(t)) = args.get("target") {
+                        prop_assert_eq!(&argv[argv.len() - 2], "--");
+                        prop_assert_eq!(&argv[argv.len() - 1], t);
+                    }
+                }
+            }
+        }
+    }
 }

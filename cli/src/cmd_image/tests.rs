@@ -307,3 +307,99 @@ fn the_identity_import_script_follows_the_bundle_contract() {
         );
     }
 }
+
+/// The fuzz set of the bundle tar reader (`personalize --bundle` reads
+/// whatever file it is given before anything goes onto an image): any
+/// bytes, and valid bundles with bytes flipped or cut off, are entries or an
+/// error, never a panic; what `write` makes `read` returns unchanged; and
+/// the PKI's own tars (made with the `tar` crate) pass the check.
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
+    fn entry() -> impl Strategy<Value = tarball::Entry> {
+        (
+            "[a-z][a-z0-9._-]{0,40}",
+            0u32..0o10000,
+            prop::collection::vec(any::<u8>(), 0..1500),
+        )
+            .prop_map(|(name, mode, data)| tarball::Entry { name, mode, data })
+    }
+
+    fn read_or_refuse(bytes: &[u8]) -> Result<(), TestCaseError> {
+        match tarball::read(bytes) {
+            Ok(entries) => {
+                let total: usize = entries.iter().map(|e| e.data.len()).sum();
+                prop_assert!(total <= bytes.len());
+                if let Err(e) = tarball::check_identity_files(&entries) {
+                    prop_assert!(!e.to_string().is_empty());
+                }
+            }
+            Err(e) => prop_assert!(!format!("{e:#}").is_empty()),
+        }
+        Ok(())
+    }
+
+    fn pki_tar(cert: &str, key: &str, ca: &str, toml: &str) -> Vec<u8> {
+        let now = time::OffsetDateTime::UNIX_EPOCH;
+        let issued = edgebind_certs::IssuedCert {
+            principal: None,
+            cn: "dev-a".into(),
+            serial: "01".into(),
+            fingerprint_sha256: "00".into(),
+            not_before: now,
+            not_after: now,
+            cert_pem: cert.into(),
+            chain_pem: cert.into(),
+            key_pem: key.into(),
+        };
+        edgebind_certs::bundle::tar_of(&issued, ca, toml).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_bytes_are_entries_or_an_error(bytes in prop::collection::vec(any::<u8>(), 0..3000)) {
+            read_or_refuse(&bytes)?;
+        }
+
+        #[test]
+        fn written_entries_read_back_unchanged(entries in prop::collection::vec(entry(), 0..5)) {
+            let bytes = tarball::write(&entries).unwrap();
+            prop_assert_eq!(tarball::read(&bytes).unwrap(), entries);
+        }
+
+        #[test]
+        fn a_damaged_bundle_is_read_or_refused(
+            flips in prop::collection::vec((any::<Index>(), 1..=255u8), 1..5),
+            cut in any::<Index>(),
+        ) {
+            let mut bytes = tarball::write(&identity_entries()).unwrap();
+            for (i, m) in &flips {
+                let at = i.index(bytes.len());
+                bytes[at] ^= m;
+            }
+            read_or_refuse(&bytes)?;
+            bytes.truncate(cut.index(bytes.len()));
+            read_or_refuse(&bytes)?;
+        }
+
+        #[test]
+        fn pki_bundles_are_identity_bundles(
+            cert in "[ -~\n]{1,300}",
+            key in "[ -~\n]{1,300}",
+            ca in "[ -~\n]{1,300}",
+            toml in "(?s).{1,300}",
+        ) {
+            let entries = tarball::read(&pki_tar(&cert, &key, &ca, &toml)).unwrap();
+            tarball::check_identity_files(&entries).unwrap();
+            let find = |n: &str| entries.iter().find(|e| e.name == n).unwrap();
+            prop_assert_eq!(&find("agent.toml").data, toml.as_bytes());
+            prop_assert_eq!(&find("device.key").data, key.as_bytes());
+            prop_assert_eq!(find("device.key").mode, 0o600);
+            prop_assert_eq!(&find("ca.crt").data, ca.as_bytes());
+        }
+    }
+}

@@ -184,11 +184,21 @@ impl Fleet {
     /// Sends `action` as the operator (QoS 1). `retain` keeps it on the
     /// broker so that every reconnect of the device gets it delivered again.
     pub fn send(&self, id: &str, action: Action, retain: bool) -> anyhow::Result<CommandId> {
+        self.send_with_args(id, action, Default::default(), retain)
+    }
+
+    pub fn send_with_args(
+        &self,
+        id: &str,
+        action: Action,
+        args: serde_json::Map<String, serde_json::Value>,
+        retain: bool,
+    ) -> anyhow::Result<CommandId> {
         let id = CommandId::new(id)?;
         let cmd = DeviceCommand {
             id: id.clone(),
             action: action.clone(),
-            args: Default::default(),
+            args,
             expires_at: None,
         };
         let topic = Topic::Cmd(self.device.clone(), id.clone()).render();
@@ -266,6 +276,25 @@ impl Fleet {
     }
 
     /// Every result the device published for command `id`.
+    /// The final result of command `id` (not `accepted`), waiting up to `timeout`.
+    pub fn wait_final(&self, id: &CommandId, timeout: Duration) -> anyhow::Result<CommandResult> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(r) = self.results(id).into_iter().find(|r| r.status.is_final()) {
+                return Ok(r);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no final result for {id} within {timeout:?} (results: {:?})",
+                    self.results(id)
+                );
+            }
+            let topic = Topic::CmdResult(self.device.clone(), id.clone()).render();
+            self.operator
+                .wait_for_message(Duration::from_millis(500), |m| m.topic == topic);
+        }
+    }
+
     pub fn results(&self, id: &CommandId) -> Vec<CommandResult> {
         let topic = Topic::CmdResult(self.device.clone(), id.clone()).render();
         self.operator

@@ -11,7 +11,11 @@
 //!    back online with a new boot id and the redelivered command does not
 //!    run again;
 //! 5. after revocation (CRL + broker reload) the rebooted device cannot
-//!    reconnect.
+//!    reconnect;
+//! 6. the layer's example action (`selftest`, from its recipe's files) runs on
+//!    request and its output comes back, and an action can write only where
+//!    it declared and gains no privileges: in the agent's own sandbox and as
+//!    a transient systemd unit made with the agent's properties.
 
 mod b64;
 mod bootdisk;
@@ -44,6 +48,8 @@ const NO_SECOND_REBOOT_WINDOW: Duration = Duration::from_secs(40);
 const REVOKED_WINDOW: Duration = Duration::from_secs(40);
 /// The hardening target from the layer's issue.
 const MAX_EXPOSURE: f64 = 2.0;
+/// A declared action's result (the definitions allow 30 s; TCG is slow).
+const ACTION_TIMEOUT: Duration = Duration::from_secs(90);
 
 #[derive(Parser)]
 #[command(
@@ -207,6 +213,7 @@ impl Scenario<'_> {
             || "no retained `online` for this boot within 10 s".to_owned(),
         );
         check_under_systemd(&mut b.guest, &mut self.findings)?;
+        check_declared_actions(&mut b.guest, &self.fleet, &mut self.findings)?;
 
         // Reboot command, published retained so that the broker delivers it
         // again on every reconnect: the device must not run it twice.
@@ -675,4 +682,172 @@ mod tests {
         );
         assert_eq!(parse_exposure("nothing here"), None);
     }
+}
+
+/// The image's declared actions through the real agent under systemd: the
+/// layer's example (`selftest`) runs with its argument and its output comes
+/// back; the test-only probe (tests/boot/guest/edgebind-probe) shows what an
+/// action may do, first in the sandbox the agent picks on the image (it is
+/// not root: its own process tree inside its hardened unit, with Landlock),
+/// then as a real transient systemd unit with the properties the agent's
+/// runner gives one (`systemd-run`, what a root agent uses), started as root.
+fn check_declared_actions(
+    guest: &mut Guest,
+    fleet: &Fleet,
+    findings: &mut Findings,
+) -> anyhow::Result<()> {
+    use edgebind_protocol::actions::{Action, INVENTORY};
+    use edgebind_protocol::messages::Inventory;
+    use serde_json::{Map, Value, json};
+
+    let args = |v: Value| -> Map<String, Value> { v.as_object().cloned().unwrap_or_default() };
+    let inv = fleet.send("inventory-actions", INVENTORY, false)?;
+    let inv = fleet.wait_final(&inv, ACTION_TIMEOUT)?;
+    let names: Vec<String> = inv
+        .output
+        .clone()
+        .and_then(|o| serde_json::from_value::<Inventory>(o).ok())
+        .map(|i| i.actions.iter().map(|a| a.name.to_string()).collect())
+        .unwrap_or_default();
+    findings.check(
+        names.iter().any(|n| n == "selftest") && names.iter().any(|n| n == "probe"),
+        "the inventory lists the declared actions selftest (the layer's example) and probe",
+        || format!("actions: {names:?}"),
+    );
+
+    let id = fleet.send_with_args(
+        "selftest-0001",
+        Action::new("selftest").map_err(anyhow::Error::msg)?,
+        args(json!({"level": "full"})),
+        false,
+    )?;
+    let r = fleet.wait_final(&id, ACTION_TIMEOUT)?;
+    let out = r.output.clone().unwrap_or_default();
+    let stdout = out["stdout"].as_str().unwrap_or_default();
+    findings.check(
+        r.status == CommandStatus::Succeeded
+            && stdout.contains("selftest level=full")
+            && stdout.contains("selftest ok"),
+        "the layer's selftest action ran with level=full and its output came back",
+        || format!("{r:?}"),
+    );
+    println!(
+        "[first] selftest: {} in the {} sandbox, stdout:\n{}",
+        r.status.as_str(),
+        out["sandbox"],
+        indent(stdout)
+    );
+
+    // In the agent's sandbox: its unit lets it write /var/lib/edgebind and
+    // /run/edgebind; the definition declares only /var/lib/edgebind/probe.
+    guest.check("install -d -o edgebind -g edgebind -m 0700 /var/lib/edgebind/probe")?;
+    let id = fleet.send_with_args(
+        "probe-0001",
+        Action::new("probe").map_err(anyhow::Error::msg)?,
+        args(json!({
+            "allowed": "/var/lib/edgebind/probe",
+            "outside": "/var/lib/edgebind",
+            "outside2": "/run/edgebind",
+        })),
+        false,
+    )?;
+    let r = fleet.wait_final(&id, ACTION_TIMEOUT)?;
+    let out = r.output.clone().unwrap_or_default();
+    let report = out["stdout"].as_str().unwrap_or_default().to_owned();
+    println!(
+        "[first] probe in the agent's sandbox ({}, landlock {}):\n{}",
+        out["sandbox"],
+        out["landlock"],
+        indent(&report)
+    );
+    check_probe(
+        findings,
+        "in the agent's sandbox",
+        &report,
+        "/var/lib/edgebind/probe",
+        &["/var/lib/edgebind", "/run/edgebind"],
+        None,
+    );
+
+    // As a transient unit, started by root with the runner's properties:
+    // world-writable directories, so only the sandbox can refuse a write.
+    guest.check("install -d -m 0777 /var/lib/edgebind-probe /var/lib/edgebind-probe-outside")?;
+    let spec = edgebind_agent::runner::ProgramSpec {
+        action: "probe".into(),
+        argv: [
+            "/usr/local/libexec/edgebind-actions/probe",
+            "--allowed=/var/lib/edgebind-probe",
+            "--",
+            "/var/lib/edgebind-probe-outside",
+            "/etc",
+        ]
+        .map(String::from)
+        .to_vec(),
+        run_as: edgebind_agent::runner::RunAs::User("nobody".into()),
+        timeout: Duration::from_secs(30),
+        output_limit: 8192,
+        writable: vec!["/var/lib/edgebind-probe".into()],
+        sandbox: edgebind_agent::runner::Sandbox::SystemdRun,
+    };
+    let argv = edgebind_agent::runner::systemd_run_argv(
+        &spec,
+        &edgebind_protocol::CommandId::new("boot-probe")?,
+        Some("nobody"),
+    );
+    let line: Vec<String> = argv.iter().map(|a| shell_quote(a)).collect();
+    let unit = guest.run(&line.join(" "))?;
+    println!(
+        "[first] probe as a transient systemd unit (rc {}):\n{}",
+        unit.rc,
+        indent(&unit.text)
+    );
+    check_probe(
+        findings,
+        "as a transient systemd unit",
+        &unit.text,
+        "/var/lib/edgebind-probe",
+        &["/var/lib/edgebind-probe-outside", "/etc"],
+        Some("65534"),
+    );
+    Ok(())
+}
+
+/// The probe's report: the declared directory written, every other refused,
+/// NoNewPrivs set and no capability at all (and the expected uid).
+fn check_probe(
+    findings: &mut Findings,
+    how: &str,
+    report: &str,
+    allowed: &str,
+    outside: &[&str],
+    uid: Option<&str>,
+) {
+    let has = |line: String| report.lines().any(|l| l.trim() == line);
+    findings.check(
+        has(format!("write {allowed}: ok")),
+        &format!("{how}, an action writes where its definition allows ({allowed})"),
+        || report.to_owned(),
+    );
+    findings.check(
+        outside.iter().all(|d| has(format!("write {d}: denied"))),
+        &format!(
+            "{how}, an action cannot write outside its allowed paths ({})",
+            outside.join(", ")
+        ),
+        || report.to_owned(),
+    );
+    findings.check(
+        has("NoNewPrivs: 1".into())
+            && ["CapEff:", "CapPrm:", "CapAmb:"]
+                .iter()
+                .all(|c| has(format!("{c} 0000000000000000")))
+            && uid.is_none_or(|u| has(format!("uid: {u}"))),
+        &format!("{how}, an action cannot gain privileges (NoNewPrivs, no capabilities)"),
+        || report.to_owned(),
+    );
+}
+
+/// One shell word.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
