@@ -336,7 +336,10 @@ mod fuzz {
                     prop_assert!(!e.to_string().is_empty());
                 }
             }
-            Err(e) => prop_assert!(!format!("{e:#}").is_empty()),
+            Err(e) => {
+                let message = format!("{e:#}");
+                prop_assert!(!message.is_empty());
+            }
         }
         Ok(())
     }
@@ -353,6 +356,7 @@ mod fuzz {
             cert_pem: cert.into(),
             chain_pem: cert.into(),
             key_pem: key.into(),
+            issuer_id: "00".into(),
         };
         edgebind_certs::bundle::tar_of(&issued, ca, toml).unwrap()
     }

@@ -31,6 +31,7 @@ pub fn renew(args: RenewArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
             on_connect: false,
             connect: args.connect,
             json: args.json,
+            rate: None,
         },
         home,
     )
