@@ -8,7 +8,6 @@
 
 mod fleet_support;
 
-use edgebind_fleet::registry::Store;
 use edgebind_protocol::DeviceId;
 use edgebind_protocol::topics::Topic;
 use edgebind_tests::{QoS, TestClient, wait_for};

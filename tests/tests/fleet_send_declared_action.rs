@@ -10,7 +10,6 @@ mod fleet_support;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use edgebind_fleet::registry::Store;
 use edgebind_protocol::DeviceId;
 use edgebind_protocol::messages::Inventory;
 use fleet_support::{AgentTweaks, Fleet, LONG, stderr, stdout};
