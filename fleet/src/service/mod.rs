@@ -31,6 +31,7 @@
 //! instances never publish the same command or settings revision.
 
 mod outbox;
+pub mod provision;
 mod writer;
 
 use std::sync::Arc;
@@ -76,6 +77,8 @@ pub struct ServiceConfig {
     /// Ask every device that connects for its inventory.
     pub inventory_on_connect: bool,
     pub retention: Retention,
+    /// Answer claim requests on the provisioning listener ([`provision`]).
+    pub provisioning: Option<provision::ProvisionConfig>,
 }
 
 impl ServiceConfig {
@@ -95,6 +98,7 @@ impl ServiceConfig {
             poll_interval: Duration::from_millis(250),
             inventory_on_connect: true,
             retention: Retention::default(),
+            provisioning: None,
         }
     }
 }
@@ -143,6 +147,8 @@ pub struct Counters {
     pub connects: AtomicU64,
     /// The broker's dropped-messages counter as last read (`None`: not yet).
     pub broker_dropped: std::sync::Mutex<Option<u64>>,
+    /// The provisioning connection's requests and answers.
+    pub provision: Arc<provision::ProvisionCounters>,
 }
 
 impl Counters {
@@ -264,6 +270,27 @@ pub async fn run(
         .map_err(|e| ServiceError::Internal(format!("cannot start the outbox thread: {e}")))?;
     drop(connected_tx);
 
+    let (stop_provisioning, provisioning_stopped) = tokio::sync::watch::channel(false);
+    // A provisioning connection that fails is logged loudly; the device
+    // side of the service goes on (devices already provisioned are served).
+    let provisioner = config.provisioning.clone().map(|p| {
+        let work = provision::run(
+            config.instance.clone(),
+            config.registry.clone(),
+            config.retention,
+            config.identity.clone(),
+            config.keep_alive,
+            p,
+            counters.provision.clone(),
+            provisioning_stopped,
+        );
+        tokio::spawn(async move {
+            if let Err(e) = work.await {
+                tracing::error!(error = %e, "claim provisioning stopped: units cannot provision");
+            }
+        })
+    });
+
     let subscriptions = ingest::subscriptions();
     tokio::pin!(shutdown);
     loop {
@@ -351,6 +378,10 @@ pub async fn run(
         }
     };
     let _ = tokio::task::spawn_blocking(move || outbox_thread.join()).await;
+    let _ = stop_provisioning.send(true);
+    if let Some(task) = provisioner {
+        let _ = task.await;
+    }
     let _ = client.disconnect().await;
     // Flush the queued acks and the DISCONNECT.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
