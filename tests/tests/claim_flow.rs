@@ -374,7 +374,8 @@ fn a_forged_or_mismatched_answer_is_refused_and_the_unit_asks_again() {
     let agent = fleet.spawn_agent(&config);
     let request_topic = Leg::Request.topic(&batch(), &serial);
     let foreign = foreign_ca();
-    let forgeries: Vec<Box<dyn Fn(&str) -> Vec<u8>>> = vec![
+    type Forgery<'f> = Box<dyn Fn(&str) -> Vec<u8> + 'f>;
+    let forgeries: Vec<Forgery> = vec![
         // The unit's own key and id, signed by another CA.
         Box::new(|csr: &str| issued("sn-0001", &sign_with(&foreign, csr, "sn-0001"))),
         // A real fleet certificate for the id, but not for the unit's key.
