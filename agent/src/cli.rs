@@ -111,6 +111,44 @@ pub fn main() -> i32 {
         }
     };
     runtime.block_on(async move {
+        let (handle, mut signal) = shutdown_channel();
+        if args.check {
+            if let Some(claim) = &config.claim
+                && !config.identity.cert.exists()
+            {
+                return match crate::claim::read_serial(claim) {
+                    Ok(serial) => {
+                        println!(
+                            "edgebind-agent: configuration {} is a claim bundle: unit {serial} will claim the identity of {}",
+                            args.config.display(),
+                            serial.device_id()
+                        );
+                        0
+                    }
+                    Err(e) => refuse(&e),
+                };
+            }
+        } else {
+            tokio::spawn(async move {
+                wait_for_termination().await;
+                handle.shutdown();
+            });
+            // A claim bundle: obtain the device identity first.
+            let stats = crate::claim::ClaimStats::default();
+            match crate::claim::ensure_identity(
+                &config,
+                &stats,
+                &options.notifier,
+                options.watchdog,
+                &mut signal,
+            )
+            .await
+            {
+                Ok(crate::claim::FirstBoot::Stopped) => return 0,
+                Ok(_) => {}
+                Err(e) => return refuse(&e),
+            }
+        }
         // The journal and the network task need the runtime to exist.
         let agent = match Agent::prepare(config, options) {
             Ok(a) => a,
@@ -124,11 +162,6 @@ pub fn main() -> i32 {
             );
             return 0;
         }
-        let (handle, signal) = shutdown_channel();
-        tokio::spawn(async move {
-            wait_for_termination().await;
-            handle.shutdown();
-        });
         agent.run(signal).await.code()
     })
 }

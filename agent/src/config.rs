@@ -76,6 +76,67 @@ pub struct AgentConfig {
     /// (see [`crate::renewal::RenewalConfig`]).
     #[serde(default)]
     pub renewal: crate::renewal::RenewalConfig,
+    /// `[claim]` (optional): a claim bundle. When `identity.cert` does not
+    /// exist yet, the agent first obtains its device identity with the
+    /// batch's claim identity ([`crate::claim`]).
+    #[serde(default)]
+    pub claim: Option<ClaimConfig>,
+}
+
+/// `[claim]`: claim-based first boot (see [`edgebind_protocol::bundle`]).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimConfig {
+    /// `cert` (default "claim.crt"): the batch's claim certificate (CN
+    /// `claim:BATCH`) followed by the issuing CA.
+    #[serde(default = "default_claim_cert")]
+    pub cert: PathBuf,
+    /// `key` (default "claim.key"): its private key; deleted once the device
+    /// has its own identity.
+    #[serde(default = "default_claim_key")]
+    pub key: PathBuf,
+    /// `port` (required): the broker's provisioning listener.
+    pub port: u16,
+    /// `serial_file` (default "/sys/firmware/devicetree/base/serial-number"
+    /// unless `serial` is given): the unit's serial number is its first line,
+    /// NULs and white space trimmed.
+    #[serde(default)]
+    pub serial_file: Option<PathBuf>,
+    /// `serial`: the serial number itself, instead of `serial_file`.
+    #[serde(default)]
+    pub serial: Option<edgebind_protocol::UnitSerial>,
+    /// `response_timeout_s` (default 30, 1..=3600): how long to wait for the
+    /// fleet's answer before asking again.
+    #[serde(default = "default_claim_timeout")]
+    pub response_timeout_s: u64,
+}
+
+impl ClaimConfig {
+    /// A claim section reading the serial `serial`, every other key at its default.
+    pub fn new(port: u16, serial: edgebind_protocol::UnitSerial) -> Self {
+        ClaimConfig {
+            cert: default_claim_cert(),
+            key: default_claim_key(),
+            port,
+            serial_file: None,
+            serial: Some(serial),
+            response_timeout_s: default_claim_timeout(),
+        }
+    }
+
+    pub fn response_timeout(&self) -> Duration {
+        Duration::from_secs(self.response_timeout_s)
+    }
+}
+
+fn default_claim_cert() -> PathBuf {
+    edgebind_protocol::bundle::CLAIM_CERT.into()
+}
+fn default_claim_key() -> PathBuf {
+    edgebind_protocol::bundle::CLAIM_KEY.into()
+}
+fn default_claim_timeout() -> u64 {
+    edgebind_protocol::bundle::defaults::CLAIM_RESPONSE_TIMEOUT_S
 }
 
 /// `[broker]`
@@ -477,6 +538,7 @@ impl AgentConfig {
             actions: ActionsConfig::default(),
             log: LogConfig::default(),
             renewal: crate::renewal::RenewalConfig::default(),
+            claim: None,
         }
     }
 
@@ -519,6 +581,20 @@ impl AgentConfig {
         ] {
             if p.is_relative() {
                 *p = base.join(&*p);
+            }
+        }
+        if let Some(claim) = &mut self.claim {
+            for p in [&mut claim.cert, &mut claim.key]
+                .into_iter()
+                .chain(claim.serial_file.as_mut())
+            {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+            if claim.serial.is_none() && claim.serial_file.is_none() {
+                claim.serial_file =
+                    Some(edgebind_protocol::bundle::defaults::CLAIM_SERIAL_FILE.into());
             }
         }
     }
@@ -642,6 +718,29 @@ impl AgentConfig {
             }
             _ => {}
         }
+        if let Some(claim) = &self.claim {
+            if claim.port == 0 || claim.port == b.port {
+                return Err(invalid(
+                    "claim.port",
+                    format!(
+                        "must be the provisioning listener's port (1..=65535, not broker.port {})",
+                        b.port
+                    ),
+                ));
+            }
+            if claim.serial.is_some() && claim.serial_file.is_some() {
+                return Err(invalid(
+                    "claim.serial",
+                    "give either serial or serial_file, not both".into(),
+                ));
+            }
+            if !(1..=3600).contains(&claim.response_timeout_s) {
+                return Err(invalid(
+                    "claim.response_timeout_s",
+                    format!("{} is outside 1..=3600", claim.response_timeout_s),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -691,6 +790,54 @@ mod tests {
             Path::new("/etc/edgebind/agent.toml"),
             Path::new("/bundle"),
         )
+    }
+
+    #[test]
+    fn the_claim_bundle_template_loads_back() {
+        use edgebind_protocol::bundle::{SerialSource, claim_agent_toml};
+        let t = claim_agent_toml(
+            "broker.lan",
+            8883,
+            None,
+            8884,
+            &SerialSource::File("/sys/class/dmi/id/product_serial".into()),
+        );
+        let c = parse(&t).unwrap();
+        assert_eq!(c.device_id, None);
+        let claim = c.claim.unwrap();
+        assert_eq!(claim.port, 8884);
+        assert_eq!(claim.cert, Path::new("/bundle/claim.crt"));
+        assert_eq!(claim.key, Path::new("/bundle/claim.key"));
+        assert_eq!(
+            claim.serial_file.as_deref(),
+            Some(Path::new("/sys/class/dmi/id/product_serial"))
+        );
+        assert_eq!(claim.response_timeout_s, 30);
+        let serial = edgebind_protocol::UnitSerial::new("SN-1").unwrap();
+        let t = claim_agent_toml(
+            "h",
+            8883,
+            None,
+            8884,
+            &SerialSource::Literal(serial.clone()),
+        );
+        assert_eq!(parse(&t).unwrap().claim.unwrap().serial, Some(serial));
+        for (bad, key) in [
+            ("[claim]\nport = 8883\n", "claim.port"),
+            (
+                "[claim]\nport = 8884\nserial = \"a\"\nserial_file = \"/x\"\n",
+                "claim.serial",
+            ),
+            (
+                "[claim]\nport = 8884\nresponse_timeout_s = 0\n",
+                "claim.response_timeout_s",
+            ),
+        ] {
+            let err = parse(&format!("[broker]\nhost = \"h\"\n{bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 
     #[test]

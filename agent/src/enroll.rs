@@ -480,7 +480,8 @@ mod tests {
         assert!(ok.not_after > UnixTime::now().as_secs() as i64);
 
         let other_key = DeviceKey::generate().unwrap();
-        let cases: Vec<(&str, String, fn(&EnrollError) -> bool)> = vec![
+        type Case = (&'static str, String, fn(&EnrollError) -> bool);
+        let cases: Vec<Case> = vec![
             (
                 "another key",
                 leaf(&fleet, "dev-a", &other_key, (-1, 30)),

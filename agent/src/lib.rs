@@ -21,6 +21,7 @@
 
 pub mod actions;
 pub mod backoff;
+pub mod claim;
 pub mod cli;
 pub mod config;
 pub mod core;

@@ -130,6 +130,17 @@ impl ShutdownHandle {
 #[derive(Debug)]
 pub struct ShutdownSignal(watch::Receiver<bool>);
 
+impl ShutdownSignal {
+    /// Resolves once a shutdown is asked for (or every handle is gone).
+    pub async fn requested(&mut self) {
+        while !*self.0.borrow_and_update() {
+            if self.0.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 pub fn shutdown_channel() -> (ShutdownHandle, ShutdownSignal) {
     let (tx, rx) = watch::channel(false);
     (ShutdownHandle(Arc::new(tx)), ShutdownSignal(rx))

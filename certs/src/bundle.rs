@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 pub use edgebind_protocol::bundle::{AGENT_CONFIG, CA_CERT, DEVICE_CERT, DEVICE_KEY, agent_toml};
-use edgebind_protocol::bundle::{DIR_MODE, PRIVATE_MODE};
+use edgebind_protocol::bundle::{DIR_MODE, Kind, PRIVATE_MODE};
 
 use crate::files::{create_dir, write_private, write_public};
 use crate::{Error, IssuedCert};
@@ -36,8 +36,29 @@ pub fn write_bundle(
     root_pem: &str,
     agent_toml: &str,
 ) -> Result<BundlePaths, Error> {
+    write_bundle_of(Kind::Device, dir, issued, root_pem, agent_toml)
+}
+
+/// [`write_bundle`] for a claim bundle: `issued` is a batch's claim
+/// identity, `agent_toml` a [`edgebind_protocol::bundle::claim_agent_toml`].
+pub fn write_claim_bundle(
+    dir: &Path,
+    issued: &IssuedCert,
+    root_pem: &str,
+    agent_toml: &str,
+) -> Result<BundlePaths, Error> {
+    write_bundle_of(Kind::Claim, dir, issued, root_pem, agent_toml)
+}
+
+fn write_bundle_of(
+    kind: Kind,
+    dir: &Path,
+    issued: &IssuedCert,
+    root_pem: &str,
+    agent_toml: &str,
+) -> Result<BundlePaths, Error> {
     create_dir(dir, DIR_MODE)?;
-    let files = bundle_files(issued, root_pem, agent_toml);
+    let files = files_of(kind, issued, root_pem, agent_toml);
     for (name, bytes, mode) in files {
         if mode == PRIVATE_MODE {
             write_private(&dir.join(name), bytes)?;
@@ -78,11 +99,23 @@ fn bundle_files<'a>(
     root_pem: &'a str,
     agent_toml: &'a str,
 ) -> [(&'static str, &'a [u8], u32); 4] {
-    edgebind_protocol::bundle::FILES.map(|(name, mode)| {
+    files_of(Kind::Device, issued, root_pem, agent_toml)
+}
+
+/// The four files of a bundle of `kind`: the configuration, the
+/// certificate chain, its key, the fleet root, in contract order.
+fn files_of<'a>(
+    kind: Kind,
+    issued: &'a IssuedCert,
+    root_pem: &'a str,
+    agent_toml: &'a str,
+) -> [(&'static str, &'a [u8], u32); 4] {
+    use edgebind_protocol::bundle::{CLAIM_CERT, CLAIM_KEY};
+    (*kind.files()).map(|(name, mode)| {
         let bytes = match name {
             AGENT_CONFIG => agent_toml.as_bytes(),
-            DEVICE_CERT => issued.chain_pem.as_bytes(),
-            DEVICE_KEY => issued.key_pem.as_bytes(),
+            DEVICE_CERT | CLAIM_CERT => issued.chain_pem.as_bytes(),
+            DEVICE_KEY | CLAIM_KEY => issued.key_pem.as_bytes(),
             _ => root_pem.as_bytes(),
         };
         (name, bytes, mode)

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use edgebind_certs::profile::default_days;
 use edgebind_fleet::ops::factory::{self, FactoryOutput, FactoryRun, Outcome, UnitResult};
-use edgebind_fleet::ops::{AgentBroker, FleetHome};
+use edgebind_fleet::ops::{AgentBroker, FleetHome, claim};
 
 use crate::render;
 
@@ -62,6 +62,70 @@ pub enum FactoryCommand {
         edgebind factory station-kit --out /media/usb/line-1 --station line-1"
     )]
     StationKit(StationKitArgs),
+    /// Put unit serials on a batch's allow-list (claim-based first boot).
+    #[command(
+        after_help = "The file has one serial per line; blank lines and lines starting with '#' \
+        are skipped. A file with any bad line (not a serial, or a serial given twice) is refused \
+        whole, every bad line named. Serials already on this batch's list are left alone; a \
+        serial on another batch's list refuses the whole file. Each serial provisions once, as \
+        the device id its serial names (ACME-0001 -> acme-0001).\n\n\
+        Examples:\n  \
+        edgebind factory allow --batch line-7 --serials line-7.txt\n  \
+        edgebind factory allow --batch line-7 --list --json"
+    )]
+    Allow(AllowArgs),
+    /// Issue a batch's claim identity and write the claim bundle for its golden image.
+    #[command(
+        after_help = "Writes DIR (agent.toml with a [claim] section, claim.crt, claim.key, ca.crt) \
+        and DIR.tar beside it: put the tar onto the golden image's boot partition with \
+        `edgebind image personalize --image golden.wic --bundle DIR.tar`. Every unit of the batch \
+        boots with it, makes its own key, and asks `edgebind fleet serve` for its certificate on \
+        the broker's provisioning listener. Revoke the batch with `edgebind pki revoke claim:BATCH` \
+        when it is done: new provisioning stops, provisioned devices stay.\n\n\
+        Examples:\n  \
+        edgebind factory claim-identity --batch line-7 --out claim-line-7\n  \
+        edgebind factory claim-identity --batch line-7 --out claim-line-7 --serial-file /sys/class/dmi/id/product_serial"
+    )]
+    ClaimIdentity(ClaimIdentityArgs),
+}
+
+#[derive(Args)]
+pub struct AllowArgs {
+    /// The production batch (its claim identity is claim:BATCH).
+    #[arg(long)]
+    batch: edgebind_protocol::DeviceId,
+    /// File of serials, one per line.
+    #[arg(long, required_unless_present = "list")]
+    serials: Option<PathBuf>,
+    /// List the batch's allow-list (and which units are provisioned) instead.
+    #[arg(long, conflicts_with = "serials")]
+    list: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ClaimIdentityArgs {
+    /// The production batch (the identity is claim:BATCH).
+    #[arg(long)]
+    batch: edgebind_protocol::DeviceId,
+    /// The bundle directory to write (must not exist); DIR.tar is written beside it.
+    #[arg(long)]
+    out: PathBuf,
+    /// Lifetime in days: short, a batch is made in days.
+    #[arg(long, default_value_t = default_days::CLAIM)]
+    days: u32,
+    /// Broker the units dial, host:port [default: the broker settings].
+    #[arg(long)]
+    broker: Option<String>,
+    /// The provisioning listener's port [default: the broker settings].
+    #[arg(long)]
+    provisioning_port: Option<u16>,
+    /// Where each unit reads its serial number.
+    #[arg(long, default_value = edgebind_protocol::bundle::defaults::CLAIM_SERIAL_FILE)]
+    serial_file: String,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -141,7 +205,92 @@ pub fn run(cmd: FactoryCommand, home: &FleetHome) -> anyhow::Result<ExitCode> {
         FactoryCommand::Export(a) => export(a, home),
         FactoryCommand::Import(a) => import(a, home),
         FactoryCommand::StationKit(a) => station_kit(a, home),
+        FactoryCommand::Allow(a) => allow(a, home),
+        FactoryCommand::ClaimIdentity(a) => claim_identity(a, home),
     }
+}
+
+fn allow(a: AllowArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
+    let mut store = home.open_registry()?;
+    if a.list {
+        let list = store.claim_serials(&a.batch)?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&list)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        let rows: Vec<[String; 4]> = list
+            .iter()
+            .map(|c| {
+                [
+                    c.serial.to_string(),
+                    render::unix_time(Some(c.allowed_at)),
+                    c.provisioned
+                        .as_ref()
+                        .map(|p| p.device.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    render::unix_time(c.provisioned.as_ref().map(|p| p.at)),
+                ]
+            })
+            .collect();
+        render::table(&["SERIAL", "ALLOWED", "DEVICE", "PROVISIONED"], &rows);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let path = a.serials.expect("clap requires --serials without --list");
+    let serials = claim::read_serials(&path)?;
+    let done = claim::allow(store.as_mut(), &a.batch, &serials)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&done)?);
+    } else {
+        println!(
+            "batch {}: {} serial(s) allowed now, {} already on the list",
+            done.batch,
+            done.report.added.len(),
+            done.report.already.len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn claim_identity(a: ClaimIdentityArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
+    let broker = a
+        .broker
+        .as_deref()
+        .map(AgentBroker::from_addr)
+        .transpose()?;
+    let made = claim::claim_identity(
+        home,
+        &claim::ClaimIdentityRequest {
+            batch: a.batch,
+            validity_days: a.days,
+            broker,
+            provisioning_port: a.provisioning_port,
+            serial: edgebind_protocol::bundle::SerialSource::File(a.serial_file),
+            out: a.out,
+        },
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&made)?);
+    } else {
+        println!(
+            "issued {} (serial {}, valid until {})",
+            made.principal,
+            made.serial,
+            render::unix_time(Some(made.not_after))
+        );
+        println!(
+            "wrote the claim bundle {} and {} (units dial {}:{}, provisioning port {})",
+            made.dir.display(),
+            made.tar.display(),
+            made.broker.host,
+            made.broker.port,
+            made.provisioning_port
+        );
+        println!(
+            "next: edgebind image personalize --image GOLDEN.wic --bundle {}",
+            made.tar.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn host_name() -> String {

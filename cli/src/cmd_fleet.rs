@@ -81,6 +81,25 @@ pub struct ServeArgs {
     /// Log filter (`info`, `debug`, `edgebind_fleet=debug`...).
     #[arg(long, env = "EDGEBIND_LOG", default_value = "info")]
     pub log_level: String,
+    /// Port of the broker's provisioning listener where claim requests
+    /// arrive [default: the broker settings' provisioning port; without
+    /// one, claim provisioning is off].
+    #[arg(long, value_name = "PORT")]
+    pub provisioning_port: Option<u16>,
+    /// Do not answer claim requests even if the broker has a provisioning listener.
+    #[arg(long, conflicts_with = "provisioning_port")]
+    pub no_provisioning: bool,
+    /// The board units provisioned by the claim flow are registered with.
+    #[arg(long, default_value = "raspberrypi3-64")]
+    pub claim_board: String,
+    /// Lifetime in days of the certificates the claim flow issues.
+    #[arg(long, default_value_t = default_days::DEVICE)]
+    pub claim_days: u32,
+    /// Claim requests answered per second and batch (per instance), after a burst of --claim-burst.
+    #[arg(long, default_value_t = 50.0)]
+    pub claim_rate: f64,
+    #[arg(long, default_value_t = 100)]
+    pub claim_burst: u32,
     #[command(flatten)]
     pub renewal: RenewalArgs,
 }
@@ -238,6 +257,7 @@ fn serve(args: ServeArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
             policy: args.renewal.policy(),
         });
     }
+    config.provisioning = provisioning(&args, home, &config.endpoint)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -253,6 +273,46 @@ fn serve(args: ServeArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
         counters.get(&counters.batches)
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Claim provisioning when the broker has a provisioning listener.
+fn provisioning(
+    args: &ServeArgs,
+    home: &FleetHome,
+    endpoint: &edgebind_fleet::mqtt::BrokerEndpoint,
+) -> anyhow::Result<Option<edgebind_fleet::service::provision::ProvisionConfig>> {
+    use edgebind_fleet::service::provision::{ProvisionConfig, RateLimit};
+    if args.no_provisioning {
+        return Ok(None);
+    }
+    let port = match args.provisioning_port {
+        Some(p) => Some(p),
+        None => edgebind_broker::BrokerSettings::load(&home.broker_dir())
+            .ok()
+            .and_then(|s| s.provisioning_port),
+    };
+    let Some(port) = port else {
+        return Ok(None);
+    };
+    if args.claim_rate.is_nan() || args.claim_rate <= 0.0 {
+        anyhow::bail!("--claim-rate must be above 0");
+    }
+    Ok(Some(ProvisionConfig {
+        endpoint: edgebind_fleet::mqtt::BrokerEndpoint {
+            host: endpoint.host.clone(),
+            port,
+        },
+        pki_dir: home.pki_dir(),
+        board: args
+            .claim_board
+            .parse()
+            .with_context(|| format!("--claim-board {:?}", args.claim_board))?,
+        validity_days: args.claim_days,
+        rate: RateLimit {
+            per_second: args.claim_rate,
+            burst: args.claim_burst,
+        },
+    }))
 }
 
 pub async fn shutdown_signal() {

@@ -206,7 +206,13 @@ fn personalize_cmd(args: &PersonalizeArgs) -> anyhow::Result<ExitCode> {
 fn load_bundle(path: &Path) -> anyhow::Result<Vec<u8>> {
     let bytes = if path.is_dir() {
         let mut files = Vec::new();
-        for (name, mode) in edgebind_protocol::bundle::FILES {
+        use edgebind_protocol::bundle::{CLAIM_CERT, Kind};
+        let kind = if path.join(CLAIM_CERT).exists() {
+            Kind::Claim
+        } else {
+            Kind::Device
+        };
+        for &(name, mode) in kind.files() {
             let file = path.join(name);
             let data = fs::read(&file)
                 .with_context(|| format!("identity bundle {} lacks {name}", path.display()))?;

@@ -15,6 +15,26 @@
 //! The directory is 0700 and the tar of the same four files (top level, no
 //! directory prefix) is 0600, because both hold the key. On a boot partition
 //! the tar is [`IDENTITY_TAR_ON_BOOT`].
+//!
+//! # Claim bundles
+//!
+//! A golden image for claim-based first boot carries a *claim bundle*
+//! instead, at the same place and with the same modes: the production
+//! batch's claim identity, never a device key ([`CLAIM_FILES`]):
+//!
+//! | file         | content                                              | mode |
+//! |--------------|------------------------------------------------------|------|
+//! | `agent.toml` | agent configuration with a `[claim]` section ([`claim_agent_toml`]) | 0644 |
+//! | `claim.crt`  | the batch's claim certificate (CN `claim:BATCH`) and the issuing CA | 0644 |
+//! | `claim.key`  | its private key, shared by the batch's units (PKCS#8 PEM) | 0600 |
+//! | `ca.crt`     | the fleet root CA                                    | 0644 |
+//!
+//! What says which kind a bundle is: the `[claim]` section of its
+//! `agent.toml` ([`Kind::of_agent_toml`]), and which certificate it holds.
+//! The agent with a claim bundle makes its own key on first boot and writes
+//! its device identity to `identity.cert`/`identity.key` (the
+//! [`DEVICE_CERT`]/[`DEVICE_KEY`] names beside `agent.toml`), then runs as a
+//! device bundle would.
 
 pub const AGENT_CONFIG: &str = "agent.toml";
 pub const DEVICE_CERT: &str = "device.crt";
@@ -37,13 +57,62 @@ pub const FILES: [(&str, u32); 4] = [
 /// The file names alone, in the same order as [`FILES`].
 pub const NAMES: [&str; 4] = [AGENT_CONFIG, DEVICE_CERT, DEVICE_KEY, CA_CERT];
 
+pub const CLAIM_CERT: &str = "claim.crt";
+pub const CLAIM_KEY: &str = "claim.key";
+
+/// A claim bundle's files with their modes, in bundle (and tar) order.
+pub const CLAIM_FILES: [(&str, u32); 4] = [
+    (AGENT_CONFIG, PUBLIC_MODE),
+    (CLAIM_CERT, PUBLIC_MODE),
+    (CLAIM_KEY, PRIVATE_MODE),
+    (CA_CERT, PUBLIC_MODE),
+];
+
+/// Which identity a bundle carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A device's own certificate and key ([`FILES`]).
+    Device,
+    /// A production batch's claim identity ([`CLAIM_FILES`]): the device
+    /// makes its own key on first boot.
+    Claim,
+}
+
+impl Kind {
+    /// The bundle's files with their modes.
+    pub fn files(self) -> &'static [(&'static str, u32); 4] {
+        match self {
+            Kind::Device => &FILES,
+            Kind::Claim => &CLAIM_FILES,
+        }
+    }
+
+    /// The kind an `agent.toml` describes: a claim bundle's has a `[claim]`
+    /// table. (A line-level look so that this crate needs no TOML parser;
+    /// the agent's parser is what enforces the rest.)
+    pub fn of_agent_toml(text: &str) -> Kind {
+        if text.lines().any(|l| l.trim() == CLAIM_TABLE) {
+            Kind::Claim
+        } else {
+            Kind::Device
+        }
+    }
+}
+
+/// The header of the `agent.toml` table that makes a bundle a claim bundle.
+pub const CLAIM_TABLE: &str = "[claim]";
+
 /// Where the image's first-boot import looks on the FAT boot partition.
 pub const IDENTITY_DIR_ON_BOOT: &str = "edgebind";
 pub const IDENTITY_TAR_ON_BOOT: &str = "edgebind/identity.tar";
 
-/// The mode a bundle file must have.
+/// The mode a file of either kind of bundle must have.
 pub fn mode_of(name: &str) -> Option<u32> {
-    FILES.iter().find(|(n, _)| *n == name).map(|(_, m)| *m)
+    FILES
+        .iter()
+        .chain(CLAIM_FILES.iter())
+        .find(|(n, _)| *n == name)
+        .map(|(_, m)| *m)
 }
 
 /// The agent's defaults that `agent.toml` documents. The agent's config parser
@@ -67,6 +136,11 @@ pub mod defaults {
     pub const OUTBOX_MAX_BYTES: u64 = 2 * 1024 * 1024;
     pub const REBOOT_REQUEST_PATH: &str = "/run/edgebind/reboot-request";
     pub const LOG_LEVEL: &str = "info";
+    /// Seconds a claiming unit waits for the fleet's answer before it asks again.
+    pub const CLAIM_RESPONSE_TIMEOUT_S: u64 = 30;
+    /// Where a unit reads its serial number by default (device tree boards,
+    /// e.g. the Raspberry Pi; x86 boards have /sys/class/dmi/id/product_serial).
+    pub const CLAIM_SERIAL_FILE: &str = "/sys/firmware/devicetree/base/serial-number";
 }
 
 /// The documented `agent.toml` of a bundle: every key is listed with its
@@ -79,6 +153,86 @@ pub fn agent_toml(
     port: u16,
     server_name: Option<&str>,
 ) -> String {
+    render_agent_toml(
+        &format!("device_id = {}", toml_str(device_id.as_str())),
+        host,
+        port,
+        server_name,
+        "",
+    )
+}
+
+/// Where a claiming unit finds its serial number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialSource {
+    /// Read from this file (first line; NULs and white space trimmed).
+    File(String),
+    /// This serial itself (tests, or an image made per unit anyway).
+    Literal(crate::UnitSerial),
+}
+
+/// The documented `agent.toml` of a claim bundle: [`agent_toml`]'s keys
+/// without a device id (the certificate's CN, once the unit has one) and
+/// with the `[claim]` table naming the claim identity, the provisioning
+/// listener's port and where the serial is read.
+pub fn claim_agent_toml(
+    host: &str,
+    port: u16,
+    server_name: Option<&str>,
+    provisioning_port: u16,
+    serial: &SerialSource,
+) -> String {
+    let serial_lines = match serial {
+        SerialSource::File(path) => {
+            format!("serial_file = {}\n# serial = \"SN-0001\"", toml_str(path))
+        }
+        SerialSource::Literal(s) => format!(
+            "# serial_file = {}\nserial = {}",
+            toml_str(defaults::CLAIM_SERIAL_FILE),
+            toml_str(s.as_str())
+        ),
+    };
+    let claim = format!(
+        r#"
+{CLAIM_TABLE}
+# This is a claim bundle: it holds the production batch's claim identity, not a
+# device key. On first boot the agent makes its own key pair (kept under
+# state.dir, mode 0600), sends a certificate request with the unit's serial over
+# the provisioning listener, verifies the answer and writes its own identity to
+# identity.cert and identity.key; from then on it runs as that device.
+# The batch's claim certificate followed by the issuing CA (PEM).
+cert = {cert}
+# Its private key (mode 0600); deleted once the device has its own identity.
+key = {key}
+# Port of the broker's provisioning listener (required).
+port = {provisioning_port}
+# The unit's serial number: the first line of serial_file (NULs and white space
+# trimmed), or serial itself. The device id asked for is derived from it
+# (letters lowercased, other characters than letters, digits, '-', '_', '.' as '-').
+{serial_lines}
+# Seconds to wait for the fleet's answer before asking again (default {timeout}).
+# response_timeout_s = {timeout}
+"#,
+        cert = toml_str(CLAIM_CERT),
+        key = toml_str(CLAIM_KEY),
+        timeout = defaults::CLAIM_RESPONSE_TIMEOUT_S,
+    );
+    render_agent_toml(
+        "# device_id: the CN of the certificate the claim flow obtains.",
+        host,
+        port,
+        server_name,
+        &claim,
+    )
+}
+
+fn render_agent_toml(
+    device_id_line: &str,
+    host: &str,
+    port: u16,
+    server_name: Option<&str>,
+    claim: &str,
+) -> String {
     use defaults::*;
     let server_name_line = match server_name {
         Some(name) if name != host => format!("server_name = {}", toml_str(name)),
@@ -89,7 +243,7 @@ pub fn agent_toml(
 # Unknown keys are errors. Relative paths are resolved against this file's directory.
 
 # Must equal the CN of device.crt (default: the CN itself).
-device_id = {device_id}
+{device_id_line}
 
 [broker]
 # Broker host name or IP address (required).
@@ -139,8 +293,7 @@ ca = {ca}
 [log]
 # error, warn, info, debug or trace (default {log_level}).
 # level = {log_level}
-"#,
-        device_id = toml_str(device_id.as_str()),
+{claim}"#,
         host = toml_str(host),
         default_port = PORT,
         keep_alive = KEEP_ALIVE_S,
@@ -192,6 +345,25 @@ mod tests {
         }
         assert_eq!(mode_of("other"), None);
         assert_eq!(NAMES, FILES.map(|(n, _)| n));
+    }
+
+    #[test]
+    fn a_claim_bundle_says_so_in_its_agent_toml() {
+        let id = crate::DeviceId::new("dev-a").unwrap();
+        assert_eq!(
+            Kind::of_agent_toml(&agent_toml(&id, "h", 8883, None)),
+            Kind::Device
+        );
+        let serial = SerialSource::Literal(crate::UnitSerial::new("SN-1").unwrap());
+        let t = claim_agent_toml("h", 8883, None, 8884, &serial);
+        assert_eq!(Kind::of_agent_toml(&t), Kind::Claim);
+        assert!(
+            t.contains("\nport = 8884\n") && t.contains("\nserial = \"SN-1\"\n"),
+            "{t}"
+        );
+        assert!(!t.contains("\ndevice_id ="), "{t}");
+        assert_eq!(Kind::Claim.files()[2], (CLAIM_KEY, PRIVATE_MODE));
+        assert_eq!(mode_of(CLAIM_KEY), Some(PRIVATE_MODE));
     }
 
     #[test]

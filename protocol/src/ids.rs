@@ -178,9 +178,48 @@ validated_id!(
     Case::Any
 );
 
+/// The device id a unit gets from its serial number when nobody names one:
+/// ASCII letters lowercased, every character other than a letter, digit,
+/// `-`, `_` or `.` replaced by `-` (`ACME/2024:0001` becomes
+/// `acme-2024-0001`); the result must then be a valid [`DeviceId`]. The
+/// factory line's manifest and the claim flow (the id a unit asks for, and
+/// the only one the fleet signs for its serial) both use it.
+pub fn device_id_for_serial(serial: &str) -> Result<DeviceId, IdError> {
+    let id: String = serial
+        .chars()
+        .map(|c| match c {
+            'A'..='Z' => c.to_ascii_lowercase(),
+            'a'..='z' | '0'..='9' | '-' | '_' | '.' => c,
+            _ => '-',
+        })
+        .collect();
+    DeviceId::new(id)
+}
+
+impl UnitSerial {
+    /// [`device_id_for_serial`] of this serial. A valid serial has the id
+    /// charset already, so this only lowercases it and cannot fail.
+    pub fn device_id(&self) -> DeviceId {
+        device_id_for_serial(&self.0).expect("a unit serial lowercased is a device id")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_serial_names_its_device_by_one_rule() {
+        assert_eq!(
+            device_id_for_serial("ACME/2024:0001").unwrap().as_str(),
+            "acme-2024-0001"
+        );
+        assert_eq!(
+            UnitSerial::new("SN-01.a_B").unwrap().device_id().as_str(),
+            "sn-01.a_b"
+        );
+        assert!(device_id_for_serial("/x").is_err());
+    }
 
     #[test]
     fn accepts_plain_ids() {

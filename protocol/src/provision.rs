@@ -119,6 +119,9 @@ pub enum Response {
     /// provisioned with another key): the unit keeps retrying with backoff,
     /// an operator has to act.
     Refused { reason: String },
+    /// Not now (the batch's rate limit, or another service instance is on
+    /// this serial): ask again after about `retry_after_s` seconds.
+    Deferred { reason: String, retry_after_s: u64 },
 }
 
 #[cfg(test)]

@@ -53,20 +53,29 @@ pub fn read(bytes: &[u8]) -> anyhow::Result<Vec<Entry>> {
     bail!("tar archive ends without its end-of-archive marker")
 }
 
-/// Checks that `entries` are exactly the four identity files (an optional
-/// leading `./` is tolerated), none empty.
+/// Checks that `entries` are exactly the four files of a device bundle or
+/// of a claim bundle (an optional leading `./` is tolerated), none empty.
 pub fn check_identity_files(entries: &[Entry]) -> anyhow::Result<()> {
     let mut names: Vec<&str> = entries
         .iter()
         .map(|e| e.name.strip_prefix("./").unwrap_or(&e.name))
         .collect();
     names.sort_unstable();
+    let sorted = |kind: edgebind_protocol::bundle::Kind| {
+        let mut v: Vec<&str> = kind.files().iter().map(|(n, _)| *n).collect();
+        v.sort_unstable();
+        v
+    };
+    let claim = sorted(edgebind_protocol::bundle::Kind::Claim);
     let mut wanted = IDENTITY_FILES.to_vec();
     wanted.sort_unstable();
-    if names != wanted {
+    if names != wanted && names != claim {
         bail!(
-            "expected exactly {} at the top level, found: {}",
+            "expected exactly {} (or, for a claim bundle, {}) at the top level, found: {}",
             IDENTITY_FILES.join(", "),
+            edgebind_protocol::bundle::CLAIM_FILES
+                .map(|(n, _)| n)
+                .join(", "),
             if names.is_empty() {
                 "nothing".to_string()
             } else {

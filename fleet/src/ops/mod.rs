@@ -20,12 +20,15 @@
 //! - [`audit`]: the audit log of operators' changes (CLI and console).
 //! - [`login`]: single-use console login codes for the fleet's operators.
 //! - [`identity`]: find or issue the operator's and services' client identities.
+//! - [`claim`]: a batch's claim identity (its claim bundle) and allow-list
+//!   for claim-based first boot.
 //! - [`factory`]: the flashing station (a manifest's units made through
 //!   [`register_device`] / [`renew_unit`] with their manufacturing records,
 //!   export/import of records, the offline station kit).
 
 pub mod audit;
 pub mod broker_policy;
+pub mod claim;
 pub mod endpoint;
 pub mod factory;
 pub mod home;

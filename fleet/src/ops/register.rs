@@ -347,7 +347,8 @@ pub struct Provisioned {
 /// revoked batch provisions nothing); the CSR is verified and its id
 /// validated ([`edgebind_certs::DeviceCsr`]); the serial must be on the
 /// batch's allow-list and not provisioned (the same key asking again gets the
-/// chain it was sent, any other key is refused); the id must be new. Then
+/// chain it was sent, any other key is refused); the id must be the one
+/// the serial names ([`UnitSerial::device_id`]) and new. Then
 /// the certificate is signed and the device registered together with its
 /// serial's provisioning in one transaction
 /// ([`Store::add_provisioned`]): if that fails, the certificate is revoked.
@@ -383,6 +384,16 @@ pub fn provision_device(
         });
     }
     crate::registry::rules::check_provision(&req.batch, &req.serial, entry.as_ref(), None)?;
+    // A unit asks for the id its serial names (the one rule of
+    // `edgebind_protocol`), so a claim identity can never choose a name.
+    let own = req.serial.device_id();
+    if csr.requested() != &own {
+        return Err(OpsError::ClaimRefused(format!(
+            "unit {} asked for the id {}; its serial names {own}",
+            req.serial,
+            csr.requested()
+        )));
+    }
     store.check_new_device(csr.requested())?;
     let issued = pki.sign_device_csr(&csr, Validity::days(req.validity_days))?;
     let new = NewDevice {

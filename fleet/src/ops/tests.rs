@@ -533,6 +533,7 @@ mod claim {
             (request("SN-9", csr("sn-9", &key)), "not on the allow-list"),
             (request("SN-1", csr("SN-1", &key)), "requested id"),
             (request("SN-1", csr("a/b", &key)), "requested id"),
+            (request("SN-1", csr("sn-2", &key)), "its serial names sn-1"),
             (
                 request("SN-1", "junk".into()),
                 "certificate signing request",

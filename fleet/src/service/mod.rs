@@ -32,6 +32,7 @@
 
 mod outbox;
 mod renewal;
+pub mod provision;
 mod writer;
 
 pub use renewal::{RenewalCounters, RenewalService};
@@ -82,6 +83,8 @@ pub struct ServiceConfig {
     /// Answer devices' renewal requests (signing with the home's PKI);
     /// `None`: this instance does not subscribe to them.
     pub renewal: Option<RenewalService>,
+    /// Answer claim requests on the provisioning listener ([`provision`]).
+    pub provisioning: Option<provision::ProvisionConfig>,
 }
 
 impl ServiceConfig {
@@ -102,6 +105,7 @@ impl ServiceConfig {
             inventory_on_connect: true,
             retention: Retention::default(),
             renewal: None,
+            provisioning: None,
         }
     }
 }
@@ -152,6 +156,8 @@ pub struct Counters {
     pub broker_dropped: std::sync::Mutex<Option<u64>>,
     /// Renewals signed, refused, confirmed, retired.
     pub renewal: RenewalCounters,
+    /// The provisioning connection's requests and answers.
+    pub provision: Arc<provision::ProvisionCounters>,
 }
 
 impl Counters {
@@ -306,6 +312,27 @@ pub async fn run(
         .map_err(|e| ServiceError::Internal(format!("cannot start the outbox thread: {e}")))?;
     drop(connected_tx);
 
+    let (stop_provisioning, provisioning_stopped) = tokio::sync::watch::channel(false);
+    // A provisioning connection that fails is logged loudly; the device
+    // side of the service goes on (devices already provisioned are served).
+    let provisioner = config.provisioning.clone().map(|p| {
+        let work = provision::run(
+            config.instance.clone(),
+            config.registry.clone(),
+            config.retention,
+            config.identity.clone(),
+            config.keep_alive,
+            p,
+            counters.provision.clone(),
+            provisioning_stopped,
+        );
+        tokio::spawn(async move {
+            if let Err(e) = work.await {
+                tracing::error!(error = %e, "claim provisioning stopped: units cannot provision");
+            }
+        })
+    });
+
     let mut subscriptions = ingest::subscriptions();
     if renew_tx.is_some() {
         subscriptions.push(edgebind_protocol::renewal::Leg::Request.filter_shared());
@@ -410,6 +437,10 @@ pub async fn run(
         }
     };
     let _ = tokio::task::spawn_blocking(move || outbox_thread.join()).await;
+    let _ = stop_provisioning.send(true);
+    if let Some(task) = provisioner {
+        let _ = task.await;
+    }
     let _ = client.disconnect().await;
     // Flush the queued acks and the DISCONNECT.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);

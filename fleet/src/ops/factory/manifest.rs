@@ -79,18 +79,9 @@ pub fn check_serial(serial: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The default device id of a unit (see the module documentation).
-pub fn device_id_for_serial(serial: &str) -> Result<DeviceId, edgebind_protocol::IdError> {
-    let id: String = serial
-        .chars()
-        .map(|c| match c {
-            'A'..='Z' => c.to_ascii_lowercase(),
-            'a'..='z' | '0'..='9' | '-' | '_' | '.' => c,
-            _ => '-',
-        })
-        .collect();
-    DeviceId::new(id)
-}
+/// The default device id of a unit (see the module documentation): the
+/// one rule of `edgebind_protocol`, shared with the claim flow.
+pub use edgebind_protocol::ids::device_id_for_serial;
 
 /// Read and check a manifest file.
 pub fn read_manifest(path: &Path) -> Result<Vec<ManifestUnit>, ManifestError> {
