@@ -203,7 +203,14 @@ type = "string"
     let names: Vec<&str> = inv.actions.iter().map(|a| a.name.as_str()).collect();
     assert_eq!(
         names,
-        ["inventory", "ping", "reboot", "renew", "restart-agent", "selftest"]
+        [
+            "inventory",
+            "ping",
+            "reboot",
+            "renew",
+            "restart-agent",
+            "selftest"
+        ]
     );
     let selftest = inv
         .actions

@@ -256,3 +256,86 @@ fn a_mismatched_or_unreadable_request_is_refused_and_signs_nothing() {
         "nothing signed"
     );
 }
+
+#[test]
+fn a_real_agent_renews_several_times_in_a_row_and_the_history_follows() {
+    let mut fleet = Fleet::start();
+    let bundle = fleet.add_device("dev-r", &[]);
+    // The first certificate as short-lived as the renewed ones (a renewal
+    // must expire later than the certificate it replaces).
+    let pki = edgebind_certs::Pki::open(&fleet.home().join("pki")).unwrap();
+    let id = DeviceId::new("dev-r").unwrap();
+    let first = pki
+        .issue_device(&id, edgebind_certs::Validity::seconds(90))
+        .unwrap();
+    std::fs::write(bundle.join("device.crt"), &first.chain_pem).unwrap();
+    std::fs::write(bundle.join("device.key"), &first.key_pem).unwrap();
+    fleet
+        .store()
+        .set_certificate(
+            &id,
+            &edgebind_fleet::registry::CertInfo {
+                serial: first.serial.clone(),
+                fingerprint_sha256: first.fingerprint_sha256.clone(),
+                not_after: first.not_after.unix_timestamp() as u64,
+            },
+        )
+        .unwrap();
+    fleet.start_service_with(&[
+        "--device-cert-seconds",
+        "90",
+        "--renewal-min-interval-s",
+        "0",
+        "--renewal-grace-s",
+        "1",
+    ]);
+    let config = fleet.agent_config(&bundle, &fleet_support::AgentTweaks::default());
+    let mut doc: toml::Table = toml::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let mut renewal = toml::Table::new();
+    renewal.insert("at_fraction".into(), 0.5.into());
+    renewal.insert("trial_timeout_s".into(), 10.into());
+    renewal.insert("retry_s".into(), 5.into());
+    doc.insert("renewal".into(), renewal.into());
+    std::fs::write(&config, toml::to_string(&doc).unwrap()).unwrap();
+    let agent = fleet.spawn_agent(&config);
+    fleet.wait_device("dev-r", LONG, "online", |d| d.online);
+
+    // Three renewals in a row, each confirmed by the agent connecting with it.
+    let store = fleet.store();
+    let done = wait_for(Duration::from_secs(240), || {
+        let h = store.cert_history(&id).ok()?;
+        let renewed = h
+            .iter()
+            .filter(|r| r.origin == edgebind_fleet::registry::CertOrigin::Renewed)
+            .filter(|r| r.confirmed_at.is_some())
+            .count();
+        (renewed >= 3).then_some(h)
+    });
+    let Some(history) = done else {
+        panic!(
+            "not three renewals: {:#?}\nagent:\n{}\nservice:\n{}",
+            store.cert_history(&id),
+            agent.log(),
+            fleet.service_log()
+        );
+    };
+    use edgebind_fleet::registry::CertState;
+    let current: Vec<_> = history
+        .iter()
+        .filter(|r| r.state == CertState::Current)
+        .collect();
+    assert_eq!(current.len(), 1, "{history:#?}");
+    assert!(history[0].serial == first.serial && history[0].state != CertState::Current);
+    // The agent's files hold the registry's current certificate.
+    let on_disk = std::fs::read_to_string(bundle.join("device.crt")).unwrap();
+    let dev = store.device(&id).unwrap();
+    let current_serial = dev.cert.unwrap().serial;
+    assert_eq!(current[0].serial, current_serial);
+    assert_eq!(
+        edgebind_certs::csr::cert_key_sha256(&on_disk).unwrap(),
+        edgebind_certs::csr::cert_key_sha256(current[0].chain_pem.as_deref().unwrap()).unwrap()
+    );
+    // Past the first certificate's expiry and still online.
+    fleet.wait_device("dev-r", LONG, "online", |d| d.online);
+    assert!(!agent.log().contains("panicked"), "{}", agent.log());
+}
