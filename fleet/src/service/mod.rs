@@ -31,8 +31,8 @@
 //! instances never publish the same command or settings revision.
 
 mod outbox;
-mod renewal;
 pub mod provision;
+mod renewal;
 mod writer;
 
 pub use renewal::{RenewalCounters, RenewalService};
