@@ -296,10 +296,21 @@ fn the_identity_import_script_follows_the_bundle_contract() {
         "the import script looks elsewhere than {IDENTITY_TAR_ON_BOOT}"
     );
     assert!(script.contains(&format!("chmod {:04o} \"$staging\"\n", bundle::DIR_MODE)));
+    // The certificate and key are named through $CERT and $KEY (a claim
+    // image imports claim.crt/claim.key instead): a bundle image's defaults.
+    assert!(script.contains(&format!("CERT={}\n", bundle::DEVICE_CERT)));
+    assert!(script.contains(&format!("KEY={}\n", bundle::DEVICE_KEY)));
+    assert!(script.contains(&format!("CERT={}\n", bundle::CLAIM_CERT)));
+    assert!(script.contains(&format!("KEY={}\n", bundle::CLAIM_KEY)));
     for (name, mode) in FILES {
+        let named = match name {
+            n if n == bundle::DEVICE_CERT => "$CERT",
+            n if n == bundle::DEVICE_KEY => "$KEY",
+            n => n,
+        };
         let chmod = script
             .lines()
-            .find(|l| l.starts_with("chmod ") && l.contains(&format!("\"$staging/{name}\"")))
+            .find(|l| l.starts_with("chmod ") && l.contains(&format!("\"$staging/{named}\"")))
             .unwrap_or_else(|| panic!("the import script never sets the mode of {name}"));
         assert!(
             chmod.starts_with(&format!("chmod {mode:04o} ")),

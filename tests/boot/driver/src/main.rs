@@ -663,27 +663,6 @@ fn bare(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_the_overall_exposure_line() {
-        let text = "  NAME  DESCRIPTION  EXPOSURE\n✓ PrivateNetwork= ...\n\
-                    → Overall exposure level for edgebind-agent.service: 1.9 OK 🙂\n";
-        assert_eq!(parse_exposure(text), Some(1.9));
-        assert_eq!(
-            parse_exposure("→ Overall exposure level for x.service: 9.6 UNSAFE 😨"),
-            Some(9.6)
-        );
-        assert_eq!(
-            parse_exposure("→ Overall exposure level for edgebind-agent.service: 1.1 OK :-)"),
-            Some(1.1)
-        );
-        assert_eq!(parse_exposure("nothing here"), None);
-    }
-}
-
 /// The image's declared actions through the real agent under systemd: the
 /// layer's example (`selftest`) runs with its argument and its output comes
 /// back; the test-only probe (tests/boot/guest/edgebind-probe) shows what an
@@ -850,4 +829,25 @@ fn check_probe(
 /// One shell word.
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_overall_exposure_line() {
+        let text = "  NAME  DESCRIPTION  EXPOSURE\n✓ PrivateNetwork= ...\n\
+                    → Overall exposure level for edgebind-agent.service: 1.9 OK 🙂\n";
+        assert_eq!(parse_exposure(text), Some(1.9));
+        assert_eq!(
+            parse_exposure("→ Overall exposure level for x.service: 9.6 UNSAFE 😨"),
+            Some(9.6)
+        );
+        assert_eq!(
+            parse_exposure("→ Overall exposure level for edgebind-agent.service: 1.1 OK :-)"),
+            Some(1.1)
+        );
+        assert_eq!(parse_exposure("nothing here"), None);
+    }
 }
