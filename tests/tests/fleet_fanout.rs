@@ -135,7 +135,13 @@ fn fan_out_to_200_agents_completes_with_every_result_recorded() {
         "{}",
         text.lines().last().unwrap_or("")
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("[{DEVICES}/{DEVICES}]")));
+    // The progress bar's last state: every device answered, none failed.
+    let progress = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        progress.contains(&format!("] {DEVICES}/{DEVICES}  {DEVICES} ok  0 not ok")),
+        "{}",
+        progress.rsplit('\r').next().unwrap_or("")
+    );
 
     for h in &handles {
         h.shutdown();
