@@ -252,13 +252,14 @@ pub fn send(
         Some(o) => Some(o.cn.clone()),
         None => identity_cn(&req.identity_dir),
     };
-    // A paced command published last must not expire before it is sent.
-    let spread = if queued {
-        0
-    } else {
-        operator::pacing_time(targets.len(), req.rate)
+    // A paced command published last must not expire before it is sent
+    // (rounded up to the next second); an unpaced send keeps exactly the
+    // expiry asked for (`--expires-in 0` is already expired on arrival).
+    let spread = match (queued, req.rate) {
+        (false, Some(_)) => operator::pacing_time(targets.len(), req.rate)
             .as_secs()
-            .saturating_add(1)
+            .saturating_add(1),
+        _ => 0,
     };
     let expires_at = match (req.expires_in, queued) {
         (Some(s), _) => Some(now_unix() + s + spread),
