@@ -4,6 +4,8 @@
 //! with their tables or FAT metadata damaged, give a partition or a clear
 //! error, never a panic; a write that reports success reads back exactly.
 
+mod common;
+
 use std::io::Cursor;
 use std::sync::OnceLock;
 
@@ -23,39 +25,7 @@ fn build(scheme: Scheme) -> Vec<u8> {
     let mut disk = Cursor::new(vec![0u8; (IMAGE_SECTORS * SECTOR) as usize]);
     let boot = (BOOT_START_LBA, BOOT_SECTORS);
     let linux = (boot.0 + boot.1, IMAGE_SECTORS - boot.0 - boot.1 - 64);
-    match scheme {
-        Scheme::Mbr => {
-            let mut mbr = mbrman::MBR::new_from(&mut disk, 512, [1, 2, 3, 4]).unwrap();
-            for (i, (start, len), sys) in [(1usize, boot, 0x0cu8), (2, linux, 0x83)] {
-                mbr[i] = mbrman::MBRPartitionEntry {
-                    boot: mbrman::BOOT_INACTIVE,
-                    first_chs: mbrman::CHS::empty(),
-                    sys,
-                    last_chs: mbrman::CHS::empty(),
-                    starting_lba: start as u32,
-                    sectors: len as u32,
-                };
-            }
-            mbr.write_into(&mut disk).unwrap();
-        }
-        Scheme::Gpt => {
-            let mut gpt = gptman::GPT::new_from(&mut disk, 512, [7; 16]).unwrap();
-            let esp = *b"\x28\x73\x2a\xc1\x1f\xf8\xd2\x11\xba\x4b\x00\xa0\xc9\x3e\xc9\x3b";
-            let linux_fs = *b"\xaf\x3d\xc6\x0f\x83\x84\x72\x47\x8e\x79\x3d\x69\xd8\x47\x7d\xe4";
-            for (i, (start, len), kind) in [(1u32, boot, esp), (2, linux, linux_fs)] {
-                gpt[i] = gptman::GPTPartitionEntry {
-                    partition_type_guid: kind,
-                    unique_partition_guid: [i as u8; 16],
-                    starting_lba: start,
-                    ending_lba: start + len - 1,
-                    attribute_bits: 0,
-                    partition_name: "part".into(),
-                };
-            }
-            gptman::GPT::write_protective_mbr_into(&mut disk, 512).unwrap();
-            gpt.write_into(&mut disk).unwrap();
-        }
-    }
+    common::write_table(&mut disk, scheme, boot, linux);
     let start = BOOT_START_LBA * SECTOR;
     let slice = StreamSlice::new(&mut disk, start, start + BOOT_SECTORS * SECTOR).unwrap();
     fatfs::format_volume(slice, fatfs::FormatVolumeOptions::new()).unwrap();

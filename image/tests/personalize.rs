@@ -3,6 +3,8 @@
 //! (dosfstools) and the bundle is read back with `mcopy` (mtools); every
 //! byte outside the boot partition must be unchanged.
 
+mod common;
+
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -24,39 +26,7 @@ fn image(dir: &Path, scheme: Scheme, size: u64) -> PathBuf {
     let sectors = size / 512;
     let boot = (BOOT_START / 512, BOOT_LEN / 512);
     let linux = (boot.0 + boot.1, sectors - (boot.0 + boot.1) - 64);
-    match scheme {
-        Scheme::Mbr => {
-            let mut mbr = mbrman::MBR::new_from(&mut f, 512, [1, 2, 3, 4]).unwrap();
-            for (i, (start, len), sys) in [(1usize, boot, 0x0cu8), (2, linux, 0x83)] {
-                mbr[i] = mbrman::MBRPartitionEntry {
-                    boot: mbrman::BOOT_INACTIVE,
-                    first_chs: mbrman::CHS::empty(),
-                    sys,
-                    last_chs: mbrman::CHS::empty(),
-                    starting_lba: start as u32,
-                    sectors: len as u32,
-                };
-            }
-            mbr.write_into(&mut f).unwrap();
-        }
-        Scheme::Gpt => {
-            let mut gpt = gptman::GPT::new_from(&mut f, 512, [7; 16]).unwrap();
-            let esp = *b"\x28\x73\x2a\xc1\x1f\xf8\xd2\x11\xba\x4b\x00\xa0\xc9\x3e\xc9\x3b";
-            let linux_fs = *b"\xaf\x3d\xc6\x0f\x83\x84\x72\x47\x8e\x79\x3d\x69\xd8\x47\x7d\xe4";
-            for (i, (start, len), kind) in [(1u32, boot, esp), (2, linux, linux_fs)] {
-                gpt[i] = gptman::GPTPartitionEntry {
-                    partition_type_guid: kind,
-                    unique_partition_guid: [i as u8; 16],
-                    starting_lba: start,
-                    ending_lba: start + len - 1,
-                    attribute_bits: 0,
-                    partition_name: "part".into(),
-                };
-            }
-            gptman::GPT::write_protective_mbr_into(&mut f, 512).unwrap();
-            gpt.write_into(&mut f).unwrap();
-        }
-    }
+    common::write_table(&mut f, scheme, boot, linux);
     let pattern: Vec<u8> = (0..MIB as usize).map(|i| (i * 31 % 251) as u8).collect();
     for at in [linux.0 * 512, (linux.0 + linux.1) * 512 - MIB] {
         f.seek(SeekFrom::Start(at)).unwrap();
