@@ -33,6 +33,7 @@ pub mod runner;
 pub mod runtime;
 pub mod systemd;
 pub mod telemetry;
+pub mod throttle;
 pub mod writer;
 
 pub use config::AgentConfig;

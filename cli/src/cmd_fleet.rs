@@ -80,6 +80,13 @@ pub struct ServeArgs {
     /// Log filter (`info`, `debug`, `edgebind_fleet=debug`...).
     #[arg(long, env = "EDGEBIND_LOG", default_value = "info")]
     pub log_level: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics (a loopback address, e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Never throttle the fleet (by default the service publishes the fleet-wide throttle when
+    /// what waits at the broker reaches half of the queue the broker's burst budget sized).
+    #[arg(long)]
+    pub no_push_back: bool,
 }
 
 #[derive(Args)]
@@ -165,6 +172,9 @@ fn serve(args: ServeArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Some(addr) = args.metrics {
+        service::metrics::check_addr(addr)?;
+    }
     let endpoint = ops::broker_endpoint(home, args.connect.broker.as_deref()).context(
         "no broker address: pass --broker host:port or run `edgebind broker config` first",
     )?;
@@ -195,12 +205,26 @@ fn serve(args: ServeArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
     config.batch_max = args.batch_max;
     config.batch_window = Duration::from_millis(args.batch_window_ms);
     config.inventory_on_connect = !args.no_inventory_on_connect;
+    config.push_back = if args.no_push_back {
+        None
+    } else {
+        // The budget `broker config` used; its default when the broker is
+        // configured elsewhere.
+        let budget = edgebind_broker::BrokerSettings::load(&home.broker_dir())
+            .map(|s| s.budget)
+            .unwrap_or_default();
+        Some(service::push_back::PushBackPolicy::from_budget(&budget))
+    };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("start the async runtime")?;
+    if let Some(addr) = args.metrics {
+        let listener = runtime.block_on(service::metrics::MetricsListener::bind(addr))?;
+        config.metrics = Some(listener);
+    }
     let counters = Arc::new(Counters::default());
     runtime.block_on(service::run(config, counters.clone(), shutdown_signal()))?;
     eprintln!(
@@ -246,7 +270,8 @@ fn stats(args: StatsArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
         }
         for p in &services {
             println!(
-                "service {:<10} {} since {}, lag {} messages at {}",
+                "service {:<10} {} since {}, lag {} messages (oldest uncommitted {}), \
+                 broker holding {} at {}{}",
                 p.name,
                 if p.connected {
                     "connected"
@@ -255,7 +280,16 @@ fn stats(args: StatsArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
                 },
                 crate::render::unix_time(Some(p.since)),
                 p.lag,
+                p.oldest_uncommitted_s
+                    .map_or("none".to_owned(), |s| format!("{s} s old")),
+                p.broker_waiting
+                    .map_or("unknown".to_owned(), |w| format!("{w} messages")),
                 crate::render::unix_time(Some(p.seen_at)),
+                if p.push_back {
+                    ", THROTTLING the fleet (push-back)"
+                } else {
+                    ""
+                },
             );
         }
         match broker_dropped {

@@ -14,6 +14,7 @@ pub mod messages;
 pub mod principal;
 pub mod provision;
 pub mod settings;
+pub mod throttle;
 pub mod topics;
 
 pub use ids::{CommandId, DeviceId, IdError, UnitSerial};

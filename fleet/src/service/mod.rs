@@ -29,17 +29,25 @@
 //! restarts it), or to whoever drains it with `fleet serve --retire`.
 //! What the outbox publishes is claimed in the registry first, so two
 //! instances never publish the same command or settings revision.
+//!
+//! Overload: every instance reads the broker's dropped and stored message
+//! counters (`$SYS`, every `sys_interval`), logs drops loudly and records
+//! them with its lag in the registry; the instance holding the push-back
+//! lease throttles the fleet before the broker's queue for the services
+//! fills ([`push_back`]). `--metrics` serves [`metrics::Metrics`].
 
+pub mod metrics;
 mod outbox;
+pub mod push_back;
 mod writer;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use edgebind_protocol::CommandId;
 use edgebind_protocol::messages::now_unix;
-use edgebind_protocol::topics::BROKER_DROPPED;
+use edgebind_protocol::topics::{BROKER_COUNTERS, BROKER_DROPPED, BROKER_RETAINED, BROKER_STORED};
 use rumqttc::v5::Event;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
@@ -57,7 +65,6 @@ pub const SERVICE_NAME: &str = "fleet";
 /// maximum): enough to fill a batch while the previous one commits.
 pub const RECEIVE_MAXIMUM: u16 = 2000;
 
-#[derive(Debug, Clone)]
 pub struct ServiceConfig {
     /// This instance's service name: its identity is `service:NAME`.
     pub instance: String,
@@ -76,6 +83,10 @@ pub struct ServiceConfig {
     /// Ask every device that connects for its inventory.
     pub inventory_on_connect: bool,
     pub retention: Retention,
+    /// Throttle the fleet when the broker's queue nears the budget (`None`: never).
+    pub push_back: Option<push_back::PushBackPolicy>,
+    /// Serve Prometheus metrics on this (loopback) listener.
+    pub metrics: Option<metrics::MetricsListener>,
 }
 
 impl ServiceConfig {
@@ -95,6 +106,10 @@ impl ServiceConfig {
             poll_interval: Duration::from_millis(250),
             inventory_on_connect: true,
             retention: Retention::default(),
+            push_back: Some(push_back::PushBackPolicy::from_budget(
+                &edgebind_broker::Budget::default(),
+            )),
+            metrics: None,
         }
     }
 }
@@ -105,6 +120,8 @@ pub enum ServiceError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Setup(#[from] MqttSetupError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
     #[error("fleet service: {0}")]
     Internal(String),
 }
@@ -143,6 +160,30 @@ pub struct Counters {
     pub connects: AtomicU64,
     /// The broker's dropped-messages counter as last read (`None`: not yet).
     pub broker_dropped: std::sync::Mutex<Option<u64>>,
+    /// The broker's stored and retained message counts as last read.
+    pub broker_store: std::sync::Mutex<BrokerStore>,
+    /// When the oldest message not committed yet was taken from the broker
+    /// (the first of the batch the writer holds).
+    pub oldest_uncommitted: std::sync::Mutex<Option<Instant>>,
+    /// What Prometheus sees (`fleet serve --metrics`).
+    pub metrics: metrics::Metrics,
+}
+
+/// Mosquitto's message store counters, as last read from `$SYS`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BrokerStore {
+    pub stored: Option<u64>,
+    pub retained: Option<u64>,
+    /// Readings of `stored` so far: each new one is a push-back step.
+    pub readings: u64,
+}
+
+impl BrokerStore {
+    /// Messages the broker holds that are not retained: queued for sessions
+    /// (the fleet services' above all) and in flight.
+    pub fn waiting(&self) -> Option<u64> {
+        Some(self.stored?.saturating_sub(self.retained?))
+    }
 }
 
 impl Counters {
@@ -154,6 +195,36 @@ impl Counters {
     pub fn lag(&self) -> u64 {
         self.get(&self.received)
             .saturating_sub(self.get(&self.committed))
+    }
+
+    /// The metrics text, the gauges of this instant included.
+    pub fn render_metrics(&self) -> String {
+        let m = &self.metrics;
+        m.lag.set(i64::try_from(self.lag()).unwrap_or(i64::MAX));
+        m.oldest_uncommitted_s.set(
+            self.oldest_uncommitted_s()
+                .map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX)),
+        );
+        m.render()
+    }
+
+    pub fn broker_store(&self) -> BrokerStore {
+        *self.broker_store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Seconds since the oldest uncommitted message was taken from the broker.
+    pub fn oldest_uncommitted_s(&self) -> Option<u64> {
+        self.oldest_uncommitted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|at| at.elapsed().as_secs())
+    }
+
+    pub(crate) fn set_oldest_uncommitted(&self, at: Option<Instant>) {
+        *self
+            .oldest_uncommitted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = at;
     }
 
     pub fn broker_dropped(&self) -> Option<u64> {
@@ -208,7 +279,7 @@ pub async fn run(
         .set_outgoing_inflight_upper_limit(100);
     let (client, mut eventloop) = crate::mqtt::connect(opts, 10_000);
 
-    let (to_writer, writer_rx) = mpsc::channel::<Publish>(20_000);
+    let (to_writer, writer_rx) = mpsc::channel::<(Instant, Publish)>(20_000);
     let (connected_tx, connected_rx) = std::sync::mpsc::channel();
     let stopping = Arc::new(AtomicBool::new(false));
     let runtime = tokio::runtime::Handle::current();
@@ -246,9 +317,16 @@ pub async fn run(
         .spawn(move || writer.run(writer_rx))
         .map_err(|e| ServiceError::Internal(format!("cannot start the writer thread: {e}")))?;
 
+    let metrics_server = config.metrics.map(|listener| {
+        if let Some(addr) = listener.local_addr() {
+            tracing::info!(%addr, "serving metrics at http://{addr}/metrics");
+        }
+        tokio::spawn(listener.serve_counters(counters.clone()))
+    });
     let link = Arc::new(Link::default());
     link.set(false);
     let outbox = outbox::Outbox {
+        push_back: config.push_back.map(push_back::Controller::new),
         link: link.clone(),
         service_name: config.instance.clone(),
         store: outbox_store,
@@ -288,8 +366,11 @@ pub async fn run(
                     if let Err(e) = client.subscribe_many(filters).await {
                         return Err(ServiceError::Internal(format!("subscribe: {e}")));
                     }
-                    // Not shared: every instance watches the broker's drops.
-                    if let Err(e) = client.subscribe(BROKER_DROPPED, QoS::AtMostOnce).await {
+                    // Not shared: every instance watches the broker's counters.
+                    let counters_filters = BROKER_COUNTERS.iter().map(|t| {
+                        rumqttc::v5::mqttbytes::v5::Filter::new(*t, QoS::AtMostOnce)
+                    });
+                    if let Err(e) = client.subscribe_many(counters_filters).await {
                         return Err(ServiceError::Internal(format!("subscribe: {e}")));
                     }
                 }
@@ -302,12 +383,13 @@ pub async fn run(
                         )));
                     }
                 }
-                Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic == BROKER_DROPPED.as_bytes() => {
-                    broker_dropped(&counters, &publish.payload);
+                Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic.starts_with(b"$SYS/") => {
+                    broker_counter(&counters, &publish.topic, &publish.payload);
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     counters.received.fetch_add(1, Ordering::Relaxed);
-                    if to_writer.send(publish).await.is_err() {
+                    counters.metrics.received.get_or_create(&metrics::kind_label(&publish.topic)).inc();
+                    if to_writer.send((Instant::now(), publish)).await.is_err() {
                         break; // the writer gave up: its error is reported below
                     }
                 }
@@ -351,6 +433,9 @@ pub async fn run(
         }
     };
     let _ = tokio::task::spawn_blocking(move || outbox_thread.join()).await;
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     let _ = client.disconnect().await;
     // Flush the queued acks and the DISCONNECT.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -363,15 +448,43 @@ pub async fn run(
     written.map_err(ServiceError::from)
 }
 
-/// The broker published its dropped-messages counter: a drop is loud.
-fn broker_dropped(counters: &Counters, payload: &[u8]) {
-    let Some(now) = std::str::from_utf8(payload)
+/// The broker published one of the `$SYS` counters the service reads.
+fn broker_counter(counters: &Counters, topic: &[u8], payload: &[u8]) {
+    let Some(value) = std::str::from_utf8(payload)
         .ok()
         .and_then(|t| t.trim().parse::<u64>().ok())
     else {
-        tracing::warn!(payload = %String::from_utf8_lossy(payload), "unreadable broker dropped-messages counter");
+        tracing::warn!(topic = %String::from_utf8_lossy(topic), payload = %String::from_utf8_lossy(payload), "unreadable broker counter");
         return;
     };
+    if topic == BROKER_DROPPED.as_bytes() {
+        counters
+            .metrics
+            .broker_dropped
+            .set(i64::try_from(value).unwrap_or(i64::MAX));
+        broker_dropped(counters, value);
+        return;
+    }
+    let mut store = counters
+        .broker_store
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if topic == BROKER_STORED.as_bytes() {
+        store.stored = Some(value);
+        store.readings += 1;
+    } else if topic == BROKER_RETAINED.as_bytes() {
+        store.retained = Some(value);
+    }
+    if let Some(waiting) = store.waiting() {
+        counters
+            .metrics
+            .broker_waiting
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+    }
+}
+
+/// A new reading of the broker's dropped-messages counter: a drop is loud.
+fn broker_dropped(counters: &Counters, now: u64) {
     match counters.saw_broker_dropped(now) {
         Some(0) => {}
         Some(more) => tracing::error!(

@@ -184,6 +184,11 @@ impl Fleet {
 
     /// Start `edgebind fleet serve` and wait until it is subscribed.
     pub fn start_service(&mut self) {
+        self.start_service_with(&[]);
+    }
+
+    /// [`Fleet::start_service`] with more `fleet serve` arguments.
+    pub fn start_service_with(&mut self, extra: &[&str]) {
         assert!(self.service.is_none(), "service already running");
         self.service_starts += 1;
         let log = self
@@ -197,6 +202,7 @@ impl Fleet {
             .args(["fleet", "serve", "--log-level", "info,edgebind_fleet=debug"])
             .arg("--identity")
             .arg(&self.env.pki.service.dir)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
