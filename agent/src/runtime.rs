@@ -388,6 +388,7 @@ impl Agent {
             sampler,
             options,
             not_after,
+            throttle: crate::throttle::Pacer::new(std::time::Instant::now()),
         };
         let exit = this.serve(&mut shutdown).await;
         this.writer.finish();
@@ -413,6 +414,8 @@ struct Running {
     sampler: Sampler,
     options: RunOptions,
     not_after: i64,
+    /// The fleet-wide throttle in force, if any.
+    throttle: crate::throttle::Pacer,
 }
 
 /// How one connection's serve loop ended.
@@ -599,10 +602,12 @@ impl Running {
             // What this turn produced goes to the writer thread in one go.
             self.writer.flush();
             let lazy = self.writer.has_pending();
+            let paced = self.paced_wait(&io);
             tokio::select! {
                 _ = tokio::time::sleep(crate::writer::LAZY_FLUSH), if lazy => {
                     self.writer.flush_all();
                 }
+                _ = tokio::time::sleep(paced.unwrap_or_default()), if paced.is_some() => {}
                 changed = shutdown.0.changed() => {
                     if changed.is_err() || *shutdown.0.borrow() {
                         break Exit::Stopped;
@@ -650,7 +655,9 @@ impl Running {
             if reconnect || io.reconnect {
                 break Exit::Stopped;
             }
-            let wanted = self.core.settings().telemetry_interval_s;
+            let wanted = self
+                .throttle
+                .telemetry_interval_s(self.core.settings().telemetry_interval_s, now_unix());
             if wanted != period {
                 info!(interval_s = wanted, "telemetry period changed");
                 period = wanted;
@@ -704,12 +711,54 @@ impl Running {
         }
     }
 
-    /// Hand the connection what the outbox may send now.
+    /// Hand the connection what the outbox may send now (at the throttle's
+    /// pace while one is in force).
     fn send_outbox(&mut self, io: &mut Io) {
         if io.connected {
-            for (seq, o) in self.core.take_sendable(OUTBOX_WINDOW) {
+            let now = now_unix();
+            let window = self
+                .throttle
+                .allowance(OUTBOX_WINDOW, std::time::Instant::now(), now);
+            let sendable = self.core.take_sendable(window);
+            self.throttle.spent(sendable.len(), now);
+            for (seq, o) in sendable {
                 io.publish(o, Some(seq));
             }
+        }
+    }
+
+    /// While throttled with records waiting: when the next one may go.
+    fn paced_wait(&self, io: &Io) -> Option<Duration> {
+        let q = self.core.outbox();
+        if !io.connected || q.len() <= q.in_flight() {
+            return None;
+        }
+        self.throttle
+            .next_send_in(std::time::Instant::now(), now_unix())
+    }
+
+    /// A message on the fleet-wide throttle topic; acknowledged at once (it
+    /// is retained: the broker has it anyway).
+    fn on_throttle(&mut self, publish: &Publish, io: &Io) {
+        use crate::throttle::Change;
+        match self
+            .throttle
+            .on_message(&publish.payload, std::time::Instant::now())
+        {
+            Ok(Change::Engaged {
+                min_interval_s,
+                outbox_per_s,
+            }) => warn!(
+                min_telemetry_interval_s = min_interval_s,
+                outbox_per_s,
+                "the fleet is throttled: slowing down (unsent data stays in the outbox)"
+            ),
+            Ok(Change::Lifted) => info!("the fleet throttle is lifted"),
+            Ok(Change::Unchanged) => {}
+            Err(e) => warn!(error = %e, "ignoring an invalid throttle message"),
+        }
+        if let Err(e) = io.client.try_ack(publish) {
+            warn!(error = %e, "could not queue the acknowledgement");
         }
     }
 
@@ -763,6 +812,7 @@ impl Running {
                     .subscriptions()
                     .into_iter()
                     .chain(renewal_topic)
+                    .chain([edgebind_protocol::throttle::TOPIC.to_owned()])
                     .map(|f| rumqttc::v5::mqttbytes::v5::Filter::new(f, QoS::AtLeastOnce));
                 if let Err(e) = io.client.try_subscribe_many(subs) {
                     warn!(error = %e, "could not queue the subscriptions");
@@ -780,6 +830,11 @@ impl Running {
                 if let Err(e) = io.client.try_ack(&publish) {
                     warn!(error = %e, "could not queue the acknowledgement");
                 }
+            }
+            NetEvent::Message(publish)
+                if publish.topic == edgebind_protocol::throttle::TOPIC.as_bytes() =>
+            {
+                self.on_throttle(&publish, io);
             }
             NetEvent::Message(publish) => {
                 let topic = String::from_utf8_lossy(&publish.topic).into_owned();

@@ -20,8 +20,8 @@ use std::fmt::Write;
 
 use edgebind_protocol::Principal;
 use edgebind_protocol::acl::{
-    Grant, device_patterns, pattern_denies, provisioning_denies, provisioning_grants,
-    provisioning_patterns, revoked_deny_filter, user_grants,
+    Grant, device_patterns, fleet_wide_patterns, pattern_denies, provisioning_denies,
+    provisioning_grants, provisioning_patterns, revoked_deny_filter, user_grants,
 };
 
 /// Render the device listener's ACL. `active` = principals with a usable
@@ -40,6 +40,15 @@ pub fn render(active: &[Principal], revoked: &[Principal]) -> String {
          # whatever it contains, expands these into another principal's topics.\n",
     );
     for grant in device_patterns() {
+        let _ = writeln!(
+            out,
+            "pattern {} {}",
+            grant.access.mosquitto_keyword(),
+            grant.filter
+        );
+    }
+    out.push_str("# Every client: the fleet-wide throttle (only fleet services write it).\n");
+    for grant in fleet_wide_patterns() {
         let _ = writeln!(
             out,
             "pattern {} {}",
@@ -164,12 +173,21 @@ mod tests {
             "user dev-x\ntopic deny {}\n",
             revoked_deny_filter()
         )));
-        // The one `$SYS` line: the service's read of the dropped counter.
+        // The only `$SYS` lines: the service's reads of its counters.
         let sys: Vec<&str> = acl.lines().filter(|l| l.contains("$SYS")).collect();
-        assert_eq!(
-            sys,
-            [format!("topic read {}", edgebind_protocol::topics::BROKER_DROPPED).as_str()]
-        );
+        let wanted: Vec<String> = edgebind_protocol::topics::BROKER_COUNTERS
+            .iter()
+            .map(|c| format!("topic read {c}"))
+            .collect();
+        assert_eq!(sys, wanted);
+        // Everyone reads the throttle; only the service block writes it.
+        let throttle = edgebind_protocol::throttle::TOPIC;
+        assert!(acl.contains(&format!("pattern read {throttle}\n")));
+        let writes: Vec<&str> = acl
+            .lines()
+            .filter(|l| l.contains(throttle) && !l.starts_with("pattern read"))
+            .collect();
+        assert_eq!(writes, [format!("topic write {throttle}").as_str()]);
         let service_block = acl.split("user service:fleet\n").nth(1).unwrap();
         assert!(
             service_block

@@ -184,14 +184,12 @@ fn server_cert_fits(dir: &Path, pki: &Pki, settings: &BrokerSettings) -> bool {
     dns == want_dns && ips == want_ips
 }
 
-/// Messages Mosquitto queues per client beyond those in flight (its default is 1000).
-const MAX_QUEUED_MESSAGES: u32 = 100_000;
-/// Bytes Mosquitto queues per client, so a deep queue cannot exhaust memory.
-const MAX_QUEUED_BYTES: u64 = 64 * 1024 * 1024;
-
-/// Seconds between `$SYS` updates (Mosquitto's default too, said explicitly
-/// because the fleet service's drop detection depends on it).
-pub const SYS_INTERVAL_S: u32 = 10;
+/// Seconds between `$SYS` updates. The fleet service's push-back reads the
+/// broker's stored-messages count from `$SYS`, so this is how late it sees a
+/// queue grow; the burst budget's headroom covers what arrives meanwhile.
+/// (Mosquitto's default is 10; publishing the counters more often costs the
+/// broker next to nothing.)
+pub const SYS_INTERVAL_S: u32 = 2;
 
 /// Mosquitto started as root drops to an unprivileged user before it reads
 /// certificates, keys, the CRL and the ACL (also on every SIGHUP). The
@@ -225,6 +223,7 @@ fn give_to_broker_user(dir: &Path, settings: &BrokerSettings) -> Result<(), Erro
 
 /// The mosquitto.conf text. Every choice is explained in the file itself.
 pub fn render_conf(dir: &Path, settings: &BrokerSettings) -> String {
+    let limits = settings.budget.limits();
     let path = |name: &str| dir.join(name).display().to_string();
     let user = match &settings.run_as {
         Some(user) => format!(
@@ -286,14 +285,16 @@ pub fn render_conf(dir: &Path, settings: &BrokerSettings) -> String {
          # Largest MQTT packet, from edgebind_protocol::messages::MAX_PACKET_BYTES; it also\n\
          # bounds every message (2.0 deprecates message_size_limit in its favour).\n\
          max_packet_size {max_packet}\n\
-         # The fleet service subscribes to every device's telemetry at QoS 1: with the\n\
-         # default queue of 1000 Mosquitto silently drops messages it already PUBACKed\n\
-         # to devices whenever ingest lags for a moment. Devices only ever queue their\n\
-         # own commands, so the deeper queue costs nothing there; bytes stay bounded.\n\
+         # The fleet service subscribes to every device's telemetry at QoS 1: past these\n\
+         # limits Mosquitto drops messages it already PUBACKed to devices. They follow\n\
+         # from the {budget}\n\
+         # (`edgebind broker config --budget-*` changes it). Devices only ever queue\n\
+         # their own commands, so the deeper queue costs nothing there.\n\
          max_queued_messages {max_queued}\n\
          max_queued_bytes {max_queued_bytes}\n\
-         # How often $SYS counters are published: the fleet service reads the\n\
-         # dropped-messages counter, so a drop is reported within this many seconds.\n\
+         # How often $SYS counters are published: the fleet service reads the dropped\n\
+         # and stored message counts, so it sees a queue grow (and pushes back) and a\n\
+         # drop is reported within this many seconds.\n\
          sys_interval {sys_interval}\n\n\
          {persistence}\n\
          log_dest stderr\n\
@@ -312,8 +313,9 @@ pub fn render_conf(dir: &Path, settings: &BrokerSettings) -> String {
         provisioning = provisioning,
         acl = path(ACL),
         max_packet = MAX_PACKET_BYTES,
-        max_queued = MAX_QUEUED_MESSAGES,
-        max_queued_bytes = MAX_QUEUED_BYTES,
+        budget = settings.budget.describe().replace(';', ";\n#"),
+        max_queued = limits.max_queued_messages,
+        max_queued_bytes = limits.max_queued_bytes,
         sys_interval = SYS_INTERVAL_S,
         port = settings.port,
         bind = settings.bind,

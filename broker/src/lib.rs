@@ -24,12 +24,14 @@
 //! lapses (a lapsed CRL makes Mosquitto refuse every client).
 
 pub mod acl;
+pub mod budget;
 pub mod config;
 mod error;
 pub mod process;
 pub mod settings;
 pub mod supervise;
 
+pub use budget::Budget;
 pub use config::{
     GenerateOptions, Generated, generate, install_fresh_crl, regenerate_policy,
     regenerate_policy_with_crl_lifetime,

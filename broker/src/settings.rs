@@ -59,6 +59,9 @@ pub struct BrokerSettings {
     /// generated files are made readable by it. None = Mosquitto's default.
     #[serde(default)]
     pub run_as: Option<String>,
+    /// The burst budget the queue limits follow from (see [`crate::budget`]).
+    #[serde(default)]
+    pub budget: crate::Budget,
 }
 
 impl BrokerSettings {
@@ -73,6 +76,7 @@ impl BrokerSettings {
             crl_warn_days: default_crl_warn_days(),
             persistence: true,
             run_as: None,
+            budget: crate::Budget::default(),
         }
     }
 
@@ -128,7 +132,7 @@ impl BrokerSettings {
                 self.crl_warn_days, self.crl_days
             ));
         }
-        Ok(())
+        self.budget.validate()
     }
 
     /// The name clients should dial (and verify the certificate against).

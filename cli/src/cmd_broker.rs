@@ -35,6 +35,9 @@ What is generated (in <home>/broker):
   acl-provisioning  provisioning listener (--provisioning-port): no patterns at all
   crl.pem         fresh CRL (lifetime --crl-days); ca.crt, server.crt, server.key (0600)
   settings.toml   these options; re-running without --host/--ip reuses them
+The queue limits (max_queued_messages, max_queued_bytes) follow from the burst budget
+(--budget-*: a whole fleet's outbox drain after an outage, held twice; the fleet service pushes
+back at half); the budget and the broker memory it costs are printed.
 The server certificate (serverAuth, SANs = --host/--ip) is issued when missing, when the
 names change, or when it expires within 30 days (--renew-cert forces it).
 When run as root the files are given to the user Mosquitto drops to (default
@@ -139,6 +142,52 @@ pub struct ConfigArgs {
     /// Issue a new server certificate even if the current one fits.
     #[arg(long)]
     renew_cert: bool,
+    #[command(flatten)]
+    budget: BudgetArgs,
+}
+
+/// The burst budget the broker's queue limits follow from (kept in
+/// settings.toml; each flag changes one input).
+#[derive(Args)]
+#[command(
+    next_help_heading = "Burst budget (max_queued_messages / max_queued_bytes follow from it)"
+)]
+struct BudgetArgs {
+    /// Devices in the fleet.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    budget_devices: Option<u64>,
+    /// Their telemetry period in seconds.
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    budget_telemetry_interval_s: Option<u64>,
+    /// The outage whose backlog must fit, in seconds (default 600).
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    budget_outage_s: Option<u64>,
+    /// Bytes of one telemetry message.
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    budget_message_bytes: Option<u64>,
+    /// The fleet service's measured ingest ceiling, messages per second.
+    #[arg(long, value_name = "MSG_PER_S", value_parser = clap::value_parser!(u64).range(1..))]
+    budget_ingest_per_s: Option<u64>,
+}
+
+impl BudgetArgs {
+    fn apply(&self, budget: &mut edgebind_broker::Budget) {
+        let fields = [
+            (self.budget_devices, &mut budget.devices),
+            (
+                self.budget_telemetry_interval_s,
+                &mut budget.telemetry_interval_s,
+            ),
+            (self.budget_outage_s, &mut budget.outage_s),
+            (self.budget_message_bytes, &mut budget.message_bytes),
+            (self.budget_ingest_per_s, &mut budget.ingest_per_s),
+        ];
+        for (given, field) in fields {
+            if let Some(v) = given {
+                *field = v;
+            }
+        }
+    }
 }
 
 pub fn run(cmd: BrokerCommand, home: &FleetHome) -> anyhow::Result<ExitCode> {
@@ -188,6 +237,7 @@ fn config(a: ConfigArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
     if a.no_persistence {
         settings.persistence = false;
     }
+    a.budget.apply(&mut settings.budget);
     settings.validate().map_err(anyhow::Error::msg)?;
     let pki = home
         .open_pki()
@@ -210,6 +260,7 @@ fn config(a: ConfigArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
         None => println!("kept the existing server certificate (names unchanged)"),
     }
     report(&generated, &settings);
+    println!("{}", settings.budget.describe());
     println!(
         "listener: {}:{} (devices dial {}:{})\nNext: edgebind broker run",
         settings.bind,

@@ -29,7 +29,7 @@ pub enum FleetCommand {
         received is committed before it exits. Several instances (each its own --instance) share the \
         work through one MQTT 5 shared subscription; a killed instance's share waits in its broker \
         session until it is back.")]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Registry figures: devices, telemetry rows, size on disk.
     Stats(StatsArgs),
     /// Create an empty registry where none is (a home made before registries
@@ -100,6 +100,13 @@ pub struct ServeArgs {
     pub claim_rate: f64,
     #[arg(long, default_value_t = 100)]
     pub claim_burst: u32,
+    /// Serve Prometheus metrics at http://ADDR/metrics (a loopback address, e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Never throttle the fleet (by default the service publishes the fleet-wide throttle when
+    /// what waits at the broker reaches half of the queue the broker's burst budget sized).
+    #[arg(long)]
+    pub no_push_back: bool,
     #[command(flatten)]
     pub renewal: RenewalArgs,
 }
@@ -146,7 +153,7 @@ pub struct StatsArgs {
 
 pub fn run(cmd: FleetCommand, home: &FleetHome) -> anyhow::Result<ExitCode> {
     match cmd {
-        FleetCommand::Serve(args) => serve(args, home),
+        FleetCommand::Serve(args) => serve(*args, home),
         FleetCommand::Stats(args) => stats(args, home),
         FleetCommand::Init => {
             let store = home.create_registry()?;
@@ -221,6 +228,9 @@ fn serve(args: ServeArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Some(addr) = args.metrics {
+        service::metrics::check_addr(addr)?;
+    }
     let endpoint = ops::broker_endpoint(home, args.connect.broker.as_deref()).context(
         "no broker address: pass --broker host:port or run `edgebind broker config` first",
     )?;
@@ -258,12 +268,26 @@ fn serve(args: ServeArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
         });
     }
     config.provisioning = provisioning(&args, home, &config.endpoint)?;
+    config.push_back = if args.no_push_back {
+        None
+    } else {
+        // The budget `broker config` used; its default when the broker is
+        // configured elsewhere.
+        let budget = edgebind_broker::BrokerSettings::load(&home.broker_dir())
+            .map(|s| s.budget)
+            .unwrap_or_default();
+        Some(service::push_back::PushBackPolicy::from_budget(&budget))
+    };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("start the async runtime")?;
+    if let Some(addr) = args.metrics {
+        let listener = runtime.block_on(service::metrics::MetricsListener::bind(addr))?;
+        config.metrics = Some(listener);
+    }
     let counters = Arc::new(Counters::default());
     runtime.block_on(service::run(config, counters.clone(), shutdown_signal()))?;
     eprintln!(
@@ -349,7 +373,8 @@ fn stats(args: StatsArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
         }
         for p in &services {
             println!(
-                "service {:<10} {} since {}, lag {} messages at {}",
+                "service {:<10} {} since {}, lag {} messages (oldest uncommitted {}), \
+                 broker holding {} at {}{}",
                 p.name,
                 if p.connected {
                     "connected"
@@ -358,7 +383,16 @@ fn stats(args: StatsArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
                 },
                 crate::render::unix_time(Some(p.since)),
                 p.lag,
+                p.oldest_uncommitted_s
+                    .map_or("none".to_owned(), |s| format!("{s} s old")),
+                p.broker_waiting
+                    .map_or("unknown".to_owned(), |w| format!("{w} messages")),
                 crate::render::unix_time(Some(p.seen_at)),
+                if p.push_back {
+                    ", THROTTLING the fleet (push-back)"
+                } else {
+                    ""
+                },
             );
         }
         match broker_dropped {

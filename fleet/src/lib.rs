@@ -40,7 +40,9 @@
 //! down, or a transaction is slow), Mosquitto drops further QoS 1 messages
 //! for the service although it acknowledged them to the device. The ingest
 //! benchmark (`bench_ingest`) shows this at 12,000 msg/s with the default
-//! and no loss with `max_queued_messages 100000`.
+//! and no loss with `max_queued_messages 100000`. The generated limits now
+//! follow from a burst budget (`edgebind_broker::budget`), and the service
+//! throttles the fleet before they are reached ([`service::push_back`]).
 //!
 //! # Another database
 //!

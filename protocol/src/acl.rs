@@ -61,6 +61,17 @@ pub fn device_patterns() -> Vec<Grant> {
     kinds.chain(renewal).collect()
 }
 
+/// Grants every client has whatever its CN: reading the fleet-wide
+/// throttle. A plain filter (no `%u`), rendered as a `pattern` line so that
+/// it applies to every authenticated user; nobody but the fleet services
+/// may write it ([`user_grants`]).
+pub fn fleet_wide_patterns() -> Vec<Grant> {
+    vec![Grant {
+        access: Access::Read,
+        filter: crate::throttle::TOPIC.to_owned(),
+    }]
+}
+
 /// Mosquitto's `%u` substitution: the username (the certificate CN) is
 /// pasted in verbatim, `/` included. Mosquitto 2.0 refuses pattern access
 /// altogether to a username containing `+` or `#` (`None` here), so no name
@@ -133,14 +144,23 @@ pub fn user_grants(principal: &Principal) -> Vec<Grant> {
 }
 
 /// A fleet service's grants: the back-end role's, read access to the
-/// broker's dropped-messages counter, and the fleet side of every device's
+/// broker counters it watches for overload (and no other `$SYS` topic),
+/// writing the fleet-wide throttle, and the fleet side of every device's
 /// renewal exchange (read requests, write responses), which nobody else gets:
 /// an operator can neither see a device's CSR nor answer it.
 fn service_grants() -> Vec<Grant> {
     let mut grants = backend_grants();
+    grants.extend(
+        crate::topics::BROKER_COUNTERS
+            .into_iter()
+            .map(|counter| Grant {
+                access: Access::Read,
+                filter: counter.to_owned(),
+            }),
+    );
     grants.push(Grant {
-        access: Access::Read,
-        filter: crate::topics::BROKER_DROPPED.to_owned(),
+        access: Access::Write,
+        filter: crate::throttle::TOPIC.to_owned(),
     });
     grants.push(Grant {
         access: Access::Read,
@@ -330,6 +350,7 @@ pub fn allows(principal: &Principal, access: Access, topic: &str) -> bool {
     }
     any_grant(&user_grants(principal), access, topic)
         || any_grant(&pattern_grants(&principal.cn()), access, topic)
+        || any_grant(&fleet_wide_patterns(), access, topic)
 }
 
 /// The model for a certificate CN that is not a valid principal name (one
@@ -338,7 +359,10 @@ pub fn allows(principal: &Principal, access: Access, topic: &str) -> bool {
 pub fn allows_cn(cn: &str, access: Access, topic: &str) -> bool {
     match Principal::from_cn(cn) {
         Ok(p) => allows(&p, access, topic),
-        Err(_) => any_grant(&pattern_grants(cn), access, topic),
+        Err(_) => {
+            any_grant(&pattern_grants(cn), access, topic)
+                || any_grant(&fleet_wide_patterns(), access, topic)
+        }
     }
 }
 
@@ -434,6 +458,27 @@ mod tests {
             Access::Read,
             "$SYS/broker/publish/messages/received"
         ));
+        for counter in crate::topics::BROKER_COUNTERS {
+            assert!(allows(&service, Access::Read, counter), "{counter}");
+            assert!(!allows(&op, Access::Read, counter), "{counter}");
+            assert!(!allows(&p("dev-a"), Access::Read, counter), "{counter}");
+        }
+    }
+
+    #[test]
+    fn only_fleet_services_write_the_throttle_and_every_device_reads_it() {
+        let throttle = crate::throttle::TOPIC;
+        for cn in ["dev-a", "throttle", "operator:alice", "claim:line-1"] {
+            assert!(!allows(&p(cn), Access::Write, throttle), "{cn}");
+        }
+        for cn in ["dev-a", "throttle", "service:fleet", "service:fleet-2"] {
+            assert!(allows(&p(cn), Access::Read, throttle), "{cn}");
+        }
+        assert!(allows(&p("service:fleet-2"), Access::Write, throttle));
+        // No CN, valid or not, writes it through the patterns.
+        for cn in ["edgebind/v2", "", "/", "x/../throttle", "%u", "throttle/"] {
+            assert!(!allows_cn(cn, Access::Write, throttle), "{cn:?}");
+        }
     }
 
     #[test]
@@ -547,6 +592,12 @@ mod tests {
                 continue;
             }
             for g in &grants {
+                assert!(
+                    !(g.access == Access::Write
+                        && filters_overlap(&g.filter, crate::throttle::TOPIC)),
+                    "CN {name:?} writes the throttle through {}",
+                    g.filter
+                );
                 for (victim, filter) in &victim_filters {
                     if name == victim {
                         continue; // the victim's own certificate

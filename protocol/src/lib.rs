@@ -15,6 +15,7 @@ pub mod principal;
 pub mod provision;
 pub mod renewal;
 pub mod settings;
+pub mod throttle;
 pub mod topics;
 
 pub use ids::{CommandId, DeviceId, IdError, UnitSerial};

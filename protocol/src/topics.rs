@@ -8,6 +8,7 @@
 //! edgebind/v2/cmd/{id}/{cmd-id}           fleet -> device, QoS 1
 //! edgebind/v2/cmd-result/{id}/{cmd-id}    device -> fleet, QoS 1
 //! edgebind/v2/desired/{id}                fleet -> device, retained
+//! edgebind/v2/throttle                    fleet -> every device, retained (see crate::throttle)
 //! ```
 //!
 //! Why the kind comes before the id: Mosquitto expands `%u` in an ACL
@@ -31,9 +32,21 @@ use crate::ids::{CommandId, DeviceId};
 pub const NAMESPACE: &str = "edgebind/v2";
 
 /// Mosquitto's count of the messages it dropped since it started (a
-/// client's queue over `max_queued_messages`/`max_queued_bytes`): the one
-/// `$SYS` topic the fleet service may read, so a drop is never silent.
+/// client's queue over `max_queued_messages`/`max_queued_bytes`): read by
+/// the fleet service, so a drop is never silent.
 pub const BROKER_DROPPED: &str = "$SYS/broker/publish/messages/dropped";
+
+/// Mosquitto's count of the messages it holds: queued for sessions, in
+/// flight, and retained. Less [`BROKER_RETAINED`], that is what waits at the
+/// broker, mostly for the fleet service: the push-back's measure.
+pub const BROKER_STORED: &str = "$SYS/broker/store/messages/count";
+
+/// Mosquitto's count of retained messages (the space is Mosquitto's).
+pub const BROKER_RETAINED: &str = "$SYS/broker/retained messages/count";
+
+/// Every `$SYS` topic the fleet service reads, and so may read: nothing else
+/// of `$SYS`, and nobody else any of it.
+pub const BROKER_COUNTERS: [&str; 3] = [BROKER_DROPPED, BROKER_STORED, BROKER_RETAINED];
 
 /// The shared-subscription group of the fleet service instances: every
 /// instance subscribes as a member, so several share the ingest work.
@@ -286,6 +299,7 @@ mod tests {
             "edgebind/v2/status/",
             "edgebind/v2/status",
             "edgebind/v2//a",
+            crate::throttle::TOPIC,
         ] {
             assert_eq!(Topic::parse(bad), None, "{bad}");
         }

@@ -1,7 +1,8 @@
 //! Overload is never silent: when Mosquitto drops messages it already
 //! acknowledged to devices (a full queue), the fleet service reads the
 //! broker's counter, logs it loudly and `edgebind fleet stats` shows it; the
-//! service may read that one `$SYS` counter and nothing else of `$SYS`.
+//! service may read the `$SYS` counters it needs (dropped, stored and
+//! retained messages) and nothing else of `$SYS`.
 
 mod fleet_support;
 
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use edgebind_fleet::registry::Store;
 use edgebind_protocol::DeviceId;
-use edgebind_protocol::topics::{BROKER_DROPPED, Topic};
+use edgebind_protocol::topics::{BROKER_COUNTERS, BROKER_DROPPED, Topic};
 use edgebind_tests::{PubAckReason, QoS, TestClient, wait_for, wait_until};
 use fleet_support::{Fleet, LONG};
 use serde_json::{Value, json};
@@ -111,7 +112,7 @@ fn a_broker_drop_is_counted_and_reported_never_silent() {
 }
 
 #[test]
-fn the_service_reads_the_drop_counter_and_no_other_sys_topic() {
+fn the_service_reads_its_counters_and_no_other_sys_topic() {
     let mut fleet = Fleet::start();
     broker_with(&mut fleet, &[("sys_interval", "1")]);
     let service = TestClient::connect(&fleet.env.pki.service, &fleet.env.broker).unwrap();
@@ -129,6 +130,8 @@ fn the_service_reads_the_drop_counter_and_no_other_sys_topic() {
     std::thread::sleep(Duration::from_secs(3));
     let topics: std::collections::BTreeSet<String> =
         service.received().into_iter().map(|m| m.topic).collect();
-    assert_eq!(topics, [BROKER_DROPPED.to_owned()].into());
+    let wanted: std::collections::BTreeSet<String> =
+        BROKER_COUNTERS.iter().map(|t| (*t).to_owned()).collect();
+    assert_eq!(topics, wanted);
     assert!(operator.received().is_empty(), "{:?}", operator.received());
 }

@@ -900,6 +900,9 @@ pub fn service_presence_is_recorded_per_service_and_replaced(registry: &dyn Fixt
         seen_at: 130,
         broker_dropped: Some(96_284),
         lag: 1200,
+        broker_waiting: Some(54_000),
+        oldest_uncommitted_s: Some(7),
+        push_back: true,
     };
     store.record_service(&up).unwrap();
     store
@@ -910,6 +913,9 @@ pub fn service_presence_is_recorded_per_service_and_replaced(registry: &dyn Fixt
             seen_at: 90,
             broker_dropped: None,
             lag: 0,
+            broker_waiting: None,
+            oldest_uncommitted_s: None,
+            push_back: false,
         })
         .unwrap();
     let down = ServicePresence {
@@ -925,6 +931,14 @@ pub fn service_presence_is_recorded_per_service_and_replaced(registry: &dyn Fixt
     assert_eq!(got[0], down);
     assert_eq!(got[1].name, "fleet-2");
     assert_eq!((got[1].broker_dropped, got[1].lag), (None, 0));
+    assert_eq!(
+        (
+            got[1].broker_waiting,
+            got[1].oldest_uncommitted_s,
+            got[1].push_back
+        ),
+        (None, None, false)
+    );
 }
 
 pub fn a_redelivered_batch_stores_nothing_twice(registry: &dyn Fixture) {
@@ -957,6 +971,11 @@ pub fn a_redelivered_batch_stores_nothing_twice(registry: &dyn Fixture) {
     ]);
     let report = store.apply(&again).unwrap();
     assert_eq!(report.duplicates, 7 + 1 + 1, "{report:?}");
+    assert_eq!(
+        (report.duplicate_telemetry, report.duplicate_events),
+        (7, 2),
+        "{report:?}"
+    );
     let a = store.device(&id("a")).unwrap();
     assert_eq!(a.telemetry_count, 6);
     assert_eq!(a.telemetry_at, Some(6));

@@ -585,6 +585,10 @@ pub struct BatchReport {
     /// Telemetry samples and events that were already stored (a message
     /// delivered again after a crash), so not stored twice.
     pub duplicates: usize,
+    /// Of [`BatchReport::duplicates`]: telemetry samples.
+    pub duplicate_telemetry: usize,
+    /// Of [`BatchReport::duplicates`]: events.
+    pub duplicate_events: usize,
     /// On-connect commands this batch queued for the outbox.
     pub queued_on_connect: usize,
     /// Ids that are not in the registry (their messages were dropped).
@@ -779,6 +783,18 @@ pub struct ServicePresence {
     /// Messages taken from the broker and not committed yet, at the heartbeat.
     #[serde(default)]
     pub lag: u64,
+    /// Messages the broker holds (its stored-message count less retained
+    /// ones): what waits for the fleet service there, its in-flight and
+    /// uncommitted messages included. `None` until read.
+    #[serde(default)]
+    pub broker_waiting: Option<u64>,
+    /// Age in seconds of the oldest message this service took from the
+    /// broker and has not committed yet (`None`: nothing uncommitted).
+    #[serde(default)]
+    pub oldest_uncommitted_s: Option<u64>,
+    /// Whether this service holds the fleet-wide throttle in force.
+    #[serde(default)]
+    pub push_back: bool,
 }
 
 /// How often a connected service refreshes its [`ServicePresence`].

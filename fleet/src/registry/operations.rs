@@ -452,6 +452,7 @@ impl<S: Storage> Store for S {
                 for (sample, stored) in samples.iter().zip(stored) {
                     if !stored {
                         report.duplicates += 1;
+                        report.duplicate_telemetry += 1;
                         continue;
                     }
                     if let Some(t) = touched.get_mut(sample.device) {
@@ -465,6 +466,7 @@ impl<S: Storage> Store for S {
                 for (event, stored) in events.iter().zip(stored) {
                     if !stored {
                         report.duplicates += 1;
+                        report.duplicate_events += 1;
                     } else if let Some(t) = touched.get_mut(event.device) {
                         t.events_added = true;
                     }

@@ -241,6 +241,12 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX presence_history_by_device ON presence_history(device_id, seq);
     "#,
+    // 11: the detail of each fleet service's lag (SQLite's version 12).
+    r#"
+    ALTER TABLE services ADD COLUMN broker_waiting BIGINT;
+    ALTER TABLE services ADD COLUMN oldest_uncommitted_s BIGINT;
+    ALTER TABLE services ADD COLUMN push_back BOOLEAN NOT NULL DEFAULT FALSE;
+    "#,
 ];
 
 /// The schema version this edgebind writes (one per migration).
@@ -1377,11 +1383,14 @@ impl StorageTx for PgTx<'_> {
 
     fn save_service(&mut self, p: &ServicePresence) -> Result<()> {
         self.exec(
-            "INSERT INTO services (name, connected, since, seen_at, broker_dropped, lag) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
+            "INSERT INTO services (name, connected, since, seen_at, broker_dropped, lag, \
+             broker_waiting, oldest_uncommitted_s, push_back) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
              ON CONFLICT (name) DO UPDATE SET connected = excluded.connected, \
              since = excluded.since, seen_at = excluded.seen_at, \
-             broker_dropped = excluded.broker_dropped, lag = excluded.lag",
+             broker_dropped = excluded.broker_dropped, lag = excluded.lag, \
+             broker_waiting = excluded.broker_waiting, \
+             oldest_uncommitted_s = excluded.oldest_uncommitted_s, push_back = excluded.push_back",
             &[
                 &p.name,
                 &p.connected,
@@ -1389,6 +1398,9 @@ impl StorageTx for PgTx<'_> {
                 &(p.seen_at as i64),
                 &p.broker_dropped.map(|d| d as i64),
                 &(p.lag as i64),
+                &p.broker_waiting.map(|d| d as i64),
+                &p.oldest_uncommitted_s.map(|d| d as i64),
+                &p.push_back,
             ],
         )?;
         Ok(())
@@ -1572,7 +1584,8 @@ impl StorageTx for PgTx<'_> {
 
     fn services(&mut self) -> Result<Vec<ServicePresence>> {
         let rows = self.rows(
-            "SELECT name, connected, since, seen_at, broker_dropped, lag FROM services ORDER BY name",
+            "SELECT name, connected, since, seen_at, broker_dropped, lag, broker_waiting, \
+             oldest_uncommitted_s, push_back FROM services ORDER BY name",
             &[],
         )?;
         Ok(rows
@@ -1584,6 +1597,9 @@ impl StorageTx for PgTx<'_> {
                 seen_at: r.get::<_, i64>(3).max(0) as u64,
                 broker_dropped: r.get::<_, Option<i64>>(4).map(|d| d.max(0) as u64),
                 lag: r.get::<_, i64>(5).max(0) as u64,
+                broker_waiting: r.get::<_, Option<i64>>(6).map(|d| d.max(0) as u64),
+                oldest_uncommitted_s: r.get::<_, Option<i64>>(7).map(|d| d.max(0) as u64),
+                push_back: r.get(8),
             })
             .collect())
     }

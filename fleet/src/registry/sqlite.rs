@@ -239,6 +239,13 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX presence_history_by_device ON presence_history(device_id, seq);
     "#,
+    // 12: the detail of each fleet service's lag (issue 17): what waits at the
+    // broker, the age of its oldest uncommitted message, whether it throttles.
+    r#"
+    ALTER TABLE services ADD COLUMN broker_waiting INTEGER;
+    ALTER TABLE services ADD COLUMN oldest_uncommitted_s INTEGER;
+    ALTER TABLE services ADD COLUMN push_back INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -1222,18 +1229,24 @@ impl StorageTx for SqliteTx<'_> {
 
     fn save_service(&mut self, p: &ServicePresence) -> Result<()> {
         self.exec(
-            "INSERT INTO services (name, connected, since, seen_at, broker_dropped, lag) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+            "INSERT INTO services (name, connected, since, seen_at, broker_dropped, lag, \
+             broker_waiting, oldest_uncommitted_s, push_back) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
              ON CONFLICT (name) DO UPDATE SET connected = excluded.connected, \
              since = excluded.since, seen_at = excluded.seen_at, \
-             broker_dropped = excluded.broker_dropped, lag = excluded.lag",
+             broker_dropped = excluded.broker_dropped, lag = excluded.lag, \
+             broker_waiting = excluded.broker_waiting, \
+             oldest_uncommitted_s = excluded.oldest_uncommitted_s, push_back = excluded.push_back",
             params![
                 p.name,
                 p.connected,
                 p.since as i64,
                 p.seen_at as i64,
                 p.broker_dropped.map(|d| d as i64),
-                p.lag as i64
+                p.lag as i64,
+                p.broker_waiting.map(|d| d as i64),
+                p.oldest_uncommitted_s.map(|d| d as i64),
+                p.push_back,
             ],
         )?;
         Ok(())
@@ -1264,7 +1277,8 @@ impl StorageTx for SqliteTx<'_> {
         let mut stmt = self
             .tx
             .prepare_cached(
-                "SELECT name, connected, since, seen_at, broker_dropped, lag FROM services ORDER BY name",
+                "SELECT name, connected, since, seen_at, broker_dropped, lag, broker_waiting, \
+                 oldest_uncommitted_s, push_back FROM services ORDER BY name",
             )
             .map_err(db)?;
         let rows = stmt
@@ -1276,6 +1290,9 @@ impl StorageTx for SqliteTx<'_> {
                     seen_at: r.get::<_, i64>(3)?.max(0) as u64,
                     broker_dropped: r.get::<_, Option<i64>>(4)?.map(|d| d.max(0) as u64),
                     lag: r.get::<_, i64>(5)?.max(0) as u64,
+                    broker_waiting: r.get::<_, Option<i64>>(6)?.map(|d| d.max(0) as u64),
+                    oldest_uncommitted_s: r.get::<_, Option<i64>>(7)?.map(|d| d.max(0) as u64),
+                    push_back: r.get(8)?,
                 })
             })
             .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())

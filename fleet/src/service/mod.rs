@@ -29,9 +29,17 @@
 //! restarts it), or to whoever drains it with `fleet serve --retire`.
 //! What the outbox publishes is claimed in the registry first, so two
 //! instances never publish the same command or settings revision.
+//!
+//! Overload: every instance reads the broker's dropped and stored message
+//! counters (`$SYS`, every `sys_interval`), logs drops loudly and records
+//! them with its lag in the registry; the instance holding the push-back
+//! lease throttles the fleet before the broker's queue for the services
+//! fills ([`push_back`]). `--metrics` serves [`metrics::Metrics`].
 
+pub mod metrics;
 mod outbox;
 pub mod provision;
+pub mod push_back;
 mod renewal;
 mod writer;
 
@@ -39,11 +47,11 @@ pub use renewal::{RenewalCounters, RenewalService};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use edgebind_protocol::CommandId;
 use edgebind_protocol::messages::now_unix;
-use edgebind_protocol::topics::BROKER_DROPPED;
+use edgebind_protocol::topics::{BROKER_COUNTERS, BROKER_DROPPED, BROKER_RETAINED, BROKER_STORED};
 use rumqttc::v5::Event;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
@@ -61,7 +69,6 @@ pub const SERVICE_NAME: &str = "fleet";
 /// maximum): enough to fill a batch while the previous one commits.
 pub const RECEIVE_MAXIMUM: u16 = 2000;
 
-#[derive(Debug, Clone)]
 pub struct ServiceConfig {
     /// This instance's service name: its identity is `service:NAME`.
     pub instance: String,
@@ -85,6 +92,10 @@ pub struct ServiceConfig {
     pub renewal: Option<RenewalService>,
     /// Answer claim requests on the provisioning listener ([`provision`]).
     pub provisioning: Option<provision::ProvisionConfig>,
+    /// Throttle the fleet when the broker's queue nears the budget (`None`: never).
+    pub push_back: Option<push_back::PushBackPolicy>,
+    /// Serve Prometheus metrics on this (loopback) listener.
+    pub metrics: Option<metrics::MetricsListener>,
 }
 
 impl ServiceConfig {
@@ -106,6 +117,10 @@ impl ServiceConfig {
             retention: Retention::default(),
             renewal: None,
             provisioning: None,
+            push_back: Some(push_back::PushBackPolicy::from_budget(
+                &edgebind_broker::Budget::default(),
+            )),
+            metrics: None,
         }
     }
 }
@@ -116,6 +131,8 @@ pub enum ServiceError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Setup(#[from] MqttSetupError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
     #[error("fleet service: {0}")]
     Internal(String),
 }
@@ -158,6 +175,30 @@ pub struct Counters {
     pub renewal: RenewalCounters,
     /// The provisioning connection's requests and answers.
     pub provision: Arc<provision::ProvisionCounters>,
+    /// The broker's stored and retained message counts as last read.
+    pub broker_store: std::sync::Mutex<BrokerStore>,
+    /// When the oldest message not committed yet was taken from the broker
+    /// (the first of the batch the writer holds).
+    pub oldest_uncommitted: std::sync::Mutex<Option<Instant>>,
+    /// What Prometheus sees (`fleet serve --metrics`).
+    pub metrics: metrics::Metrics,
+}
+
+/// Mosquitto's message store counters, as last read from `$SYS`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BrokerStore {
+    pub stored: Option<u64>,
+    pub retained: Option<u64>,
+    /// Readings of `stored` so far: each new one is a push-back step.
+    pub readings: u64,
+}
+
+impl BrokerStore {
+    /// Messages the broker holds that are not retained: queued for sessions
+    /// (the fleet services' above all) and in flight.
+    pub fn waiting(&self) -> Option<u64> {
+        Some(self.stored?.saturating_sub(self.retained?))
+    }
 }
 
 impl Counters {
@@ -169,6 +210,36 @@ impl Counters {
     pub fn lag(&self) -> u64 {
         self.get(&self.received)
             .saturating_sub(self.get(&self.committed))
+    }
+
+    /// The metrics text, the gauges of this instant included.
+    pub fn render_metrics(&self) -> String {
+        let m = &self.metrics;
+        m.lag.set(i64::try_from(self.lag()).unwrap_or(i64::MAX));
+        m.oldest_uncommitted_s.set(
+            self.oldest_uncommitted_s()
+                .map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX)),
+        );
+        m.render()
+    }
+
+    pub fn broker_store(&self) -> BrokerStore {
+        *self.broker_store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Seconds since the oldest uncommitted message was taken from the broker.
+    pub fn oldest_uncommitted_s(&self) -> Option<u64> {
+        self.oldest_uncommitted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|at| at.elapsed().as_secs())
+    }
+
+    pub(crate) fn set_oldest_uncommitted(&self, at: Option<Instant>) {
+        *self
+            .oldest_uncommitted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = at;
     }
 
     pub fn broker_dropped(&self) -> Option<u64> {
@@ -223,7 +294,7 @@ pub async fn run(
         .set_outgoing_inflight_upper_limit(100);
     let (client, mut eventloop) = crate::mqtt::connect(opts, 10_000);
 
-    let (to_writer, writer_rx) = mpsc::channel::<Publish>(20_000);
+    let (to_writer, writer_rx) = mpsc::channel::<(Instant, Publish)>(20_000);
     let (connected_tx, connected_rx) = std::sync::mpsc::channel();
     let stopping = Arc::new(AtomicBool::new(false));
     let runtime = tokio::runtime::Handle::current();
@@ -294,9 +365,16 @@ pub async fn run(
         }
     };
 
+    let metrics_server = config.metrics.map(|listener| {
+        if let Some(addr) = listener.local_addr() {
+            tracing::info!(%addr, "serving metrics at http://{addr}/metrics");
+        }
+        tokio::spawn(listener.serve_counters(counters.clone()))
+    });
     let link = Arc::new(Link::default());
     link.set(false);
     let outbox = outbox::Outbox {
+        push_back: config.push_back.map(push_back::Controller::new),
         link: link.clone(),
         service_name: config.instance.clone(),
         store: outbox_store,
@@ -360,8 +438,11 @@ pub async fn run(
                     if let Err(e) = client.subscribe_many(filters).await {
                         return Err(ServiceError::Internal(format!("subscribe: {e}")));
                     }
-                    // Not shared: every instance watches the broker's drops.
-                    if let Err(e) = client.subscribe(BROKER_DROPPED, QoS::AtMostOnce).await {
+                    // Not shared: every instance watches the broker's counters.
+                    let counters_filters = BROKER_COUNTERS.iter().map(|t| {
+                        rumqttc::v5::mqttbytes::v5::Filter::new(*t, QoS::AtMostOnce)
+                    });
+                    if let Err(e) = client.subscribe_many(counters_filters).await {
                         return Err(ServiceError::Internal(format!("subscribe: {e}")));
                     }
                 }
@@ -374,8 +455,13 @@ pub async fn run(
                         )));
                     }
                 }
-                Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic == BROKER_DROPPED.as_bytes() => {
-                    broker_dropped(&counters, &publish.payload);
+                Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic.starts_with(b"$SYS/") => {
+                    if broker_counter(&counters, &publish.topic, &publish.payload) {
+                        tracing::debug!("subscribing to the broker's dropped counter again");
+                        if let Err(e) = client.subscribe(BROKER_DROPPED, QoS::AtMostOnce).await {
+                            return Err(ServiceError::Internal(format!("subscribe: {e}")));
+                        }
+                    }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish)))
                     if renew_tx.is_some() && is_renewal(&publish.topic) =>
@@ -387,7 +473,8 @@ pub async fn run(
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     counters.received.fetch_add(1, Ordering::Relaxed);
-                    if to_writer.send(publish).await.is_err() {
+                    counters.metrics.received.get_or_create(&metrics::kind_label(&publish.topic)).inc();
+                    if to_writer.send((Instant::now(), publish)).await.is_err() {
                         break; // the writer gave up: its error is reported below
                     }
                 }
@@ -441,6 +528,9 @@ pub async fn run(
     if let Some(task) = provisioner {
         let _ = task.await;
     }
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     let _ = client.disconnect().await;
     // Flush the queued acks and the DISCONNECT.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -462,15 +552,55 @@ fn is_renewal(topic: &[u8]) -> bool {
     topic.starts_with(prefix.as_bytes())
 }
 
-/// The broker published its dropped-messages counter: a drop is loud.
-fn broker_dropped(counters: &Counters, payload: &[u8]) {
-    let Some(now) = std::str::from_utf8(payload)
+/// The broker published one of the `$SYS` counters the service reads.
+/// Returns whether to subscribe to the dropped-messages counter again.
+///
+/// Mosquitto publishes that counter only when it changes, so a service
+/// normally learns it from the retained copy its subscription brings. A
+/// first start subscribes right after adding its own grant to the broker
+/// policy, and a subscription the broker handled before it reloaded that
+/// policy gets no retained copy; the other counters, republished every
+/// `sys_interval`, then arrive and show that the grant is in force, and a
+/// fresh subscription fetches the retained copy.
+fn broker_counter(counters: &Counters, topic: &[u8], payload: &[u8]) -> bool {
+    let Some(value) = std::str::from_utf8(payload)
         .ok()
         .and_then(|t| t.trim().parse::<u64>().ok())
     else {
-        tracing::warn!(payload = %String::from_utf8_lossy(payload), "unreadable broker dropped-messages counter");
-        return;
+        tracing::warn!(topic = %String::from_utf8_lossy(topic), payload = %String::from_utf8_lossy(payload), "unreadable broker counter");
+        return false;
     };
+    if topic == BROKER_DROPPED.as_bytes() {
+        counters
+            .metrics
+            .broker_dropped
+            .set(i64::try_from(value).unwrap_or(i64::MAX));
+        broker_dropped(counters, value);
+        return false;
+    }
+    let mut store = counters
+        .broker_store
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if topic == BROKER_STORED.as_bytes() {
+        store.stored = Some(value);
+        store.readings += 1;
+    } else if topic == BROKER_RETAINED.as_bytes() {
+        store.retained = Some(value);
+    }
+    if let Some(waiting) = store.waiting() {
+        counters
+            .metrics
+            .broker_waiting
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+    }
+    topic == BROKER_STORED.as_bytes()
+        && counters.broker_dropped().is_none()
+        && store.readings % 5 == 1
+}
+
+/// A new reading of the broker's dropped-messages counter: a drop is loud.
+fn broker_dropped(counters: &Counters, now: u64) {
     match counters.saw_broker_dropped(now) {
         Some(0) => {}
         Some(more) => tracing::error!(

@@ -27,7 +27,7 @@ use edgebind_protocol::topics::Topic;
 use rumqttc::v5::AsyncClient;
 use rumqttc::v5::mqttbytes::QoS;
 
-use super::Counters;
+use super::{Counters, push_back};
 use crate::registry::{CommandRecord, RegistryError, SERVICE_HEARTBEAT_S, ServicePresence, Store};
 
 pub(super) struct Outbox {
@@ -41,18 +41,34 @@ pub(super) struct Outbox {
     /// registry so presence can say when it is stale.
     pub link: Arc<super::Link>,
     pub service_name: String,
+    /// The push-back controller (`None`: push-back off).
+    pub push_back: Option<super::push_back::Controller>,
 }
+
+/// How often the device counts of the metrics are refreshed from the registry.
+const DEVICE_METRICS_EVERY_S: u64 = 2;
 
 impl Outbox {
     pub fn run(mut self, connected: Receiver<Vec<DeviceId>>) {
-        let mut recorded: Option<((bool, u64), Option<u64>)> = None;
+        let mut recorded: Option<((bool, u64), Option<u64>, bool)> = None;
         let mut beat_at = 0u64;
+        let mut devices_at = 0u64;
+        let mut readings_seen = 0u64;
         loop {
             let now = now_unix();
             let link = self.link.get();
             let dropped = self.counters.broker_dropped();
-            // A change of the broker's drop count is recorded at once.
-            if recorded != Some((link, dropped)) || now >= beat_at + SERVICE_HEARTBEAT_S {
+            let store = self.counters.broker_store();
+            if store.readings != readings_seen && link.0 {
+                readings_seen = store.readings;
+                if let Some(waiting) = store.waiting() {
+                    self.push_back_step(waiting, now);
+                }
+            }
+            let throttling = self.push_back.as_ref().is_some_and(|c| c.engaged());
+            // A change of the broker's drop count or of the throttle is recorded at once.
+            if recorded != Some((link, dropped, throttling)) || now >= beat_at + SERVICE_HEARTBEAT_S
+            {
                 let presence = ServicePresence {
                     name: self.service_name.clone(),
                     connected: link.0,
@@ -60,13 +76,29 @@ impl Outbox {
                     seen_at: now,
                     broker_dropped: dropped,
                     lag: self.counters.lag(),
+                    broker_waiting: store.waiting(),
+                    oldest_uncommitted_s: self.counters.oldest_uncommitted_s(),
+                    push_back: throttling,
                 };
                 match self.store.record_service(&presence) {
                     Ok(()) => {
-                        recorded = Some((link, dropped));
+                        recorded = Some((link, dropped, throttling));
                         beat_at = now;
                     }
-                    Err(e) => tracing::error!(error = %e, "recording the service heartbeat failed"),
+                    Err(e) => {
+                        self.counters.metrics.registry_errors.inc();
+                        tracing::error!(error = %e, "recording the service heartbeat failed")
+                    }
+                }
+            }
+            if now >= devices_at + DEVICE_METRICS_EVERY_S {
+                devices_at = now;
+                match self.store.overview(now) {
+                    Ok(o) => self.counters.metrics.set_devices(&o),
+                    Err(e) => {
+                        self.counters.metrics.registry_errors.inc();
+                        tracing::error!(error = %e, "counting devices for the metrics failed")
+                    }
                 }
             }
             if self.stopping.load(Ordering::Relaxed) {
@@ -84,10 +116,71 @@ impl Outbox {
                 }
             }
             if let Err(e) = self.publish_desired() {
+                self.counters.metrics.registry_errors.inc();
                 tracing::error!(error = %e, "publishing desired settings failed");
             }
             if let Err(e) = self.deliver_queued() {
+                self.counters.metrics.registry_errors.inc();
                 tracing::error!(error = %e, "delivering queued commands failed");
+            }
+        }
+    }
+
+    /// One push-back step on a new reading of what waits at the broker,
+    /// taken only by the holder of the push-back lease.
+    fn push_back_step(&mut self, waiting: u64, now: u64) {
+        let Some(controller) = self.push_back.as_mut() else {
+            return;
+        };
+        let by = format!("service:{}", self.service_name);
+        match self.store.claim(
+            push_back::LEASE_KEY,
+            &self.service_name,
+            push_back::LEASE_TTL_S,
+        ) {
+            Ok(true) => {}
+            Ok(false) => {
+                controller.lost_lease();
+                self.counters.metrics.push_back.set(0);
+                return;
+            }
+            Err(e) => {
+                // Without the lease nobody may publish: leave the throttle
+                // as it is (it expires by itself).
+                self.counters.metrics.registry_errors.inc();
+                tracing::error!(error = %e, "taking the push-back lease failed");
+                return;
+            }
+        }
+        let Some(throttle) = controller.step(waiting, now, &by) else {
+            return;
+        };
+        let engaged = controller.engaged();
+        if throttle.active {
+            tracing::warn!(
+                waiting,
+                min_telemetry_interval_s = throttle.min_telemetry_interval_s,
+                outbox_per_s = throttle.outbox_per_s,
+                "push-back: {waiting} messages wait at the broker; throttling the fleet"
+            );
+        } else {
+            tracing::info!(waiting, "push-back: the fleet may go at its own pace");
+        }
+        let result = self.runtime.block_on(self.client.publish(
+            edgebind_protocol::throttle::TOPIC,
+            QoS::AtLeastOnce,
+            true,
+            throttle.encode(),
+        ));
+        match result {
+            Ok(()) => {
+                self.counters.published.fetch_add(1, Ordering::Relaxed);
+                self.counters.metrics.push_back.set(i64::from(engaged));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "publishing the throttle failed");
+                // Decide again on the next reading.
+                controller.lost_lease();
             }
         }
     }
@@ -102,6 +195,9 @@ impl Outbox {
             seen_at: now,
             broker_dropped: self.counters.broker_dropped(),
             lag: self.counters.lag(),
+            broker_waiting: self.counters.broker_store().waiting(),
+            oldest_uncommitted_s: self.counters.oldest_uncommitted_s(),
+            push_back: false,
         };
         if let Err(e) = self.store.record_service(&presence) {
             tracing::error!(error = %e, "recording the service stop failed");

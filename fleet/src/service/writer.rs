@@ -11,7 +11,7 @@ use edgebind_protocol::messages::now_unix;
 use rumqttc::v5::mqttbytes::v5::Publish;
 use tokio::sync::mpsc::{self, error::TryRecvError};
 
-use super::Counters;
+use super::{Counters, metrics};
 use crate::ingest::{self, Dropped};
 use crate::registry::{RegistryError, Store, Update};
 
@@ -40,7 +40,7 @@ pub(super) struct Writer {
 
 impl Writer {
     /// Returns the registry error that made it give up, if it did.
-    pub fn run(mut self, mut rx: mpsc::Receiver<Publish>) -> Result<(), RegistryError> {
+    pub fn run(mut self, mut rx: mpsc::Receiver<(Instant, Publish)>) -> Result<(), RegistryError> {
         let mut warned_unknown: HashSet<DeviceId> = HashSet::new();
         let mut warned_kinds: HashSet<String> = HashSet::new();
         let mut publishes: Vec<Publish> = Vec::with_capacity(self.batch_max);
@@ -48,13 +48,16 @@ impl Writer {
         // Block for the first message of a batch, then take whatever is
         // already waiting: under load batches grow (up to batch_max or
         // batch_window), when idle each message commits at once.
-        while let Some(first) = rx.blocking_recv() {
+        while let Some((taken_at, first)) = rx.blocking_recv() {
+            // The channel is in arrival order: the batch's first message is
+            // the oldest not committed.
+            self.counters.set_oldest_uncommitted(Some(taken_at));
             let started = Instant::now();
             publishes.push(first);
             let mut closed = false;
             while publishes.len() < self.batch_max && started.elapsed() < self.batch_window {
                 match rx.try_recv() {
-                    Ok(p) => publishes.push(p),
+                    Ok((_, p)) => publishes.push(p),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         closed = true;
@@ -82,6 +85,7 @@ impl Writer {
                     }
                 }
             }
+            let commit_started = Instant::now();
             let report = match self.commit(&updates) {
                 Ok(report) => report,
                 Err(e) => {
@@ -89,6 +93,7 @@ impl Writer {
                     return Err(e);
                 }
             };
+            self.count_committed(&publishes, &updates, &report, dropped, commit_started);
             for device in &report.unknown_devices {
                 if warned_unknown.insert(device.clone()) {
                     tracing::warn!(
@@ -113,6 +118,7 @@ impl Writer {
                 .fetch_add(dropped + unknown_msgs, Ordering::Relaxed);
             self.counters.committed.fetch_add(n, Ordering::Relaxed);
             self.counters.batches.fetch_add(1, Ordering::Relaxed);
+            self.counters.set_oldest_uncommitted(None);
             for device in &report.connected {
                 tracing::info!(device = %device, "device connected");
             }
@@ -134,6 +140,48 @@ impl Writer {
         Ok(())
     }
 
+    /// The metrics of a committed batch.
+    fn count_committed(
+        &self,
+        publishes: &[Publish],
+        updates: &[Update],
+        report: &crate::registry::BatchReport,
+        invalid: u64,
+        commit_started: Instant,
+    ) {
+        use edgebind_protocol::topics::Kind;
+        let m = &self.counters.metrics;
+        m.commit_seconds
+            .observe(commit_started.elapsed().as_secs_f64());
+        for p in publishes {
+            m.committed
+                .get_or_create(&metrics::kind_label(&p.topic))
+                .inc();
+        }
+        m.duplicated
+            .get_or_create(&metrics::kind_of(Kind::Telemetry))
+            .inc_by(report.duplicate_telemetry as u64);
+        m.duplicated
+            .get_or_create(&metrics::kind_of(Kind::Events))
+            .inc_by(report.duplicate_events as u64);
+        let unknown = updates
+            .iter()
+            .filter(|u| report.unknown_devices.contains(u.device()))
+            .count() as u64;
+        m.invalid.inc_by(invalid + unknown);
+        for u in updates {
+            if let Update::CommandResult { result, .. } = u
+                && !report.unknown_devices.contains(u.device())
+            {
+                m.command_results
+                    .get_or_create(&metrics::OutcomeLabel {
+                        outcome: metrics::outcome_label(result.status),
+                    })
+                    .inc();
+            }
+        }
+    }
+
     /// Commit `updates`, retrying while the database is unavailable (another
     /// process holding a long write lock, a full disk being cleaned): nothing
     /// is acknowledged until this succeeds. Gives up after
@@ -149,6 +197,7 @@ impl Writer {
                 Ok(report) => return Ok(report),
                 Err(e) => e,
             };
+            self.counters.metrics.registry_errors.inc();
             if attempt >= MAX_COMMIT_ATTEMPTS {
                 tracing::error!(error = %e, batch = updates.len(), attempts = attempt,
                     "registry write failed {attempt} times; giving up (nothing of this batch was acknowledged)");

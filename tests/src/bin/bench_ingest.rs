@@ -31,6 +31,15 @@
 //! the drain rate from the instances' start to the last commit, and
 //! `--kill-one-halfway` applies to the drain.
 //!
+//! `--push-back` sizes the broker's queue from a burst budget smaller than
+//! the burst (`--budget-outage-s`, default 150 s of the devices at 1 Hz:
+//! a queue of 300 messages a device, push-back at half), lets the instances
+//! throttle the fleet and makes the devices obey the throttle like the agent
+//! does (`edgebind_agent::throttle::Pacer`): the broker must drop nothing.
+//! Every run reports the messages the broker dropped (its `$SYS` counter as
+//! the instances recorded it), the peak lag and the time from that peak
+//! until the lag was back to zero.
+//!
 //! Every run ends with one line starting `bench_ingest:` that holds the
 //! figures to quote.
 
@@ -43,9 +52,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use edgebind_agent::throttle::Pacer;
 use edgebind_fleet::mqtt::{self, BrokerEndpoint, ClientIdentity};
 use edgebind_fleet::registry::{self, NewDevice, RegistryUrl, Retention};
 use edgebind_protocol::DeviceId;
+use edgebind_protocol::messages::now_unix;
+use edgebind_protocol::throttle;
 use edgebind_protocol::topics::Topic;
 use edgebind_tests::{Broker, PgCluster, TestPki, bin_path, spawn_tied};
 use rumqttc::v5::mqttbytes::QoS;
@@ -77,6 +89,8 @@ struct Args {
     instances: usize,
     kill_one_halfway: bool,
     backlog: bool,
+    push_back: bool,
+    budget_outage_s: u64,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -89,6 +103,8 @@ fn parse_args() -> anyhow::Result<Args> {
         instances: 1,
         kill_one_halfway: false,
         backlog: false,
+        push_back: false,
+        budget_outage_s: 150,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -105,6 +121,8 @@ fn parse_args() -> anyhow::Result<Args> {
             "--instances" => args.instances = value()? as usize,
             "--kill-one-halfway" => args.kill_one_halfway = true,
             "--backlog" => args.backlog = true,
+            "--push-back" => args.push_back = true,
+            "--budget-outage-s" => args.budget_outage_s = value()?.max(1),
             "--backend" => {
                 args.backend = match it.next().as_deref() {
                     Some("sqlite") => Backend::Sqlite,
@@ -120,7 +138,7 @@ fn parse_args() -> anyhow::Result<Args> {
                 println!(
                     "bench_ingest [--devices N] [--rate MSG_PER_S (0 = flat out)] [--seconds S] \
                      [--backend sqlite|postgres] [--instances N] [--kill-one-halfway] [--backlog] \
-                     [--broker-conf LINE]..."
+                     [--push-back [--budget-outage-s S]] [--broker-conf LINE]..."
                 );
                 std::process::exit(0);
             }
@@ -153,6 +171,7 @@ impl Instance {
         registry_url: Option<&str>,
         name: &str,
         attempt: u32,
+        push_back: bool,
     ) -> anyhow::Result<Instance> {
         let log = home.join(format!("fleet-service-{name}-{attempt}.log"));
         let file = File::create(&log)?;
@@ -161,6 +180,11 @@ impl Instance {
             .arg(home)
             .args(["fleet", "serve", "--instance", name])
             .args(["--log-level", "info", "--no-inventory-on-connect"])
+            .args(if push_back {
+                &[][..]
+            } else {
+                &["--no-push-back"][..]
+            })
             .env_remove("EDGEBIND_HOME")
             .env_remove("EDGEBIND_BROKER")
             .stdin(Stdio::null())
@@ -253,6 +277,8 @@ struct Acks {
     acked: Arc<AtomicU64>,
     last_ack_us: Arc<AtomicU64>,
     epoch: Instant,
+    /// Throttle messages in force that devices received.
+    throttled: Arc<AtomicU64>,
 }
 
 /// One simulated device: connect, publish `count` messages paced at
@@ -264,12 +290,16 @@ async fn device(
     per_second: f64,
     acks: Acks,
     start: Arc<tokio::sync::Barrier>,
+    push_back: bool,
 ) -> anyhow::Result<()> {
+    let acks = Arc::new(acks);
     let Acks {
         acked,
         last_ack_us,
         epoch,
-    } = acks;
+        ..
+    } = &*acks;
+    let (acked, last_ack_us, epoch) = (acked.clone(), last_ack_us.clone(), *epoch);
     let (client, mut eventloop) = AsyncClient::new(opts, 1000);
     // Drive the connection until CONNACK. 200 TLS handshakes at once on a
     // loaded machine can time out: retry (the next poll reconnects), and
@@ -290,6 +320,16 @@ async fn device(
         }
     }
     let topic = Topic::Telemetry(id.clone()).render();
+    // The throttle as the agent obeys it: the event loop feeds it, the
+    // publisher waits for its allowance.
+    let pacer = Arc::new(std::sync::Mutex::new(Pacer::new(Instant::now())));
+    if push_back {
+        client
+            .subscribe(throttle::TOPIC, QoS::AtLeastOnce)
+            .await
+            .context("subscribe to the throttle")?;
+    }
+    let publisher_pacer = pacer.clone();
     let publisher = tokio::spawn(async move {
         start.wait().await;
         let begin = tokio::time::Instant::now();
@@ -297,6 +337,21 @@ async fn device(
             if per_second > 0.0 {
                 let due = begin + Duration::from_secs_f64(seq as f64 / per_second);
                 tokio::time::sleep_until(due).await;
+            }
+            loop {
+                let wait = {
+                    let mut p = publisher_pacer.lock().unwrap_or_else(|e| e.into_inner());
+                    if p.allowance(1, Instant::now(), now_unix()) >= 1 {
+                        p.spent(1, now_unix());
+                        None
+                    } else {
+                        p.next_send_in(Instant::now(), now_unix())
+                    }
+                };
+                match wait {
+                    Some(d) => tokio::time::sleep(d.min(Duration::from_millis(100))).await,
+                    None => break,
+                }
             }
             if client
                 .publish(topic.clone(), QoS::AtLeastOnce, false, telemetry(seq))
@@ -311,6 +366,14 @@ async fn device(
     let mut mine = 0u64;
     while mine < count {
         match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == throttle::TOPIC.as_bytes() => {
+                let mut pacer = pacer.lock().unwrap_or_else(|e| e.into_inner());
+                if pacer.on_message(&p.payload, Instant::now()).is_ok()
+                    && pacer.in_force(now_unix()).is_some()
+                {
+                    acks.throttled.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             Ok(Event::Incoming(Packet::PubAck(_))) => {
                 mine += 1;
                 acked.fetch_add(1, Ordering::Relaxed);
@@ -399,6 +462,29 @@ fn main() -> anyhow::Result<()> {
     let pki = TestPki::new();
     let home = pki.home().to_owned();
     let mut broker = Broker::start(&pki)?;
+    let budget = if args.push_back {
+        // A queue smaller than the burst, sized by the budget the way
+        // `edgebind broker config --budget-*` does; the instances read it.
+        let mut settings = edgebind_broker::BrokerSettings::load(broker.dir())?;
+        settings.budget = edgebind_broker::Budget {
+            devices: args.devices as u64,
+            telemetry_interval_s: 1,
+            outage_s: args.budget_outage_s,
+            message_bytes: 512,
+            ingest_per_s: 8000,
+        };
+        edgebind_broker::generate(
+            broker.dir(),
+            pki.pki(),
+            &settings,
+            &edgebind_broker::GenerateOptions::default(),
+        )?;
+        broker.restart()?;
+        println!("{}", settings.budget.describe());
+        Some(settings.budget)
+    } else {
+        None
+    };
     if !args.broker_conf.is_empty() {
         // Extra global options, inserted before the listener section.
         let conf = broker.dir().join(edgebind_broker::layout::CONF);
@@ -459,7 +545,13 @@ fn main() -> anyhow::Result<()> {
     // reloads the broker policy.
     let mut instances = Vec::new();
     for n in 1..=args.instances {
-        let mut inst = Instance::spawn(&home, registry_url.as_deref(), &format!("bench-{n}"), 1)?;
+        let mut inst = Instance::spawn(
+            &home,
+            registry_url.as_deref(),
+            &format!("bench-{n}"),
+            1,
+            args.push_back,
+        )?;
         inst.wait_connected(Duration::from_secs(60))?;
         instances.push(inst);
     }
@@ -485,6 +577,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let acked = Arc::new(AtomicU64::new(0));
+    let throttled = Arc::new(AtomicU64::new(0));
     let last_ack_us = Arc::new(AtomicU64::new(0));
     let epoch = Instant::now();
     let barrier = Arc::new(tokio::sync::Barrier::new(args.devices + 1));
@@ -505,8 +598,10 @@ fn main() -> anyhow::Result<()> {
                 acked: acked.clone(),
                 last_ack_us: last_ack_us.clone(),
                 epoch,
+                throttled: throttled.clone(),
             },
             barrier.clone(),
+            args.push_back,
         )));
     }
     if runtime
@@ -526,7 +621,13 @@ fn main() -> anyhow::Result<()> {
             publish_start.elapsed().as_secs_f64()
         );
         for inst in &mut instances {
-            *inst = Instance::spawn(&home, registry_url.as_deref(), &inst.name, attempt)?;
+            *inst = Instance::spawn(
+                &home,
+                registry_url.as_deref(),
+                &inst.name,
+                attempt,
+                args.push_back,
+            )?;
         }
         attempt += 1;
     }
@@ -542,6 +643,7 @@ fn main() -> anyhow::Result<()> {
     let mut done_at = None;
     let mut all_acked_at = None;
     let mut max_lag = 0u64;
+    let mut peak_at = Duration::ZERO;
     let mut killed: Option<(Duration, u64)> = None;
     let mut restart_at: Option<Instant> = None;
     let mut restarted_at: Option<Duration> = None;
@@ -559,7 +661,11 @@ fn main() -> anyhow::Result<()> {
         if all_acked_at.is_none() && sent >= total {
             all_acked_at = Some(start.elapsed());
         }
-        max_lag = max_lag.max(sent.saturating_sub(now));
+        let lag = sent.saturating_sub(now);
+        if lag > max_lag {
+            max_lag = lag;
+            peak_at = start.elapsed();
+        }
         if now != last {
             last_change = Instant::now();
             last = now;
@@ -578,7 +684,13 @@ fn main() -> anyhow::Result<()> {
         if restart_at.is_some_and(|t| Instant::now() >= t) {
             restart_at = None;
             let name = instances.last().expect("two instances").name.clone();
-            let fresh = Instance::spawn(&home, registry_url.as_deref(), &name, attempt)?;
+            let fresh = Instance::spawn(
+                &home,
+                registry_url.as_deref(),
+                &name,
+                attempt,
+                args.push_back,
+            )?;
             *instances.last_mut().expect("two instances") = fresh;
             restarted_at = Some(start.elapsed());
             eprintln!(
@@ -632,6 +744,12 @@ fn main() -> anyhow::Result<()> {
         per_instance.push((inst.name.clone(), inst.terminate()));
     }
 
+    // The broker's own count of drops, as the instances last read it.
+    let broker_dropped = store
+        .services()?
+        .iter()
+        .filter_map(|p| p.broker_dropped)
+        .max();
     // The registry is the judge: one row per message sent, each exactly once.
     let stats = store.stats()?;
     let mut missing = 0u64;
@@ -710,8 +828,24 @@ fn main() -> anyhow::Result<()> {
         }
     };
     println!(
-        "max lag                     {max_lag} messages acknowledged by the broker but not yet in the registry"
+        "max lag                     {max_lag} messages acknowledged by the broker but not yet in the registry, at t={:.2}s",
+        peak_at.as_secs_f64()
     );
+    let lag_zero_after = done_at.map(|t| t.saturating_sub(peak_at));
+    println!(
+        "lag back to zero            {} after the peak",
+        lag_zero_after.map_or("never".to_owned(), |d| format!("{:.2} s", d.as_secs_f64()))
+    );
+    println!(
+        "broker dropped              {} (its $SYS counter as the instances recorded it)",
+        broker_dropped.map_or("unknown".to_owned(), |d| d.to_string())
+    );
+    if args.push_back {
+        println!(
+            "push-back                   {} throttle messages in force reached the devices",
+            throttled.load(Ordering::Relaxed)
+        );
+    }
     // Steady state: the full seconds between the first and the last.
     let steady: Vec<u64> = samples
         .iter()
@@ -750,6 +884,7 @@ fn main() -> anyhow::Result<()> {
     }
     let ok = missing == 0
         && duplicated == 0
+        && (!args.push_back || broker_dropped == Some(0))
         && done_at.is_some()
         && publish_results.is_empty()
         && restarted_connected;
@@ -758,10 +893,11 @@ fn main() -> anyhow::Result<()> {
         if ok { "NO LOSS" } else { "LOSS OR FAILURE" }
     );
     println!(
-        "bench_ingest: backend={} instances={} kill={} devices={} messages={total} target={} offered={offered:.0} msg/s achieved={} msg/s max_lag={max_lag} lost={missing} duplicated={duplicated}{} result={}",
+        "bench_ingest: backend={} instances={} kill={} push_back={} devices={} messages={total} target={} offered={offered:.0} msg/s achieved={} msg/s broker_dropped={} max_lag={max_lag} lag_zero_after={} lost={missing} duplicated={duplicated}{}{} result={}",
         args.backend.name(),
         args.instances,
         if args.kill_one_halfway { "yes" } else { "no" },
+        if args.push_back { "on" } else { "off" },
         args.devices,
         match (args.backlog, args.rate) {
             (true, _) => "backlog".to_owned(),
@@ -769,6 +905,13 @@ fn main() -> anyhow::Result<()> {
             (false, rate) => rate.to_string(),
         },
         achieved.map_or_else(|| "stalled".to_owned(), |r| format!("{r:.0}")),
+        broker_dropped.map_or("unknown".to_owned(), |d| d.to_string()),
+        lag_zero_after.map_or("never".to_owned(), |d| format!("{:.2}s", d.as_secs_f64())),
+        budget.map_or(String::new(), |b| format!(
+            " max_queued_messages={} push_back_at={}",
+            b.limits().max_queued_messages,
+            b.limits().push_back_at
+        )),
         if args.broker_conf.is_empty() {
             String::new()
         } else {

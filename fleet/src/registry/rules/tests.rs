@@ -382,6 +382,9 @@ fn presence_is_fresh_only_with_a_connected_service_and_a_recent_heartbeat() {
         seen_at,
         broker_dropped: None,
         lag: 0,
+        broker_waiting: None,
+        oldest_uncommitted_s: None,
+        push_back: false,
     };
     assert_eq!(
         presence_view(&[], 1000),
