@@ -18,9 +18,11 @@
 //! What the fallback does **not** protect: reads (the program can read
 //! whatever its user can), the network, other processes of the same user
 //! (signals, ptrace where the kernel allows it), IPC, memory and CPU use
-//! (only the time limit bounds it), and on kernels without Landlock (or where
-//! a seccomp filter hides it) writes are limited only by the user's file
-//! permissions; the result says `"landlock": false` then. Run as the agent's
+//! (only the time limit bounds it). Without Landlock (kernel without it, or
+//! a seccomp filter hiding it) writes would be limited only by the user's
+//! file permissions: declared actions are then refused ([`Confinement`])
+//! unless the configuration opts out, and the result says
+//! `"landlock": false`. Run as the agent's
 //! own user (not root), a program has exactly the agent's rights, which on
 //! the Edgebind image are those of its hardened unit.
 
