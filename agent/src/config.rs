@@ -245,6 +245,12 @@ pub struct ActionsConfig {
     /// "auto": systemd-run when both hold, else fallback.
     #[serde(default)]
     pub sandbox: SandboxMode,
+    /// `allow_unconfined` (default false): where neither a transient unit
+    /// nor Landlock can hold a declared action's writes to its
+    /// `writable_paths`, run it anyway, limited by file permissions only.
+    /// Without it such a device rejects declared actions (fail closed).
+    #[serde(default)]
+    pub allow_unconfined: bool,
     /// `allowed_units` (default empty): systemd units `restart-service` and
     /// `collect-logs` may touch; with none, neither action is offered.
     #[serde(default)]
@@ -275,6 +281,7 @@ impl Default for ActionsConfig {
         ActionsConfig {
             dir: default_actions_dir(),
             sandbox: SandboxMode::default(),
+            allow_unconfined: false,
             allowed_units: Vec::new(),
             systemctl: default_systemctl(),
             journalctl: default_journalctl(),
@@ -966,6 +973,12 @@ mod tests {
         .unwrap();
         assert_eq!(c.actions.dir, Path::new("/bundle/actions.d"));
         assert_eq!(c.actions.sandbox, SandboxMode::Fallback);
+        assert!(
+            !c.actions.allow_unconfined,
+            "declared actions fail closed by default"
+        );
+        let c = parse("[broker]\nhost = \"h\"\n[actions]\nallow_unconfined = true\n").unwrap();
+        assert!(c.actions.allow_unconfined);
         let err = parse("[broker]\nhost = \"h\"\n[actions]\nallowed_units = [\"a b\"]\n")
             .unwrap_err()
             .to_string();

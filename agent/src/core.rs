@@ -1466,6 +1466,7 @@ mod tests {
                 output_limit: 100,
                 writable: vec![],
                 sandbox: crate::runner::Sandbox::Fallback,
+                require_landlock: false,
             })))
         }
     }

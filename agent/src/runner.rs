@@ -18,9 +18,11 @@
 //! What the fallback does **not** protect: reads (the program can read
 //! whatever its user can), the network, other processes of the same user
 //! (signals, ptrace where the kernel allows it), IPC, memory and CPU use
-//! (only the time limit bounds it), and on kernels without Landlock (or where
-//! a seccomp filter hides it) writes are limited only by the user's file
-//! permissions; the result says `"landlock": false` then. Run as the agent's
+//! (only the time limit bounds it). Without Landlock (kernel without it, or
+//! a seccomp filter hiding it) writes would be limited only by the user's
+//! file permissions: declared actions are then refused ([`Confinement`])
+//! unless the configuration opts out, and the result says
+//! `"landlock": false`. Run as the agent's
 //! own user (not root), a program has exactly the agent's rights, which on
 //! the Edgebind image are those of its hardened unit.
 
@@ -52,22 +54,104 @@ impl Sandbox {
         }
     }
 
-    /// `auto`: systemd-run when systemd is PID 1 and the agent is root.
+    /// [`Sandbox::choose`] for this process on this host.
     pub fn resolve(mode: SandboxMode) -> Sandbox {
+        Sandbox::choose(mode, &HostFacts::probe())
+    }
+
+    /// `auto`: systemd-run when systemd is PID 1, the agent is root and the
+    /// system bus is there (`systemd-run --wait --pipe` follows the unit over
+    /// the bus; without one it cannot start anything), else the fallback.
+    pub fn choose(mode: SandboxMode, host: &HostFacts) -> Sandbox {
         match mode {
             SandboxMode::SystemdRun => Sandbox::SystemdRun,
             SandboxMode::Fallback => Sandbox::Fallback,
-            SandboxMode::Auto => {
-                // SAFETY: geteuid has no preconditions.
-                let root = unsafe { libc::geteuid() } == 0;
-                if root && std::path::Path::new("/run/systemd/system").is_dir() {
-                    Sandbox::SystemdRun
-                } else {
-                    Sandbox::Fallback
-                }
+            SandboxMode::Auto if host.root && host.systemd && host.system_bus => {
+                Sandbox::SystemdRun
             }
+            SandboxMode::Auto => Sandbox::Fallback,
         }
     }
+}
+
+/// What decides the sandbox, read from the host once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostFacts {
+    /// The agent's effective uid is 0.
+    pub root: bool,
+    /// systemd is PID 1 (`/run/systemd/system` exists).
+    pub systemd: bool,
+    /// The D-Bus system bus socket exists.
+    pub system_bus: bool,
+}
+
+/// Where the D-Bus system bus listens (dbus-daemon and dbus-broker alike).
+const SYSTEM_BUS_SOCKET: &str = "/run/dbus/system_bus_socket";
+
+impl HostFacts {
+    pub fn probe() -> HostFacts {
+        use std::os::unix::fs::FileTypeExt;
+        HostFacts {
+            // SAFETY: geteuid has no preconditions.
+            root: unsafe { libc::geteuid() } == 0,
+            systemd: std::path::Path::new("/run/systemd/system").is_dir(),
+            system_bus: std::fs::metadata(SYSTEM_BUS_SOCKET)
+                .is_ok_and(|m| m.file_type().is_socket()),
+        }
+    }
+}
+
+/// How the program of a declared action is confined on this device,
+/// decided once at start from the sandbox and what the kernel offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Confinement {
+    /// A transient systemd unit (`ReadWritePaths=` and the rest).
+    TransientUnit,
+    /// The fallback sandbox with Landlock limiting writes.
+    Landlock,
+    /// The fallback sandbox without Landlock: writes limited by file
+    /// permissions only. Only when the device's configuration opts out
+    /// (`actions.allow_unconfined = true`).
+    Unconfined,
+    /// No confinement available: declared actions are refused, with this reason.
+    Refused(String),
+}
+
+impl Confinement {
+    /// The rule: a declared action runs only where its writes can be held
+    /// to its definition (a transient unit, or Landlock), unless the
+    /// configuration explicitly allows it to run without.
+    /// `landlock_abi`: what `landlock_create_ruleset`'s version query
+    /// answered (< 1: none, e.g. kernel without it or a seccomp filter
+    /// refusing the call).
+    pub fn decide(sandbox: Sandbox, landlock_abi: i64, allow_unconfined: bool) -> Confinement {
+        match sandbox {
+            Sandbox::SystemdRun => Confinement::TransientUnit,
+            Sandbox::Fallback if landlock_abi >= 1 => Confinement::Landlock,
+            Sandbox::Fallback if allow_unconfined => Confinement::Unconfined,
+            Sandbox::Fallback => Confinement::Refused(
+                "refused: this device cannot confine declared actions (no transient systemd \
+                 unit: the agent is not root, systemd is not PID 1 or there is no system bus; \
+                 and no Landlock: the kernel lacks it, or `landlock` is not in its LSM list, or \
+                 a seccomp filter hides it); set actions.allow_unconfined = true in agent.toml \
+                 to run them limited by file permissions only"
+                    .into(),
+            ),
+        }
+    }
+
+    /// The sandbox that carries it out.
+    pub fn sandbox(&self) -> Sandbox {
+        match self {
+            Confinement::TransientUnit => Sandbox::SystemdRun,
+            _ => Sandbox::Fallback,
+        }
+    }
+}
+
+/// The Landlock ABI version the kernel offers this process (< 1: none).
+pub fn landlock_abi() -> i64 {
+    landlock::abi()
 }
 
 /// Whose rights the program runs with.
@@ -95,6 +179,9 @@ pub struct ProgramSpec {
     /// The only places the program may write (beside /dev/null).
     pub writable: Vec<PathBuf>,
     pub sandbox: Sandbox,
+    /// The fallback must not start the program without Landlock (declared
+    /// actions, see [`Confinement`]); built-ins run the agent's own tools.
+    pub require_landlock: bool,
 }
 
 /// How the process ended.
@@ -154,6 +241,16 @@ fn prepare(p: &ProgramSpec, id: &CommandId) -> Result<Prepared, String> {
                 None => None,
             };
             let ruleset = landlock::ruleset(&p.writable)?;
+            if ruleset.is_none() && p.require_landlock {
+                tracing::error!(
+                    action = %p.action,
+                    "not starting {}: Landlock is not available to confine its writes",
+                    p.argv[0]
+                );
+                return Err(
+                    "refused: Landlock is not available to confine the action's writes".into(),
+                );
+            }
             let mut command = tokio::process::Command::new(&p.argv[0]);
             command.args(&p.argv[1..]);
             let ruleset_fd = ruleset.as_ref().map(|f| f.as_raw_fd());
@@ -444,6 +541,19 @@ mod landlock {
     const MAKE_SYM: u64 = 1 << 12;
     const TRUNCATE: u64 = 1 << 14;
 
+    /// The ABI version (< 1: no Landlock for this process).
+    pub fn abi() -> i64 {
+        // SAFETY: the documented ABI-version query.
+        unsafe {
+            libc::syscall(
+                libc::SYS_landlock_create_ruleset,
+                std::ptr::null::<RulesetAttr>(),
+                0usize,
+                CREATE_RULESET_VERSION,
+            )
+        }
+    }
+
     #[repr(C)]
     struct RulesetAttr {
         handled_access_fs: u64,
@@ -458,15 +568,7 @@ mod landlock {
     /// A ruleset that handles every kind of write and allows them beneath
     /// `writable` (and to /dev/null); `None` when the kernel has no Landlock.
     pub fn ruleset(writable: &[PathBuf]) -> Result<Option<OwnedFd>, String> {
-        // SAFETY: the documented ABI-version query.
-        let abi = unsafe {
-            libc::syscall(
-                libc::SYS_landlock_create_ruleset,
-                std::ptr::null::<RulesetAttr>(),
-                0usize,
-                CREATE_RULESET_VERSION,
-            )
-        };
+        let abi = abi();
         if abi < 1 {
             tracing::debug!(
                 "Landlock is not available; writes are limited by file permissions only"
@@ -576,6 +678,7 @@ mod tests {
             output_limit: 16,
             writable: vec![],
             sandbox: Sandbox::Fallback,
+            require_landlock: false,
         }
     }
 
@@ -656,6 +759,79 @@ mod tests {
         if out["landlock"] == true {
             assert!(!other.path().join("f").exists(), "{out}");
             assert!(out["stderr"].as_str().unwrap().contains("denied"), "{out}");
+        }
+    }
+
+    #[test]
+    fn auto_picks_a_transient_unit_only_for_a_root_agent_under_systemd_with_a_system_bus() {
+        let all = HostFacts {
+            root: true,
+            systemd: true,
+            system_bus: true,
+        };
+        assert_eq!(
+            Sandbox::choose(SandboxMode::Auto, &all),
+            Sandbox::SystemdRun
+        );
+        for host in [
+            HostFacts { root: false, ..all },
+            HostFacts {
+                systemd: false,
+                ..all
+            },
+            HostFacts {
+                system_bus: false,
+                ..all
+            },
+        ] {
+            assert_eq!(
+                Sandbox::choose(SandboxMode::Auto, &host),
+                Sandbox::Fallback,
+                "{host:?}"
+            );
+            // An explicit choice is kept (systemd-run then fails, closed).
+            assert_eq!(
+                Sandbox::choose(SandboxMode::SystemdRun, &host),
+                Sandbox::SystemdRun
+            );
+        }
+        assert_eq!(
+            Sandbox::choose(SandboxMode::Fallback, &all),
+            Sandbox::Fallback
+        );
+    }
+
+    #[test]
+    fn a_declared_action_without_unit_or_landlock_is_refused_unless_the_device_opts_out() {
+        use Confinement::*;
+        for allow in [false, true] {
+            assert_eq!(
+                Confinement::decide(Sandbox::SystemdRun, 0, allow),
+                TransientUnit
+            );
+            assert_eq!(
+                Confinement::decide(Sandbox::SystemdRun, 7, allow),
+                TransientUnit
+            );
+            assert_eq!(Confinement::decide(Sandbox::Fallback, 1, allow), Landlock);
+            assert_eq!(Confinement::decide(Sandbox::Fallback, 7, allow), Landlock);
+        }
+        // No Landlock: a disabled LSM answers EOPNOTSUPP, a kernel without it
+        // or a seccomp filter ENOSYS/EPERM; the query returns -1 for each.
+        for abi in [-1, 0] {
+            let Refused(why) = Confinement::decide(Sandbox::Fallback, abi, false) else {
+                panic!("abi {abi} without opt-out must refuse");
+            };
+            assert!(why.contains("actions.allow_unconfined"), "{why}");
+            assert!(why.contains("Landlock"), "{why}");
+            assert_eq!(
+                Confinement::decide(Sandbox::Fallback, abi, true),
+                Unconfined
+            );
+        }
+        assert_eq!(TransientUnit.sandbox(), Sandbox::SystemdRun);
+        for c in [Landlock, Unconfined, Refused("x".into())] {
+            assert_eq!(c.sandbox(), Sandbox::Fallback);
         }
     }
 

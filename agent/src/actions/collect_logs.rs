@@ -111,6 +111,7 @@ impl Builtin for CollectLogs {
             output_limit: OUTPUT_LIMIT,
             writable: vec![],
             sandbox: self.sandbox,
+            require_landlock: false,
         })))
     }
 }

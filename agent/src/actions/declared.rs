@@ -28,6 +28,13 @@
 //! stops the agent. Only declared arguments reach the program, each as one
 //! argv word (`--name=value`, or positional).
 //!
+//! Confinement (fail closed): a declared action runs only as a transient
+//! systemd unit or in the fallback sandbox with Landlock, which hold its
+//! writes to `writable_paths`. A device offering neither (decided once at
+//! start, [`Confinement::decide`], and logged as an error) rejects every
+//! command for a declared action with the reason, unless its configuration
+//! sets `actions.allow_unconfined = true`.
+//!
 //! `user`: when the agent is root, the program runs as this user (default
 //! `nobody`); an agent that is not root runs it as itself, and a definition
 //! naming another user is refused when the command comes.
@@ -42,7 +49,7 @@ use serde_json::{Map, Value};
 
 use super::{Builtin, Facts, Job, Plan};
 use crate::config::ActionsConfig;
-use crate::runner::{ProgramSpec, RunAs, Sandbox};
+use crate::runner::{Confinement, ProgramSpec, RunAs, Sandbox};
 
 const MAX_DEFINITION_BYTES: u64 = 64 * 1024;
 const TIMEOUT_RANGE_S: (u64, u64) = (1, 86_400);
@@ -111,11 +118,12 @@ pub struct ArgDef {
 pub struct Declared {
     spec: ActionSpec,
     def: Definition,
-    sandbox: Sandbox,
+    confinement: Confinement,
 }
 
 /// Parse and check one definition; the error says which key is wrong.
-pub fn parse(name: &str, text: &str, sandbox: Sandbox) -> Result<Declared, String> {
+/// `confinement`: how this device runs declared actions.
+pub fn parse(name: &str, text: &str, confinement: Confinement) -> Result<Declared, String> {
     let name = Action::new(name)?;
     let def: Definition = toml::from_str(text).map_err(|e| e.message().trim().to_owned())?;
     if !def.program.is_absolute() {
@@ -197,7 +205,11 @@ pub fn parse(name: &str, text: &str, sandbox: Sandbox) -> Result<Declared, Strin
         timeout_s: def.timeout_s,
         result: Some("{exit_code, stdout, stderr, duration_ms, sandbox}".into()),
     };
-    Ok(Declared { spec, def, sandbox })
+    Ok(Declared {
+        spec,
+        def,
+        confinement,
+    })
 }
 
 /// Every usable definition in `dir`, sorted by name; the others are logged.
@@ -218,10 +230,31 @@ pub fn load_dir(dir: &Path, cfg: &ActionsConfig) -> Vec<Declared> {
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
         .collect();
     paths.sort();
-    let sandbox = Sandbox::resolve(cfg.sandbox);
+    if paths.is_empty() {
+        return Vec::new();
+    }
+    let confinement = Confinement::decide(
+        Sandbox::resolve(cfg.sandbox),
+        crate::runner::landlock_abi(),
+        cfg.allow_unconfined,
+    );
+    match &confinement {
+        Confinement::Refused(why) => {
+            tracing::error!(dir = %dir.display(), "declared actions will be rejected: {why}");
+        }
+        Confinement::Unconfined => {
+            tracing::warn!(
+                dir = %dir.display(),
+                "declared actions run WITHOUT write confinement (no transient unit, no Landlock; actions.allow_unconfined = true): only file permissions limit them"
+            );
+        }
+        Confinement::TransientUnit | Confinement::Landlock => {
+            tracing::info!(dir = %dir.display(), confinement = ?confinement, "declared actions are confined");
+        }
+    }
     let mut out = Vec::new();
     for path in paths {
-        match load_file(&path, sandbox) {
+        match load_file(&path, confinement.clone()) {
             Ok(d) => {
                 tracing::info!(action = %d.spec.name, file = %path.display(), "declared action");
                 out.push(d);
@@ -234,7 +267,7 @@ pub fn load_dir(dir: &Path, cfg: &ActionsConfig) -> Vec<Declared> {
     out
 }
 
-fn load_file(path: &Path, sandbox: Sandbox) -> Result<Declared, String> {
+fn load_file(path: &Path, confinement: Confinement) -> Result<Declared, String> {
     use std::io::Read;
     let name = path
         .file_stem()
@@ -244,7 +277,7 @@ fn load_file(path: &Path, sandbox: Sandbox) -> Result<Declared, String> {
     std::fs::File::open(path)
         .and_then(|f| f.take(MAX_DEFINITION_BYTES).read_to_string(&mut text))
         .map_err(|e| e.to_string())?;
-    let d = parse(name, &text, sandbox)?;
+    let d = parse(name, &text, confinement)?;
     match std::fs::metadata(&d.def.program) {
         Ok(m) if m.is_file() => Ok(d),
         Ok(_) => Err(format!("program {} is not a file", d.def.program.display())),
@@ -281,6 +314,12 @@ impl Builtin for Declared {
     }
 
     fn plan(&self, _: &Facts, args: &Map<String, Value>) -> Result<Plan, String> {
+        if let Confinement::Refused(why) = &self.confinement {
+            // Loud on every refused command, not only at start: whoever reads
+            // the journal after a failed send finds the reason beside it.
+            tracing::error!(action = %self.spec.name, "declared action rejected: {why}");
+            return Err(why.clone());
+        }
         Ok(Plan::Run(Job::Program(ProgramSpec {
             action: self.spec.name.to_string(),
             argv: self.argv(args),
@@ -291,7 +330,8 @@ impl Builtin for Declared {
             timeout: Duration::from_secs(self.def.timeout_s),
             output_limit: self.def.output_limit_bytes,
             writable: self.def.writable_paths.clone(),
-            sandbox: self.sandbox,
+            sandbox: self.confinement.sandbox(),
+            require_landlock: self.confinement == Confinement::Landlock,
         })))
     }
 }
@@ -323,7 +363,7 @@ type = "string"
 
     #[test]
     fn a_definition_becomes_a_spec_and_an_argv_without_a_shell() {
-        let d = parse("selftest", SELFTEST, Sandbox::Fallback).unwrap();
+        let d = parse("selftest", SELFTEST, Confinement::Landlock).unwrap();
         let spec = d.spec();
         assert_eq!(spec.origin, Origin::Declared);
         assert!(!spec.idempotent);
@@ -341,6 +381,34 @@ type = "string"
                 "a; rm -rf /"
             ]
         );
+    }
+
+    #[test]
+    fn without_confinement_a_declared_action_is_rejected_and_never_planned_to_run() {
+        let facts = crate::actions::tests::facts();
+        let args = json!({"level": "quick"});
+        let args = args.as_object().unwrap();
+        let refused = Confinement::decide(Sandbox::Fallback, -1, false);
+        let d = parse("selftest", SELFTEST, refused).unwrap();
+        // Still listed (the fleet sees what the image declares)...
+        assert_eq!(d.spec().name.as_str(), "selftest");
+        // ...but a command for it is rejected with the reason and the knob.
+        let err = d.plan(&facts, args).unwrap_err();
+        assert!(err.contains("cannot confine declared actions"), "{err}");
+        assert!(err.contains("actions.allow_unconfined"), "{err}");
+
+        let program =
+            |c: Confinement| match parse("selftest", SELFTEST, c).unwrap().plan(&facts, args) {
+                Ok(Plan::Run(Job::Program(p))) => p,
+                other => panic!("{other:?}"),
+            };
+        let p = program(Confinement::Landlock);
+        assert_eq!((p.sandbox, p.require_landlock), (Sandbox::Fallback, true));
+        let p = program(Confinement::TransientUnit);
+        assert_eq!(p.sandbox, Sandbox::SystemdRun);
+        // Opted out: runs in the fallback without insisting on Landlock.
+        let p = program(Confinement::decide(Sandbox::Fallback, -1, true));
+        assert_eq!((p.sandbox, p.require_landlock), (Sandbox::Fallback, false));
     }
 
     #[test]
@@ -366,10 +434,17 @@ type = "string"
                 "lowercase",
             ),
         ] {
-            let err = parse("t", text, Sandbox::Fallback).unwrap_err();
+            let err = parse("t", text, Confinement::Landlock).unwrap_err();
             assert!(err.contains(needle), "{text}: {err}");
         }
-        assert!(parse("Bad Name", "program = \"/bin/true\"\n", Sandbox::Fallback).is_err());
+        assert!(
+            parse(
+                "Bad Name",
+                "program = \"/bin/true\"\n",
+                Confinement::Landlock
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -417,14 +492,14 @@ type = "string"
 
             #[test]
             fn any_text_is_a_definition_or_a_reason(text in "(?s).{0,300}") {
-                if let Err(e) = parse("t", &text, Sandbox::Fallback) {
+                if let Err(e) = parse("t", &text, Confinement::Landlock) {
                     prop_assert!(!e.trim().is_empty());
                 }
             }
 
             #[test]
             fn a_damaged_definition_is_a_definition_or_a_reason(edits in byte_edits()) {
-                match parse("selftest", &apply_text(SELFTEST, &edits), Sandbox::Fallback) {
+                match parse("selftest", &apply_text(SELFTEST, &edits), Confinement::Landlock) {
                     Ok(d) => {
                         let spec = d.spec();
                         let text = serde_json::to_string(&spec).unwrap();
@@ -442,7 +517,7 @@ type = "string"
                     0..4,
                 ),
             ) {
-                let d = parse("selftest", SELFTEST, Sandbox::Fallback).unwrap();
+                let d = parse("selftest", SELFTEST, Confinement::Landlock).unwrap();
                 let args: Map<String, Value> =
                     args.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
                 if validate_args(&d.spec().args, &args).is_ok() {

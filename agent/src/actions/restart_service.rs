@@ -79,6 +79,7 @@ impl Builtin for RestartService {
             output_limit: 4096,
             writable: vec![],
             sandbox: self.sandbox,
+            require_landlock: false,
         })))
     }
 }

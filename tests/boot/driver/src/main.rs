@@ -19,6 +19,7 @@
 
 mod b64;
 mod bootdisk;
+mod confinement;
 mod control;
 mod fleet;
 mod vm;
@@ -214,6 +215,7 @@ impl Scenario<'_> {
         );
         check_under_systemd(&mut b.guest, &mut self.findings)?;
         check_declared_actions(&self.fleet, &mut self.findings)?;
+        confinement::check(&mut b.guest, &self.fleet, &mut self.findings)?;
 
         // Reboot command, published retained so that the broker delivers it
         // again on every reconnect: the device must not run it twice.
@@ -664,12 +666,9 @@ fn bare(args: &Args) -> anyhow::Result<()> {
 }
 
 /// The image's declared actions through the real agent under systemd: the
-/// layer's example (`selftest`) runs with its argument and its output comes
-/// back; the test-only probe (tests/boot/guest/edgebind-probe) shows what an
-/// action may do, first in the sandbox the agent picks on the image (it is
-/// not root: its own process tree inside its hardened unit, with Landlock),
-/// then as a real transient systemd unit with the properties the agent's
-/// runner gives one (`systemd-run`, what a root agent uses), started as root.
+/// inventory lists them, and the layer's example (`selftest`) runs with its
+/// argument and its output comes back. What an action may write and which
+/// privileges it has is `confinement::check`.
 fn check_declared_actions(fleet: &Fleet, findings: &mut Findings) -> anyhow::Result<()> {
     use edgebind_protocol::actions::{Action, INVENTORY};
     use edgebind_protocol::messages::Inventory;
@@ -713,12 +712,7 @@ fn check_declared_actions(fleet: &Fleet, findings: &mut Findings) -> anyhow::Res
         indent(stdout)
     );
 
-    // Not checked yet: the probe's writes outside its declared paths. In the
-    // VM the agent's fallback sandbox runs without Landlock (`landlock
-    // false`), so a declared action may write wherever the agent's own unit
-    // may (/var/lib/edgebind, /run/edgebind); and a transient unit started
-    // from the guest shell found no system bus. Both are open in the README's
-    // limits.
+    // What the probe may write and which privileges it has: confinement.rs.
     Ok(())
 }
 
