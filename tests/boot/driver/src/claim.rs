@@ -105,6 +105,7 @@ impl Drop for Service {
 
 /// Boots the claim image once, checks, powers off.
 pub fn run(args: &Args, root_disk: &Path) -> anyhow::Result<()> {
+    let t0 = Instant::now();
     println!("[claim] claim first boot: batch {BATCH}, unit serial {SERIAL}");
     let serial = UnitSerial::new(SERIAL).map_err(anyhow::Error::msg)?;
     let device = serial.device_id();
@@ -137,6 +138,10 @@ pub fn run(args: &Args, root_disk: &Path) -> anyhow::Result<()> {
         ensure!(
             service.log().contains("unit provisioned"),
             "the fleet service logged no `unit provisioned`"
+        );
+        println!(
+            "boot test: claim scenario (fleet, factory, boot, checks, poweroff): {:.0}s",
+            t0.elapsed().as_secs_f64()
         );
     }
     result
@@ -210,14 +215,19 @@ impl Scenario<'_> {
             ),
             || serial.text.clone(),
         );
-        let claim_left = b.guest.run(
-            "ls /var/lib/edgebind/identity; test ! -e /var/lib/edgebind/identity/claim.key \
+        // What is left of the claim: nothing. The identity directory holds
+        // the device's own files only, the enrollment directory (where the
+        // key waited for its certificate) is gone from the existing state dir.
+        let left = b.guest.run(
+            "ls -A /var/lib/edgebind/identity; test -d /var/lib/edgebind/state \
              && test ! -e /var/lib/edgebind/state/enroll",
         )?;
+        let mut files: Vec<&str> = left.text.split_whitespace().collect();
+        files.sort_unstable();
         self.findings.check(
-            claim_left.rc == 0,
-            "the claim key and the enrollment directory are gone from the unit",
-            || claim_left.text.clone(),
+            left.rc == 0 && files == ["agent.toml", "ca.crt", "device.crt", "device.key"],
+            "the claim certificate, its key and the enrollment directory are gone; the identity is the device's own",
+            || format!("rc {}: {}", left.rc, left.text),
         );
         let journal = b
             .guest
