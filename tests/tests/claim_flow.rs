@@ -565,3 +565,92 @@ fn revoking_a_batch_claim_stops_new_provisioning_and_keeps_provisioned_devices_o
     // And it is still served: an operator's ping gets its answer.
     fleet.cli_ok(&["send", "sn-0001", "ping"]);
 }
+
+/// The shared subscription under a tray of units: two `fleet serve`
+/// instances on one PostgreSQL registry, 20 units of one batch booting at
+/// once. Each unit is provisioned exactly once (one certificate per serial,
+/// the one the unit holds), every unit comes online, and both instances did
+/// part of the work.
+#[test]
+fn twenty_units_booting_at_once_are_provisioned_once_each_by_two_instances_on_postgresql() {
+    const UNITS: usize = 20;
+    let fleet = Fleet::start_on_postgres();
+    let serials: Vec<String> = (1..=UNITS).map(|i| format!("SN-{i:04}")).collect();
+    let serial_refs: Vec<&str> = serials.iter().map(String::as_str).collect();
+    let bundle = claim_batch(&fleet, &serial_refs);
+    let instances = [
+        fleet.start_instance("fleet", 1),
+        fleet.start_instance("fleet-2", 1),
+    ];
+    for i in &instances {
+        assert!(
+            wait_log(i, "provisioning listener connected", LONG),
+            "{}",
+            i.log()
+        );
+    }
+    let configs: Vec<PathBuf> = serials
+        .iter()
+        .enumerate()
+        .map(|(n, s)| unit(&fleet, &bundle, &format!("u{n}"), s))
+        .collect();
+    let t_boot = std::time::Instant::now();
+    let agents: Vec<Proc> = configs.iter().map(|c| fleet.spawn_agent(c)).collect();
+
+    let store = fleet.store();
+    let inventory = || fleet.env.pki.pki().inventory().unwrap();
+    for (serial, config) in serials.iter().zip(&configs) {
+        let id = serial.to_ascii_lowercase();
+        // Generous: 20 agents and two instances share a loaded machine.
+        let device = fleet.wait_device(&id, 3 * LONG, "online", |d| d.online);
+        // One certificate for the serial, and it is the one the unit holds.
+        let inv = inventory();
+        let issued: Vec<_> = inv.by_cn(&id).collect();
+        assert_eq!(issued.len(), 1, "{id} was issued {issued:?}");
+        assert_eq!(
+            device.cert.as_ref().map(|c| &c.fingerprint_sha256),
+            Some(&issued[0].fingerprint_sha256),
+            "{id}: the registry holds another certificate than the one issued"
+        );
+        let cert = std::fs::read_to_string(config.with_file_name("device.crt")).unwrap();
+        let entry = store
+            .claim_serial(&UnitSerial::new(serial).unwrap())
+            .unwrap()
+            .unwrap();
+        let done = entry.provisioned.expect("the serial is provisioned");
+        assert_eq!(done.device.as_str(), id);
+        assert_eq!(
+            done.key_sha256,
+            edgebind_certs::csr::cert_key_sha256(&cert).unwrap(),
+            "{id}: the unit's certificate is not the provisioned one"
+        );
+        assert_eq!(mode(&config.with_file_name("device.key")), 0o600);
+    }
+    for (agent, serial) in agents.iter().zip(&serials) {
+        assert!(
+            !agent.log().contains("refused the issued certificate"),
+            "{serial}: {}",
+            agent.log()
+        );
+    }
+    // The broker shared the requests between the instances.
+    let provisioned_by = |i: &Proc| -> std::collections::BTreeSet<String> {
+        i.log()
+            .lines()
+            .filter(|l| l.contains("unit provisioned"))
+            .filter_map(|l| serials.iter().find(|s| l.contains(s.as_str())).cloned())
+            .collect()
+    };
+    let (a, b) = (provisioned_by(&instances[0]), provisioned_by(&instances[1]));
+    assert!(
+        !a.is_empty() && !b.is_empty(),
+        "one instance did all the work: {a:?} / {b:?}"
+    );
+    assert_eq!(a.union(&b).count(), UNITS, "{a:?} / {b:?}");
+    println!(
+        "{UNITS} units provisioned once each, online and checked {:.1}s after they booted: {} by instance fleet, {} by fleet-2",
+        t_boot.elapsed().as_secs_f64(),
+        a.len(),
+        b.len()
+    );
+}

@@ -31,6 +31,7 @@ SRC_URI = "${EDGEBIND_GIT_URI} \
            file://edgebind-agent.sysusers \
            file://edgebind-agent.tmpfiles \
            file://60-edgebind-hardening.conf \
+           file://60-edgebind-serial.rules \
            "
 SRCREV = "${EDGEBIND_SRCREV}"
 CVE_PRODUCT = "edgebind"
@@ -76,12 +77,17 @@ do_install:append() {
     install -m 0644 ${UNPACKDIR}/edgebind-agent.sysusers ${D}${nonarch_libdir}/sysusers.d/edgebind-agent.conf
     install -m 0644 ${UNPACKDIR}/edgebind-agent.tmpfiles ${D}${nonarch_libdir}/tmpfiles.d/edgebind-agent.conf
     install -m 0644 ${UNPACKDIR}/60-edgebind-hardening.conf ${D}${nonarch_libdir}/sysctl.d/
+
+    # The unit's DMI serial readable by the agent (claim first boot on x86).
+    install -d ${D}${nonarch_base_libdir}/udev/rules.d
+    install -m 0644 ${UNPACKDIR}/60-edgebind-serial.rules ${D}${nonarch_base_libdir}/udev/rules.d/
 }
 
 FILES:${PN} += "${systemd_system_unitdir} \
                 ${libexecdir}/edgebind-identity-import \
                 ${nonarch_libdir}/sysusers.d/edgebind-agent.conf \
-                ${nonarch_libdir}/tmpfiles.d/edgebind-agent.conf"
+                ${nonarch_libdir}/tmpfiles.d/edgebind-agent.conf \
+                ${nonarch_base_libdir}/udev/rules.d/60-edgebind-serial.rules"
 FILES:${PN}-sysctl += "${nonarch_libdir}/sysctl.d/60-edgebind-hardening.conf"
 
 # The identity import script: tar, sed, grep, mktemp, chown (busybox or

@@ -49,22 +49,47 @@ pub struct Fleet {
     home: PathBuf,
     broker_log: PathBuf,
     pub broker_port: u16,
+    /// The broker's provisioning listener, when it has one.
+    pub provisioning_port: Option<u16>,
     pub device: DeviceId,
+}
+
+/// Where a [`Fleet`] keeps its files in the run's directory, and what its broker listens on.
+#[derive(Default)]
+pub struct FleetOptions<'a> {
+    /// Prefix of its file names ("": the bundle scenario's), so that two
+    /// fleets of one run never share a file (the pid files stay in the run's
+    /// directory, where tests/boot/run's trap finds them).
+    pub tag: &'a str,
+    /// A provisioning listener for claim first boot (`broker config --provisioning-port`).
+    pub provisioning: bool,
 }
 
 impl Fleet {
     /// PKI, broker config, running broker, operator subscribed to the
     /// device's status and command results.
     pub fn start(edgebind: &Path, device: &str, workdir: &Path) -> anyhow::Result<Fleet> {
+        Self::start_with(edgebind, device, workdir, &FleetOptions::default())
+    }
+
+    pub fn start_with(
+        edgebind: &Path,
+        device: &str,
+        workdir: &Path,
+        opts: &FleetOptions<'_>,
+    ) -> anyhow::Result<Fleet> {
         let device = DeviceId::new(device)?;
+        let tag = opts.tag;
         // Mosquitto drops to its own user and must traverse to <home>/broker;
         // the CLI keeps pki/ and operator/ at 0700 itself.
         std::fs::set_permissions(workdir, std::fs::Permissions::from_mode(0o755))?;
-        let home = workdir.join("fleet-home");
+        let home = workdir.join(format!("{tag}fleet-home"));
         let port = free_port()?;
+        let provisioning_port = opts.provisioning.then(free_port).transpose()?;
         let cli = |args: &[&str]| run_cli(edgebind, &home, args);
         cli(&["pki", "init", "--fleet", "boottest", "--operator", OPERATOR])?;
-        cli(&[
+        let port_arg = port.to_string();
+        let mut config = vec![
             "broker",
             "config",
             "--ip",
@@ -72,26 +97,33 @@ impl Fleet {
             "--ip",
             "127.0.0.1",
             "--port",
-            &port.to_string(),
+            &port_arg,
             "--bind",
             "127.0.0.1",
-        ])?;
+        ];
+        let provisioning_arg = provisioning_port.map(|p| p.to_string());
+        if let Some(p) = &provisioning_arg {
+            config.extend(["--provisioning-port", p]);
+        }
+        cli(&config)?;
         // A second operator, to see what a late subscriber gets (the same
         // CN twice would kick the first connection). Issued before the broker
         // starts so that `broker run` puts it in the ACL.
         cli(&["pki", "issue", "operator", LATE_OPERATOR])?;
-        let broker_log = workdir.join("broker.log");
+        let broker_log = workdir.join(format!("{tag}broker.log"));
         let child = Command::new(edgebind)
             .arg("--home")
             .arg(&home)
             .args(["broker", "run"])
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(workdir.join("broker.stdout"))?)
+            .stdout(std::fs::File::create(
+                workdir.join(format!("{tag}broker.stdout")),
+            )?)
             .stderr(std::fs::File::create(&broker_log)?)
             .spawn()
             .context("starting `edgebind broker run`")?;
         // `broker run` execs mosquitto: this pid is the broker's.
-        let pid_file = workdir.join("mosquitto.pid");
+        let pid_file = workdir.join(format!("{tag}mosquitto.pid"));
         std::fs::write(&pid_file, child.id().to_string())?;
         let mut broker = BrokerProcess { child, pid_file };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -124,11 +156,18 @@ impl Fleet {
             home,
             broker_log,
             broker_port: port,
+            provisioning_port,
             device,
         })
     }
 
-    fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+    /// The fleet home the CLI runs against.
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    /// `edgebind --home <home> <args>`; fails with its output.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
         run_cli(&self.edgebind, &self.home, args)
     }
 

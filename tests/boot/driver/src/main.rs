@@ -16,9 +16,14 @@
 //!    request and its output comes back, and an action can write only where
 //!    it declared and gains no privileges: in the agent's own sandbox and as
 //!    a transient systemd unit made with the agent's properties.
+//!
+//! Then, with `--claim-root-disk`, claim first boot ([`claim`]): a second VM
+//! whose boot partition holds only its batch's claim bundle makes its own key
+//! and comes online under its own id.
 
 mod b64;
 mod bootdisk;
+mod claim;
 mod confinement;
 mod control;
 mod fleet;
@@ -80,6 +85,13 @@ struct Args {
     /// Only boot, talk over the control channel, reboot and power off (no agent).
     #[arg(long)]
     bare: bool,
+    /// Root disk of an image assembled with EDGEBIND_PROVISIONING=claim: after
+    /// the bundle scenario, boot it with only a claim bundle (claim first boot).
+    #[arg(long, conflicts_with = "bare")]
+    claim_root_disk: Option<PathBuf>,
+    /// Run only the claim first-boot scenario (needs --claim-root-disk).
+    #[arg(long, requires = "claim_root_disk")]
+    claim_only: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -87,7 +99,20 @@ fn main() -> std::process::ExitCode {
     let result = if args.bare {
         bare(&args)
     } else {
-        Scenario::run(&args)
+        let bundle = if args.claim_only {
+            Ok(())
+        } else {
+            Scenario::run(&args)
+        };
+        // The claim VM runs even after a bundle failure: one run shows both.
+        let claim = match &args.claim_root_disk {
+            Some(disk) => claim::run(&args, disk),
+            None => Ok(()),
+        };
+        match (bundle, claim) {
+            (Ok(()), r) | (r, Ok(())) => r,
+            (Err(b), Err(c)) => Err(anyhow::anyhow!("{b:#}\nclaim first boot: {c:#}")),
+        }
     };
     match result {
         Ok(()) => {
@@ -109,6 +134,8 @@ fn vm_config(args: &Args, ctl: &ControlListener, broker_port: u16) -> VmConfig {
         boot_disk: args.workdir.join("boot.img"),
         control_port: ctl.port(),
         broker_port,
+        provisioning_port: None,
+        serial: None,
         workdir: args.workdir.clone(),
     }
 }
@@ -150,21 +177,33 @@ struct Scenario<'a> {
     findings: Findings,
 }
 
-impl Scenario<'_> {
-    fn run(args: &Args) -> anyhow::Result<()> {
+impl<'a> Scenario<'a> {
+    fn run(args: &'a Args) -> anyhow::Result<()> {
         let fleet = Fleet::start(&args.edgebind, DEVICE, &args.workdir)?;
         let ctl = ControlListener::bind()?;
         let cfg = vm_config(args, &ctl, fleet.broker_port);
-        let mut s = Scenario {
+        Scenario::new(args, fleet, cfg, ctl).execute(Scenario::steps)
+    }
+
+    fn new(args: &'a Args, fleet: Fleet, cfg: VmConfig, ctl: ControlListener) -> Self {
+        Scenario {
             args,
             fleet,
             cfg,
             ctl,
             boots: Vec::new(),
             findings: Findings::default(),
-        };
+        }
+    }
+
+    /// Runs `steps`, then fails on any finding; on failure prints the report.
+    fn execute(
+        mut self,
+        steps: impl FnOnce(&mut Self, &mut Option<Booted>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let s = &mut self;
         let mut current: Option<Booted> = None;
-        let mut result = s.steps(&mut current);
+        let mut result = steps(s, &mut current);
         if result.is_ok() && !s.findings.0.is_empty() {
             result = Err(anyhow::anyhow!(
                 "{} check(s) failed:\n- {}",

@@ -16,6 +16,8 @@ pub const GUEST_HOST_ADDR: &str = "10.0.2.100";
 pub const CONTROL_GUEST_PORT: u16 = 47001;
 /// Guest-side port of the broker (the identity bundle names this).
 pub const BROKER_GUEST_PORT: u16 = 8883;
+/// Guest-side port of the broker's provisioning listener (claim bundles name this).
+pub const PROVISIONING_GUEST_PORT: u16 = 8884;
 
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -25,6 +27,12 @@ pub struct VmConfig {
     /// Host loopback ports behind the guestfwd addresses.
     pub control_port: u16,
     pub broker_port: u16,
+    /// The broker's provisioning listener, forwarded to
+    /// [`PROVISIONING_GUEST_PORT`] (claim first boot only).
+    pub provisioning_port: Option<u16>,
+    /// The machine's serial number in its firmware (SMBIOS type 1, read in
+    /// the guest at /sys/class/dmi/id/product_serial), as on a real unit.
+    pub serial: Option<String>,
     /// Where pid files go so that tests/boot/run can kill leftovers.
     pub workdir: PathBuf,
 }
@@ -49,11 +57,15 @@ impl Vm {
         };
         // restrict=on: the guest reaches nothing but the two guestfwds (DHCP
         // still works); no host port is forwarded into the guest.
-        let netdev = format!(
+        let mut netdev = format!(
             "user,id=n0,restrict=on,{},{}",
             fwd(CONTROL_GUEST_PORT, cfg.control_port),
             fwd(BROKER_GUEST_PORT, cfg.broker_port)
         );
+        if let Some(port) = cfg.provisioning_port {
+            netdev.push(',');
+            netdev.push_str(&fwd(PROVISIONING_GUEST_PORT, port));
+        }
         let append = format!(
             "root=/dev/vda rw console=ttyS0 \
              edgebind.testctl={GUEST_HOST_ADDR}:{CONTROL_GUEST_PORT}"
@@ -80,6 +92,11 @@ impl Vm {
             .args(["-drive", &drive(&cfg.boot_disk)])
             .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"])
             .args(["-device", "virtio-rng-pci"])
+            .args(
+                cfg.serial
+                    .iter()
+                    .flat_map(|s| ["-smbios".to_owned(), format!("type=1,serial={s}")]),
+            )
             .args(["-display", "none", "-monitor", "none"])
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
