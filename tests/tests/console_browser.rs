@@ -9,7 +9,7 @@ mod fleet_support;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use edgebind_tests::console::{Browser, ConsoleProc};
 use edgebind_tests::wait_for;
@@ -301,4 +301,166 @@ async fn an_operator_onboards_devices_in_the_browser_and_watches_them_live() {
     browser.client.clone().close().await.unwrap();
     agent1.terminate();
     agent2.terminate();
+}
+
+/// The console's session cookie (`edgebind_console::SESSION_COOKIE`).
+const SESSION_COOKIE: &str = "__Host-edgebind_session";
+
+async fn on_login_page(c: &Client) -> bool {
+    c.current_url().await.unwrap().path() == "/login"
+}
+
+/// Change the CSRF field of the form holding `css` (`None`: remove it).
+async fn forge_csrf(c: &Client, css: &str, value: Option<&str>) {
+    let script = "const f = document.querySelector(arguments[0]).form; \
+                  const t = f.querySelector('input[name=csrf]'); \
+                  if (arguments[1] === null) { t.remove(); } else { t.value = arguments[1]; } \
+                  return f.querySelectorAll('input[name=csrf]').length;";
+    c.execute(script, vec![json!(css), json!(value)])
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_browser_is_refused_forged_forms_another_homes_data_and_an_expired_session() {
+    let home_a = Fleet::start();
+    let home_b = Fleet::start();
+    home_a.add_device("a-dev", &[]);
+    home_b.add_device("b-dev", &[]);
+    // Sessions of home A last one minute (the shortest), home B's the default.
+    let console_a = ConsoleProc::start(home_a.home(), None, &["--session-minutes", "1"]);
+    let console_b = ConsoleProc::start(home_b.home(), None, &[]);
+    let (a, b) = (console_a.base(), console_b.base());
+
+    let work = tempfile::tempdir().unwrap();
+    let downloads = work.path().join("downloads");
+    std::fs::create_dir_all(&downloads).unwrap();
+    let browser = Browser::start(&downloads, &work.path().join("profile"), 1280, 900).await;
+    let c = &browser.client;
+    let out = home_a.cli_ok(&["console", "login", "--operator", "tester"]);
+    let logged_in = Instant::now();
+    browser
+        .log_in(&a, &edgebind_tests::console::login_code(&out))
+        .await;
+    stage("logged in to home A");
+
+    // A settings form without its CSRF token, then with a wrong one: refused,
+    // nothing set. The same form with the page's token goes through.
+    let a_dev = || home_a.store().device(&"a-dev".parse().unwrap()).unwrap();
+    for forged in [None, Some("0".repeat(64).as_str())] {
+        c.goto(&format!("{a}/devices/a-dev")).await.unwrap();
+        type_into(c, "#settings-input", "log_level=debug").await;
+        forge_csrf(c, "#settings-input", forged).await;
+        click(c, "#set").await;
+        let text = wait_for_page_text(&browser, "CSRF").await;
+        assert!(text.contains("refused"), "{forged:?}: {text}");
+        assert_eq!(a_dev().desired_revision, 0, "{forged:?}: nothing was set");
+    }
+    // Revoke (the id typed, the dialog accepted) with a wrong token: refused.
+    c.goto(&format!("{a}/devices/a-dev")).await.unwrap();
+    type_into(c, "#confirm", "a-dev").await;
+    forge_csrf(c, "#confirm", Some(&"f".repeat(64))).await;
+    click(c, "#revoke").await;
+    c.accept_alert().await.expect("the confirmation dialog");
+    wait_for_page_text(&browser, "CSRF").await;
+    assert_eq!(
+        a_dev().lifecycle,
+        edgebind_fleet::registry::Lifecycle::Registered,
+        "the forged revoke did nothing"
+    );
+    c.goto(&format!("{a}/devices/a-dev")).await.unwrap();
+    type_into(c, "#settings-input", "log_level=debug").await;
+    click(c, "#set").await;
+    browser.wait_text(".notice", "revision 1", LONG).await;
+    assert_eq!(a_dev().desired_revision, 1);
+    stage("forged forms refused");
+
+    // Home B's console, in the same browser: the browser sends home A's
+    // session cookie there too (cookies are per host, not per port), and
+    // home B knows no such session: every page and download leads to its
+    // login page, and nothing of B's was served.
+    for path in ["/devices", "/devices/b-dev", "/audit", "/factory"] {
+        c.goto(&format!("{b}{path}")).await.unwrap();
+        assert!(
+            on_login_page(c).await,
+            "home B's {path} without B's session"
+        );
+    }
+    let cookie = c
+        .get_named_cookie(SESSION_COOKIE)
+        .await
+        .expect("home A's session cookie");
+    let status = curl_status(
+        &format!("{b}/devices/b-dev/bundle.tar"),
+        &home_b.home().join("pki").join("root-ca.crt"),
+        &format!("{}={}", cookie.name(), cookie.value()),
+    );
+    assert_eq!(status, 401, "home B's bundle with home A's session");
+    // Home A's console has no such device: B's data is not in A's registry.
+    c.goto(&format!("{a}/devices/b-dev")).await.unwrap();
+    let alert = browser.wait_text("[role=alert]", "b-dev", LONG).await;
+    assert!(alert.contains("not in the registry"), "{alert}");
+    c.goto(&format!("{a}/devices?q=b-dev")).await.unwrap();
+    assert!(
+        c.find(Locator::Css("tr[data-device=b-dev]")).await.is_err(),
+        "home A lists no device of home B"
+    );
+    stage("home B refused home A's session");
+
+    // The session expires with the device list open: its live stream says
+    // so and the page reloads into the login page, with no click.
+    c.goto(&format!("{a}/devices")).await.unwrap();
+    browser
+        .wait_text("tr[data-device=a-dev]", "never seen", LONG)
+        .await;
+    let deadline = logged_in + Duration::from_secs(60) + LONG;
+    while !on_login_page(c).await {
+        assert!(
+            Instant::now() < deadline,
+            "the page never left for the login page"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        logged_in.elapsed() >= Duration::from_secs(60),
+        "not before the session's end"
+    );
+    // The expired session's token, given back to the browser, opens nothing:
+    // the console itself refuses it (not only the browser's cookie expiry).
+    let mut again = fantoccini::cookies::Cookie::new(SESSION_COOKIE, cookie.value().to_owned());
+    again.set_path("/");
+    again.set_secure(true);
+    again.set_http_only(true);
+    c.add_cookie(again)
+        .await
+        .expect("set the old session cookie");
+    for path in ["/devices", "/devices/a-dev"] {
+        c.goto(&format!("{a}{path}")).await.unwrap();
+        assert!(on_login_page(c).await, "{path} with the expired session");
+    }
+    let status = curl_status(
+        &format!("{a}/devices/a-dev/bundle.tar"),
+        &home_a.home().join("pki").join("root-ca.crt"),
+        &format!("{}={}", cookie.name(), cookie.value()),
+    );
+    assert_eq!(status, 401, "home A's bundle with the expired session");
+    stage("expired session refused");
+    browser.client.clone().close().await.unwrap();
+}
+
+/// The text of the page once it contains `want`.
+async fn wait_for_page_text(browser: &Browser, want: &str) -> String {
+    browser.wait_text("body", want, LONG).await
+}
+
+/// The HTTP status of a GET with `cookie`, checked against `ca`.
+fn curl_status(url: &str, ca: &Path, cookie: &str) -> u16 {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(ca)
+        .args(["-H", &format!("cookie: {cookie}")])
+        .arg(url)
+        .output()
+        .expect("run curl");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
