@@ -322,7 +322,7 @@ async fn forge_csrf(c: &Client, css: &str, value: Option<&str>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_browser_is_refused_forged_forms_another_homes_data_and_an_expired_session() {
+async fn the_browser_is_refused_an_expired_session_forged_forms_and_another_homes_data() {
     let home_a = Fleet::start();
     let home_b = Fleet::start();
     home_a.add_device("a-dev", &[]);
@@ -331,88 +331,38 @@ async fn the_browser_is_refused_forged_forms_another_homes_data_and_an_expired_s
     let console_a = ConsoleProc::start(home_a.home(), None, &["--session-minutes", "1"]);
     let console_b = ConsoleProc::start(home_b.home(), None, &[]);
     let (a, b) = (console_a.base(), console_b.base());
+    let (ca_a, ca_b) = (
+        home_a.home().join("pki").join("root-ca.crt"),
+        home_b.home().join("pki").join("root-ca.crt"),
+    );
 
     let work = tempfile::tempdir().unwrap();
     let downloads = work.path().join("downloads");
     std::fs::create_dir_all(&downloads).unwrap();
     let browser = Browser::start(&downloads, &work.path().join("profile"), 1280, 900).await;
     let c = &browser.client;
+
+    // Home A: the session expires with the device list open. Its live stream
+    // says so and the page goes to the login page by itself.
     let out = home_a.cli_ok(&["console", "login", "--operator", "tester"]);
     let logged_in = Instant::now();
     browser
         .log_in(&a, &edgebind_tests::console::login_code(&out))
         .await;
-    stage("logged in to home A");
-
-    // A settings form without its CSRF token, then with a wrong one: refused,
-    // nothing set. The same form with the page's token goes through.
-    let a_dev = || home_a.store().device(&"a-dev".parse().unwrap()).unwrap();
-    for forged in [None, Some("0".repeat(64).as_str())] {
-        c.goto(&format!("{a}/devices/a-dev")).await.unwrap();
-        type_into(c, "#settings-input", "log_level=debug").await;
-        forge_csrf(c, "#settings-input", forged).await;
-        click(c, "#set").await;
-        let text = wait_for_page_text(&browser, "CSRF").await;
-        assert!(text.contains("refused"), "{forged:?}: {text}");
-        assert_eq!(a_dev().desired_revision, 0, "{forged:?}: nothing was set");
-    }
-    // Revoke (the id typed, the dialog accepted) with a wrong token: refused.
-    c.goto(&format!("{a}/devices/a-dev")).await.unwrap();
-    type_into(c, "#confirm", "a-dev").await;
-    forge_csrf(c, "#confirm", Some(&"f".repeat(64))).await;
-    click(c, "#revoke").await;
-    c.accept_alert().await.expect("the confirmation dialog");
-    wait_for_page_text(&browser, "CSRF").await;
-    assert_eq!(
-        a_dev().lifecycle,
-        edgebind_fleet::registry::Lifecycle::Registered,
-        "the forged revoke did nothing"
-    );
-    c.goto(&format!("{a}/devices/a-dev")).await.unwrap();
-    type_into(c, "#settings-input", "log_level=debug").await;
-    click(c, "#set").await;
-    browser.wait_text(".notice", "revision 1", LONG).await;
-    assert_eq!(a_dev().desired_revision, 1);
-    stage("forged forms refused");
-
-    // Home B's console, in the same browser: the browser sends home A's
-    // session cookie there too (cookies are per host, not per port), and
-    // home B knows no such session: every page and download leads to its
-    // login page, and nothing of B's was served.
-    for path in ["/devices", "/devices/b-dev", "/audit", "/factory"] {
-        c.goto(&format!("{b}{path}")).await.unwrap();
-        assert!(
-            on_login_page(c).await,
-            "home B's {path} without B's session"
-        );
-    }
-    let cookie = c
+    let session_a = c
         .get_named_cookie(SESSION_COOKIE)
         .await
         .expect("home A's session cookie");
-    let status = curl_status(
-        &format!("{b}/devices/b-dev/bundle.tar"),
-        &home_b.home().join("pki").join("root-ca.crt"),
-        &format!("{}={}", cookie.name(), cookie.value()),
+    let cookie_a = format!("{SESSION_COOKIE}={}", session_a.value());
+    assert_eq!(
+        curl_status(&format!("{a}/devices/a-dev/bundle.tar"), &ca_a, &cookie_a),
+        200,
+        "a bundle with the live session"
     );
-    assert_eq!(status, 401, "home B's bundle with home A's session");
-    // Home A's console has no such device: B's data is not in A's registry.
-    c.goto(&format!("{a}/devices/b-dev")).await.unwrap();
-    let alert = browser.wait_text("[role=alert]", "b-dev", LONG).await;
-    assert!(alert.contains("not in the registry"), "{alert}");
-    c.goto(&format!("{a}/devices?q=b-dev")).await.unwrap();
-    assert!(
-        c.find(Locator::Css("tr[data-device=b-dev]")).await.is_err(),
-        "home A lists no device of home B"
-    );
-    stage("home B refused home A's session");
-
-    // The session expires with the device list open: its live stream says
-    // so and the page reloads into the login page, with no click.
-    c.goto(&format!("{a}/devices")).await.unwrap();
     browser
         .wait_text("tr[data-device=a-dev]", "never seen", LONG)
         .await;
+    stage("logged in to home A");
     let deadline = logged_in + Duration::from_secs(60) + LONG;
     while !on_login_page(c).await {
         assert!(
@@ -422,29 +372,95 @@ async fn the_browser_is_refused_forged_forms_another_homes_data_and_an_expired_s
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(
-        logged_in.elapsed() >= Duration::from_secs(60),
-        "not before the session's end"
+        logged_in.elapsed() >= Duration::from_secs(59),
+        "not before the session's end: {:?}",
+        logged_in.elapsed()
     );
-    // The expired session's token, given back to the browser, opens nothing:
-    // the console itself refuses it (not only the browser's cookie expiry).
-    let mut again = fantoccini::cookies::Cookie::new(SESSION_COOKIE, cookie.value().to_owned());
-    again.set_path("/");
-    again.set_secure(true);
-    again.set_http_only(true);
-    c.add_cookie(again)
-        .await
-        .expect("set the old session cookie");
-    for path in ["/devices", "/devices/a-dev"] {
-        c.goto(&format!("{a}{path}")).await.unwrap();
-        assert!(on_login_page(c).await, "{path} with the expired session");
-    }
-    let status = curl_status(
-        &format!("{a}/devices/a-dev/bundle.tar"),
-        &home_a.home().join("pki").join("root-ca.crt"),
-        &format!("{}={}", cookie.name(), cookie.value()),
+    // The browser dropped the cookie with its Max-Age; the console itself
+    // refuses the expired session too: the old cookie sent again (by curl:
+    // WebDriver cannot set a `__Host-` cookie) opens no page and no bundle.
+    assert_eq!(
+        curl_status(&format!("{a}/devices/a-dev/bundle.tar"), &ca_a, &cookie_a),
+        401,
+        "a bundle with the expired session"
     );
-    assert_eq!(status, 401, "home A's bundle with the expired session");
+    assert_eq!(
+        curl_status(&format!("{a}/devices"), &ca_a, &cookie_a),
+        401,
+        "the device list with the expired session"
+    );
     stage("expired session refused");
+
+    // Home B: a settings form without its CSRF token, then with a wrong one:
+    // refused, nothing set.
+    let out = home_b.cli_ok(&["console", "login", "--operator", "tester"]);
+    browser
+        .log_in(&b, &edgebind_tests::console::login_code(&out))
+        .await;
+    let b_dev = || home_b.store().device(&"b-dev".parse().unwrap()).unwrap();
+    let wrong = "0".repeat(64);
+    for forged in [None, Some(wrong.as_str())] {
+        c.goto(&format!("{b}/devices/b-dev")).await.unwrap();
+        type_into(c, "#settings-input", "log_level=debug").await;
+        forge_csrf(c, "#settings-input", forged).await;
+        click(c, "#set").await;
+        let text = wait_for_page_text(&browser, "CSRF").await;
+        assert!(text.contains("refused"), "{forged:?}: {text}");
+        assert_eq!(b_dev().desired_revision, 0, "{forged:?}: nothing was set");
+    }
+    // Revoke (the id typed, the dialog accepted) with a wrong token: refused.
+    c.goto(&format!("{b}/devices/b-dev")).await.unwrap();
+    type_into(c, "#confirm", "b-dev").await;
+    forge_csrf(c, "#confirm", Some(&"f".repeat(64))).await;
+    click(c, "#revoke").await;
+    c.accept_alert().await.expect("the confirmation dialog");
+    wait_for_page_text(&browser, "CSRF").await;
+    assert_eq!(
+        b_dev().lifecycle,
+        edgebind_fleet::registry::Lifecycle::Registered,
+        "the forged revoke did nothing"
+    );
+    // The same form with the page's own token goes through.
+    c.goto(&format!("{b}/devices/b-dev")).await.unwrap();
+    type_into(c, "#settings-input", "log_level=debug").await;
+    click(c, "#set").await;
+    browser.wait_text(".notice", "revision 1", LONG).await;
+    assert_eq!(b_dev().desired_revision, 1);
+    stage("forged forms refused");
+
+    // Home B's session against home A's console: the browser sends B's
+    // cookie there too (cookies are per host, not per port), and home A
+    // knows no such session: every page leads to its login page, a download
+    // is refused, nothing of A's is served.
+    for path in ["/devices", "/devices/a-dev", "/audit", "/factory"] {
+        c.goto(&format!("{a}{path}")).await.unwrap();
+        assert!(on_login_page(c).await, "home A's {path} with B's session");
+    }
+    let session_b = c
+        .get_named_cookie(SESSION_COOKIE)
+        .await
+        .expect("home B's session cookie");
+    let cookie_b = format!("{SESSION_COOKIE}={}", session_b.value());
+    assert_eq!(
+        curl_status(&format!("{a}/devices/a-dev/bundle.tar"), &ca_a, &cookie_b),
+        401,
+        "home A's bundle with home B's session"
+    );
+    // ... while it still opens home B's console, which has none of A's devices.
+    assert_eq!(
+        curl_status(&format!("{b}/devices/b-dev/bundle.tar"), &ca_b, &cookie_b),
+        200
+    );
+    c.goto(&format!("{b}/devices/a-dev")).await.unwrap();
+    let alert = browser.wait_text("[role=alert]", "a-dev", LONG).await;
+    assert!(alert.contains("not in the registry"), "{alert}");
+    c.goto(&format!("{b}/devices?q=a-dev")).await.unwrap();
+    browser.wait_text("h1", "Devices", LONG).await;
+    assert!(
+        c.find(Locator::Css("tr[data-device=a-dev]")).await.is_err(),
+        "home B lists no device of home A"
+    );
+    stage("home A refused home B's session");
     browser.client.clone().close().await.unwrap();
 }
 
