@@ -53,6 +53,11 @@ pub fn routes(console: Shared) -> Router {
             "/factory/claims/{batch}/identity.tar",
             get(crate::factory::identity),
         )
+        .route(
+            "/factory/claims/{batch}/image",
+            get(crate::factory::claim_image_download).post(crate::factory::make_claim_image),
+        )
+        .route("/factory/batches", post(crate::factory::run_batch))
         .route("/audit", get(audit_page))
         .route("/logout", post(auth::logout))
         .merge(crate::api::private_routes())
@@ -698,10 +703,16 @@ async fn settings(
     Ok(Redirect::to(&format!("/devices/{id}")).into_response())
 }
 
-async fn download(path: std::path::PathBuf, name: String, kind: &str) -> Result<Response, Failure> {
+/// Stream the file at `path` as the download `name`; 404 naming `kind`
+/// ("no identity bundle for this device") when there is none.
+pub(crate) async fn download(
+    path: std::path::PathBuf,
+    name: String,
+    kind: &str,
+) -> Result<Response, Failure> {
     let file = tokio::fs::File::open(&path)
         .await
-        .map_err(|_| Failure::new(StatusCode::NOT_FOUND, format!("no {kind} for this device")))?;
+        .map_err(|_| Failure::new(StatusCode::NOT_FOUND, format!("no {kind}")))?;
     let len = file.metadata().await.map(|m| m.len()).ok();
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
     let mut res = (
@@ -731,7 +742,7 @@ async fn bundle(
 ) -> Result<Response, Failure> {
     let id = DeviceId::new(&id).map_err(|e| Failure::from(e).for_operator(&op))?;
     let tar = edgebind_certs::bundle::tar_path_for(&console.config.home.bundle_dir(&id));
-    download(tar, format!("{id}.tar"), "identity bundle")
+    download(tar, format!("{id}.tar"), "identity bundle for this device")
         .await
         .map_err(|e| e.for_operator(&op))
 }
@@ -745,7 +756,7 @@ async fn image(
     download(
         image_path(&console.config.home, &id),
         format!("{id}.img"),
-        "personalized image",
+        "personalized image for this device",
     )
     .await
     .map_err(|e| e.for_operator(&op))
@@ -766,6 +777,15 @@ pub(crate) fn golden_images(console: &Console) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// The path of the golden image `name`, only if `--images` offers it (a
+/// name is never a path: `../x` is refused).
+pub(crate) fn golden_path(console: &Console, name: &str) -> Result<std::path::PathBuf, String> {
+    match &console.config.images {
+        Some(dir) if golden_images(console).iter().any(|n| n == name) => Ok(dir.join(name)),
+        _ => Err(format!("no golden image {name:?} in --images")),
+    }
 }
 
 async fn add_form(State(console): State<Shared>, Extension(op): Extension<Operator>) -> Response {
@@ -833,15 +853,7 @@ pub(crate) fn check_add_parts<'a>(
     if checked.is_empty() {
         return Err("name at least one device id".into());
     }
-    let golden = match image {
-        None => None,
-        Some(name) => {
-            if !golden_images(console).iter().any(|n| n == name) {
-                return Err(format!("no golden image {name:?} in --images"));
-            }
-            console.config.images.as_ref().map(|d| d.join(name))
-        }
-    };
+    let golden = image.map(|name| golden_path(console, name)).transpose()?;
     Ok(AddRequest {
         board,
         tags,

@@ -469,6 +469,10 @@ async fn revoke_needs_the_id_typed_again() {
     );
 }
 
+/// The golden partition-table writer the image crate's tests share.
+#[path = "../../image/tests/common/mod.rs"]
+mod golden_table;
+
 /// A 40 MiB MBR image with a 16 MiB FAT partition at 1 MiB (as the
 /// factory line's tests make one), in `dir`.
 fn golden(dir: &std::path::Path) -> std::path::PathBuf {
@@ -477,16 +481,12 @@ fn golden(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("golden.wic");
     let mut f = std::fs::File::create(&path).unwrap();
     f.set_len(40 * MIB).unwrap();
-    let mut mbr = mbrman::MBR::new_from(&mut f, 512, [1, 2, 3, 4]).unwrap();
-    mbr[1] = mbrman::MBRPartitionEntry {
-        boot: mbrman::BOOT_INACTIVE,
-        first_chs: mbrman::CHS::empty(),
-        sys: 0x0c,
-        last_chs: mbrman::CHS::empty(),
-        starting_lba: (MIB / 512) as u32,
-        sectors: (16 * MIB / 512) as u32,
-    };
-    mbr.write_into(&mut f).unwrap();
+    golden_table::write_table(
+        &mut f,
+        edgebind_image::Scheme::Mbr,
+        (MIB / 512, 16 * MIB / 512),
+        (17 * MIB / 512, 20 * MIB / 512),
+    );
     drop(f);
     let out = std::process::Command::new("mkfs.vfat")
         .args(["-n", "BOOT", "--offset", "2048"])
@@ -496,6 +496,37 @@ fn golden(dir: &std::path::Path) -> std::path::PathBuf {
         .expect("mkfs.vfat (dosfstools) must be installed");
     assert!(out.status.success(), "{out:?}");
     path
+}
+
+/// The identity tar on the boot partition of an image made from [`golden`].
+fn tar_on_image(image: &std::path::Path) -> Vec<u8> {
+    let slice =
+        fscommon::StreamSlice::new(std::fs::File::open(image).unwrap(), 1 << 20, 17 << 20).unwrap();
+    let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new()).unwrap();
+    let mut on_image = Vec::new();
+    std::io::Read::read_to_end(
+        &mut fs
+            .root_dir()
+            .open_file(edgebind_protocol::bundle::IDENTITY_TAR_ON_BOOT)
+            .unwrap(),
+        &mut on_image,
+    )
+    .unwrap();
+    on_image
+}
+
+/// A file of a tar, as text.
+fn file_in_tar(tar: &[u8], name: &str) -> String {
+    let mut archive = tar::Archive::new(tar);
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        if entry.path().unwrap().to_str() == Some(name) {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
+            return text;
+        }
+    }
+    panic!("no {name} in the tar")
 }
 
 #[tokio::test]
@@ -553,25 +584,231 @@ async fn a_personalized_image_carries_the_devices_bundle_and_downloads() {
         "the golden image is never written"
     );
     // The image's boot partition holds exactly the device's bundle tar.
-    let made = home.home.root().join("console/images/dev-i.img");
-    let slice =
-        fscommon::StreamSlice::new(std::fs::File::open(&made).unwrap(), 1 << 20, 17 << 20).unwrap();
-    let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new()).unwrap();
-    let mut on_image = Vec::new();
-    std::io::Read::read_to_end(
-        &mut fs
-            .root_dir()
-            .open_file(edgebind_protocol::bundle::IDENTITY_TAR_ON_BOOT)
-            .unwrap(),
-        &mut on_image,
-    )
-    .unwrap();
+    let on_image = tar_on_image(&home.home.root().join("console/images/dev-i.img"));
     let bundle = edgebind_certs::bundle::tar_path_for(
         &home
             .home
             .bundle_dir(&edgebind_protocol::DeviceId::new("dev-i").unwrap()),
     );
     assert_eq!(on_image, std::fs::read(bundle).unwrap());
+}
+
+#[tokio::test]
+async fn a_factory_batch_gives_each_unit_its_own_image_and_record() {
+    let home = Home::new();
+    let images = home.home.root().join("golden");
+    let golden = golden(&images);
+    let before = std::fs::read(&golden).unwrap();
+    let app = app_with(&home, Some(images));
+    let (cookie, csrf) = app.login(&home).await;
+    let page = app.get("/factory", Some(&cookie)).await;
+    assert!(
+        page.body.contains("batch-form") && page.body.contains("golden.wic"),
+        "{}",
+        page.body
+    );
+    let batch = |serials: &'static str, image: &'static str| {
+        let csrf = csrf.clone();
+        let (app, cookie) = (&app, &cookie);
+        async move {
+            app.post(
+                "/factory/batches",
+                Some(cookie),
+                &[
+                    ("board", "qemux86-64"),
+                    ("tags", "line-7"),
+                    ("serials", serials),
+                    ("image", image),
+                    ("csrf", &csrf),
+                ],
+            )
+            .await
+        }
+    };
+    // Refused before anything is made: two serials naming one device, a
+    // golden image not in --images.
+    let twice = batch("ACME-1\nacme-1", "golden.wic").await;
+    assert_eq!(twice.status, StatusCode::BAD_REQUEST);
+    assert!(
+        twice.body.contains("would both be device acme-1"),
+        "{}",
+        twice.body
+    );
+    let outside = batch("ACME-1", "../golden.wic").await;
+    assert_eq!(outside.status, StatusCode::BAD_REQUEST);
+    let store = home.home.open_registry().unwrap();
+    assert!(
+        store
+            .list_devices(&Default::default())
+            .unwrap()
+            .devices
+            .is_empty()
+    );
+
+    let made = batch("ACME-1\nACME-2", "golden.wic").await;
+    assert_eq!(made.status, StatusCode::OK, "{}", made.body);
+    assert!(
+        made.body.contains("2 made, 0 already made"),
+        "{}",
+        made.body
+    );
+    let sha = ops::factory::sha256_file(&golden).unwrap();
+    for (serial, id) in [("ACME-1", "acme-1"), ("ACME-2", "acme-2")] {
+        assert!(
+            made.body.contains(&format!("href=\"/devices/{id}/image\"")),
+            "{}",
+            made.body
+        );
+        let d = store.device(&id.parse().unwrap()).unwrap();
+        assert!(d.tags.iter().any(|t| t.as_str() == "line-7"), "{d:?}");
+        let record = store
+            .manufacturing_record(serial)
+            .unwrap()
+            .expect("a record");
+        assert_eq!(record.device.as_str(), id);
+        assert_eq!(record.station, "console");
+        assert_eq!(record.operator, "operator:alice");
+        assert_eq!(record.image_sha256.as_deref(), Some(sha.as_str()));
+        // Its own image, downloadable, with its own identity on the boot
+        // partition.
+        let img = app
+            .get(&format!("/devices/{id}/image"), Some(&cookie))
+            .await;
+        assert_eq!(img.status, StatusCode::OK);
+        assert_eq!(
+            img.headers[header::CONTENT_LENGTH],
+            (40u64 << 20).to_string()
+        );
+        let tar = tar_on_image(&home.home.root().join(format!("console/images/{id}.img")));
+        let toml = file_in_tar(&tar, "agent.toml");
+        assert!(toml.contains(&format!("\"{id}\"")), "{toml}");
+        let cert = file_in_tar(&tar, "device.crt");
+        let der = rustls_pemfile::certs(&mut cert.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        let fp: String = ring::digest::digest(&ring::digest::SHA256, &der)
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            fp, record.cert_fingerprint_sha256,
+            "{id}: the record's certificate"
+        );
+    }
+    assert_eq!(
+        std::fs::read(&golden).unwrap(),
+        before,
+        "the golden image is never written"
+    );
+    // The same batch again issues nothing: each serial is already made.
+    let again = batch("ACME-1\nACME-2", "golden.wic").await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.body);
+    assert!(
+        again.body.contains("0 made, 2 already made"),
+        "{}",
+        again.body
+    );
+    let factory = app.get("/factory", Some(&cookie)).await;
+    assert!(
+        factory.body.contains("Manufacturing records (2)"),
+        "{}",
+        factory.body
+    );
+    let log = store.audit_log(10, None).unwrap();
+    assert!(log.iter().any(|e| e.action == "factory.run"), "{log:?}");
+}
+
+#[tokio::test]
+async fn a_claim_batch_image_carries_the_batchs_claim_bundle() {
+    let home = Home::new();
+    let images = home.home.root().join("golden");
+    let golden = golden(&images);
+    let app = app_with(&home, Some(images));
+    let (cookie, csrf) = app.login(&home).await;
+    let make = |batch: &'static str| {
+        let csrf = csrf.clone();
+        let (app, cookie) = (&app, &cookie);
+        async move {
+            app.post(
+                &format!("/factory/claims/{batch}/image"),
+                Some(cookie),
+                &[("image", "golden.wic"), ("csrf", &csrf)],
+            )
+            .await
+        }
+    };
+    let unknown = make("line-9").await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND, "{}", unknown.body);
+    let r = app
+        .post(
+            "/factory/claims",
+            Some(&cookie),
+            &[
+                ("batch", "line-7"),
+                ("serials", "SN-1\nSN-2"),
+                ("csrf", &csrf),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let image = home.home.root().join("console/claims/line-7.img");
+    // Without a provisioning listener the units could not claim: refused
+    // with what to do, and no image.
+    let refused = make("line-7").await;
+    assert!(
+        refused.body.contains("provisioning-port"),
+        "{}",
+        refused.body
+    );
+    assert!(!image.exists());
+
+    let broker = home.home.broker_dir();
+    let mut settings = edgebind_broker::BrokerSettings::load(&broker).unwrap();
+    settings.provisioning_port = Some(8884);
+    settings.save(&broker).unwrap();
+    let page = app.get("/factory/claims/line-7", Some(&cookie)).await;
+    assert!(page.body.contains("claim-image-form"), "{}", page.body);
+    let r = make("line-7").await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let page = app.get("/factory/claims/line-7", Some(&cookie)).await;
+    assert!(
+        page.body.contains("claim image of batch line-7 made"),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("id=\"claim-image\""), "{}", page.body);
+    let img = app.get("/factory/claims/line-7/image", Some(&cookie)).await;
+    assert_eq!(img.status, StatusCode::OK);
+    assert_eq!(
+        img.headers[header::CONTENT_LENGTH],
+        (40u64 << 20).to_string()
+    );
+    // The boot partition holds the batch's claim bundle: the claim
+    // certificate and a [claim] agent.toml with the provisioning port.
+    let tar = tar_on_image(&image);
+    assert_eq!(
+        tar,
+        std::fs::read(home.home.root().join("console/claims/line-7.bundle.tar")).unwrap()
+    );
+    let toml = file_in_tar(&tar, "agent.toml");
+    assert!(toml.contains("[claim]") && toml.contains("8884"), "{toml}");
+    assert_eq!(std::fs::read(&golden).unwrap().len(), 40 << 20);
+    // Made again: a new claim certificate replaces the bundle.
+    let first = file_in_tar(&tar, "claim.crt");
+    assert_eq!(make("line-7").await.status, StatusCode::SEE_OTHER);
+    assert_ne!(file_in_tar(&tar_on_image(&image), "claim.crt"), first);
+    let log = home
+        .home
+        .open_registry()
+        .unwrap()
+        .audit_log(10, None)
+        .unwrap();
+    assert!(
+        log.iter().any(|e| e.action == "factory.claim-image"),
+        "{log:?}"
+    );
 }
 
 /// A device in the registry, as `fleet serve` would know it.

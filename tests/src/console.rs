@@ -84,7 +84,16 @@ fn free_port() -> u16 {
 /// Headless Chromium with its chromedriver, downloading into `downloads`.
 pub struct Browser {
     pub client: Client,
-    _driver: Killed,
+    driver: Killed,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the process group of our own child.
+        unsafe {
+            libc::kill(-(self.driver.0.id() as libc::pid_t), libc::SIGKILL);
+        }
+    }
 }
 
 impl Browser {
@@ -93,6 +102,9 @@ impl Browser {
         let driver = require("/usr/bin/chromedriver", "chromium-driver");
         let port = free_port();
         let mut cmd = Command::new(driver);
+        // Its own process group, which Chromium joins: dropping the browser
+        // kills them all (a SIGKILLed chromedriver would leave Chromium behind).
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd.arg(format!("--port={port}"))
             .arg("--allowed-ips=127.0.0.1")
             .stdin(Stdio::null())
@@ -129,7 +141,7 @@ impl Browser {
             .expect("WebDriver session with headless Chromium");
         Browser {
             client,
-            _driver: driver,
+            driver,
         }
     }
 

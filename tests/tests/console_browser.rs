@@ -9,7 +9,7 @@ mod fleet_support;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use edgebind_tests::console::{Browser, ConsoleProc};
 use edgebind_tests::wait_for;
@@ -301,4 +301,182 @@ async fn an_operator_onboards_devices_in_the_browser_and_watches_them_live() {
     browser.client.clone().close().await.unwrap();
     agent1.terminate();
     agent2.terminate();
+}
+
+/// The console's session cookie (`edgebind_console::SESSION_COOKIE`).
+const SESSION_COOKIE: &str = "__Host-edgebind_session";
+
+async fn on_login_page(c: &Client) -> bool {
+    c.current_url().await.unwrap().path() == "/login"
+}
+
+/// Change the CSRF field of the form holding `css` (`None`: remove it).
+async fn forge_csrf(c: &Client, css: &str, value: Option<&str>) {
+    let script = "const f = document.querySelector(arguments[0]).form; \
+                  const t = f.querySelector('input[name=csrf]'); \
+                  if (arguments[1] === null) { t.remove(); } else { t.value = arguments[1]; } \
+                  return f.querySelectorAll('input[name=csrf]').length;";
+    c.execute(script, vec![json!(css), json!(value)])
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_browser_is_refused_an_expired_session_forged_forms_and_another_homes_data() {
+    let home_a = Fleet::start();
+    let home_b = Fleet::start();
+    home_a.add_device("a-dev", &[]);
+    home_b.add_device("b-dev", &[]);
+    // Sessions of home A last one minute (the shortest), home B's the default.
+    let console_a = ConsoleProc::start(home_a.home(), None, &["--session-minutes", "1"]);
+    let console_b = ConsoleProc::start(home_b.home(), None, &[]);
+    let (a, b) = (console_a.base(), console_b.base());
+    let (ca_a, ca_b) = (
+        home_a.home().join("pki").join("root-ca.crt"),
+        home_b.home().join("pki").join("root-ca.crt"),
+    );
+
+    let work = tempfile::tempdir().unwrap();
+    let downloads = work.path().join("downloads");
+    std::fs::create_dir_all(&downloads).unwrap();
+    let browser = Browser::start(&downloads, &work.path().join("profile"), 1280, 900).await;
+    let c = &browser.client;
+
+    // Home A: the session expires with the device list open. Its live stream
+    // says so and the page goes to the login page by itself.
+    let out = home_a.cli_ok(&["console", "login", "--operator", "tester"]);
+    let logged_in = Instant::now();
+    browser
+        .log_in(&a, &edgebind_tests::console::login_code(&out))
+        .await;
+    let session_a = c
+        .get_named_cookie(SESSION_COOKIE)
+        .await
+        .expect("home A's session cookie");
+    let cookie_a = format!("{SESSION_COOKIE}={}", session_a.value());
+    assert_eq!(
+        curl_status(&format!("{a}/devices/a-dev/bundle.tar"), &ca_a, &cookie_a),
+        200,
+        "a bundle with the live session"
+    );
+    browser
+        .wait_text("tr[data-device=a-dev]", "never seen", LONG)
+        .await;
+    stage("logged in to home A");
+    let deadline = logged_in + Duration::from_secs(60) + LONG;
+    while !on_login_page(c).await {
+        assert!(
+            Instant::now() < deadline,
+            "the page never left for the login page"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        logged_in.elapsed() >= Duration::from_secs(59),
+        "not before the session's end: {:?}",
+        logged_in.elapsed()
+    );
+    // The browser dropped the cookie with its Max-Age; the console itself
+    // refuses the expired session too: the old cookie sent again (by curl:
+    // WebDriver cannot set a `__Host-` cookie) opens no page and no bundle.
+    assert_eq!(
+        curl_status(&format!("{a}/devices/a-dev/bundle.tar"), &ca_a, &cookie_a),
+        401,
+        "a bundle with the expired session"
+    );
+    assert_eq!(
+        curl_status(&format!("{a}/devices"), &ca_a, &cookie_a),
+        401,
+        "the device list with the expired session"
+    );
+    stage("expired session refused");
+
+    // Home B: a settings form without its CSRF token, then with a wrong one:
+    // refused, nothing set.
+    let out = home_b.cli_ok(&["console", "login", "--operator", "tester"]);
+    browser
+        .log_in(&b, &edgebind_tests::console::login_code(&out))
+        .await;
+    let b_dev = || home_b.store().device(&"b-dev".parse().unwrap()).unwrap();
+    let wrong = "0".repeat(64);
+    for forged in [None, Some(wrong.as_str())] {
+        c.goto(&format!("{b}/devices/b-dev")).await.unwrap();
+        type_into(c, "#settings-input", "log_level=debug").await;
+        forge_csrf(c, "#settings-input", forged).await;
+        click(c, "#set").await;
+        let text = wait_for_page_text(&browser, "CSRF").await;
+        assert!(text.contains("refused"), "{forged:?}: {text}");
+        assert_eq!(b_dev().desired_revision, 0, "{forged:?}: nothing was set");
+    }
+    // Revoke (the id typed, the dialog accepted) with a wrong token: refused.
+    c.goto(&format!("{b}/devices/b-dev")).await.unwrap();
+    type_into(c, "#confirm", "b-dev").await;
+    forge_csrf(c, "#confirm", Some(&"f".repeat(64))).await;
+    click(c, "#revoke").await;
+    c.accept_alert().await.expect("the confirmation dialog");
+    wait_for_page_text(&browser, "CSRF").await;
+    assert_eq!(
+        b_dev().lifecycle,
+        edgebind_fleet::registry::Lifecycle::Registered,
+        "the forged revoke did nothing"
+    );
+    // The same form with the page's own token goes through.
+    c.goto(&format!("{b}/devices/b-dev")).await.unwrap();
+    type_into(c, "#settings-input", "log_level=debug").await;
+    click(c, "#set").await;
+    browser.wait_text(".notice", "revision 1", LONG).await;
+    assert_eq!(b_dev().desired_revision, 1);
+    stage("forged forms refused");
+
+    // Home B's session against home A's console: the browser sends B's
+    // cookie there too (cookies are per host, not per port), and home A
+    // knows no such session: every page leads to its login page, a download
+    // is refused, nothing of A's is served.
+    for path in ["/devices", "/devices/a-dev", "/audit", "/factory"] {
+        c.goto(&format!("{a}{path}")).await.unwrap();
+        assert!(on_login_page(c).await, "home A's {path} with B's session");
+    }
+    let session_b = c
+        .get_named_cookie(SESSION_COOKIE)
+        .await
+        .expect("home B's session cookie");
+    let cookie_b = format!("{SESSION_COOKIE}={}", session_b.value());
+    assert_eq!(
+        curl_status(&format!("{a}/devices/a-dev/bundle.tar"), &ca_a, &cookie_b),
+        401,
+        "home A's bundle with home B's session"
+    );
+    // ... while it still opens home B's console, which has none of A's devices.
+    assert_eq!(
+        curl_status(&format!("{b}/devices/b-dev/bundle.tar"), &ca_b, &cookie_b),
+        200
+    );
+    c.goto(&format!("{b}/devices/a-dev")).await.unwrap();
+    let alert = browser.wait_text("[role=alert]", "a-dev", LONG).await;
+    assert!(alert.contains("not in the registry"), "{alert}");
+    c.goto(&format!("{b}/devices?q=a-dev")).await.unwrap();
+    browser.wait_text("h1", "Devices", LONG).await;
+    assert!(
+        c.find(Locator::Css("tr[data-device=a-dev]")).await.is_err(),
+        "home B lists no device of home A"
+    );
+    stage("home A refused home B's session");
+    browser.client.clone().close().await.unwrap();
+}
+
+/// The text of the page once it contains `want`.
+async fn wait_for_page_text(browser: &Browser, want: &str) -> String {
+    browser.wait_text("body", want, LONG).await
+}
+
+/// The HTTP status of a GET with `cookie`, checked against `ca`.
+fn curl_status(url: &str, ca: &Path, cookie: &str) -> u16 {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(ca)
+        .args(["-H", &format!("cookie: {cookie}")])
+        .arg(url)
+        .output()
+        .expect("run curl");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }

@@ -13,10 +13,14 @@
 //!    before the device's TLS connect to that moment, for 10 devices one
 //!    after another; median and worst. Target: under 1 s.
 //!
-//! Everything real and on 127.0.0.1: Mosquitto, `edgebind fleet serve`,
-//! `edgebind console`, Chromium with chromedriver.
+//! Both on SQLite (`<home>/registry.db`) and then on PostgreSQL (a
+//! throwaway cluster, fsync off as in the tests), each with its own home,
+//! broker, fleet service and console; `--backend sqlite|postgres` runs one.
 //!
-//! Run: `cargo run --release -p edgebind-tests --bin bench_console [-- N]`
+//! Everything real and on 127.0.0.1: Mosquitto, `edgebind fleet serve`,
+//! `edgebind console`, Chromium with chromedriver, PostgreSQL.
+//!
+//! Run: `cargo run --release -p edgebind-tests --bin bench_console [-- N] [--backend B]`
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -31,7 +35,7 @@ use edgebind_protocol::DeviceId;
 use edgebind_protocol::messages::{Presence, Status};
 use edgebind_protocol::topics::Topic;
 use edgebind_tests::console::{Browser, ConsoleProc, Killed};
-use edgebind_tests::{Broker, QoS, TestClient, TestPki, bin_path, spawn_tied};
+use edgebind_tests::{Broker, PgCluster, QoS, TestClient, TestPki, bin_path, spawn_tied};
 use serde_json::Value;
 
 const RUNS: usize = 25;
@@ -96,8 +100,8 @@ fn seed(url: &RegistryUrl, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `edgebind fleet serve`, once it logged its broker connection.
-fn fleet_service(home: &Path) -> anyhow::Result<Killed> {
+/// `edgebind fleet serve` on `registry`, once it logged its broker connection.
+fn fleet_service(home: &Path, registry: &RegistryUrl) -> anyhow::Result<Killed> {
     let log = home.join("fleet-service.log");
     let file = File::create(&log)?;
     let mut cmd = Command::new(bin_path("edgebind"));
@@ -112,7 +116,7 @@ fn fleet_service(home: &Path) -> anyhow::Result<Killed> {
         ])
         .env_remove("EDGEBIND_HOME")
         .env_remove("EDGEBIND_BROKER")
-        .env_remove("EDGEBIND_REGISTRY")
+        .env("EDGEBIND_REGISTRY", registry_arg(registry))
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
         .stderr(file);
@@ -249,32 +253,65 @@ async fn connect_to_online(
     Ok(delays)
 }
 
+/// `registry` as `EDGEBIND_REGISTRY` takes it.
+fn registry_arg(registry: &RegistryUrl) -> String {
+    match registry {
+        RegistryUrl::Sqlite(path) => format!("sqlite:{}", path.display()),
+        RegistryUrl::Postgres(url) => url.clone(),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    let n: usize = match std::env::args().nth(1) {
-        Some(a) => a.parse().context("N: a number of devices")?,
-        None => 100_000,
+    let mut n = 100_000;
+    let mut backends = vec!["sqlite", "postgres"];
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--backend" => match args.next().as_deref() {
+                Some("sqlite") => backends = vec!["sqlite"],
+                Some("postgres") => backends = vec!["postgres"],
+                other => bail!("--backend sqlite|postgres, not {other:?}"),
+            },
+            _ => n = a.parse().context("N: a number of devices")?,
+        }
+    }
+    let cluster = if backends.contains(&"postgres") {
+        Some(PgCluster::start().context("start PostgreSQL")?)
+    } else {
+        None
     };
+    for backend in backends {
+        let pki = TestPki::new();
+        let registry = match &cluster {
+            Some(c) if backend == "postgres" => c.database()?.parse()?,
+            _ => RegistryUrl::Sqlite(pki.home().join("registry.db")),
+        };
+        bench(&pki, backend, &registry, n)?;
+    }
+    Ok(())
+}
+
+fn bench(pki: &TestPki, backend: &str, registry: &RegistryUrl, n: usize) -> anyhow::Result<()> {
     let setup = Instant::now();
-    let pki = TestPki::new();
-    let broker = Broker::start(&pki)?;
+    let broker = Broker::start(pki)?;
     let home = pki.home().to_owned();
     // Let `edgebind` find and signal the broker as in production.
     std::fs::write(
         broker.dir().join(edgebind_broker::layout::PID),
         format!("{}\n", broker.pid().context("broker pid")?),
     )?;
-    seed(&RegistryUrl::Sqlite(home.join("registry.db")), n)?;
-    let _service = fleet_service(&home)?;
-    let console = ConsoleProc::start(&home, None, &[]);
+    seed(registry, n)?;
+    let _service = fleet_service(&home, registry)?;
+    let console = ConsoleProc::start(&home, Some(&registry_arg(registry)), &[]);
     let base = console.base();
     let ca = pki.root_ca();
-    let fleet_home = FleetHome::new(&home);
+    let fleet_home = FleetHome::new(&home).with_registry(Some(registry.clone()));
     let mut store = fleet_home.open_registry()?;
     let mut code = || -> anyhow::Result<String> {
         Ok(ops::issue_login_code(&fleet_home, store.as_mut(), "tester", 600)?.code)
     };
     eprintln!(
-        "  setup: PKI, broker, {n} devices, fleet service, console in {:.1} s",
+        "  setup ({backend}): PKI, broker, {n} devices, fleet service, console in {:.1} s",
         setup.elapsed().as_secs_f64()
     );
 
@@ -290,7 +327,7 @@ fn main() -> anyhow::Result<()> {
     }
     let (server, ttfb) = (median(server), median(ttfb));
     println!(
-        "bench_console: list first page, {n} devices (sqlite): offered {RUNS} sequential GET /devices, \
+        "bench_console: list first page, {n} devices ({backend}): offered {RUNS} sequential GET /devices, \
          target < {LIST_TARGET_MS} ms, result server {server:.1} ms median (time to first byte {ttfb:.1} ms) {}",
         if server < LIST_TARGET_MS {
             "OK"
@@ -314,14 +351,14 @@ fn main() -> anyhow::Result<()> {
         )
         .await;
         browser.log_in(&base, &code()?).await;
-        let delays = connect_to_online(&browser, &base, &pki, &broker).await;
+        let delays = connect_to_online(&browser, &base, pki, &broker).await;
         let _ = browser.client.clone().close().await;
         delays
     })?;
     let worst = delays.iter().cloned().fold(0.0, f64::max);
     let med = median(delays.clone());
     println!(
-        "bench_console: connect to online in the browser, {n} devices (sqlite): offered {PROBES} devices \
+        "bench_console: connect to online in the browser, {n} devices ({backend}): offered {PROBES} devices \
          connecting one after another, target < {ONLINE_TARGET_MS} ms, result {med:.0} ms median, \
          {worst:.0} ms worst {}",
         if worst < ONLINE_TARGET_MS {
