@@ -139,10 +139,7 @@ impl Browser {
             .connect(&format!("http://127.0.0.1:{port}"))
             .await
             .expect("WebDriver session with headless Chromium");
-        Browser {
-            client,
-            driver,
-        }
+        Browser { client, driver }
     }
 
     /// The text of the element at `css` once it contains `want`.
