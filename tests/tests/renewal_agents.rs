@@ -54,9 +54,13 @@ fn device(fleet: &Fleet, id: &str, secs: u64, at_fraction: f64) -> Dev {
     let bundle = fleet.add_device(id, &[]);
     let pki = edgebind_certs::Pki::open(&fleet.home().join("pki")).unwrap();
     let dev = DeviceId::new(id).unwrap();
+    let added = fleet.store().device(&dev).unwrap().cert.unwrap().serial;
     let first = pki
         .issue_device(&dev, edgebind_certs::Validity::seconds(secs))
         .unwrap();
+    // The bundle's certificate is replaced: revoked, so the device has one
+    // usable certificate, as in the field.
+    pki.revoke_serial(&added).unwrap();
     std::fs::write(bundle.join("device.crt"), &first.chain_pem).unwrap();
     std::fs::write(bundle.join("device.key"), &first.key_pem).unwrap();
     fleet
@@ -427,4 +431,134 @@ fn a_renewed_certificate_the_broker_refuses_leaves_the_device_online_on_the_old_
     check_identity(&config);
     assert_eq!(serial_on_disk(&bundle), serial);
     assert!(!agent.log().contains("panicked"), "{}", agent.log());
+}
+
+#[test]
+fn an_issuing_ca_rollover_moves_online_devices_to_the_new_ca_without_an_outage() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let mut fleet = Fleet::start();
+    start_service(&mut fleet);
+    let ids: Vec<String> = (0..3).map(|i| format!("dev-c{i}")).collect();
+    // Not due by themselves during the test: the devices move when asked.
+    let devs: Vec<Dev> = ids.iter().map(|id| device(&fleet, id, 3600, 0.9)).collect();
+    let agents: Vec<Proc> = devs.iter().map(|d| fleet.spawn_agent(&d.config)).collect();
+    for id in &ids {
+        fleet.wait_device(id, LONG, "online", |d| d.online);
+    }
+    // Every offline moment of every device, seen every 100 ms from here on.
+    let stop = Arc::new(AtomicBool::new(false));
+    let offline: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let watcher = {
+        let (stop, offline, ids) = (stop.clone(), offline.clone(), ids.clone());
+        let store = fleet.store();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                for id in &ids {
+                    let d = store.device(&DeviceId::new(id).unwrap()).unwrap();
+                    if !d.online {
+                        offline.lock().unwrap().push((id.clone(), now_unix()));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+
+    let pki_dir = fleet.home().join("pki");
+    let old_issuer = edgebind_certs::Pki::open(&pki_dir)
+        .unwrap()
+        .issuer_id()
+        .to_owned();
+    fleet.cli_ok(&["pki", "rollover"]);
+    let new_issuer = edgebind_certs::Pki::open(&pki_dir)
+        .unwrap()
+        .issuer_id()
+        .to_owned();
+    assert_ne!(new_issuer, old_issuer);
+    // The overlap: a certificate of the old CA still connects.
+    let old_probe = fleet.home().join("probe-old");
+    std::fs::create_dir_all(&old_probe).unwrap();
+    std::fs::write(old_probe.join("device.crt"), &devs[0].first.chain_pem).unwrap();
+    std::fs::write(old_probe.join("device.key"), &devs[0].first.key_pem).unwrap();
+    std::fs::copy(devs[0].bundle.join("ca.crt"), old_probe.join("ca.crt")).unwrap();
+
+    // Devices move over as they renew: ask each (the README's procedure).
+    let store = fleet.store();
+    for (id, agent) in ids.iter().zip(&agents) {
+        fleet.cli_ok(&["device", "renew", id]);
+        let serial = wait_renewed(&fleet, store.as_ref(), id, agent);
+        let inv = edgebind_certs::Pki::open(&pki_dir)
+            .unwrap()
+            .inventory()
+            .unwrap();
+        let entry = inv.by_serial(&serial).expect("the renewed certificate");
+        assert_eq!(
+            entry.issuer.as_deref(),
+            Some(new_issuer.as_str()),
+            "{id} renewed onto the old CA"
+        );
+    }
+    // The old certificates are retired (revoked, the old CA's CRL reloaded):
+    // the broker refuses them, while the renewed ones keep working.
+    let pki = edgebind_certs::Pki::open(&pki_dir).unwrap();
+    for d in &devs {
+        let retired = wait_until(LONG, || {
+            pki.inventory()
+                .ok()
+                .and_then(|i| i.by_serial(&d.first.serial).map(|e| e.is_revoked()))
+                .unwrap_or(false)
+        });
+        assert!(retired, "not retired:\n{}", fleet.service_log());
+    }
+    let refused = wait_until(LONG, || {
+        TestClient::connect(
+            &Identity::from_dir(&old_probe, "device", "dev-c0"),
+            &fleet.env.broker,
+        )
+        .is_err()
+    });
+    assert!(
+        refused,
+        "the broker still takes a retired certificate of the old CA"
+    );
+    for id in &ids {
+        fleet.wait_device(id, LONG, "online on the new CA", |d| d.online);
+    }
+    stop.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
+
+    // No device certificate depends on the old CA any more.
+    let inv = pki.inventory().unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let on_old: Vec<_> = inv
+        .entries
+        .iter()
+        .filter(|e| e.issuer.as_deref() == Some(old_issuer.as_str()) && e.is_active(now))
+        .filter(|e| matches!(e.principal(), Some(edgebind_protocol::Principal::Device(_))))
+        .map(|e| e.cn.clone())
+        .collect();
+    assert!(on_old.is_empty(), "devices still on the old CA: {on_old:?}");
+    // Online throughout: each device was seen offline only around its own
+    // switch (one reconnect, a few seconds at most), never twice.
+    let seen = offline.lock().unwrap().clone();
+    for id in &ids {
+        let times: Vec<u64> = seen
+            .iter()
+            .filter(|(d, _)| d == id)
+            .map(|(_, t)| *t)
+            .collect();
+        if let (Some(first), Some(last)) = (times.first(), times.last()) {
+            assert!(
+                last - first <= 10,
+                "{id} offline from {first} to {last} (or twice): {times:?}"
+            );
+        }
+    }
+    eprintln!("offline samples during the rollover: {seen:?}");
+    for (d, a) in devs.iter().zip(&agents) {
+        assert!(!a.log().contains("panicked"), "{}", a.log());
+        assert_ne!(serial_on_disk(&d.bundle), d.first.serial);
+    }
 }
