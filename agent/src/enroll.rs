@@ -330,8 +330,10 @@ impl Enrollment {
         target: &IdentityFiles,
     ) -> Result<(), EnrollError> {
         self.accept(chain)?;
+        crate::test_hooks::pause_point(crate::test_hooks::step::BEFORE_REPLACE);
         write_file(&target.key, key.private_pem().as_bytes(), PRIVATE_MODE)
             .map_err(io_err("cannot write the key", &target.key))?;
+        crate::test_hooks::pause_point(crate::test_hooks::step::BETWEEN_RENAMES);
         write_file(&target.cert, chain.pem.as_bytes(), PUBLIC_MODE)
             .map_err(io_err("cannot write the certificate", &target.cert))?;
         std::fs::remove_dir_all(&self.dir)

@@ -37,6 +37,7 @@ pub mod runner;
 pub mod runtime;
 pub mod systemd;
 pub mod telemetry;
+pub mod test_hooks;
 pub mod throttle;
 pub mod writer;
 

@@ -282,6 +282,9 @@ impl Renewal {
     fn request(&mut self, now: i64) -> Result<Outgoing, enroll::EnrollError> {
         let enrollment = Enrollment::open(&self.enrollment_dir())?;
         let (key, made) = enrollment.key()?;
+        if made {
+            crate::test_hooks::pause_point(crate::test_hooks::step::KEY_WRITTEN);
+        }
         let csr_pem = key.csr_pem(&self.current.device)?;
         info!(
             serial = %self.current.serial,
@@ -345,6 +348,7 @@ impl Renewal {
                     Ok(chain) => match self.write_trial(&key, &chain) {
                         Ok(trial) => {
                             info!(serial = %trial.serial, "renewed certificate verified; trying it");
+                            crate::test_hooks::pause_point(crate::test_hooks::step::CERT_RECEIVED);
                             self.phase = Phase::Trying;
                             Step::Switch(trial)
                         }
@@ -399,6 +403,7 @@ impl Renewal {
     /// identity files and remember to tell the fleet. Afterwards the new
     /// identity is the current one.
     pub fn trial_connected(&mut self, trial: &Trial, now: i64) -> Result<(), String> {
+        crate::test_hooks::pause_point(crate::test_hooks::step::TRIAL_CONNECTED);
         let enrollment = Enrollment::open(&self.enrollment_dir()).map_err(|e| e.to_string())?;
         let (key, _) = enrollment.key().map_err(|e| e.to_string())?;
         let pem = std::fs::read_to_string(&trial.files.cert).map_err(|e| e.to_string())?;

@@ -48,7 +48,8 @@
 //!   a database per test ([`PgCluster::database`]); stopped and removed
 //!   on drop or when the test process dies.
 //! * [`bin_path`] – builds a workspace binary once (same profile as the test)
-//!   and returns its path: `bin_path("edgebind")`, `bin_path("edgebind-agent")`.
+//!   and returns its path: `bin_path("edgebind")`, `bin_path("edgebind-agent")`;
+//!   [`agent_with_test_hooks`] the agent with the crash tests' pause points.
 //! * [`spawn_tied`] – spawn a child process that is SIGKILLed when the test
 //!   process dies, even by SIGKILL or `process::exit` (use it for agents and
 //!   services); [`Watchdog`] does the same for a child that changes its user
@@ -66,7 +67,7 @@ pub mod postgres;
 mod tied;
 mod wait;
 
-pub use bins::bin_path;
+pub use bins::{agent_with_test_hooks, bin_path};
 pub use broker::Broker;
 pub use hostile::HostileCrowd;
 pub use mqtt::{

@@ -102,6 +102,11 @@ impl Renewer {
                 return;
             }
         };
+        if matches!(request, Request::Renew { .. }) {
+            // A rollover may have happened since the last retire tick: from
+            // the rollover on, nothing is signed by the old CA.
+            self.follow_rollover();
+        }
         let rc = &self.counters.renewal;
         match request {
             Request::Renew {

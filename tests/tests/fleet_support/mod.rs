@@ -347,6 +347,17 @@ impl Fleet {
 
     /// Start `edgebind-agent --config <config>`.
     pub fn spawn_agent(&self, config: &Path) -> Proc {
+        self.spawn_agent_bin(&bin_path("edgebind-agent"), config, &[])
+    }
+
+    /// Start agent binary `bin` (`edgebind_tests::agent_with_test_hooks()`,
+    /// say) with `--config <config>` and extra environment `env`.
+    pub fn spawn_agent_bin(
+        &self,
+        bin: &Path,
+        config: &Path,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Proc {
         let log = config.with_file_name(format!(
             "agent-{}.log",
             std::time::SystemTime::now()
@@ -355,9 +366,10 @@ impl Fleet {
                 .as_nanos()
         ));
         let file = File::create(&log).unwrap();
-        let child = Command::new(bin_path("edgebind-agent"))
+        let child = Command::new(bin)
             .arg("--config")
             .arg(config)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
