@@ -24,6 +24,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Instant;
 
 use edgebind_certs::{CrlStatus, Pki};
@@ -54,6 +56,33 @@ pub struct RunOptions {
     pub warn_below: Duration,
     /// Interval between two checks of the broker's CRL.
     pub check_every: std::time::Duration,
+    /// What the supervisor knows, for `broker run --metrics`.
+    pub stats: Arc<SupervisorStats>,
+}
+
+/// The supervisor's own figures: whether Mosquitto runs, the reloads it
+/// forwarded and the state of the CRL it keeps. Mosquitto's message
+/// counters are not here: they live in `$SYS`, which only the fleet
+/// service may read (its `edgebind_broker_*` metrics).
+#[derive(Debug, Default)]
+pub struct SupervisorStats {
+    pub up: AtomicBool,
+    /// When Mosquitto was started (Unix seconds).
+    pub started_unix: AtomicU64,
+    /// SIGHUPs forwarded to Mosquitto (ACL and CRL reloads), the CRL
+    /// refreshes' own included.
+    pub reloads: AtomicU64,
+    /// The broker CRL's nextUpdate (Unix seconds); 0 while unreadable.
+    pub crl_next_update_unix: AtomicI64,
+    pub crl_refreshes: AtomicU64,
+    pub crl_refresh_failures: AtomicU64,
+}
+
+impl SupervisorStats {
+    fn saw_crl(&self, status: &CrlStatus) {
+        self.crl_next_update_unix
+            .store(status.next_update.unix_timestamp(), Ordering::Relaxed);
+    }
 }
 
 impl RunOptions {
@@ -69,6 +98,7 @@ impl RunOptions {
             refresh_below: std::cmp::max(lifetime / 2_i32, warn),
             warn_below: warn,
             check_every: DEFAULT_CHECK_EVERY,
+            stats: Arc::default(),
         }
     }
 
@@ -119,6 +149,14 @@ fn supervise(
         .spawn()
         .map_err(|e| Error::io(broker_dir.join(crate::layout::CONF), e))?;
     let pid = child.id();
+    opts.stats.up.store(true, Ordering::Relaxed);
+    opts.stats.started_unix.store(
+        u64::try_from(OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(0),
+        Ordering::Relaxed,
+    );
+    if let Ok(status) = edgebind_certs::pki::crl_status(&broker_dir.join(CRL)) {
+        opts.stats.saw_crl(&status);
+    }
     let mut watchdog = match Watchdog::start(pid) {
         Ok(w) => Some(w),
         Err(e) => {
@@ -176,6 +214,7 @@ fn supervise(
             }
             Some(libc::SIGHUP) => {
                 forward(pid, libc::SIGHUP);
+                opts.stats.reloads.fetch_add(1, Ordering::Relaxed);
                 say!("SIGHUP forwarded to mosquitto (pid {pid}): ACL and CRL reloaded");
                 if stop_requested.is_none() {
                     // Look at the (probably just regenerated) CRL right away.
@@ -201,6 +240,7 @@ fn supervise(
             },
         }
     };
+    opts.stats.up.store(false, Ordering::Relaxed);
     remove_pid_file(&pid_path, me);
     Ok(exit_code(pid, status, stop_requested.is_some()))
 }
@@ -401,6 +441,11 @@ impl CrlKeeper<'_> {
             let before = status.as_ref().ok().map(|s| s.next_update);
             match self.refresh() {
                 Ok(new) => {
+                    self.opts
+                        .stats
+                        .crl_refreshes
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.opts.stats.reloads.fetch_add(1, Ordering::Relaxed);
                     say!(
                         "CRL refreshed: {} now valid until {} (was {}), {} revoked; mosquitto (pid {}) reloaded it, no client disconnected",
                         path.display(),
@@ -411,12 +456,21 @@ impl CrlKeeper<'_> {
                     );
                     status = Ok(new);
                 }
-                Err(e) => say!(
-                    "WARNING: could not refresh the broker's CRL {}: {e}. Mosquitto refuses EVERY client \
-                     once it lapses; fix this or run `edgebind pki crl` where the issuing CA is",
-                    path.display()
-                ),
+                Err(e) => {
+                    self.opts
+                        .stats
+                        .crl_refresh_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    say!(
+                        "WARNING: could not refresh the broker's CRL {}: {e}. Mosquitto refuses EVERY client \
+                         once it lapses; fix this or run `edgebind pki crl` where the issuing CA is",
+                        path.display()
+                    )
+                }
             }
+        }
+        if let Ok(s) = &status {
+            self.opts.stats.saw_crl(s);
         }
         let now = OffsetDateTime::now_utc();
         match status {

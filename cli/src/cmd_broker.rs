@@ -107,6 +107,11 @@ pub struct RunArgs {
     /// quarter of that), so a test can watch a refresh. Never in production.
     #[arg(long, value_name = "SECONDS", hide_short_help = true, value_parser = clap::value_parser!(u32).range(1..))]
     test_crl_lifetime_secs: Option<u32>,
+    /// Serve the supervisor's Prometheus metrics (Mosquitto up, reloads, CRL
+    /// expiry and refreshes) at http://ADDR/metrics, a loopback address such
+    /// as 127.0.0.1:9465. Message counts come from `fleet serve --metrics`.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -373,8 +378,38 @@ fn run_foreground(a: RunArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
         settings.port,
         dir.join(edgebind_broker::layout::CONF).display()
     );
+    // Bound before Mosquitto starts, so a taken port or a non-loopback
+    // address fails the run at once; served from a thread of its own while
+    // this one supervises.
+    let _metrics = match a.metrics {
+        Some(addr) => Some(serve_metrics(addr, opts.stats.clone())?),
+        None => None,
+    };
     let code = supervise::run(&dir, &settings, &opts)?;
     Ok(ExitCode::from(code))
+}
+
+/// The runtime serving `GET /metrics`; dropping it stops the endpoint.
+fn serve_metrics(
+    addr: std::net::SocketAddr,
+    stats: std::sync::Arc<supervise::SupervisorStats>,
+) -> anyhow::Result<tokio::runtime::Runtime> {
+    use edgebind_fleet::service::metrics::{MetricsListener, render_supervisor};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("broker-metrics")
+        .enable_all()
+        .build()?;
+    let listener = runtime.block_on(MetricsListener::bind(addr))?;
+    if let Some(bound) = listener.local_addr() {
+        eprintln!("serving broker metrics at http://{bound}/metrics");
+    }
+    runtime.spawn(
+        listener.serve(move || {
+            render_supervisor(&stats, edgebind_protocol::messages::now_unix() as i64)
+        }),
+    );
+    Ok(runtime)
 }
 
 fn reload(home: &FleetHome) -> anyhow::Result<ExitCode> {

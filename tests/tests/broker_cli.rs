@@ -87,10 +87,12 @@ fn config_run_reload_and_revoke_with_the_cli() {
     let port: u16 = port.parse().unwrap();
 
     let log = std::fs::File::create(home.join("broker.log")).unwrap();
+    let metrics_port = free_port().unwrap();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let child = Command::new(bin_path("edgebind"))
         .arg("--home")
         .arg(home)
-        .args(["broker", "run"])
+        .args(["broker", "run", "--metrics", &metrics_addr])
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .stdin(Stdio::null())
@@ -166,6 +168,82 @@ fn config_run_reload_and_revoke_with_the_cli() {
 
     let out = run(home, &["broker", "reload"]);
     assert!(out.status.success(), "{}", show(&out));
+
+    // The supervisor's metrics: Mosquitto up, the CRL's expiry as in the
+    // CRL file, and the reloads `pki revoke` and `broker reload` caused.
+    let crl =
+        edgebind_certs::pki::crl_status(&home.join("broker").join(edgebind_broker::layout::CRL))
+            .unwrap();
+    let text = edgebind_tests::wait_for(Duration::from_secs(20), || {
+        let t = scrape(metrics_port);
+        (metric(&t, "edgebind_broker_reloads_total").is_some_and(|n| n >= 2.0)).then_some(t)
+    })
+    .unwrap_or_else(|| panic!("reloads never counted:\n{}", scrape(metrics_port)));
+    assert_eq!(metric(&text, "edgebind_broker_up"), Some(1.0), "{text}");
+    let expiry = metric(&text, "edgebind_broker_crl_expiry_seconds").unwrap();
+    let expected = (crl.next_update - time::OffsetDateTime::now_utc()).whole_seconds() as f64;
+    assert!(
+        (expiry - expected).abs() < 60.0,
+        "{expiry} vs {expected}: {text}"
+    );
+    assert!(expiry > 0.0, "{text}");
+    assert_eq!(
+        metric(&text, "edgebind_broker_crl_refresh_failures_total"),
+        Some(0.0)
+    );
+    assert!(
+        metric(&text, "edgebind_broker_uptime_seconds").is_some(),
+        "{text}"
+    );
+}
+
+/// `GET /metrics` over plain loopback HTTP.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn broker_run_refuses_metrics_on_a_non_loopback_address() {
+    let tmp = home();
+    let home = tmp.path();
+    assert!(
+        run(home, &["pki", "init", "--fleet", "acme"])
+            .status
+            .success()
+    );
+    let port = free_port().unwrap().to_string();
+    assert!(
+        run(
+            home,
+            &["broker", "config", "--host", "localhost", "--port", &port]
+        )
+        .status
+        .success()
+    );
+    let out = run(home, &["broker", "run", "--metrics", "0.0.0.0:9465"]);
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("loopback"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        TcpStream::connect((Ipv4Addr::LOCALHOST, port.parse::<u16>().unwrap())).is_err(),
+        "mosquitto must not have been started"
+    );
 }
 
 #[test]

@@ -22,6 +22,20 @@
 //!
 //! `kind` is the topic kind (`status`, `telemetry`, `events`, `reported`,
 //! `cmd`, `cmd-result`; `other` for anything else).
+//!
+//! `broker run --metrics 127.0.0.1:PORT` serves the broker supervisor's own
+//! figures ([`render_supervisor`]); Mosquitto's message counters are in
+//! `$SYS`, which only fleet services may read, so they reach Prometheus as
+//! the `edgebind_broker_*` metrics above:
+//!
+//! ```text
+//! edgebind_broker_up                        1 while Mosquitto runs under this supervisor
+//! edgebind_broker_uptime_seconds            since Mosquitto was started
+//! edgebind_broker_reloads_total             SIGHUPs forwarded (ACL/CRL reloads), CRL refreshes included
+//! edgebind_broker_crl_expiry_seconds        until the broker CRL's nextUpdate (negative: lapsed, every client refused)
+//! edgebind_broker_crl_refreshes_total       CRLs re-issued by the refresh loop
+//! edgebind_broker_crl_refresh_failures_total
+//! ```
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -223,6 +237,63 @@ impl Metrics {
     }
 }
 
+/// The exposition text of a broker supervisor's figures at `now_unix`.
+pub fn render_supervisor(
+    stats: &edgebind_broker::supervise::SupervisorStats,
+    now_unix: i64,
+) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut registry = Registry::default();
+    let r = registry.sub_registry_with_prefix("edgebind_broker");
+    let gauge = |v: i64| {
+        let g = Gauge::<i64>::default();
+        g.set(v);
+        g
+    };
+    let counter = |v: u64| {
+        let c = Counter::<u64>::default();
+        c.inc_by(v);
+        c
+    };
+    let up = stats.up.load(Relaxed);
+    let started = i64::try_from(stats.started_unix.load(Relaxed)).unwrap_or(0);
+    r.register(
+        "up",
+        "1 while Mosquitto runs under this supervisor",
+        gauge(i64::from(up)),
+    );
+    r.register(
+        "uptime_seconds",
+        "Seconds since Mosquitto was started",
+        gauge(if up { (now_unix - started).max(0) } else { 0 }),
+    );
+    r.register(
+        "reloads",
+        "SIGHUPs forwarded to Mosquitto (ACL and CRL reloads)",
+        counter(stats.reloads.load(Relaxed)),
+    );
+    let next_update = stats.crl_next_update_unix.load(Relaxed);
+    r.register(
+        "crl_expiry_seconds",
+        "Seconds until the broker CRL's nextUpdate; negative: lapsed, Mosquitto refuses every client",
+        gauge(if next_update == 0 { 0 } else { next_update - now_unix }),
+    );
+    r.register(
+        "crl_refreshes",
+        "CRLs re-issued by the refresh loop",
+        counter(stats.crl_refreshes.load(Relaxed)),
+    );
+    r.register(
+        "crl_refresh_failures",
+        "Failed CRL re-issues",
+        counter(stats.crl_refresh_failures.load(Relaxed)),
+    );
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry)
+        .expect("writing to a String cannot fail");
+    out
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
     #[error(
@@ -266,20 +337,26 @@ impl MetricsListener {
         self.listener.local_addr().ok()
     }
 
-    /// Serve `GET /metrics` until the task is aborted.
+    /// Serve `GET /metrics` with the fleet service's counters until the task is aborted.
     pub async fn serve_counters(self, counters: Arc<super::Counters>) {
+        self.serve(move || counters.render_metrics()).await;
+    }
+
+    /// Serve `GET /metrics`, the text `render` makes at each scrape, until
+    /// the task is aborted.
+    pub async fn serve(self, render: impl Fn() -> String + Clone + Send + Sync + 'static) {
         use axum::routing::get;
         let app = axum::Router::new().route(
             "/metrics",
             get(move || {
-                let counters = counters.clone();
+                let render = render.clone();
                 async move {
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,
                             "application/openmetrics-text; version=1.0.0; charset=utf-8",
                         )],
-                        counters.render_metrics(),
+                        render(),
                     )
                 }
             }),
