@@ -456,11 +456,13 @@ pub async fn run(
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic.starts_with(b"$SYS/") => {
-                    if broker_counter(&counters, &publish.topic, &publish.payload) {
-                        tracing::debug!("subscribing to the broker's dropped counter again");
-                        if let Err(e) = client.subscribe(BROKER_DROPPED, QoS::AtMostOnce).await {
-                            return Err(ServiceError::Internal(format!("subscribe: {e}")));
-                        }
+                    // Never awaited here: only this loop drains the client's
+                    // request queue, which the acks may have filled; a full
+                    // queue just means trying again at a later reading.
+                    if broker_counter(&counters, &publish.topic, &publish.payload)
+                        && let Err(e) = client.try_subscribe(BROKER_DROPPED, QoS::AtMostOnce)
+                    {
+                        tracing::debug!(error = %e, "subscribing to the dropped counter again failed; retrying later");
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish)))
