@@ -109,16 +109,7 @@ pub async fn claim(
         .and_then(|b| Ok((b, parse_serials(&form.serials)?)));
     let (batch, serials) = match checked {
         Ok(c) => c,
-        Err(e) => {
-            let records = with_store(&console, |_, store| Ok(store.manufacturing_records()?))
-                .await
-                .map_err(|e| e.for_operator(&op))?;
-            return Ok((
-                StatusCode::BAD_REQUEST,
-                factory_page(&op, &records, &golden_images(&console), Some(&e)),
-            )
-                .into_response());
-        }
+        Err(e) => return refused_form(&console, &op, &e).await,
     };
     let operator = op.name.clone();
     let target = batch.clone();
@@ -473,16 +464,7 @@ pub async fn run_batch(
 ) -> Result<Response, Failure> {
     let (units, golden) = match check_batch(&console, &form) {
         Ok(c) => c,
-        Err(e) => {
-            let records = with_store(&console, |_, store| Ok(store.manufacturing_records()?))
-                .await
-                .map_err(|e| e.for_operator(&op))?;
-            return Ok((
-                StatusCode::BAD_REQUEST,
-                factory_page(&op, &records, &golden_images(&console), Some(&e)),
-            )
-                .into_response());
-        }
+        Err(e) => return refused_form(&console, &op, &e).await,
     };
     let operator = op.name.clone();
     let image_name = form.image.clone();
@@ -720,4 +702,16 @@ pub async fn claim_image_download(
     )
     .await
     .map_err(|e| e.for_operator(&op))
+}
+
+/// The factory page again, with what was wrong with the submitted form.
+async fn refused_form(console: &Shared, op: &Operator, error: &str) -> Result<Response, Failure> {
+    let records = with_store(console, |_, store| Ok(store.manufacturing_records()?))
+        .await
+        .map_err(|e| e.for_operator(op))?;
+    Ok((
+        StatusCode::BAD_REQUEST,
+        factory_page(op, &records, &golden_images(console), Some(error)),
+    )
+        .into_response())
 }
