@@ -60,6 +60,7 @@ mod broker;
 pub mod cli;
 pub mod console;
 mod hostile;
+pub mod metrics;
 mod mqtt;
 mod mqtt311;
 mod pki;

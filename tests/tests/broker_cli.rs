@@ -2,6 +2,7 @@
 //! the real binary generates the configuration, runs Mosquitto in the
 //! foreground and reloads it through the pid file.
 
+use edgebind_tests::metrics::{metric, scrape};
 use std::net::{Ipv4Addr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -195,24 +196,6 @@ fn config_run_reload_and_revoke_with_the_cli() {
         metric(&text, "edgebind_broker_uptime_seconds").is_some(),
         "{text}"
     );
-}
-
-/// `GET /metrics` over plain loopback HTTP.
-fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    text
-}
-
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
 #[test]

@@ -10,20 +10,19 @@ use std::process::{Command, Output};
 
 use edgebind_fleet::ops::FleetHome;
 use edgebind_fleet::registry::ManufacturingRecord;
+use edgebind_image::Scheme;
 use edgebind_tests::TestPki;
 use edgebind_tests::cli::show;
 use serde_json::Value;
+
+// The image crate's golden-table writer, shared rather than written again.
+#[path = "../../image/tests/common/mod.rs"]
+mod common;
 
 const MIB: u64 = 1024 * 1024;
 const BOOT_START: u64 = MIB;
 const BOOT_LEN: u64 = 16 * MIB;
 const BROKER: &str = "broker.factory.test:8883";
-
-#[derive(Clone, Copy, Debug)]
-enum Scheme {
-    Mbr,
-    Gpt,
-}
 
 /// A 40 MiB sparse golden image: partition 1 FAT (mkfs.vfat) at 1 MiB,
 /// partition 2 Linux, as `image/tests/personalize.rs` builds them.
@@ -34,39 +33,7 @@ fn golden(dir: &Path, scheme: Scheme) -> PathBuf {
     f.set_len(size).unwrap();
     let boot = (BOOT_START / 512, BOOT_LEN / 512);
     let linux = (boot.0 + boot.1, size / 512 - (boot.0 + boot.1) - 64);
-    match scheme {
-        Scheme::Mbr => {
-            let mut mbr = mbrman::MBR::new_from(&mut f, 512, [1, 2, 3, 4]).unwrap();
-            for (i, (start, len), sys) in [(1usize, boot, 0x0cu8), (2, linux, 0x83)] {
-                mbr[i] = mbrman::MBRPartitionEntry {
-                    boot: mbrman::BOOT_INACTIVE,
-                    first_chs: mbrman::CHS::empty(),
-                    sys,
-                    last_chs: mbrman::CHS::empty(),
-                    starting_lba: start as u32,
-                    sectors: len as u32,
-                };
-            }
-            mbr.write_into(&mut f).unwrap();
-        }
-        Scheme::Gpt => {
-            let mut gpt = gptman::GPT::new_from(&mut f, 512, [7; 16]).unwrap();
-            let esp = *b"\x28\x73\x2a\xc1\x1f\xf8\xd2\x11\xba\x4b\x00\xa0\xc9\x3e\xc9\x3b";
-            let linux_fs = *b"\xaf\x3d\xc6\x0f\x83\x84\x72\x47\x8e\x79\x3d\x69\xd8\x47\x7d\xe4";
-            for (i, (start, len), kind) in [(1u32, boot, esp), (2, linux, linux_fs)] {
-                gpt[i] = gptman::GPTPartitionEntry {
-                    partition_type_guid: kind,
-                    unique_partition_guid: [i as u8; 16],
-                    starting_lba: start,
-                    ending_lba: start + len - 1,
-                    attribute_bits: 0,
-                    partition_name: "part".into(),
-                };
-            }
-            gptman::GPT::write_protective_mbr_into(&mut f, 512).unwrap();
-            gpt.write_into(&mut f).unwrap();
-        }
-    }
+    common::write_table(&mut f, scheme, boot, linux);
     drop(f);
     let out = Command::new("mkfs.vfat")
         .args(["-n", "BOOT", "--offset"])

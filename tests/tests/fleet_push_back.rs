@@ -6,7 +6,7 @@
 
 mod fleet_support;
 
-use std::io::{Read, Write};
+use edgebind_tests::metrics::{metric, scrape};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -244,23 +244,6 @@ fn with_push_back_a_burst_above_the_queue_ends_with_nothing_dropped_or_lost() {
             && stats()["services"][0]["broker_waiting"].as_u64().is_some()
     }));
     fleet.stop_service();
-}
-
-/// `GET /metrics` over plain loopback HTTP.
-fn scrape(port: u16) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    text
-}
-
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
 #[test]
