@@ -72,7 +72,7 @@ const MAX_INFLIGHT: u16 = 32;
 const REQUEST_CHANNEL_CAPACITY: usize = 256;
 /// Outbox records handed to the connection and not yet acknowledged; the
 /// rest of MAX_INFLIGHT is left to status and reported messages.
-const OUTBOX_WINDOW: usize = 16;
+pub const OUTBOX_WINDOW: usize = 16;
 /// Largest saved-settings file read at start (it is a few hundred bytes).
 const MAX_SETTINGS_READ: u64 = 1024 * 1024;
 

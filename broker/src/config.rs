@@ -189,7 +189,7 @@ fn server_cert_fits(dir: &Path, pki: &Pki, settings: &BrokerSettings) -> bool {
 /// queue grow; the burst budget's headroom covers what arrives meanwhile.
 /// (Mosquitto's default is 10; publishing the counters more often costs the
 /// broker next to nothing.)
-pub const SYS_INTERVAL_S: u32 = 2;
+pub const SYS_INTERVAL_S: u32 = 1;
 
 /// Mosquitto started as root drops to an unprivileged user before it reads
 /// certificates, keys, the CRL and the ACL (also on every SIGHUP). The

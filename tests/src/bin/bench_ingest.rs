@@ -35,7 +35,8 @@
 //! the burst (`--budget-outage-s`, default 150 s of the devices at 1 Hz:
 //! a queue of 300 messages a device, push-back at half), lets the instances
 //! throttle the fleet and makes the devices obey the throttle like the agent
-//! does (`edgebind_agent::throttle::Pacer`): the broker must drop nothing.
+//! does (`edgebind_agent::throttle::Pacer`, and at most the agent's outbox
+//! window of records unacknowledged): the broker must drop nothing.
 //! Every run reports the messages the broker dropped (its `$SYS` counter as
 //! the instances recorded it), the peak lag and the time from that peak
 //! until the lag was back to zero.
@@ -329,11 +330,29 @@ async fn device(
             .await
             .context("subscribe to the throttle")?;
     }
+    // With push-back on, a device hands the connection at most the agent's
+    // outbox window of unacknowledged records, as the agent does: the rest
+    // stays in its (here: notional) outbox, within the throttle's reach.
+    let window = if push_back {
+        edgebind_agent::runtime::OUTBOX_WINDOW as u64
+    } else {
+        u64::MAX
+    };
+    let mine_acked = Arc::new(AtomicU64::new(0));
+    let acked_notify = Arc::new(tokio::sync::Notify::new());
+    let (publisher_acked, publisher_notify) = (mine_acked.clone(), acked_notify.clone());
     let publisher_pacer = pacer.clone();
     let publisher = tokio::spawn(async move {
         start.wait().await;
         let begin = tokio::time::Instant::now();
         for seq in 0..count {
+            while seq.saturating_sub(publisher_acked.load(Ordering::Acquire)) >= window {
+                let notified = publisher_notify.notified();
+                if seq.saturating_sub(publisher_acked.load(Ordering::Acquire)) < window {
+                    break;
+                }
+                notified.await;
+            }
             if per_second > 0.0 {
                 let due = begin + Duration::from_secs_f64(seq as f64 / per_second);
                 tokio::time::sleep_until(due).await;
@@ -376,6 +395,8 @@ async fn device(
             }
             Ok(Event::Incoming(Packet::PubAck(_))) => {
                 mine += 1;
+                mine_acked.store(mine, Ordering::Release);
+                acked_notify.notify_one();
                 acked.fetch_add(1, Ordering::Relaxed);
                 if mine == count {
                     last_ack_us.fetch_max(epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -743,6 +764,15 @@ fn main() -> anyhow::Result<()> {
     for inst in &mut instances {
         per_instance.push((inst.name.clone(), inst.terminate()));
     }
+    // What each instance said about it when not everything arrived.
+    let instance_logs: Vec<(String, String)> = if done_at.is_none() {
+        instances
+            .iter()
+            .map(|i| (i.name.clone(), i.log_text()))
+            .collect()
+    } else {
+        Vec::new()
+    };
 
     // The broker's own count of drops, as the instances last read it.
     let broker_dropped = store
@@ -823,6 +853,16 @@ fn main() -> anyhow::Result<()> {
             println!("broker log (last lines):");
             for l in tail.iter().rev() {
                 println!("  {l}");
+            }
+            for (name, log) in &instance_logs {
+                println!("instance {name} log (warnings and errors, last 25):");
+                let noted: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .collect();
+                for l in noted.iter().rev().take(25).rev() {
+                    println!("  {l}");
+                }
             }
             None
         }
