@@ -277,3 +277,30 @@ fn agents_given_a_reconnect_window_spread_their_reconnections_over_it() {
     sim.stop(Duration::from_secs(60));
     identities::remove(&home, &mut store, &ids).unwrap();
 }
+
+/// `fleet serve --reconnect-accept-rate R` publishes the retained window for
+/// the registered fleet at R connections a second.
+#[test]
+fn the_fleet_service_publishes_the_reconnect_window_for_the_registered_fleet() {
+    use edgebind_protocol::reconnect::{ReconnectHint, TOPIC, window_for};
+    use edgebind_tests::TestClient;
+    let mut fleet = Fleet::start();
+    let home = FleetHome::new(fleet.home());
+    let mut store = fleet.registry();
+    let out = fleet.home().join("sim-bundles");
+    let ids = identities::create(&home, &mut store, "simr", 40, None, &out, |_| {}).unwrap();
+    let devices = store.stats().unwrap().devices;
+    assert!(devices >= 40);
+    fleet.start_service_with(&["--reconnect-accept-rate", "4"]);
+    let op = TestClient::connect(&fleet.env.pki.operator, &fleet.env.broker).unwrap();
+    op.subscribe(TOPIC).unwrap();
+    let got = op
+        .wait_for_topic(TOPIC, DEADLINE)
+        .expect("no retained reconnect window");
+    let hint = ReconnectHint::decode(&got.payload).unwrap().unwrap();
+    assert_eq!(hint.window_s, window_for(devices, 4.0));
+    assert_eq!(hint.by, "service:fleet");
+    op.disconnect();
+    fleet.stop_service();
+    identities::remove(&home, &mut store, &ids).unwrap();
+}
