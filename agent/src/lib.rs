@@ -32,6 +32,7 @@ pub mod identity;
 pub mod journal;
 pub mod logging;
 pub mod outbox;
+pub mod reconnect;
 pub mod renewal;
 pub mod runner;
 pub mod runtime;

@@ -5,6 +5,8 @@
 //! in the main loop ever cancels a half-written packet) and handles
 //! reconnects with capped, fully jittered exponential backoff; the *main*
 //! loop feeds what arrives to the core and carries out the effects in order.
+//! The retries follow [`Backoff`]: spread over the fleet's reconnect window
+//! when the fleet gave one ([`crate::reconnect`]).
 //! File writes and fsyncs run on the state-writer thread ([`StateWriter`]),
 //! never on the async thread.
 //!
@@ -376,6 +378,10 @@ impl Agent {
                 return Exit::Failed;
             }
         };
+        let (reconnect_window, unreadable) = crate::reconnect::Window::load(&config.state.dir);
+        if let Some(why) = unreadable {
+            warn!(file = crate::reconnect::HINT_FILE, error = %why, "ignoring the remembered reconnect hint; the configured backoff applies until the fleet sends it again");
+        }
         let mut this = Running {
             config,
             device,
@@ -389,6 +395,7 @@ impl Agent {
             options,
             not_after,
             throttle: crate::throttle::Pacer::new(std::time::Instant::now()),
+            reconnect_window,
         };
         let exit = this.serve(&mut shutdown).await;
         this.writer.finish();
@@ -416,6 +423,8 @@ struct Running {
     not_after: i64,
     /// The fleet-wide throttle in force, if any.
     throttle: crate::throttle::Pacer,
+    /// The fleet's reconnect window, shared with the network task.
+    reconnect_window: crate::reconnect::Window,
 }
 
 /// How one connection's serve loop ended.
@@ -546,6 +555,7 @@ impl Running {
         let network = tokio::spawn(network_task(
             eventloop,
             backoff,
+            self.reconnect_window.clone(),
             net_tx,
             stopping.clone(),
             tags.clone(),
@@ -737,6 +747,32 @@ impl Running {
             .next_send_in(std::time::Instant::now(), now_unix())
     }
 
+    /// A message on the reconnect-hint topic: the new window is in force at
+    /// once and remembered for the next start; acknowledged at once (it is
+    /// retained).
+    fn on_reconnect_hint(&mut self, publish: &Publish, io: &Io) {
+        use crate::reconnect::{Change, HINT_FILE};
+        let path = self.config.state.dir.join(HINT_FILE);
+        match self.reconnect_window.on_message(&publish.payload) {
+            Ok(Change::Set { window_s, persist }) => {
+                info!(
+                    window_s,
+                    "reconnect window from the fleet: retries spread over it"
+                );
+                self.writer.settings(path, persist);
+            }
+            Ok(Change::Withdrawn) => {
+                info!("the fleet withdrew its reconnect window: configured backoff");
+                self.writer.settings(path, Vec::new());
+            }
+            Ok(Change::Unchanged) => {}
+            Err(e) => warn!(error = %e, "ignoring an invalid reconnect hint"),
+        }
+        if let Err(e) = io.client.try_ack(publish) {
+            warn!(error = %e, "could not queue the acknowledgement");
+        }
+    }
+
     /// A message on the fleet-wide throttle topic; acknowledged at once (it
     /// is retained: the broker has it anyway).
     fn on_throttle(&mut self, publish: &Publish, io: &Io) {
@@ -812,7 +848,10 @@ impl Running {
                     .subscriptions()
                     .into_iter()
                     .chain(renewal_topic)
-                    .chain([edgebind_protocol::throttle::TOPIC.to_owned()])
+                    .chain([
+                        edgebind_protocol::throttle::TOPIC.to_owned(),
+                        edgebind_protocol::reconnect::TOPIC.to_owned(),
+                    ])
                     .map(|f| rumqttc::v5::mqttbytes::v5::Filter::new(f, QoS::AtLeastOnce));
                 if let Err(e) = io.client.try_subscribe_many(subs) {
                     warn!(error = %e, "could not queue the subscriptions");
@@ -835,6 +874,11 @@ impl Running {
                 if publish.topic == edgebind_protocol::throttle::TOPIC.as_bytes() =>
             {
                 self.on_throttle(&publish, io);
+            }
+            NetEvent::Message(publish)
+                if publish.topic == edgebind_protocol::reconnect::TOPIC.as_bytes() =>
+            {
+                self.on_reconnect_hint(&publish, io);
             }
             NetEvent::Message(publish) => {
                 let topic = String::from_utf8_lossy(&publish.topic).into_owned();
@@ -1127,6 +1171,7 @@ enum NetEvent {
 async fn network_task(
     mut eventloop: EventLoop,
     mut backoff: Backoff,
+    window: crate::reconnect::Window,
     tx: mpsc::UnboundedSender<NetEvent>,
     stopping: Arc<AtomicBool>,
     tags: Tags,
@@ -1212,7 +1257,7 @@ async fn network_task(
                     backoff.reset();
                 }
                 connected_at = None;
-                let retry_in = backoff.next_delay();
+                let retry_in = backoff.next_delay_in(window.get());
                 if tx
                     .send(NetEvent::Lost {
                         error: describe(&e),

@@ -47,7 +47,9 @@ pub fn render(active: &[Principal], revoked: &[Principal]) -> String {
             grant.filter
         );
     }
-    out.push_str("# Every client: the fleet-wide throttle (only fleet services write it).\n");
+    out.push_str(
+        "# Every client: the fleet-wide throttle and reconnect hint (only fleet services write them).\n",
+    );
     for grant in fleet_wide_patterns() {
         let _ = writeln!(
             out,

@@ -107,6 +107,11 @@ pub struct ServeArgs {
     /// what waits at the broker reaches half of the queue the broker's burst budget sized).
     #[arg(long)]
     pub no_push_back: bool,
+    /// Publish the fleet's reconnect window (retained, on every connect): the registered
+    /// devices ÷ this many mutual-TLS connections a second (measure the broker's rate with
+    /// `edgebind sim`, give ~80 % of it). Agents then spread their reconnections over it.
+    #[arg(long, value_name = "PER_S")]
+    pub reconnect_accept_rate: Option<f64>,
     #[command(flatten)]
     pub renewal: RenewalArgs,
 }
@@ -278,6 +283,17 @@ fn serve(args: ServeArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
             .unwrap_or_default();
         Some(service::push_back::PushBackPolicy::from_budget(&budget))
     };
+    if let Some(rate) = args.reconnect_accept_rate {
+        let store = home.open_registry()?;
+        let by = format!("service:{}", args.instance);
+        let hint = edgebind_fleet::ops::reconnect_hint(store.as_ref(), rate, &by)?;
+        eprintln!(
+            "reconnect window: {} s ({} devices at {rate}/s)",
+            hint.window_s,
+            store.stats()?.devices
+        );
+        config.reconnect_hint = Some(hint);
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -62,14 +62,17 @@ pub fn device_patterns() -> Vec<Grant> {
 }
 
 /// Grants every client has whatever its CN: reading the fleet-wide
-/// throttle. A plain filter (no `%u`), rendered as a `pattern` line so that
-/// it applies to every authenticated user; nobody but the fleet services
-/// may write it ([`user_grants`]).
+/// throttle and reconnect hint. Plain filters (no `%u`), rendered as
+/// `pattern` lines so that they apply to every authenticated user; nobody
+/// but the fleet services may write them ([`user_grants`]).
 pub fn fleet_wide_patterns() -> Vec<Grant> {
-    vec![Grant {
-        access: Access::Read,
-        filter: crate::throttle::TOPIC.to_owned(),
-    }]
+    [crate::throttle::TOPIC, crate::reconnect::TOPIC]
+        .into_iter()
+        .map(|topic| Grant {
+            access: Access::Read,
+            filter: topic.to_owned(),
+        })
+        .collect()
 }
 
 /// Mosquitto's `%u` substitution: the username (the certificate CN) is
@@ -161,6 +164,10 @@ fn service_grants() -> Vec<Grant> {
     grants.push(Grant {
         access: Access::Write,
         filter: crate::throttle::TOPIC.to_owned(),
+    });
+    grants.push(Grant {
+        access: Access::Write,
+        filter: crate::reconnect::TOPIC.to_owned(),
     });
     grants.push(Grant {
         access: Access::Read,
@@ -466,18 +473,33 @@ mod tests {
     }
 
     #[test]
-    fn only_fleet_services_write_the_throttle_and_every_device_reads_it() {
-        let throttle = crate::throttle::TOPIC;
-        for cn in ["dev-a", "throttle", "operator:alice", "claim:line-1"] {
-            assert!(!allows(&p(cn), Access::Write, throttle), "{cn}");
-        }
-        for cn in ["dev-a", "throttle", "service:fleet", "service:fleet-2"] {
-            assert!(allows(&p(cn), Access::Read, throttle), "{cn}");
-        }
-        assert!(allows(&p("service:fleet-2"), Access::Write, throttle));
-        // No CN, valid or not, writes it through the patterns.
-        for cn in ["edgebind/v2", "", "/", "x/../throttle", "%u", "throttle/"] {
-            assert!(!allows_cn(cn, Access::Write, throttle), "{cn:?}");
+    fn only_fleet_services_write_the_throttle_and_reconnect_hint_and_every_device_reads_them() {
+        for topic in [crate::throttle::TOPIC, crate::reconnect::TOPIC] {
+            for cn in [
+                "dev-a",
+                "throttle",
+                "reconnect",
+                "operator:alice",
+                "claim:line-1",
+            ] {
+                assert!(!allows(&p(cn), Access::Write, topic), "{cn} {topic}");
+            }
+            for cn in ["dev-a", "throttle", "service:fleet", "service:fleet-2"] {
+                assert!(allows(&p(cn), Access::Read, topic), "{cn} {topic}");
+            }
+            assert!(allows(&p("service:fleet-2"), Access::Write, topic));
+            // No CN, valid or not, writes it through the patterns.
+            for cn in [
+                "edgebind/v2",
+                "",
+                "/",
+                "x/../throttle",
+                "%u",
+                "throttle/",
+                "reconnect",
+            ] {
+                assert!(!allows_cn(cn, Access::Write, topic), "{cn:?} {topic}");
+            }
         }
     }
 
@@ -592,12 +614,13 @@ mod tests {
                 continue;
             }
             for g in &grants {
-                assert!(
-                    !(g.access == Access::Write
-                        && filters_overlap(&g.filter, crate::throttle::TOPIC)),
-                    "CN {name:?} writes the throttle through {}",
-                    g.filter
-                );
+                for fleet_wide in [crate::throttle::TOPIC, crate::reconnect::TOPIC] {
+                    assert!(
+                        !(g.access == Access::Write && filters_overlap(&g.filter, fleet_wide)),
+                        "CN {name:?} writes {fleet_wide} through {}",
+                        g.filter
+                    );
+                }
                 for (victim, filter) in &victim_filters {
                     if name == victim {
                         continue; // the victim's own certificate

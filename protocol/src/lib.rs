@@ -13,6 +13,7 @@ pub mod ids;
 pub mod messages;
 pub mod principal;
 pub mod provision;
+pub mod reconnect;
 pub mod renewal;
 pub mod settings;
 pub mod throttle;

@@ -9,6 +9,7 @@
 //! edgebind/v2/cmd-result/{id}/{cmd-id}    device -> fleet, QoS 1
 //! edgebind/v2/desired/{id}                fleet -> device, retained
 //! edgebind/v2/throttle                    fleet -> every device, retained (see crate::throttle)
+//! edgebind/v2/reconnect                   fleet -> every device, retained (see crate::reconnect)
 //! ```
 //!
 //! Why the kind comes before the id: Mosquitto expands `%u` in an ACL
@@ -300,6 +301,7 @@ mod tests {
             "edgebind/v2/status",
             "edgebind/v2//a",
             crate::throttle::TOPIC,
+            crate::reconnect::TOPIC,
         ] {
             assert_eq!(Topic::parse(bad), None, "{bad}");
         }

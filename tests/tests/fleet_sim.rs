@@ -2,11 +2,12 @@
 //! its own registered identity, in this process): every device connects and
 //! answers a fan-out, a paced reboot of all of them is simulated (the host
 //! is not rebooted) and reported once each is back, a broker restart loses
-//! no device, and the cleanup revokes what the simulator registered.
+//! no device, the fleet's reconnect window spreads the reconnections of a
+//! restart over it, and the cleanup revokes what the simulator registered.
 
 mod fleet_support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use edgebind_fleet::ops::FleetHome;
 use edgebind_fleet::registry::{Lifecycle, Selector, Store};
@@ -168,5 +169,138 @@ fn a_broker_restart_under_the_simulated_fleet_loses_no_device() {
     assert_eq!(after.agent_errors, 0, "{after:?}");
     assert!(sim.counters().offline_devices().is_empty());
     sim.stop(Duration::from_secs(60));
+    identities::remove(&home, &mut store, &ids).unwrap();
+}
+
+/// The fleet's retained reconnect hint reaches every agent, is remembered in
+/// its state directory, and after a broker restart the agents spread their
+/// reconnections over the window instead of all coming back at once (the
+/// agents' own backoff alone retries within half a second).
+#[test]
+fn agents_given_a_reconnect_window_spread_their_reconnections_over_it() {
+    use edgebind_protocol::reconnect::{ReconnectHint, TOPIC};
+    use edgebind_tests::{PubAckReason, QoS, TestClient};
+    const WINDOW_S: u32 = 30;
+    let mut fleet = Fleet::start();
+    let home = FleetHome::new(fleet.home());
+    let mut store = fleet.registry();
+    let out = fleet.home().join("sim-bundles");
+    let ids = identities::create(
+        &home,
+        &mut store,
+        "simw",
+        DEVICES as usize,
+        None,
+        &out,
+        |_| {},
+    )
+    .unwrap();
+    // Published before the devices start, as by a running fleet service:
+    // each gets it, retained, when it subscribes.
+    let svc = TestClient::connect(&fleet.env.pki.service, &fleet.env.broker).unwrap();
+    let hint = ReconnectHint::new(WINDOW_S, "service:fleet").encode();
+    let ack = svc.publish(TOPIC, &hint, QoS::AtLeastOnce, true).unwrap();
+    assert!(
+        matches!(
+            ack,
+            Some(PubAckReason::Success | PubAckReason::NoMatchingSubscribers)
+        ),
+        "{ack:?}"
+    );
+    svc.disconnect();
+    let sim = Simulation::start(ids.clone(), &options()).unwrap();
+    assert!(
+        sim.wait_for(DEADLINE, |s| s.online == DEVICES),
+        "{:?}",
+        sim.snapshot()
+    );
+    let remembered = |id: &edgebind_protocol::DeviceId| {
+        let path = sim
+            .state_dir()
+            .join(id.as_str())
+            .join("agent/reconnect.json");
+        std::fs::read(path)
+            .ok()
+            .and_then(|b| ReconnectHint::decode(&b).ok().flatten())
+            .map(|h| h.window_s)
+    };
+    assert!(
+        wait_until(DEADLINE, || ids
+            .ids
+            .iter()
+            .all(|id| remembered(id) == Some(WINDOW_S))),
+        "not every agent remembered the window: {:?}",
+        ids.ids.iter().find(|id| remembered(id) != Some(WINDOW_S))
+    );
+
+    let before = sim.snapshot();
+    let stopped = Instant::now();
+    fleet.env.broker.restart().unwrap();
+    let up = stopped.elapsed();
+    // Connections the broker completed by the end of the window's first
+    // tenth after its return (the first sample at or past it).
+    let tenth = Duration::from_secs(u64::from(WINDOW_S)) / 10;
+    let mut early = None;
+    let back = wait_until(DEADLINE, || {
+        let s = sim.snapshot();
+        if early.is_none() && stopped.elapsed() >= up + tenth {
+            early = Some(s.connects - before.connects);
+        }
+        s.lost >= before.lost + DEVICES && s.online == DEVICES
+    });
+    let all_back = stopped.elapsed();
+    assert!(
+        back,
+        "{:?}; offline: {:?}",
+        sim.snapshot(),
+        sim.counters().offline_devices()
+    );
+    let early = early.unwrap_or(DEVICES);
+    // Uniform over the window: about (down time + a tenth) / window of the
+    // fleet, ~13 % here; the agents' own backoff brings nearly all back then.
+    assert!(
+        early * 100 <= DEVICES * 30,
+        "{early} of {DEVICES} reconnected in the first {tenth:?} after the broker's return ({up:?} down)"
+    );
+    // And spread, not merely late: the last one is back within the window
+    // (plus its time down and a margin for the loaded machine).
+    assert!(
+        all_back <= up + Duration::from_secs(u64::from(WINDOW_S) + 30),
+        "all back after {all_back:?} (down {up:?}, window {WINDOW_S} s)"
+    );
+    assert!(
+        all_back >= Duration::from_secs(u64::from(WINDOW_S) / 2),
+        "all back after {all_back:?}: the window was not used"
+    );
+    let after = sim.snapshot();
+    assert_eq!(after.agent_errors, 0, "{after:?}");
+    sim.stop(Duration::from_secs(60));
+    identities::remove(&home, &mut store, &ids).unwrap();
+}
+
+/// `fleet serve --reconnect-accept-rate R` publishes the retained window for
+/// the registered fleet at R connections a second.
+#[test]
+fn the_fleet_service_publishes_the_reconnect_window_for_the_registered_fleet() {
+    use edgebind_protocol::reconnect::{ReconnectHint, TOPIC, window_for};
+    use edgebind_tests::TestClient;
+    let mut fleet = Fleet::start();
+    let home = FleetHome::new(fleet.home());
+    let mut store = fleet.registry();
+    let out = fleet.home().join("sim-bundles");
+    let ids = identities::create(&home, &mut store, "simr", 40, None, &out, |_| {}).unwrap();
+    let devices = store.stats().unwrap().devices;
+    assert!(devices >= 40);
+    fleet.start_service_with(&["--reconnect-accept-rate", "4"]);
+    let op = TestClient::connect(&fleet.env.pki.operator, &fleet.env.broker).unwrap();
+    op.subscribe(TOPIC).unwrap();
+    let got = op
+        .wait_for_topic(TOPIC, DEADLINE)
+        .expect("no retained reconnect window");
+    let hint = ReconnectHint::decode(&got.payload).unwrap().unwrap();
+    assert_eq!(hint.window_s, window_for(devices, 4.0));
+    assert_eq!(hint.by, "service:fleet");
+    op.disconnect();
+    fleet.stop_service();
     identities::remove(&home, &mut store, &ids).unwrap();
 }

@@ -34,6 +34,7 @@ pub mod factory;
 pub mod home;
 pub mod identity;
 pub mod login;
+pub mod reconnect;
 pub mod register;
 pub mod renew;
 pub mod revoke;
@@ -52,6 +53,7 @@ pub use broker_policy::{AppliedPolicy, PolicyRefresh, refresh_broker_policy};
 pub use endpoint::{AgentBroker, agent_broker, broker_endpoint};
 pub use home::FleetHome;
 pub use login::{LoginCodeIssued, issue_login_code, redeem_login_code};
+pub use reconnect::reconnect_hint;
 pub use register::{
     BatchRegistered, BatchRegistration, ClaimRequest, IdentityOutput, Provisioned, Registered,
     Registration, Renewed, Unit, provision_device, register_device, register_devices, renew_device,

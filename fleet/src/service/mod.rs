@@ -96,6 +96,10 @@ pub struct ServiceConfig {
     pub push_back: Option<push_back::PushBackPolicy>,
     /// Serve Prometheus metrics on this (loopback) listener.
     pub metrics: Option<metrics::MetricsListener>,
+    /// The fleet's reconnect window, published retained on every connect
+    /// (`fleet::ops::reconnect_hint` sizes it; `None`: this instance leaves
+    /// the topic alone).
+    pub reconnect_hint: Option<edgebind_protocol::reconnect::ReconnectHint>,
 }
 
 impl ServiceConfig {
@@ -121,6 +125,7 @@ impl ServiceConfig {
                 &edgebind_broker::Budget::default(),
             )),
             metrics: None,
+            reconnect_hint: None,
         }
     }
 }
@@ -444,6 +449,17 @@ pub async fn run(
                     });
                     if let Err(e) = client.subscribe_many(counters_filters).await {
                         return Err(ServiceError::Internal(format!("subscribe: {e}")));
+                    }
+                    // try_: never await the client inside this loop.
+                    if let Some(hint) = &config.reconnect_hint
+                        && let Err(e) = client.try_publish(
+                            edgebind_protocol::reconnect::TOPIC,
+                            QoS::AtLeastOnce,
+                            true,
+                            hint.encode(),
+                        )
+                    {
+                        tracing::warn!(error = %e, "publishing the reconnect window failed; retrying on the next connect");
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {

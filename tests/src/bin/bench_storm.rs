@@ -9,7 +9,13 @@
 //! ```text
 //! cargo run --release -p edgebind-tests --bin bench_storm -- \
 //!     [--devices 5000] [--outage 3] [--fanout] [--kill-service]
+//!     [--accept-share 0.8] [--window S]
 //! ```
+//! Before the storm the bench publishes the fleet's retained reconnect hint
+//! (`edgebind_protocol::reconnect`) as the fleet service would: the window
+//! for N devices at `--accept-share` of the accept rate just measured
+//! (`--window S` sets it; `--window 0` publishes none, the agents' own
+//! backoff alone).
 //! `--fanout` also sends one `ping` to every device (`edgebind send --all`,
 //! the real CLI) and prints when the last result was recorded.
 //! `--kill-service` runs `edgebind fleet serve` with the devices sending
@@ -36,6 +42,8 @@ struct Args {
     concurrency: usize,
     fanout: bool,
     kill_service: bool,
+    accept_share: f64,
+    window_s: Option<u32>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -46,6 +54,8 @@ fn parse_args() -> anyhow::Result<Args> {
         concurrency: 64,
         fanout: false,
         kill_service: false,
+        accept_share: 0.8,
+        window_s: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -56,6 +66,8 @@ fn parse_args() -> anyhow::Result<Args> {
             "--telemetry-interval" => a.telemetry_interval_s = value()?.parse()?,
             "--concurrency" => a.concurrency = value()?.parse()?,
             "--fanout" => a.fanout = true,
+            "--accept-share" => a.accept_share = value()?.parse()?,
+            "--window" => a.window_s = Some(value()?.parse()?),
             "--kill-service" => a.kill_service = true,
             "--bench" => {}
             other => bail!("unknown flag {other}"),
@@ -165,6 +177,25 @@ fn main() -> anyhow::Result<()> {
         raw.as_secs_f64()
     );
 
+    let window_s = args.window_s.unwrap_or_else(|| {
+        edgebind_protocol::reconnect::window_for(n as u64, cap.per_s * args.accept_share)
+    });
+    if window_s > 0 {
+        publish_window(&pki, &broker, window_s)?;
+    }
+    println!(
+        "reconnect window: {window_s} s ({})",
+        match args.window_s {
+            Some(0) => "none: the agents' own backoff".to_owned(),
+            Some(_) => "set by --window".to_owned(),
+            None => format!(
+                "{n} devices at {:.0}/s, {:.0} % of the measured accept rate",
+                cap.per_s * args.accept_share,
+                args.accept_share * 100.0
+            ),
+        }
+    );
+
     let opts = SimOptions {
         telemetry_interval_s: args.telemetry_interval_s,
         keep_alive_s: Some(60),
@@ -187,13 +218,15 @@ fn main() -> anyhow::Result<()> {
         c.cpu_s
     );
 
-    storm(&mut broker, &sim, n, &args, cap.per_s, raw)?;
+    let hinted = sim.snapshot().online;
+    println!("{hinted} devices online when the storm starts; window {window_s} s");
+    storm(&mut broker, &sim, n, &args, cap.per_s, raw, window_s)?;
     if args.fanout {
         fanout(pki.home(), &sim, n)?;
     }
     if args.kill_service {
         drop(sim);
-        kill_service(&pki, &home, &ids, n, &args)?;
+        kill_service(&pki, &home, &ids, n, &args, cap.per_s)?;
         identities::remove(&home, store.as_mut(), &ids)?;
         return Ok(());
     }
@@ -218,6 +251,7 @@ fn storm(
     args: &Args,
     accept_per_s: f64,
     raw: Duration,
+    window_s: u32,
 ) -> anyhow::Result<()> {
     let before = sim.snapshot();
     let start = Instant::now();
@@ -264,7 +298,7 @@ fn storm(
             back <= target
         });
     println!(
-        "bench_storm: devices={n} outage_s={:.1} accept_per_s={accept_per_s:.0} raw_accept_s={:.1} \
+        "bench_storm: devices={n} outage_s={:.1} accept_per_s={accept_per_s:.0} raw_accept_s={:.1} window_s={window_s} \
          all_back_after_s={back:.1} target_s={:.1} attempts={} peak_attempts_per_s={peak} \
          peak_target={:.0} mean_busy_attempts_per_s={mean:.0} sd={sd:.0} \
          peak_incl_refused_per_s={peak_all} refused={} \
@@ -285,6 +319,23 @@ fn storm(
             &offline[..offline.len().min(10)]
         );
     }
+    Ok(())
+}
+
+/// The retained reconnect hint, published with the fleet service's identity.
+fn publish_window(pki: &TestPki, broker: &Broker, window_s: u32) -> anyhow::Result<()> {
+    use edgebind_protocol::reconnect::{ReconnectHint, TOPIC};
+    let svc = edgebind_tests::TestClient::connect(&pki.service, broker)?;
+    let hint = ReconnectHint::new(window_s, "service:fleet").encode();
+    let ack = svc.publish(TOPIC, &hint, edgebind_tests::QoS::AtLeastOnce, true)?;
+    if !matches!(
+        ack,
+        Some(edgebind_tests::PubAckReason::Success)
+            | Some(edgebind_tests::PubAckReason::NoMatchingSubscribers)
+    ) {
+        bail!("the broker refused the reconnect hint: {ack:?}");
+    }
+    svc.disconnect();
     Ok(())
 }
 
@@ -353,6 +404,7 @@ fn kill_service(
     ids: &edgebind_sim::Identities,
     n: usize,
     args: &Args,
+    accept_per_s: f64,
 ) -> anyhow::Result<()> {
     let interval = args.telemetry_interval_s.min(10);
     let stored = || -> anyhow::Result<u64> { Ok(home.open_registry()?.stats()?.telemetry_rows) };
@@ -362,7 +414,9 @@ fn kill_service(
         &SimOptions {
             telemetry_interval_s: interval,
             keep_alive_s: Some(60),
-            ramp_per_s: 500,
+            // Half the accept rate, as the first start: a faster ramp only
+            // times handshakes out.
+            ramp_per_s: (accept_per_s as u32 / 2).max(50),
             ..SimOptions::default()
         },
     )?;
