@@ -680,4 +680,64 @@ mod tests {
             Verdict::Retry { after: Some(d), .. } if d == Duration::from_secs(5)
         ));
     }
+
+    #[test]
+    fn only_an_expired_certificate_with_a_claim_identity_re_provisions() {
+        use crate::config::{AgentConfig, BrokerConfig};
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = AgentConfig::new(BrokerConfig::new("127.0.0.1", 8883));
+        // Valid by the clock: retry as before, whatever else is there.
+        assert_eq!(
+            after_failed_connect(&config, 1000, 1000),
+            AfterFailedConnect::Retry
+        );
+        // Expired without a claim section, or with its files gone: no way back.
+        assert_eq!(
+            after_failed_connect(&config, 1000, 1001),
+            AfterFailedConnect::NoWayBack
+        );
+        let mut claim = ClaimConfig::new(8884, UnitSerial::new("SN-1").unwrap());
+        claim.cert = tmp.path().join("claim.crt");
+        claim.key = tmp.path().join("claim.key");
+        config.claim = Some(claim);
+        assert_eq!(
+            after_failed_connect(&config, 1000, 1001),
+            AfterFailedConnect::NoWayBack
+        );
+        std::fs::write(tmp.path().join("claim.crt"), "c").unwrap();
+        std::fs::write(tmp.path().join("claim.key"), "k").unwrap();
+        assert_eq!(
+            after_failed_connect(&config, 1000, 1001),
+            AfterFailedConnect::Reprovision
+        );
+        assert_eq!(
+            after_failed_connect(&config, 1000, 999),
+            AfterFailedConnect::Retry
+        );
+    }
+
+    #[test]
+    fn an_installed_certificate_is_expired_only_after_its_not_after() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("device.crt");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::CommonName, "sn-1");
+        p.not_after = rcgen::date_time_ymd(2030, 1, 1);
+        std::fs::write(&path, p.self_signed(&key).unwrap().pem()).unwrap();
+        let not_after = 1_893_456_000; // 2030-01-01T00:00:00Z
+        assert_eq!(expired_identity(&path, not_after), None);
+        assert_eq!(
+            expired_identity(&path, not_after + 1),
+            Some(ExpiredIdentity {
+                cn: Some("sn-1".into()),
+                not_after
+            })
+        );
+        // Unreadable or garbage: not this module's to judge.
+        assert_eq!(expired_identity(&tmp.path().join("none"), i64::MAX), None);
+        std::fs::write(&path, "junk").unwrap();
+        assert_eq!(expired_identity(&path, i64::MAX), None);
+    }
 }

@@ -139,27 +139,8 @@ fn an_agent_whose_certificate_expired_while_the_broker_was_away_recovers_through
     // The claim key stays on the unit (0600): it is what recovery needs.
     assert!(dir.join("claim.key").exists());
 
-    // A short-lived certificate for the unit, as the fleet would have
-    // issued it with a short lifetime: the claimed one is given up.
-    let pki = edgebind_certs::Pki::open(&fleet.home().join("pki")).unwrap();
-    let short = pki
-        .issue_device(&dev, edgebind_certs::Validity::seconds(25))
-        .unwrap();
-    pki.revoke_serial(&claimed.cert.unwrap().serial).unwrap();
-    std::fs::write(dir.join("device.crt"), &short.chain_pem).unwrap();
-    std::fs::write(dir.join("device.key"), &short.key_pem).unwrap();
+    let short = short_lived(&fleet, &dir, &dev, 25, &claimed.cert.unwrap().serial);
     let short_not_after = short.not_after.unix_timestamp() as u64;
-    fleet
-        .store()
-        .set_certificate(
-            &dev,
-            &CertInfo {
-                serial: short.serial.clone(),
-                fingerprint_sha256: short.fingerprint_sha256.clone(),
-                not_after: short_not_after,
-            },
-        )
-        .unwrap();
     let old = fleet.home().join("old-identity");
     std::fs::create_dir_all(&old).unwrap();
     for f in ["device.crt", "device.key", "ca.crt"] {
@@ -251,6 +232,69 @@ fn an_agent_whose_certificate_expired_while_the_broker_was_away_recovers_through
         why.contains("CertificateExpired") || why.contains("Revoked"),
         "{why}"
     );
+}
+
+/// Replace the unit's certificate with one valid `secs` (the fleet's PKI,
+/// a new key, the registry told), as a fleet with short lifetimes would
+/// have issued it; the certificate `replaced` is revoked.
+fn short_lived(
+    fleet: &Fleet,
+    dir: &Path,
+    dev: &DeviceId,
+    secs: u64,
+    replaced: &str,
+) -> edgebind_certs::IssuedCert {
+    let pki = edgebind_certs::Pki::open(&fleet.home().join("pki")).unwrap();
+    let short = pki
+        .issue_device(dev, edgebind_certs::Validity::seconds(secs))
+        .unwrap();
+    pki.revoke_serial(replaced).unwrap();
+    std::fs::write(dir.join("device.crt"), &short.chain_pem).unwrap();
+    std::fs::write(dir.join("device.key"), &short.key_pem).unwrap();
+    fleet
+        .store()
+        .set_certificate(
+            dev,
+            &CertInfo {
+                serial: short.serial.clone(),
+                fingerprint_sha256: short.fingerprint_sha256.clone(),
+                not_after: short.not_after.unix_timestamp() as u64,
+            },
+        )
+        .unwrap();
+    short
+}
+
+#[test]
+fn an_agent_started_with_an_expired_certificate_reprovisions_before_it_runs() {
+    let mut fleet = Fleet::start();
+    let bundle = claim_batch(&fleet, &["SN-0001"]);
+    fleet.start_service();
+    let config = unit(&fleet, &bundle, "u1", "SN-0001");
+    let dir = config.parent().unwrap().to_owned();
+    let mut agent = fleet.spawn_agent(&config);
+    let dev = id("sn-0001");
+    let claimed = fleet.wait_device("sn-0001", LONG, "online", |d| d.online);
+    agent.terminate();
+    // Offline across the expiry of its certificate.
+    let short = short_lived(&fleet, &dir, &dev, 3, &claimed.cert.unwrap().serial);
+    let expiry = short.not_after.unix_timestamp() as u64;
+    assert!(wait_until(LONG, || now_unix() > expiry + 1));
+    let started = now_unix();
+    let agent = fleet.spawn_agent(&config);
+    let device = fleet.wait_device("sn-0001", RECOVER_WAIT, "re-provisioned and online", |d| {
+        d.online
+            && d.connected_at.is_some_and(|t| t >= started)
+            && d.cert.as_ref().is_some_and(|c| c.serial != short.serial)
+    });
+    let log = agent.log();
+    assert!(
+        log.contains("expired while the device was offline: re-provisioning the same id"),
+        "{log}"
+    );
+    let last = fleet.store().cert_history(&dev).unwrap().pop().unwrap();
+    assert_eq!(last.origin, CertOrigin::Reprovisioned);
+    assert_eq!(last.serial, device.cert.unwrap().serial);
 }
 
 #[test]
