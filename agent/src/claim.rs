@@ -271,6 +271,15 @@ pub async fn ensure_identity(
     }
     // Some(expiry): the installed certificate expired, re-provision.
     let replaces = if target.cert.exists() {
+        // A renewed identity whose install a restart interrupted is the
+        // one to judge (and it would be installed over ours afterwards).
+        if let Err(e) = crate::renewal::resume(
+            &config.state.dir,
+            &config.identity,
+            config.device_id.as_ref(),
+        ) {
+            warn!(error = %e, "could not finish installing a renewed identity; keeping the one in place");
+        }
         let Some(expired) = expired_identity(&target.cert, unix_now()) else {
             return Ok(FirstBoot::NotNeeded);
         };
@@ -343,6 +352,12 @@ pub async fn ensure_identity(
                 enrollment.clone().install(&key, &chain, &target)?;
                 info!(device = %device_id, not_after = %crate::identity::rfc3339(chain.not_after), "device identity obtained and installed; the private key never left the device");
                 notifier.notify(&format!("STATUS=identity of {device_id} installed"));
+                if replaces.is_some() {
+                    // A renewal begun with the expired certificate is void:
+                    // the fleet abandoned it when it re-provisioned.
+                    let _ =
+                        std::fs::remove_dir_all(config.state.dir.join(crate::renewal::RENEWAL_DIR));
+                }
                 return Ok(if replaces.is_some() {
                     FirstBoot::Reprovisioned(device_id.clone())
                 } else {
