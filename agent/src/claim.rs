@@ -1,6 +1,7 @@
 //! Claim-based first boot: a unit whose bundle holds its production batch's
 //! claim identity (`[claim]` in `agent.toml`) obtains its own device
-//! identity before the agent proper starts.
+//! identity before the agent proper starts, and obtains it again if its
+//! certificate expires while it is offline.
 //!
 //! 1. The unit's serial is read (`claim.serial_file` or `claim.serial`) and
 //!    the device id it asks for derived from it by the one rule of
@@ -14,13 +15,30 @@
 //!    the key, the fleet CA and the id asked for; anything else (a refusal,
 //!    a chain that does not verify, garbage) means asking again after a
 //!    backoff. An unverified certificate is never written.
-//! 5. The verified identity is installed over `identity.cert`/`identity.key`
-//!    and the claim key is deleted: from then on the agent runs as the device.
+//! 5. The verified identity is installed over `identity.cert`/`identity.key`:
+//!    from then on the agent runs as the device.
 //!
 //! A restart at any point is safe: the key is kept in the enrollment
 //! directory (`<state.dir>/enroll`) until the identity is installed, a chain
 //! accepted but not installed is installed on the next start, and the fleet
 //! answers the same key asking again with the chain it issued.
+//!
+//! **An expired device is not bricked.** The claim identity stays where the
+//! bundle put it (`claim.key` 0600 beside `agent.toml`): it is the batch's
+//! secret, already in every unit's image, so keeping it gives nothing away
+//! that the image did not. When the installed certificate has expired by
+//! the device clock, at start ([`ensure_identity`]) or when a connection
+//! attempt fails ([`after_failed_connect`], called by the runtime, which
+//! then ends with [`crate::runtime::Exit::IdentityExpired`]), the same
+//! exchange runs again with a new key made on the device, asking for the
+//! same id as the installed certificate's (a unit whose serial names
+//! another id does not try). The answer must also expire later than the
+//! expired certificate. The fleet answers only for the unit's registered
+//! serial, a device not revoked and a certificate that has expired
+//! (`fleet::registry::rules::check_reprovision`). A certificate that is still
+//! valid by the device clock never takes this path. A unit without a claim
+//! identity keeps retrying its own and logs that `edgebind device reissue
+//! DEV` is the way back.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -104,6 +122,8 @@ pub enum FirstBoot {
     NotNeeded,
     /// The device identity was obtained (or an interrupted install finished) now.
     Provisioned(DeviceId),
+    /// The expired identity was replaced by a new one for the same id.
+    Reprovisioned(DeviceId),
     /// Shut down while claiming; the next start resumes.
     Stopped,
 }
@@ -236,22 +256,60 @@ pub async fn ensure_identity(
     let ca = read_ca(&config.identity.ca)?;
     let serial = read_serial(claim)?;
     let device_id = serial.device_id();
+    if Enrollment::resume(
+        &enroll_dir,
+        &Expected {
+            ca: &ca,
+            device_id: &device_id,
+            replaces_not_after: None,
+            now: UnixTime::now(),
+        },
+        &target,
+    )? {
+        info!(device = %device_id, "finished installing the identity obtained before the restart");
+        return Ok(FirstBoot::Provisioned(device_id));
+    }
+    // Some(expiry): the installed certificate expired, re-provision.
+    let replaces = if target.cert.exists() {
+        // A renewed identity whose install a restart interrupted is the
+        // one to judge (and it would be installed over ours afterwards).
+        if let Err(e) = crate::renewal::resume(
+            &config.state.dir,
+            &config.identity,
+            config.device_id.as_ref(),
+        ) {
+            warn!(error = %e, "could not finish installing a renewed identity; keeping the one in place");
+        }
+        let Some(expired) = expired_identity(&target.cert, unix_now()) else {
+            return Ok(FirstBoot::NotNeeded);
+        };
+        if expired.cn.as_deref() != Some(device_id.as_str()) {
+            warn!(
+                installed = expired.cn.as_deref().unwrap_or_default(),
+                serial_names = %device_id,
+                "the device certificate expired, but it is not the identity this unit's serial names: not re-provisioning; `edgebind device reissue DEV` is the way back"
+            );
+            return Ok(FirstBoot::NotNeeded);
+        }
+        if !claim.key.exists() || !claim.cert.exists() {
+            warn!(device = %device_id, key = %claim.key.display(), "the device certificate expired and the claim identity is gone: `edgebind device reissue {device_id}` is the way back");
+            return Ok(FirstBoot::NotNeeded);
+        }
+        warn!(
+            device = %device_id,
+            expired_at = %crate::identity::rfc3339(expired.not_after),
+            "the device certificate expired while the device was offline: re-provisioning the same id through the claim identity"
+        );
+        Some(expired.not_after)
+    } else {
+        None
+    };
     let expected = |now| Expected {
         ca: &ca,
         device_id: &device_id,
-        replaces_not_after: None,
+        replaces_not_after: replaces,
         now,
     };
-    if Enrollment::resume(&enroll_dir, &expected(UnixTime::now()), &target)? {
-        info!(device = %device_id, "finished installing the identity obtained before the restart");
-        drop_claim_identity(claim);
-        return Ok(FirstBoot::Provisioned(device_id));
-    }
-    if target.cert.exists() {
-        // Provisioned on an earlier boot; the claim key may have outlived a crash.
-        drop_claim_identity(claim);
-        return Ok(FirstBoot::NotNeeded);
-    }
     let tls = claim_tls(config, claim)?;
     let enrollment = Enrollment::open(&enroll_dir)?;
     let (key, made) = enrollment.key()?;
@@ -263,7 +321,12 @@ pub async fn ensure_identity(
         batch = %batch,
         key = if made { "generated now" } else { "kept from before" },
         provisioning = %format!("{}:{}", config.broker.host, claim.port),
-        "claiming a device identity (claim bundle, first boot)"
+        "{}",
+        if replaces.is_some() {
+            "claiming the device identity again (its certificate expired)"
+        } else {
+            "claiming a device identity (claim bundle, first boot)"
+        }
     );
     notifier.notify(&format!(
         "READY=1\nSTATUS=claiming the identity of {device_id} (serial {serial})"
@@ -288,9 +351,18 @@ pub async fn ensure_identity(
             Verdict::Install(chain) => {
                 enrollment.clone().install(&key, &chain, &target)?;
                 info!(device = %device_id, not_after = %crate::identity::rfc3339(chain.not_after), "device identity obtained and installed; the private key never left the device");
-                drop_claim_identity(claim);
                 notifier.notify(&format!("STATUS=identity of {device_id} installed"));
-                return Ok(FirstBoot::Provisioned(device_id.clone()));
+                if replaces.is_some() {
+                    // A renewal begun with the expired certificate is void:
+                    // the fleet abandoned it when it re-provisioned.
+                    let _ =
+                        std::fs::remove_dir_all(config.state.dir.join(crate::renewal::RENEWAL_DIR));
+                }
+                return Ok(if replaces.is_some() {
+                    FirstBoot::Reprovisioned(device_id.clone())
+                } else {
+                    FirstBoot::Provisioned(device_id.clone())
+                });
             }
             Verdict::Retry {
                 reason,
@@ -307,6 +379,15 @@ pub async fn ensure_identity(
             .unwrap_or_else(|| backoff.next_delay())
             .max(Duration::from_millis(200));
         warn!(device = %device_id, retry_in_ms = delay.as_millis() as u64, "claim not done: {reason}");
+        if let Some(not_after) = replaces
+            && unix_now() <= not_after
+        {
+            // The clock was set back (NTP after a wrong RTC): the installed
+            // certificate is valid after all and is used as it is.
+            info!(device = %device_id, "the installed certificate is valid by the clock now; not re-provisioning");
+            enrollment.discard()?;
+            return Ok(FirstBoot::NotNeeded);
+        }
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
         loop {
@@ -375,17 +456,52 @@ fn claim_tls(
         })
 }
 
-/// The claim identity is not needed any more: its key is deleted (the
-/// certificate is public). A failure is logged, not fatal.
-fn drop_claim_identity(claim: &ClaimConfig) {
-    for path in [&claim.key, &claim.cert] {
-        match std::fs::remove_file(path) {
-            Ok(()) => info!(file = %path.display(), "claim identity file deleted"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                warn!(file = %path.display(), error = %e, "cannot delete the claim identity file")
-            }
-        }
+fn unix_now() -> i64 {
+    UnixTime::now().as_secs() as i64
+}
+
+/// An installed certificate that has expired at `now`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredIdentity {
+    pub cn: Option<String>,
+    pub not_after: i64,
+}
+
+/// The installed device certificate at `path`, when it has expired at `now`
+/// (Unix seconds). `None` when it is valid, or unreadable: the agent's own
+/// identity check reports that one.
+pub fn expired_identity(path: &Path, now: i64) -> Option<ExpiredIdentity> {
+    let bytes = std::fs::read(path).ok()?;
+    let leaf = rustls_pemfile::certs(&mut bytes.as_slice()).next()?.ok()?;
+    let facts = crate::identity::leaf_facts(&leaf, path).ok()?;
+    (now > facts.not_after).then_some(ExpiredIdentity {
+        cn: facts.cn,
+        not_after: facts.not_after,
+    })
+}
+
+/// What a failed connection attempt means for the device identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFailedConnect {
+    /// The certificate is valid by the device clock: retry as before.
+    Retry,
+    /// It has expired and a claim identity is there: re-provision.
+    Reprovision,
+    /// It has expired and there is no claim identity to recover with.
+    NoWayBack,
+}
+
+/// Decide, after a connection attempt failed, whether the expired
+/// certificate (`not_after`, by the device clock `now`) is why and the
+/// claim identity can replace it. No network; only whether the claim files
+/// exist.
+pub fn after_failed_connect(config: &AgentConfig, not_after: i64, now: i64) -> AfterFailedConnect {
+    if now <= not_after {
+        return AfterFailedConnect::Retry;
+    }
+    match &config.claim {
+        Some(c) if c.key.exists() && c.cert.exists() => AfterFailedConnect::Reprovision,
+        _ => AfterFailedConnect::NoWayBack,
     }
 }
 
@@ -578,5 +694,65 @@ mod tests {
             judge(&deferred, &key, &exp),
             Verdict::Retry { after: Some(d), .. } if d == Duration::from_secs(5)
         ));
+    }
+
+    #[test]
+    fn only_an_expired_certificate_with_a_claim_identity_re_provisions() {
+        use crate::config::{AgentConfig, BrokerConfig};
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = AgentConfig::new(BrokerConfig::new("127.0.0.1", 8883));
+        // Valid by the clock: retry as before, whatever else is there.
+        assert_eq!(
+            after_failed_connect(&config, 1000, 1000),
+            AfterFailedConnect::Retry
+        );
+        // Expired without a claim section, or with its files gone: no way back.
+        assert_eq!(
+            after_failed_connect(&config, 1000, 1001),
+            AfterFailedConnect::NoWayBack
+        );
+        let mut claim = ClaimConfig::new(8884, UnitSerial::new("SN-1").unwrap());
+        claim.cert = tmp.path().join("claim.crt");
+        claim.key = tmp.path().join("claim.key");
+        config.claim = Some(claim);
+        assert_eq!(
+            after_failed_connect(&config, 1000, 1001),
+            AfterFailedConnect::NoWayBack
+        );
+        std::fs::write(tmp.path().join("claim.crt"), "c").unwrap();
+        std::fs::write(tmp.path().join("claim.key"), "k").unwrap();
+        assert_eq!(
+            after_failed_connect(&config, 1000, 1001),
+            AfterFailedConnect::Reprovision
+        );
+        assert_eq!(
+            after_failed_connect(&config, 1000, 999),
+            AfterFailedConnect::Retry
+        );
+    }
+
+    #[test]
+    fn an_installed_certificate_is_expired_only_after_its_not_after() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("device.crt");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::CommonName, "sn-1");
+        p.not_after = rcgen::date_time_ymd(2030, 1, 1);
+        std::fs::write(&path, p.self_signed(&key).unwrap().pem()).unwrap();
+        let not_after = 1_893_456_000; // 2030-01-01T00:00:00Z
+        assert_eq!(expired_identity(&path, not_after), None);
+        assert_eq!(
+            expired_identity(&path, not_after + 1),
+            Some(ExpiredIdentity {
+                cn: Some("sn-1".into()),
+                not_after
+            })
+        );
+        // Unreadable or garbage: not this module's to judge.
+        assert_eq!(expired_identity(&tmp.path().join("none"), i64::MAX), None);
+        std::fs::write(&path, "junk").unwrap();
+        assert_eq!(expired_identity(&path, i64::MAX), None);
     }
 }

@@ -92,10 +92,10 @@ pub fn main() -> i32 {
     let (log, route) = crate::logging::init(config.log.level, journald);
     tracing::debug!(route, "logging initialised");
 
-    let options = RunOptions {
+    let run_options = move || RunOptions {
         notifier: crate::systemd::Notifier::from_env(),
         watchdog: crate::systemd::watchdog_interval(),
-        log: Some(log),
+        log: Some(log.clone()),
         ..RunOptions::default()
     };
     // One thread: the agent waits on the network almost all the time, and
@@ -133,36 +133,45 @@ pub fn main() -> i32 {
                 wait_for_termination().await;
                 handle.shutdown();
             });
-            // A claim bundle: obtain the device identity first.
-            let stats = crate::claim::ClaimStats::default();
-            match crate::claim::ensure_identity(
-                &config,
-                &stats,
-                &options.notifier,
-                options.watchdog,
-                &mut signal,
-            )
-            .await
-            {
-                Ok(crate::claim::FirstBoot::Stopped) => return 0,
-                Ok(_) => {}
+        }
+        // Until stopped: a claim bundle obtains the device identity first,
+        // and again whenever the agent ends because its certificate expired.
+        loop {
+            let options = run_options();
+            if !args.check {
+                let stats = crate::claim::ClaimStats::default();
+                match crate::claim::ensure_identity(
+                    &config,
+                    &stats,
+                    &options.notifier,
+                    options.watchdog,
+                    &mut signal,
+                )
+                .await
+                {
+                    Ok(crate::claim::FirstBoot::Stopped) => return 0,
+                    Ok(_) => {}
+                    Err(e) => return refuse(&e),
+                }
+            }
+            // The journal and the network task need the runtime to exist.
+            let agent = match Agent::prepare(config.clone(), options) {
+                Ok(a) => a,
                 Err(e) => return refuse(&e),
+            };
+            if args.check {
+                println!(
+                    "edgebind-agent: configuration {} and identity of {} are usable",
+                    args.config.display(),
+                    agent.device_id()
+                );
+                return 0;
+            }
+            match agent.run(signal.clone()).await {
+                crate::runtime::Exit::IdentityExpired if config.claim.is_some() => continue,
+                exit => return exit.code(),
             }
         }
-        // The journal and the network task need the runtime to exist.
-        let agent = match Agent::prepare(config, options) {
-            Ok(a) => a,
-            Err(e) => return refuse(&e),
-        };
-        if args.check {
-            println!(
-                "edgebind-agent: configuration {} and identity of {} are usable",
-                args.config.display(),
-                agent.device_id()
-            );
-            return 0;
-        }
-        agent.run(signal).await.code()
     })
 }
 

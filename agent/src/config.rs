@@ -91,8 +91,8 @@ pub struct ClaimConfig {
     /// `claim:BATCH`) followed by the issuing CA.
     #[serde(default = "default_claim_cert")]
     pub cert: PathBuf,
-    /// `key` (default "claim.key"): its private key; deleted once the device
-    /// has its own identity.
+    /// `key` (default "claim.key"): its private key; kept after first boot,
+    /// to re-provision the device if its certificate expires while offline.
     #[serde(default = "default_claim_key")]
     pub key: PathBuf,
     /// `port` (required): the broker's provisioning listener.

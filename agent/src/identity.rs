@@ -78,7 +78,7 @@ pub enum IdentityError {
         now: String,
     },
     #[error(
-        "the device certificate {} expired at {not_after} (device clock says {now}); issue a new identity bundle for this device",
+        "the device certificate {} expired at {not_after} (device clock says {now}); issue a new identity bundle for this device (`edgebind device reissue DEVICE`)",
         path.display()
     )]
     Expired {

@@ -17,6 +17,7 @@ use crate::config::LogLevel;
 pub const LOG_ENV: &str = "EDGEBIND_LOG";
 
 /// Changes the level of the installed subscriber.
+#[derive(Clone)]
 pub struct LogControl {
     handle: reload::Handle<Targets, Registry>,
     pinned_by_env: bool,

@@ -105,13 +105,18 @@ pub enum Exit {
     /// An internal failure (the network task died): exit status 1, so
     /// that systemd restarts the agent.
     Failed,
+    /// The device certificate expired (by the device clock) and the broker
+    /// refused the connection; a claim identity is there to re-provision
+    /// with ([`crate::claim`]). The binary does that and runs again; as an
+    /// exit status it is [`RESTART_EXIT_CODE`] (the next start re-provisions).
+    IdentityExpired,
 }
 
 impl Exit {
     pub fn code(self) -> i32 {
         match self {
             Exit::Stopped => 0,
-            Exit::RestartRequested => RESTART_EXIT_CODE,
+            Exit::RestartRequested | Exit::IdentityExpired => RESTART_EXIT_CODE,
             Exit::Failed => 1,
         }
     }
@@ -129,7 +134,7 @@ impl ShutdownHandle {
 }
 
 /// The other end of a [`ShutdownHandle`], given to [`Agent::run`].
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ShutdownSignal(watch::Receiver<bool>);
 
 impl ShutdownSignal {
@@ -570,6 +575,8 @@ impl Running {
             done_tx,
             restart: false,
             reconnect: false,
+            expired: false,
+            expired_logged: false,
         };
 
         let days_left = (self.not_after - now_unix() as i64) / 86_400;
@@ -662,6 +669,9 @@ impl Running {
             if io.restart {
                 break Exit::RestartRequested;
             }
+            if io.expired {
+                break Exit::IdentityExpired;
+            }
             if reconnect || io.reconnect {
                 break Exit::Stopped;
             }
@@ -709,6 +719,24 @@ impl Running {
             Served::Reconnect
         } else {
             Served::Done(exit)
+        }
+    }
+
+    /// A connection attempt failed: if the certificate has expired, hand
+    /// over to the claim identity, or say what the way back is.
+    fn on_failed_connect(&self, io: &mut Io) {
+        use crate::claim::AfterFailedConnect as A;
+        match crate::claim::after_failed_connect(&self.config, self.not_after, now_unix() as i64) {
+            A::Retry => {}
+            A::Reprovision => {
+                warn!(device = %self.device, expired_at = %crate::identity::rfc3339(self.not_after), "the device certificate has expired: re-provisioning through the claim identity");
+                io.expired = true;
+            }
+            A::NoWayBack if !io.expired_logged => {
+                error!(device = %self.device, expired_at = %crate::identity::rfc3339(self.not_after), "the device certificate has expired and this device has no claim identity: `edgebind device reissue {}` is the way back", self.device);
+                io.expired_logged = true;
+            }
+            A::NoWayBack => {}
         }
     }
 
@@ -908,6 +936,7 @@ impl Running {
                     warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "connection to broker lost: {error}");
                 } else {
                     warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "cannot connect to broker: {error}");
+                    self.on_failed_connect(io);
                 }
                 if let Some(obs) = &self.options.observer {
                     obs.lost(&self.device, io.connected, &error);
@@ -1111,6 +1140,10 @@ struct Io {
     restart: bool,
     /// Connect again with another identity (renewal).
     reconnect: bool,
+    /// The certificate expired and the claim identity can replace it.
+    expired: bool,
+    /// "No way back" was logged for this connection already.
+    expired_logged: bool,
 }
 
 impl Io {

@@ -20,6 +20,12 @@
 //! The request carries a PKCS#10 CSR whose subject CN is the device id the
 //! unit asks for; the response carries the certificate chain, or why not.
 //! Nothing secret crosses: the private key never leaves the device.
+//!
+//! The same exchange re-provisions a unit whose device certificate expired
+//! while it was offline: same serial, same id, a new key. The fleet answers
+//! it only for the id the serial was provisioned as, a device not revoked,
+//! and a certificate that has expired; a device whose certificate is valid
+//! is refused (it renews over its own connection, [`crate::renewal`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -115,9 +121,9 @@ pub enum Response {
         device_id: DeviceId,
         chain_pem: String,
     },
-    /// Refused for good (not on the allow-list, a bad CSR, already
-    /// provisioned with another key): the unit keeps retrying with backoff,
-    /// an operator has to act.
+    /// Refused for good (not on the allow-list, a bad CSR, provisioned with
+    /// another key and its certificate still valid, a revoked device): the
+    /// unit keeps retrying with backoff, an operator has to act.
     Refused { reason: String },
     /// Not now (the batch's rate limit, or another service instance is on
     /// this serial): ask again after about `retry_after_s` seconds.

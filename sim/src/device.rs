@@ -141,7 +141,7 @@ pub async fn run(spec: DeviceSpec, counters: Arc<Counters>, mut stop: watch::Rec
                         None
                     }
                     Ok(Exit::Stopped) => return,
-                    Ok(Exit::Failed) | Err(_) => {
+                    Ok(Exit::Failed | Exit::IdentityExpired) | Err(_) => {
                         counters.agent_error();
                         Some(RESTART_AFTER_FAILURE)
                     }

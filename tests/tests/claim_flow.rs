@@ -129,11 +129,9 @@ fn a_unit_with_only_a_claim_bundle_comes_online_under_its_own_id_with_its_own_ke
         edgebind_certs::DeviceCsr::parse(&csr).unwrap().key_sha256(),
         key_sha
     );
-    // The claim identity is gone from the unit, the enrollment finished.
-    assert!(
-        !dir.join("claim.key").exists(),
-        "the claim key was not dropped"
-    );
+    // The claim identity stays on the unit (0600: it re-provisions the
+    // device if its certificate expires offline); the enrollment finished.
+    assert_eq!(mode(&dir.join("claim.key")), 0o600);
     assert!(!dir.join("state").join("enroll").exists());
     assert!(agent.log().contains("claiming a device identity"));
 
@@ -300,7 +298,11 @@ fn a_replayed_serial_with_another_key_is_refused() {
     // serial) makes its own, other key: refused, the first keeps its identity.
     let clone = unit(&fleet, &bundle, "clone", "SN-0001");
     let a2 = fleet.spawn_agent(&clone);
-    assert!(wait_log(&a2, "already provisioned", LONG), "{}", a2.log());
+    assert!(
+        wait_log(&a2, "renews over its own connection", LONG),
+        "{}",
+        a2.log()
+    );
     assert!(!clone.with_file_name("device.crt").exists());
     let now = fleet
         .store()

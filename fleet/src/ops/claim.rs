@@ -13,17 +13,29 @@
 //!    listener ([`crate::service::provision`]); revoking `claim:line-7`
 //!    (`edgebind pki revoke claim:line-7`) stops new provisioning and leaves
 //!    the provisioned devices alone.
+//!
+//! Re-provisioning ([`reprovision_device`]): a unit whose device certificate
+//! expired while it was offline asks again through the same claim identity,
+//! for its own id, with a new key. The policy is
+//! [`crate::registry::rules::check_reprovision`] (its serial, its id, not
+//! revoked, the certificate expired); the new certificate becomes the
+//! device's current one in the registry's history (origin
+//! `reprovisioned`), the expired one is revoked, and the audit log says so.
+//! A batch whose claim identity was revoked or has expired re-provisions
+//! nothing: `edgebind device reissue DEV` is then the way back.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use edgebind_certs::{Validity, bundle};
+use edgebind_certs::{DeviceCsr, Pki, Validity, bundle};
 use edgebind_protocol::bundle::{SerialSource, claim_agent_toml};
 use edgebind_protocol::{DeviceId, Principal, UnitSerial};
 use serde::Serialize;
 
-use super::{AgentBroker, FleetHome, OpsError};
-use crate::registry::{AllowReport, Store};
+use super::{AgentBroker, ClaimRequest, FleetHome, OpsError, Provisioned};
+use crate::registry::{
+    AllowReport, CertOrigin, CertRecord, CertState, ProvisionedUnit, RegistryError, Store, rules,
+};
 
 /// Read a serials file: one serial per line; blank lines and lines starting
 /// with `#` are skipped, surrounding white space is ignored. Every bad line
@@ -187,6 +199,103 @@ pub fn claim_identity(
         provisioning_port,
         dir: paths.dir,
         tar: paths.tar,
+    })
+}
+
+/// The audit action of a re-provisioning.
+pub const REPROVISION_ACTION: &str = "device.reprovision";
+
+/// Issue a new certificate to a provisioned unit asking again with a new
+/// key (its own had expired; see the module documentation). Called by
+/// [`super::provision_device`] once it knows the serial was provisioned and
+/// the batch's claim identity is usable. Refusals are errors naming the
+/// reason ([`RegistryError::NoReprovision`], [`RegistryError::Revoked`], …);
+/// a certificate the registry does not take is revoked again.
+pub fn reprovision_device(
+    pki: &Pki,
+    store: &mut dyn Store,
+    req: &ClaimRequest,
+    csr: &DeviceCsr,
+) -> Result<Provisioned, OpsError> {
+    let now = edgebind_protocol::messages::now_unix();
+    let entry = store.claim_serial(&req.serial)?;
+    let device = match store.device(csr.requested()) {
+        Ok(d) => Some(d),
+        Err(RegistryError::UnknownDevice(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    // Checked before signing (nothing is signed for a refusal), and again
+    // in the registry transaction (the final word).
+    rules::check_reprovision(
+        &req.batch,
+        &req.serial,
+        entry.as_ref(),
+        device.as_ref(),
+        csr.requested(),
+        now,
+    )?;
+    let previous = device.and_then(|d| d.cert).map(|c| c.serial);
+    let issued = pki.sign_device_csr(csr, Validity::days(req.validity_days))?;
+    let record = CertRecord {
+        device: csr.requested().clone(),
+        serial: issued.serial.clone(),
+        fingerprint_sha256: issued.fingerprint_sha256.clone(),
+        not_after: issued.not_after.unix_timestamp().max(0) as u64,
+        issued_at: now,
+        origin: CertOrigin::Reprovisioned,
+        state: CertState::Current,
+        key_sha256: Some(csr.key_sha256().to_owned()),
+        chain_pem: Some(issued.chain_pem.clone()),
+        confirmed_at: None,
+        superseded_at: None,
+        retired_at: None,
+    };
+    let unit = ProvisionedUnit {
+        device: csr.requested().clone(),
+        key_sha256: csr.key_sha256().to_owned(),
+        chain_pem: issued.chain_pem.clone(),
+        at: now,
+    };
+    let superseded = match store.reprovision(&req.batch, &req.serial, &unit, &record, now) {
+        Ok(s) => s,
+        Err(e) => {
+            return Err(match pki.revoke_serial(&issued.serial) {
+                Ok(_) => e.into(),
+                Err(revoke) => OpsError::RollbackFailed {
+                    what: format!("revoking serial {} of {}", issued.serial, unit.device),
+                    cause: Box::new(e.into()),
+                    rollback: revoke.to_string(),
+                },
+            });
+        }
+    };
+    // Expired anyway; revoked so the CRL names every certificate the fleet
+    // gave up. A failure here leaves an expired certificate out of the CRL,
+    // which the broker refuses regardless: logged, not fatal.
+    if let Err(e) = super::renew::revoke_known(pki, &superseded) {
+        tracing::warn!(device = %unit.device, error = %e, "re-provisioned; the superseded certificates are not revoked yet");
+    }
+    let detail = format!(
+        "serial {} of batch {}: certificate {} replaces {} (expired)",
+        req.serial,
+        req.batch,
+        issued.serial,
+        previous.as_deref().unwrap_or("none")
+    );
+    let actor = edgebind_protocol::Principal::Claim(req.batch.clone()).cn();
+    if let Err(e) = super::audit::record(
+        store,
+        &actor,
+        REPROVISION_ACTION,
+        unit.device.as_str(),
+        &detail,
+    ) {
+        tracing::warn!(device = %unit.device, error = %e, "re-provisioned, but not in the audit log");
+    }
+    Ok(Provisioned {
+        device: unit.device,
+        chain_pem: unit.chain_pem,
+        issued_now: true,
     })
 }
 

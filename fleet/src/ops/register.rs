@@ -347,7 +347,8 @@ pub struct Provisioned {
 /// revoked batch provisions nothing); the CSR is verified and its id
 /// validated ([`edgebind_certs::DeviceCsr`]); the serial must be on the
 /// batch's allow-list and not provisioned (the same key asking again gets the
-/// chain it was sent, any other key is refused); the id must be the one
+/// chain it was sent; another key is a re-provisioning, allowed only by
+/// [`super::claim::reprovision_device`]'s policy); the id must be the one
 /// the serial names ([`UnitSerial::device_id`]) and new. Then
 /// the certificate is signed and the device registered together with its
 /// serial's provisioning in one transaction
@@ -382,6 +383,14 @@ pub fn provision_device(
             chain_pem: done.chain_pem.clone(),
             issued_now: false,
         });
+    }
+    if let Some(entry) = &entry
+        && entry.batch == req.batch
+        && entry.provisioned.is_some()
+    {
+        // Provisioned before, asking with a new key: its certificate expired
+        // while it was offline, or someone holds the batch key.
+        return super::claim::reprovision_device(pki, store, req, &csr);
     }
     crate::registry::rules::check_provision(&req.batch, &req.serial, entry.as_ref(), None)?;
     // A unit asks for the id its serial names (the one rule of

@@ -247,7 +247,7 @@ pub fn retire_due(
 }
 
 /// Revoke those of `serials` the PKI knows (one CRL for all).
-fn revoke_known(pki: &Pki, serials: &[String]) -> Result<(), OpsError> {
+pub(super) fn revoke_known(pki: &Pki, serials: &[String]) -> Result<(), OpsError> {
     let inventory = pki.inventory()?;
     let known: Vec<String> = serials
         .iter()

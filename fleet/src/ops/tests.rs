@@ -510,17 +510,107 @@ mod claim {
             h.store.device(&got.device).unwrap().cert.unwrap().serial,
             serial
         );
-        // A replay with another key, or for another id: refused.
+        // A replay with another key while the certificate is valid, or for
+        // another id: refused.
         let other = KeyPair::generate().unwrap();
-        for pem in [csr("sn-1", &other), csr("sn-1x", &key)] {
+        for (pem, why) in [
+            (csr("sn-1", &other), "renews over its own connection"),
+            (csr("sn-1x", &key), "for good"),
+        ] {
             let err = provision_device(&pki, &mut h.store, &request("SN-1", pem)).unwrap_err();
-            assert!(err.to_string().contains("already provisioned"), "{err}");
+            assert!(err.to_string().contains(why), "{err}");
         }
         assert_eq!(
             pki.inventory().unwrap().by_cn("sn-1").count(),
             1,
             "one certificate for the serial"
         );
+    }
+
+    #[test]
+    fn an_expired_unit_reprovisions_its_own_id_and_the_old_certificate_is_revoked() {
+        use crate::registry::{CertOrigin, CertState};
+        let mut h = Home::new();
+        let pki = batch(&mut h);
+        let first = KeyPair::generate().unwrap();
+        let got =
+            provision_device(&pki, &mut h.store, &request("SN-1", csr("sn-1", &first))).unwrap();
+        let id = got.device.clone();
+        let mut old = h.store.device(&id).unwrap().cert.unwrap();
+        // The registry's view of a certificate that expired (the PKI signs
+        // for a day at least; the rule reads the registry).
+        old.not_after = edgebind_protocol::messages::now_unix() - 10;
+        h.store.set_certificate(&id, &old).unwrap();
+
+        let key = KeyPair::generate().unwrap();
+        let again =
+            provision_device(&pki, &mut h.store, &request("SN-1", csr("sn-1", &key))).unwrap();
+        assert!(again.issued_now);
+        assert_eq!(again.device, id);
+        assert_ne!(again.chain_pem, got.chain_pem);
+        assert_eq!(
+            edgebind_certs::csr::cert_key_sha256(&again.chain_pem).unwrap(),
+            edgebind_certs::DeviceCsr::parse(&csr("sn-1", &key))
+                .unwrap()
+                .key_sha256()
+        );
+        let history = h.store.cert_history(&id).unwrap();
+        let last = history.last().unwrap();
+        assert_eq!(
+            (last.origin, last.state),
+            (CertOrigin::Reprovisioned, CertState::Current)
+        );
+        assert_eq!(
+            h.store.device(&id).unwrap().cert.unwrap().serial,
+            last.serial
+        );
+        assert!(
+            history
+                .iter()
+                .any(|r| r.serial == old.serial && r.state == CertState::Retired),
+            "{history:?}"
+        );
+        // The expired certificate is in the CRL now.
+        let inventory = pki.inventory().unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        assert!(!inventory.by_serial(&old.serial).unwrap().is_active(now));
+        assert!(inventory.by_serial(&last.serial).unwrap().is_active(now));
+        // Audited, under the batch's claim identity.
+        let audit = h.store.audit_log(10, None).unwrap();
+        assert!(
+            audit.iter().any(|e| e.action == "device.reprovision"
+                && e.target == "sn-1"
+                && e.actor == "claim:line-1"
+                && e.detail.contains(&old.serial)),
+            "{audit:?}"
+        );
+        // The new key asking again gets the same chain; a third key is
+        // refused (the new certificate is valid).
+        let repeat =
+            provision_device(&pki, &mut h.store, &request("SN-1", csr("sn-1", &key))).unwrap();
+        assert!(!repeat.issued_now);
+        assert_eq!(repeat.chain_pem, again.chain_pem);
+        let err = provision_device(
+            &pki,
+            &mut h.store,
+            &request("SN-1", csr("sn-1", &KeyPair::generate().unwrap())),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("renews over its own"), "{err}");
+        // Revoked: refused even when expired, and nothing is signed.
+        let mut cert = h.store.device(&id).unwrap().cert.unwrap();
+        cert.not_after = 1;
+        h.store.set_certificate(&id, &cert).unwrap();
+        h.store.revoke(&id).unwrap();
+        let signed = pki.inventory().unwrap().entries.len();
+        let err = provision_device(
+            &pki,
+            &mut h.store,
+            &request("SN-1", csr("sn-1", &KeyPair::generate().unwrap())),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("revoked"), "{err}");
+        assert_eq!(pki.inventory().unwrap().entries.len(), signed);
     }
 
     #[test]

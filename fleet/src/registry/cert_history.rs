@@ -7,6 +7,7 @@
 //! pending ──device connected with it──> current ──a newer one confirmed──> previous ──grace──> retired
 //!    └──a newer one signed before it was confirmed──> abandoned
 //! current ──reissued by hand──> replaced
+//! current (expired) ──re-provisioned through the claim identity──> retired
 //! ```
 //!
 //! `devices.cert_*` always names the `current` record: a `pending`
@@ -31,6 +32,9 @@ pub enum CertOrigin {
     Renewed,
     /// Issued by an operator (`device reissue`, `pki bundle`, `factory run --reissue`).
     Reissued,
+    /// Signed for a CSR the device sent through its batch's claim identity
+    /// after its own certificate expired (see [`super::rules::check_reprovision`]).
+    Reprovisioned,
 }
 
 /// Where a certificate is in its life (see the module documentation).
@@ -51,6 +55,7 @@ impl CertOrigin {
             CertOrigin::Registered => "registered",
             CertOrigin::Renewed => "renewed",
             CertOrigin::Reissued => "reissued",
+            CertOrigin::Reprovisioned => "reprovisioned",
         }
     }
 
@@ -59,6 +64,7 @@ impl CertOrigin {
             CertOrigin::Registered,
             CertOrigin::Renewed,
             CertOrigin::Reissued,
+            CertOrigin::Reprovisioned,
         ]
         .into_iter()
         .find(|o| o.as_str() == s)

@@ -66,6 +66,7 @@ macro_rules! conformance_tests {
             the_overview_counts_states_expiring_certificates_and_pending_settings,
             renewals_keep_the_certificate_history_in_order,
             a_renewal_of_a_revoked_or_unknown_device_records_nothing,
+            an_expired_unit_reprovisions_under_its_serial_and_nothing_else_does,
         );
     };
     (@each $fixture:expr; $($check:ident),+ $(,)?) => {
@@ -1706,5 +1707,119 @@ pub fn a_renewal_of_a_revoked_or_unknown_device_records_nothing(registry: &dyn F
     assert_eq!(
         store.device(&id("dev-a")).unwrap().cert.unwrap().serial,
         "a0"
+    );
+}
+
+pub fn an_expired_unit_reprovisions_under_its_serial_and_nothing_else_does(registry: &dyn Fixture) {
+    let mut s = registry.open(Retention::default());
+    let b = id("line-1");
+    s.allow_serials(&b, &[sn("SN-1"), sn("SN-2")]).unwrap();
+    let expiring = |device: &str, serial: &str, not_after: u64| NewDevice {
+        cert: Some(CertInfo {
+            serial: serial.into(),
+            fingerprint_sha256: format!("{serial}-fp"),
+            not_after,
+        }),
+        ..new_device(device, &[])
+    };
+    s.add_provisioned(
+        &expiring("sn-1", "a0", 1_000),
+        &b,
+        &sn("SN-1"),
+        &unit("sn-1", "k1"),
+    )
+    .unwrap();
+    s.add_provisioned(
+        &expiring("sn-2", "b0", 9_000),
+        &b,
+        &sn("SN-2"),
+        &unit("sn-2", "k2"),
+    )
+    .unwrap();
+    s.record_renewal(&renewed("sn-1", "a1", "kr", 500)).unwrap();
+    let new_cert = |device: &str, serial: &str, key: &str| CertRecord {
+        origin: CertOrigin::Reprovisioned,
+        state: CertState::Current,
+        not_after: 50_000,
+        ..renewed(device, serial, key, 2_000)
+    };
+    let before = full_snapshot(s.as_ref());
+    // Still valid (sn-2 until 9000), another serial's id, another batch, a
+    // serial not on the list: refused, nothing changed.
+    for (batch, serial, device, err) in [
+        ("line-1", "SN-2", "sn-2", "valid for"),
+        ("line-1", "SN-2", "sn-1", "for good"),
+        ("line-2", "SN-1", "sn-1", "line-1"),
+        ("line-1", "SN-9", "sn-9", "not on the allow-list"),
+    ] {
+        let got = s
+            .reprovision(
+                &id(batch),
+                &sn(serial),
+                &unit(device, "k9"),
+                &new_cert(device, "zz", "k9"),
+                2_000,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(got.contains(err), "{serial} as {device}: {got}");
+    }
+    assert_eq!(full_snapshot(s.as_ref()), before);
+
+    // sn-1's certificate expired at 1000: re-provisioned at 2000.
+    let superseded = s
+        .reprovision(
+            &b,
+            &sn("SN-1"),
+            &unit("sn-1", "k5"),
+            &new_cert("sn-1", "a2", "k5"),
+            2_000,
+        )
+        .unwrap();
+    assert_eq!(superseded, ["a0", "a1"]);
+    let dev = s.device(&id("sn-1")).unwrap();
+    assert_eq!(dev.cert.unwrap().serial, "a2");
+    let h = s.cert_history(&id("sn-1")).unwrap();
+    assert_eq!(
+        states(&h),
+        [
+            ("a0".to_owned(), CertState::Retired),
+            ("a1".to_owned(), CertState::Abandoned),
+            ("a2".to_owned(), CertState::Current),
+        ]
+    );
+    assert_eq!(h[2].origin, CertOrigin::Reprovisioned);
+    assert_eq!(h[0].retired_at, Some(2_000));
+    // The serial now names the new key and chain (a repeat gets it again).
+    let e = s.claim_serial(&sn("SN-1")).unwrap().unwrap();
+    assert_eq!(e.provisioned.unwrap().key_sha256, "k5");
+    // The new certificate is valid: asking once more is refused.
+    assert!(
+        s.reprovision(
+            &b,
+            &sn("SN-1"),
+            &unit("sn-1", "k6"),
+            &new_cert("sn-1", "a3", "k6"),
+            3_000
+        )
+        .is_err()
+    );
+    // A revoked device never re-provisions, even expired.
+    s.revoke(&id("sn-2")).unwrap();
+    let err = s
+        .reprovision(
+            &b,
+            &sn("SN-2"),
+            &unit("sn-2", "k7"),
+            &new_cert("sn-2", "b1", "k7"),
+            20_000,
+        )
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::Revoked(_)), "{err}");
+    // Another store sees the same.
+    let other = registry.open(Retention::default());
+    assert_eq!(
+        other.device(&id("sn-1")).unwrap().cert.unwrap().serial,
+        "a2"
     );
 }

@@ -77,6 +77,12 @@ pub enum RegistryError {
         serial: UnitSerial,
         device: DeviceId,
     },
+    #[error("unit serial {serial} (device {device}) may not be provisioned again: {why}")]
+    NoReprovision {
+        serial: UnitSerial,
+        device: DeviceId,
+        why: String,
+    },
     #[error("certificate {serial} is not one of device {device}'s")]
     UnknownCertificate { device: DeviceId, serial: String },
     #[error("certificate {serial} of device {device} is {state}, not pending or current")]
@@ -300,6 +306,22 @@ pub trait Store: Send {
         serial: &UnitSerial,
         unit: &ProvisionedUnit,
     ) -> Result<Device>;
+    /// A provisioned unit whose certificate expired asked again, through its
+    /// batch's claim identity, with a new key: in one transaction the
+    /// policy is checked again ([`rules::check_reprovision`] at `now`),
+    /// `record` becomes the device's current certificate (origin
+    /// `reprovisioned`), the expired one is `retired` and any pending
+    /// renewal `abandoned`, and the serial's provisioning names the new key
+    /// and chain (so the same key asking again gets the same chain). Returns
+    /// the serials superseded, for the caller to revoke.
+    fn reprovision(
+        &mut self,
+        batch: &DeviceId,
+        serial: &UnitSerial,
+        unit: &ProvisionedUnit,
+        record: &CertRecord,
+        now: UnixSeconds,
+    ) -> Result<Vec<String>>;
     /// Merge units exported from a station registry: each device (if new)
     /// and its record, in one transaction. A unit already recorded
     /// identically is left alone; any conflict (the serial recorded with

@@ -714,6 +714,62 @@ impl<S: Storage> Store for S {
         })
     }
 
+    fn reprovision(
+        &mut self,
+        batch: &DeviceId,
+        serial: &UnitSerial,
+        unit: &ProvisionedUnit,
+        record: &CertRecord,
+        now: UnixSeconds,
+    ) -> Result<Vec<String>> {
+        write(self, |tx| {
+            let entry = tx.claim_serial(serial)?;
+            let device = tx.device(&unit.device)?;
+            rules::check_reprovision(
+                batch,
+                serial,
+                entry.as_ref(),
+                device.as_ref(),
+                &unit.device,
+                now,
+            )?;
+            let mut entry = entry.expect("check_reprovision refuses a missing entry");
+            let device = device.expect("check_reprovision refuses a missing device");
+            let mut superseded = Vec::new();
+            for old in history_of(tx, &device)? {
+                // The expired certificate and any renewal never confirmed
+                // are done with: the caller revokes them (CRL).
+                let old = match old.state {
+                    CertState::Current => CertRecord {
+                        state: CertState::Retired,
+                        superseded_at: Some(now),
+                        retired_at: Some(now),
+                        ..old
+                    },
+                    CertState::Pending => CertRecord {
+                        state: CertState::Abandoned,
+                        ..old
+                    },
+                    _ => {
+                        tx.save_cert_record(&old)?;
+                        continue;
+                    }
+                };
+                superseded.push(old.serial.clone());
+                tx.save_cert_record(&old)?;
+            }
+            tx.save_cert_record(&CertRecord {
+                state: CertState::Current,
+                origin: CertOrigin::Reprovisioned,
+                ..record.clone()
+            })?;
+            tx.save_certificate(&device.id, &record.info())?;
+            entry.provisioned = Some(unit.clone());
+            tx.save_claim_serial(&entry)?;
+            Ok(superseded)
+        })
+    }
+
     fn add_login_code(&mut self, code: &LoginCode) -> Result<()> {
         write(self, |tx| tx.insert_login_code(code))
     }

@@ -247,6 +247,12 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE services ADD COLUMN oldest_uncommitted_s BIGINT;
     ALTER TABLE services ADD COLUMN push_back BOOLEAN NOT NULL DEFAULT FALSE;
     "#,
+    // 12: a certificate's origin may be 'reprovisioned' (SQLite's version 13).
+    r#"
+    ALTER TABLE device_certificates DROP CONSTRAINT device_certificates_origin_check;
+    ALTER TABLE device_certificates ADD CONSTRAINT device_certificates_origin_check
+        CHECK (origin IN ('registered', 'renewed', 'reissued', 'reprovisioned'));
+    "#,
 ];
 
 /// The schema version this edgebind writes (one per migration).

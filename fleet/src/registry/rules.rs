@@ -109,6 +109,90 @@ pub fn check_provision(
     }
 }
 
+/// How close to its expiry a device certificate may be when its unit
+/// re-provisions: five minutes covers a device clock somewhat ahead of the
+/// fleet's, and is too short for a leaked batch key to be worth much (a
+/// device that was online renewed at two thirds of its life, long before).
+pub const REPROVISION_SKEW_S: u64 = 300;
+
+/// Re-provisioning through the claim identity: may the provisioned `serial`
+/// of `batch`, asking with a new key for `requested`, be issued a new
+/// certificate at `now`? Only when
+/// - the serial is on `batch`'s allow-list and was provisioned as
+///   `requested` (a serial's id never changes, and never moves to another
+///   serial: the allow-list entry binds them);
+/// - the device is registered and not revoked;
+/// - its current certificate (the registry's) has expired, or expires
+///   within [`REPROVISION_SKEW_S`]. A device whose certificate is still
+///   valid renews over its own connection; letting the batch key replace
+///   it would let anyone holding that key take a live device's id.
+///
+/// (The batch's claim certificate being usable is the PKI's question, asked
+/// by the caller first.)
+pub fn check_reprovision(
+    batch: &DeviceId,
+    serial: &UnitSerial,
+    entry: Option<&ClaimSerial>,
+    device: Option<&Device>,
+    requested: &DeviceId,
+    now: UnixSeconds,
+) -> Result<()> {
+    let Some(entry) = entry else {
+        return Err(RegistryError::NotAllowed {
+            batch: batch.clone(),
+            serial: serial.clone(),
+        });
+    };
+    if &entry.batch != batch {
+        return Err(RegistryError::OtherBatch {
+            batch: batch.clone(),
+            serial: serial.clone(),
+            other: entry.batch.clone(),
+        });
+    }
+    let refuse = |device: &DeviceId, why: String| {
+        Err(RegistryError::NoReprovision {
+            serial: serial.clone(),
+            device: device.clone(),
+            why,
+        })
+    };
+    let Some(done) = &entry.provisioned else {
+        return refuse(
+            requested,
+            "it was never provisioned (first boot asks, not re-provisioning)".into(),
+        );
+    };
+    if &done.device != requested {
+        return refuse(
+            &done.device,
+            format!(
+                "the request asks for {requested}; this serial is device {} for good",
+                done.device
+            ),
+        );
+    }
+    let Some(device) = device else {
+        return Err(RegistryError::UnknownDevice(done.device.clone()));
+    };
+    if device.lifecycle == Lifecycle::Revoked {
+        return Err(RegistryError::Revoked(device.id.clone()));
+    }
+    if let Some(cert) = &device.cert
+        && cert.not_after > now.saturating_add(REPROVISION_SKEW_S)
+    {
+        return refuse(
+            &device.id,
+            format!(
+                "its certificate {} is valid for {} s more; a device with a valid certificate renews over its own connection",
+                cert.serial,
+                cert.not_after - now
+            ),
+        );
+    }
+    Ok(())
+}
+
 /// A unit made again keeps its device: the serial is recorded for that
 /// device, and the device is not revoked.
 pub fn check_reissue(

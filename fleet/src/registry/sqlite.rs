@@ -246,6 +246,33 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE services ADD COLUMN oldest_uncommitted_s INTEGER;
     ALTER TABLE services ADD COLUMN push_back INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 13: a certificate's origin may be 'reprovisioned' (issue 14: an expired
+    // device re-provisioned through its claim identity). SQLite cannot change
+    // a CHECK constraint, so the table is rebuilt with its rows and indexes.
+    r#"
+    CREATE TABLE device_certificates_new (
+        seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+        serial        TEXT NOT NULL UNIQUE,
+        device_id     TEXT NOT NULL REFERENCES devices(id),
+        fingerprint   TEXT NOT NULL,
+        not_after     INTEGER NOT NULL,
+        issued_at     INTEGER NOT NULL,
+        origin        TEXT NOT NULL CHECK (origin IN ('registered', 'renewed', 'reissued', 'reprovisioned')),
+        state         TEXT NOT NULL CHECK (state IN ('pending', 'current', 'previous', 'retired', 'abandoned', 'replaced')),
+        key_sha256    TEXT,
+        chain_pem     TEXT,
+        confirmed_at  INTEGER,
+        superseded_at INTEGER,
+        retired_at    INTEGER
+    ) STRICT;
+    INSERT INTO device_certificates_new SELECT seq, serial, device_id, fingerprint, not_after,
+        issued_at, origin, state, key_sha256, chain_pem, confirmed_at, superseded_at, retired_at
+        FROM device_certificates;
+    DROP TABLE device_certificates;
+    ALTER TABLE device_certificates_new RENAME TO device_certificates;
+    CREATE INDEX device_certificates_by_device ON device_certificates(device_id, seq);
+    CREATE INDEX device_certificates_by_state ON device_certificates(state, superseded_at);
+    "#,
 ];
 
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

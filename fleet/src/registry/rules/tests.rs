@@ -520,3 +520,76 @@ fn telemetry_is_trimmed_once_it_grew_a_tenth_past_the_window() {
         );
     }
 }
+
+#[test]
+fn only_an_expired_live_device_re_provisions_under_its_own_serial() {
+    use super::super::{CertInfo, ClaimSerial, ProvisionedUnit};
+    let batch = id("line-1");
+    let serial = UnitSerial::new("SN-1").unwrap();
+    let entry = ClaimSerial {
+        serial: serial.clone(),
+        batch: batch.clone(),
+        allowed_at: 1,
+        provisioned: Some(ProvisionedUnit {
+            device: id("d1"),
+            key_sha256: "k1".into(),
+            chain_pem: "chain".into(),
+            at: 5,
+        }),
+    };
+    let mut d = device(Lifecycle::Provisioned);
+    d.cert = Some(CertInfo {
+        serial: "aa".into(),
+        fingerprint_sha256: "f".into(),
+        not_after: 1000,
+    });
+    let check = |entry: Option<&ClaimSerial>, d: Option<&Device>, asked: &str, now| {
+        check_reprovision(&batch, &serial, entry, d, &id(asked), now)
+    };
+    // Expired, or within the skew margin of it: allowed.
+    assert!(check(Some(&entry), Some(&d), "d1", 1001).is_ok());
+    assert!(check(Some(&entry), Some(&d), "d1", 1000 - REPROVISION_SKEW_S).is_ok());
+    // Still valid beyond the margin: that device renews itself.
+    let err = check(Some(&entry), Some(&d), "d1", 999 - REPROVISION_SKEW_S).unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::NoReprovision { why, .. } if why.contains("renews over its own connection")),
+        "{err}"
+    );
+    // Revoked: never.
+    let mut revoked = d.clone();
+    revoked.lifecycle = Lifecycle::Revoked;
+    assert!(matches!(
+        check(Some(&entry), Some(&revoked), "d1", 5000),
+        Err(RegistryError::Revoked(_))
+    ));
+    // The serial names its device for good: another id is refused.
+    assert!(matches!(
+        check(Some(&entry), Some(&d), "d2", 5000),
+        Err(RegistryError::NoReprovision { .. })
+    ));
+    // Not on the list, on another batch's, never provisioned, no device row.
+    assert!(matches!(
+        check(None, Some(&d), "d1", 5000),
+        Err(RegistryError::NotAllowed { .. })
+    ));
+    let other = ClaimSerial {
+        batch: id("line-2"),
+        ..entry.clone()
+    };
+    assert!(matches!(
+        check(Some(&other), Some(&d), "d1", 5000),
+        Err(RegistryError::OtherBatch { .. })
+    ));
+    let fresh = ClaimSerial {
+        provisioned: None,
+        ..entry.clone()
+    };
+    assert!(matches!(
+        check(Some(&fresh), Some(&d), "d1", 5000),
+        Err(RegistryError::NoReprovision { .. })
+    ));
+    assert!(matches!(
+        check(Some(&entry), None, "d1", 5000),
+        Err(RegistryError::UnknownDevice(_))
+    ));
+}

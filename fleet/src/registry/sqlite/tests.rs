@@ -97,3 +97,50 @@ fn a_database_failure_names_the_file() {
     assert!(matches!(err, RegistryError::Backend { .. }), "{err}");
     assert!(err.to_string().contains("registry.db"), "{err}");
 }
+
+#[test]
+fn the_certificate_history_survives_the_migration_that_allows_reprovisioned() {
+    // A registry at the schema before 'reprovisioned', with history in it.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    let before = MIGRATIONS
+        .iter()
+        .position(|m| m.contains("device_certificates_new"))
+        .expect("the migration exists");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        for sql in &MIGRATIONS[..before] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", before as i64)
+            .unwrap();
+        conn.execute_batch(
+            "INSERT INTO devices (id, board, lifecycle, registered_at) VALUES ('a', 'qemux86-64', 'registered', 1);
+             INSERT INTO device_certificates (serial, device_id, fingerprint, not_after, issued_at, origin, state)
+                 VALUES ('a0', 'a', 'f0', 10, 1, 'registered', 'current');",
+        )
+        .unwrap();
+        assert!(
+            conn.execute(
+                "INSERT INTO device_certificates (serial, device_id, fingerprint, not_after, issued_at, origin, state) \
+                 VALUES ('a1', 'a', 'f1', 10, 1, 'reprovisioned', 'pending')",
+                [],
+            )
+            .is_err(),
+            "the old schema already took the new origin"
+        );
+    }
+    let store = SqliteStore::open(&path, Retention::default()).unwrap();
+    assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+    let history = store.cert_history(&id("a")).unwrap();
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(history[0].serial, "a0");
+    store
+        .conn
+        .execute(
+            "INSERT INTO device_certificates (serial, device_id, fingerprint, not_after, issued_at, origin, state) \
+             VALUES ('a1', 'a', 'f1', 10, 1, 'reprovisioned', 'current')",
+            [],
+        )
+        .unwrap();
+}

@@ -10,9 +10,10 @@
 //! 1. the agent makes its key in the VM, claims over the provisioning
 //!    listener and comes `online` (mTLS, retained) under the id its serial
 //!    names, and answers a command as that device;
-//! 2. the key is the agent's, mode 0600, under the state directory; the claim
-//!    key and the enrollment directory are gone; the certificate in the VM is
-//!    the one the registry holds;
+//! 2. the key is the agent's, mode 0600, under the state directory; the
+//!    enrollment directory is gone and the claim key kept 0600 (for
+//!    re-provisioning after an expiry); the certificate in the VM is the one
+//!    the registry holds;
 //! 3. the key never left: no private key anywhere on the fleet side (fleet
 //!    home, registry, logs, what the operator received) is the VM's key, and
 //!    the registry holds no private key at all;
@@ -215,18 +216,31 @@ impl Scenario<'_> {
             ),
             || serial.text.clone(),
         );
-        // What is left of the claim: nothing. The identity directory holds
-        // the device's own files only, the enrollment directory (where the
-        // key waited for its certificate) is gone from the existing state dir.
+        // What is left of the claim: its identity, kept 0600 for the agent
+        // alone (it re-provisions the device if its certificate expires
+        // offline; the batch key is in every unit's image anyway). The
+        // enrollment directory (where the key waited for its certificate)
+        // is gone from the existing state dir.
         let left = b.guest.run(
-            "ls -A /var/lib/edgebind/identity; test -d /var/lib/edgebind/state \
-             && test ! -e /var/lib/edgebind/state/enroll",
+            "ls -A /var/lib/edgebind/identity; stat -c '%U %a' /var/lib/edgebind/identity/claim.key; \
+             test -d /var/lib/edgebind/state && test ! -e /var/lib/edgebind/state/enroll",
         )?;
-        let mut files: Vec<&str> = left.text.split_whitespace().collect();
-        files.sort_unstable();
+        let mut words: Vec<&str> = left.text.split_whitespace().collect();
+        let mode: Vec<&str> = words.split_off(words.len().saturating_sub(2));
+        words.sort_unstable();
         self.findings.check(
-            left.rc == 0 && files == ["agent.toml", "ca.crt", "device.crt", "device.key"],
-            "the claim certificate, its key and the enrollment directory are gone; the identity is the device's own",
+            left.rc == 0
+                && words
+                    == [
+                        "agent.toml",
+                        "ca.crt",
+                        "claim.crt",
+                        "claim.key",
+                        "device.crt",
+                        "device.key",
+                    ]
+                && mode == ["edgebind", "600"],
+            "the enrollment directory is gone; the identity is the device's own, the claim identity kept (claim.key edgebind 0600)",
             || format!("rc {}: {}", left.rc, left.text),
         );
         let journal = b
