@@ -2,6 +2,8 @@
 //! workspace's one client setup (`edgebind-link`, MQTT 5 over mTLS), with
 //! the identity read from files.
 
+pub mod relay;
+
 use std::sync::Arc;
 use std::time::Duration;
 

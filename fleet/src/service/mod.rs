@@ -196,6 +196,9 @@ pub struct BrokerStore {
     pub retained: Option<u64>,
     /// Readings of `stored` so far: each new one is a push-back step.
     pub readings: u64,
+    /// The most that waited in any reading since push-back last took one
+    /// (see [`Counters::take_peak_waiting`]).
+    pub peak_waiting: Option<u64>,
 }
 
 impl BrokerStore {
@@ -230,6 +233,20 @@ impl Counters {
 
     pub fn broker_store(&self) -> BrokerStore {
         *self.broker_store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The highest reading of what waits at the broker since the last call.
+    /// Push-back steps on this rather than on the latest reading: a service
+    /// that resumes its session receives the retained reading from while
+    /// it was away and, often within the same poll, a fresh one taken after
+    /// it drained part of the backlog; the backlog it came back to must not
+    /// be missed.
+    pub fn take_peak_waiting(&self) -> Option<u64> {
+        self.broker_store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .peak_waiting
+            .take()
     }
 
     /// Seconds since the oldest uncommitted message was taken from the broker.
@@ -286,12 +303,12 @@ pub async fn run(
     tracing::info!(registry = %config.registry, "registry open");
 
     let client_id = format!("service:{}", config.instance);
-    let mut opts = mqtt::options(
-        &client_id,
-        &config.endpoint,
-        &config.identity,
-        config.keep_alive,
-    )?;
+    // Relayed so that thousands of acknowledgements a second reach the
+    // broker in few TLS records (why: crate::mqtt::relay).
+    let tls = Arc::new(edgebind_link::tls_from_files(&config.identity)?);
+    let relay = mqtt::relay::Relay::start(&config.endpoint, tls)
+        .map_err(|e| ServiceError::Internal(e.to_string()))?;
+    let mut opts = relay.options(&client_id, config.keep_alive);
     opts.set_clean_start(false)
         .set_session_expiry_interval(Some(u32::MAX))
         .set_manual_acks(true)
@@ -607,6 +624,10 @@ fn broker_counter(counters: &Counters, topic: &[u8], payload: &[u8]) -> bool {
         store.retained = Some(value);
     }
     if let Some(waiting) = store.waiting() {
+        // A reading is a new stored count; the retained count only refines it.
+        if topic == BROKER_STORED.as_bytes() {
+            store.peak_waiting = Some(store.peak_waiting.map_or(waiting, |p| p.max(waiting)));
+        }
         counters
             .metrics
             .broker_waiting
@@ -688,5 +709,42 @@ impl ServiceHandle {
 impl Drop for ServiceHandle {
     fn drop(&mut self) {
         let _ = self.stop_inner();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(counters: &Counters, stored: u64, retained: u64) {
+        broker_counter(
+            counters,
+            BROKER_RETAINED.as_bytes(),
+            retained.to_string().as_bytes(),
+        );
+        broker_counter(
+            counters,
+            BROKER_STORED.as_bytes(),
+            stored.to_string().as_bytes(),
+        );
+    }
+
+    #[test]
+    fn push_back_sees_the_backlog_even_when_a_lower_reading_follows_before_it_looks() {
+        let counters = Counters::default();
+        assert_eq!(counters.take_peak_waiting(), None, "nothing read yet");
+        // The retained reading from while the service was away, then a
+        // fresh one after it drained part of the backlog.
+        reading(&counters, 11_040, 40);
+        reading(&counters, 5_822, 40);
+        assert_eq!(counters.take_peak_waiting(), Some(11_000));
+        assert_eq!(
+            counters.broker_store().waiting(),
+            Some(5_782),
+            "the latest stays the gauge"
+        );
+        assert_eq!(counters.take_peak_waiting(), None, "taken once");
+        reading(&counters, 1_040, 40);
+        assert_eq!(counters.take_peak_waiting(), Some(1_000));
     }
 }

@@ -61,7 +61,7 @@ impl Outbox {
             let store = self.counters.broker_store();
             if store.readings != readings_seen && link.0 {
                 readings_seen = store.readings;
-                if let Some(waiting) = store.waiting() {
+                if let Some(waiting) = self.counters.take_peak_waiting() {
                     self.push_back_step(waiting, now);
                 }
             }
