@@ -16,7 +16,7 @@ use edgebind_fleet::registry::Store;
 use edgebind_protocol::DeviceId;
 use edgebind_protocol::messages::now_unix;
 use edgebind_protocol::throttle::{self, Throttle};
-use edgebind_protocol::topics::Topic;
+use edgebind_protocol::topics::{BROKER_RETAINED, BROKER_STORED, Topic};
 use edgebind_tests::{PubAckReason, QoS, TestClient, wait_for, wait_until};
 use fleet_support::{Fleet, LONG};
 use serde_json::{Value, json};
@@ -105,6 +105,38 @@ fn drain(
     acked
 }
 
+/// Wait until the broker's `$SYS` readings show at least `want` messages
+/// waiting (stored, not retained); returns the reading.
+fn wait_for_backlog(fleet: &Fleet, want: u64) -> u64 {
+    let dir = fleet.home().join("identities").join("service-watch");
+    let watch = edgebind_tests::Identity {
+        principal: None,
+        name: "service:watch".into(),
+        cert: dir.join("client.crt"),
+        key: dir.join("client.key"),
+        ca: dir.join("ca.crt"),
+        dir,
+        serial: String::new(),
+    };
+    let client = TestClient::connect(&watch, &fleet.env.broker).unwrap();
+    client.subscribe(BROKER_STORED).unwrap();
+    client.subscribe(BROKER_RETAINED).unwrap();
+    let latest = |topic: &str| -> Option<u64> {
+        let got = client.received();
+        let m = got.iter().rev().find(|m| m.topic == topic)?;
+        std::str::from_utf8(&m.payload).ok()?.trim().parse().ok()
+    };
+    let waiting = || Some(latest(BROKER_STORED)?.saturating_sub(latest(BROKER_RETAINED)?));
+    let reached = wait_until(LONG, || waiting().is_some_and(|w| w >= want));
+    let last = waiting().unwrap_or(0);
+    client.disconnect();
+    assert!(
+        reached,
+        "the broker never read {want} waiting (last reading {last})"
+    );
+    last
+}
+
 /// The retained throttle as a device sees it on connecting.
 fn retained_throttle(fleet: &Fleet, id: &str) -> Option<Throttle> {
     let probe = TestClient::connect(&identity(fleet, id), &fleet.env.broker).unwrap();
@@ -121,6 +153,9 @@ fn with_push_back_a_burst_above_the_queue_ends_with_nothing_dropped_or_lost() {
     const QUEUED_FIRST: u64 = 550;
     const AFTER: u64 = 450;
     let mut fleet = Fleet::start();
+    // A second service principal reads the broker's counters for the test
+    // (connecting as the service's own would take over its session).
+    fleet.cli_ok(&["pki", "issue", "service", "watch"]);
     // A budget whose queue (16,000 messages) is smaller than the burst: push
     // back at 8,000, at 50 messages a second per device.
     let out = fleet.cli_ok(&[
@@ -191,8 +226,14 @@ fn with_push_back_a_burst_above_the_queue_ends_with_nothing_dropped_or_lost() {
             == DEVICES * QUEUED_FIRST),
         "the first part of the burst was acknowledged"
     );
-    // 11,000 wait at the broker, over the push-back mark: the service comes
-    // back and the devices go on flat out.
+    // 11,000 wait at the broker, over the push-back mark. The service drains
+    // faster than the devices publish, so what it must see is the broker's
+    // reading of the backlog (the retained copy its subscription brings):
+    // wait until the broker has published one.
+    let queued = DEVICES * QUEUED_FIRST;
+    let backlog = wait_for_backlog(&fleet, queued);
+    assert!(backlog >= queued, "the broker reads {backlog} waiting");
+    // The service comes back and the devices go on flat out.
     fleet.start_service();
     service_back.store(true, Ordering::Relaxed);
     for t in threads {

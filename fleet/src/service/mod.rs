@@ -605,6 +605,7 @@ fn broker_counter(counters: &Counters, topic: &[u8], payload: &[u8]) -> bool {
         tracing::warn!(topic = %String::from_utf8_lossy(topic), payload = %String::from_utf8_lossy(payload), "unreadable broker counter");
         return false;
     };
+    tracing::debug!(topic = %String::from_utf8_lossy(topic), value, "broker counter");
     if topic == BROKER_DROPPED.as_bytes() {
         counters
             .metrics
@@ -624,10 +625,7 @@ fn broker_counter(counters: &Counters, topic: &[u8], payload: &[u8]) -> bool {
         store.retained = Some(value);
     }
     if let Some(waiting) = store.waiting() {
-        // A reading is a new stored count; the retained count only refines it.
-        if topic == BROKER_STORED.as_bytes() {
-            store.peak_waiting = Some(store.peak_waiting.map_or(waiting, |p| p.max(waiting)));
-        }
+        store.peak_waiting = Some(store.peak_waiting.map_or(waiting, |p| p.max(waiting)));
         counters
             .metrics
             .broker_waiting
@@ -716,16 +714,17 @@ impl Drop for ServiceHandle {
 mod tests {
     use super::*;
 
+    /// One `sys_interval` tick, in the order Mosquitto publishes it.
     fn reading(counters: &Counters, stored: u64, retained: u64) {
-        broker_counter(
-            counters,
-            BROKER_RETAINED.as_bytes(),
-            retained.to_string().as_bytes(),
-        );
         broker_counter(
             counters,
             BROKER_STORED.as_bytes(),
             stored.to_string().as_bytes(),
+        );
+        broker_counter(
+            counters,
+            BROKER_RETAINED.as_bytes(),
+            retained.to_string().as_bytes(),
         );
     }
 
