@@ -1,6 +1,7 @@
 //! Connecting the fleet service and the operator CLI to the broker: the
 //! workspace's one client setup (`edgebind-link`, MQTT 5 over mTLS), with
-//! the identity read from files.
+//! the identity read from files. The fleet service's own ingest connection
+//! goes through [`relay`] (its acknowledgements leave in few TLS records).
 
 pub mod relay;
 
