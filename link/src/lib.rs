@@ -55,14 +55,22 @@ pub fn options(
     tls: Arc<rustls::ClientConfig>,
     keep_alive: Duration,
 ) -> MqttOptions {
-    let mut o = MqttOptions::new(client_id, endpoint.host.clone(), endpoint.port);
-    o.set_keep_alive(keep_alive)
-        .set_max_packet_size(Some(MAX_PACKET_BYTES as u32))
-        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    let mut o = base_options(client_id, &endpoint.host, endpoint.port, keep_alive);
+    o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
     let mut net = NetworkOptions::new();
     net.set_tcp_nodelay(true);
     net.set_connection_timeout(CONNECT_TIMEOUT_S);
     o.set_network_options(net);
+    o
+}
+
+/// What every workspace client sets whatever its transport: the keep-alive
+/// and the packet size limit both ways. (The fleet service's relayed
+/// connection builds on this with its own transport.)
+pub fn base_options(client_id: &str, host: &str, port: u16, keep_alive: Duration) -> MqttOptions {
+    let mut o = MqttOptions::new(client_id, host, port);
+    o.set_keep_alive(keep_alive)
+        .set_max_packet_size(Some(MAX_PACKET_BYTES as u32));
     o
 }
 

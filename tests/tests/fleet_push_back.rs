@@ -108,16 +108,13 @@ fn drain(
 /// Wait until the broker's `$SYS` readings show at least `want` messages
 /// waiting (stored, not retained); returns the reading.
 fn wait_for_backlog(fleet: &Fleet, want: u64) -> u64 {
-    let dir = fleet.home().join("identities").join("service-watch");
-    let watch = edgebind_tests::Identity {
-        principal: None,
-        name: "service:watch".into(),
-        cert: dir.join("client.crt"),
-        key: dir.join("client.key"),
-        ca: dir.join("ca.crt"),
-        dir,
-        serial: String::new(),
-    };
+    let principal = edgebind_protocol::Principal::from_cn("service:watch").unwrap();
+    let dir = edgebind_certs::layout::identity_dir(fleet.home(), &principal);
+    let watch = edgebind_tests::Identity::from_dir(
+        &dir,
+        edgebind_certs::layout::CLIENT_STEM,
+        "service:watch",
+    );
     let client = TestClient::connect(&watch, &fleet.env.broker).unwrap();
     client.subscribe(BROKER_STORED).unwrap();
     client.subscribe(BROKER_RETAINED).unwrap();

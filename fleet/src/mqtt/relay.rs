@@ -3,15 +3,15 @@
 //!
 //! Why a relay: the service acknowledges every message after its commit,
 //! thousands a second. rumqttc (0.25) writes and flushes each request on its
-//! own, so every PUBACK becomes one TLS record of ~35 bytes. Mosquitto reads
-//! a TLS client one record per wakeup of its event loop (it loops only while
-//! OpenSSL holds decrypted bytes, and OpenSSL reads one record at a time).
-//! Under a flood from many devices each loop pass takes milliseconds, so
-//! the broker took ~60 acknowledgements a second from the service: the
-//! service's receive window filled, delivery to it stopped, its queue at the
-//! broker overflowed, and its throttle publication sat behind a megabyte of
-//! unread acknowledgements (measured by `bench_ingest --push-back`; `ss`
-//! showed the service's socket 1.37 MB deep, window-limited).
+//! own, so every PUBACK becomes one TLS record of some 30 bytes. Mosquitto
+//! (2.0.11) reads a TLS client one record per pass of its event loop (it
+//! loops only while OpenSSL holds decrypted bytes, and OpenSSL reads one
+//! record at a time). Under a flood from many devices the broker took the
+//! service's acknowledgements far slower than it delivered messages: they
+//! waited in the socket (`ss` showed it 1.37 MB deep, window-limited, in
+//! `bench_ingest --push-back`), every message they acknowledged still
+//! counted against the service's queue limit, the broker dropped, and the
+//! service's throttle publication sat behind them and reached no device.
 //!
 //! rumqttc takes no custom stream, but it speaks MQTT over a Unix socket.
 //! So the service's client connects to a private socket of this process
@@ -98,13 +98,13 @@ impl Relay {
         self.dir.path().join("broker.sock")
     }
 
-    /// MQTT options that reach the broker through this relay: the same
-    /// keep-alive and packet limit as [`edgebind_link::options`].
+    /// MQTT options that reach the broker through this relay
+    /// ([`edgebind_link::base_options`] over the relay's socket).
     pub fn options(&self, client_id: &str, keep_alive: Duration) -> MqttOptions {
-        let mut o = MqttOptions::new(client_id, self.socket().to_string_lossy(), 0);
-        o.set_keep_alive(keep_alive)
-            .set_max_packet_size(Some(edgebind_protocol::messages::MAX_PACKET_BYTES as u32))
-            .set_transport(rumqttc::Transport::Unix);
+        let socket = self.socket();
+        let mut o =
+            edgebind_link::base_options(client_id, &socket.to_string_lossy(), 0, keep_alive);
+        o.set_transport(rumqttc::Transport::Unix);
         let mut net = rumqttc::NetworkOptions::new();
         // The relay's TCP and TLS connect happen inside the MQTT connect.
         net.set_connection_timeout(2 * edgebind_link::CONNECT_TIMEOUT_S);
