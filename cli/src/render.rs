@@ -92,7 +92,7 @@ pub fn policy(refresh: &PolicyRefresh, crl_path: &std::path::Path, broker_dir: &
     misissued(applied.misissued_usable);
     match (applied.reloaded_pid, &applied.not_reloaded) {
         (Some(pid), _) => println!(
-            "broker (pid {pid}) reloaded: new ACL and CRL in force, no client disconnected"
+            "broker (pid {pid}) reloaded (SIGHUP): the new ACL and CRL apply from its next loop pass, no client disconnected"
         ),
         (None, why) => println!(
             "ACL and CRL regenerated in {}; broker not reloaded: {}",
