@@ -290,6 +290,64 @@ pub fn new_command_id(prefix: &str) -> CommandId {
         .expect("prefix is a valid id and the rest is alphanumeric")
 }
 
+/// The subscriptions a (re)connect still has to queue. They are queued with
+/// `try_`, never awaited: only the event loop drains the client's request
+/// queue, and on a reconnect the acks and commands held while the link was
+/// down may have filled it, so an awaited subscribe would wait for ever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Resubscribe {
+    fleet: bool,
+    counters: bool,
+}
+
+impl Resubscribe {
+    const NONE: Self = Self {
+        fleet: false,
+        counters: false,
+    };
+    const BOTH: Self = Self {
+        fleet: true,
+        counters: true,
+    };
+
+    /// Queue what is still pending; what finds the queue full stays pending.
+    fn retry(
+        &mut self,
+        client: &rumqttc::v5::AsyncClient,
+        fleet: &[String],
+    ) -> Result<(), ServiceError> {
+        use rumqttc::v5::mqttbytes::v5::Filter;
+        if self.fleet {
+            let filters = fleet
+                .iter()
+                .map(|f| Filter::new(f.clone(), QoS::AtLeastOnce));
+            self.fleet = !queued(client.try_subscribe_many(filters))?;
+        }
+        if self.counters {
+            // Not shared: every instance watches the broker's counters.
+            let filters = BROKER_COUNTERS
+                .iter()
+                .map(|t| Filter::new(*t, QoS::AtMostOnce));
+            self.counters = !queued(client.try_subscribe_many(filters))?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a `try_` request was queued: `false` when the queue is full.
+/// (rumqttc reports a full queue, a closed one and an invalid filter alike as
+/// `TryRequest`; the loop holds the event loop open and the filters are the
+/// protocol's own, which the subscription tests prove the broker grants.)
+fn queued(sent: Result<(), rumqttc::v5::ClientError>) -> Result<bool, ServiceError> {
+    match sent {
+        Ok(()) => Ok(true),
+        Err(rumqttc::v5::ClientError::TryRequest(_)) => Ok(false),
+        Err(e @ rumqttc::v5::ClientError::Request(_)) => {
+            Err(ServiceError::Internal(format!("subscribe: {e}")))
+        }
+    }
+}
+
 /// Run the service until `shutdown` resolves. Returns after the last batch
 /// is committed and acknowledged.
 pub async fn run(
@@ -437,8 +495,12 @@ pub async fn run(
     if renew_tx.is_some() {
         subscriptions.push(edgebind_protocol::renewal::Leg::Request.filter_shared());
     }
+    let mut resubscribe = Resubscribe::NONE;
     tokio::pin!(shutdown);
     loop {
+        // Every pass drains some of the request queue, so a subscription that
+        // found it full goes out a few passes later.
+        resubscribe.retry(&client, &subscriptions)?;
         tokio::select! {
             biased;
             () = &mut shutdown => break,
@@ -454,19 +516,8 @@ pub async fn run(
                     );
                     // Re-subscribing on a resumed session is harmless and
                     // covers a broker that lost the session.
-                    let filters = subscriptions.iter().map(|f| {
-                        rumqttc::v5::mqttbytes::v5::Filter::new(f.clone(), QoS::AtLeastOnce)
-                    });
-                    if let Err(e) = client.subscribe_many(filters).await {
-                        return Err(ServiceError::Internal(format!("subscribe: {e}")));
-                    }
-                    // Not shared: every instance watches the broker's counters.
-                    let counters_filters = BROKER_COUNTERS.iter().map(|t| {
-                        rumqttc::v5::mqttbytes::v5::Filter::new(*t, QoS::AtMostOnce)
-                    });
-                    if let Err(e) = client.subscribe_many(counters_filters).await {
-                        return Err(ServiceError::Internal(format!("subscribe: {e}")));
-                    }
+                    resubscribe = Resubscribe::BOTH;
+                    resubscribe.retry(&client, &subscriptions)?;
                     // try_: never await the client inside this loop.
                     if let Some(hint) = &config.reconnect_hint
                         && let Err(e) = client.try_publish(
@@ -726,6 +777,27 @@ mod tests {
             BROKER_RETAINED.as_bytes(),
             retained.to_string().as_bytes(),
         );
+    }
+
+    #[test]
+    fn a_full_request_queue_leaves_subscriptions_pending_instead_of_waiting() {
+        let opts = rumqttc::v5::MqttOptions::new("service:t", "127.0.0.1", 1);
+        // One request deep and never polled: what a reconnect finds when
+        // the acks held while the link was down have filled the queue.
+        let (client, _eventloop) = crate::mqtt::connect(opts, 1);
+        let fleet = ingest::subscriptions();
+        let mut pending = Resubscribe::BOTH;
+        pending.retry(&client, &fleet).unwrap();
+        assert_eq!(
+            pending,
+            Resubscribe {
+                fleet: false,
+                counters: true
+            },
+            "the first fits, the second waits for room"
+        );
+        pending.retry(&client, &fleet).unwrap();
+        assert!(pending.counters, "still full: still pending, not dropped");
     }
 
     #[test]
