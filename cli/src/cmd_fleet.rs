@@ -107,10 +107,11 @@ pub struct ServeArgs {
     /// what waits at the broker reaches half of the queue the broker's burst budget sized).
     #[arg(long)]
     pub no_push_back: bool,
-    /// Publish the fleet's reconnect window (retained, on every connect): the registered
-    /// devices ÷ this many mutual-TLS connections a second (measure the broker's rate with
-    /// `edgebind sim`, give ~80 % of it). Agents then spread their reconnections over it.
-    #[arg(long, value_name = "PER_S")]
+    /// Publish the fleet's reconnect window (retained, on every connect and whenever the
+    /// registered fleet grows or shrinks to another window): the registered devices ÷ this
+    /// many mutual-TLS connections a second (measure the broker's rate with `edgebind sim`,
+    /// give ~80 % of it). Agents then spread their reconnections over it.
+    #[arg(long, value_name = "PER_S", value_parser = positive_rate)]
     pub reconnect_accept_rate: Option<f64>,
     #[command(flatten)]
     pub renewal: RenewalArgs,
@@ -154,6 +155,16 @@ impl RenewalArgs {
 pub struct StatsArgs {
     #[arg(long)]
     pub json: bool,
+}
+
+/// A rate in connections a second: a finite number above zero.
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a positive number of connections a second"
+        )),
+    }
 }
 
 pub fn run(cmd: FleetCommand, home: &FleetHome) -> anyhow::Result<ExitCode> {
@@ -288,11 +299,11 @@ fn serve(args: ServeArgs, home: &FleetHome) -> anyhow::Result<ExitCode> {
         let by = format!("service:{}", args.instance);
         let hint = edgebind_fleet::ops::reconnect_hint(store.as_ref(), rate, &by)?;
         eprintln!(
-            "reconnect window: {} s ({} devices at {rate}/s)",
+            "reconnect window: {} s ({} devices at {rate}/s), resized as the registry grows",
             hint.window_s,
             store.stats()?.devices
         );
-        config.reconnect_hint = Some(hint);
+        config.reconnect_accept_rate = Some(rate);
     }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

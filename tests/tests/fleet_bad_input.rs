@@ -142,6 +142,14 @@ fn each_bad_input_is_a_clear_error_and_changes_nothing() {
     );
     assert_refused(&fleet, &["device", "on-connect-remove", "999"], &["999"]);
     assert_refused(&fleet, &["devices", "--tag", "a b"], &["invalid tag"]);
+    // A reconnect window for a broker that accepts nothing is a usage error:
+    // refused before the service starts.
+    for rate in ["0", "-3", "nan", "inf"] {
+        let arg = format!("--reconnect-accept-rate={rate}");
+        let out = fleet.cli(&["fleet", "serve", &arg]);
+        assert_eq!(out.status.code(), Some(2), "rate {rate}: {}", stderr(&out));
+        assert!(stderr(&out).contains("positive number"), "{}", stderr(&out));
+    }
 }
 
 #[test]

@@ -279,7 +279,8 @@ fn agents_given_a_reconnect_window_spread_their_reconnections_over_it() {
 }
 
 /// `fleet serve --reconnect-accept-rate R` publishes the retained window for
-/// the registered fleet at R connections a second.
+/// the registered fleet at R connections a second, and widens it while it
+/// runs when more devices are registered.
 #[test]
 fn the_fleet_service_publishes_the_reconnect_window_for_the_registered_fleet() {
     use edgebind_protocol::reconnect::{ReconnectHint, TOPIC, window_for};
@@ -300,7 +301,30 @@ fn the_fleet_service_publishes_the_reconnect_window_for_the_registered_fleet() {
     let hint = ReconnectHint::decode(&got.payload).unwrap().unwrap();
     assert_eq!(hint.window_s, window_for(devices, 4.0));
     assert_eq!(hint.by, "service:fleet");
+
+    // The fleet grows under the running service: the window follows.
+    let more = identities::create(&home, &mut store, "simg", 40, None, &out, |_| {}).unwrap();
+    let grown = store.stats().unwrap().devices;
+    let wider = window_for(grown, 4.0);
+    assert!(wider > hint.window_s, "{grown} devices: {wider} s");
+    let got = op.wait_for_message(DEADLINE, |m| {
+        m.topic == TOPIC
+            && ReconnectHint::decode(&m.payload)
+                .ok()
+                .flatten()
+                .is_some_and(|h| h.window_s == wider)
+    });
+    assert!(
+        got.is_some(),
+        "the window was not widened to {wider} s for {grown} devices; seen: {:?}",
+        op.received()
+            .iter()
+            .filter(|m| m.topic == TOPIC)
+            .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+            .collect::<Vec<_>>()
+    );
     op.disconnect();
     fleet.stop_service();
     identities::remove(&home, &mut store, &ids).unwrap();
+    identities::remove(&home, &mut store, &more).unwrap();
 }

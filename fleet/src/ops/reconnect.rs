@@ -17,8 +17,12 @@ pub fn reconnect_hint(
     accept_per_s: f64,
     by: &str,
 ) -> Result<ReconnectHint, RegistryError> {
-    let devices = store.stats()?.devices;
-    Ok(ReconnectHint::new(window_for(devices, accept_per_s), by))
+    Ok(hint_for(store.stats()?.devices, accept_per_s, by))
+}
+
+/// The hint for `devices` registered devices (every one, revoked too).
+pub fn hint_for(devices: u64, accept_per_s: f64, by: &str) -> ReconnectHint {
+    ReconnectHint::new(window_for(devices, accept_per_s), by)
 }
 
 #[cfg(test)]

@@ -96,10 +96,12 @@ pub struct ServiceConfig {
     pub push_back: Option<push_back::PushBackPolicy>,
     /// Serve Prometheus metrics on this (loopback) listener.
     pub metrics: Option<metrics::MetricsListener>,
-    /// The fleet's reconnect window, published retained on every connect
-    /// (`fleet::ops::reconnect_hint` sizes it; `None`: this instance leaves
-    /// the topic alone).
-    pub reconnect_hint: Option<edgebind_protocol::reconnect::ReconnectHint>,
+    /// The broker's accept rate (connections a second) the fleet's
+    /// reconnect window is sized for: the outbox publishes the window for
+    /// the registered devices retained on every connect, and again whenever
+    /// the registry's count changes it (`None`: this instance leaves the
+    /// topic alone).
+    pub reconnect_accept_rate: Option<f64>,
 }
 
 impl ServiceConfig {
@@ -125,7 +127,7 @@ impl ServiceConfig {
                 &edgebind_broker::Budget::default(),
             )),
             metrics: None,
-            reconnect_hint: None,
+            reconnect_accept_rate: None,
         }
     }
 }
@@ -457,6 +459,7 @@ pub async fn run(
         push_back: config.push_back.map(push_back::Controller::new),
         link: link.clone(),
         service_name: config.instance.clone(),
+        reconnect_accept_rate: config.reconnect_accept_rate,
         store: outbox_store,
         client: client.clone(),
         runtime,
@@ -518,17 +521,6 @@ pub async fn run(
                     // covers a broker that lost the session.
                     resubscribe = Resubscribe::BOTH;
                     resubscribe.retry(&client, &subscriptions)?;
-                    // try_: never await the client inside this loop.
-                    if let Some(hint) = &config.reconnect_hint
-                        && let Err(e) = client.try_publish(
-                            edgebind_protocol::reconnect::TOPIC,
-                            QoS::AtLeastOnce,
-                            true,
-                            hint.encode(),
-                        )
-                    {
-                        tracing::warn!(error = %e, "publishing the reconnect window failed; retrying on the next connect");
-                    }
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
                     use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as R;

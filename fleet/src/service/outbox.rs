@@ -4,7 +4,10 @@
 //!   QoS 1, on the device's own `desired` topic);
 //! - queued commands of devices that are online, among them those a new
 //!   connection queued (on-connect rules, the inventory request: the writer
-//!   records them in the transaction that records the connection).
+//!   records them in the transaction that records the connection);
+//! - the fleet's reconnect window (retained), when the service is given the
+//!   broker's accept rate: on every connect, and again when the registered
+//!   device count (read with the metrics' overview) changes the window.
 //!
 //! Every instance of the service runs an outbox. Each item is claimed in the
 //! registry before it is published ([`Store::claim`]), so two instances
@@ -43,6 +46,17 @@ pub(super) struct Outbox {
     pub service_name: String,
     /// The push-back controller (`None`: push-back off).
     pub push_back: Option<super::push_back::Controller>,
+    /// The accept rate the reconnect window is sized for (`None`: the
+    /// window is not this instance's to publish).
+    pub reconnect_accept_rate: Option<f64>,
+}
+
+/// The reconnect window as last published: its length and the connection
+/// (`Counters::connects`) it went out on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct WindowSent {
+    window_s: u32,
+    connection: u64,
 }
 
 /// How often the device counts of the metrics are refreshed from the registry.
@@ -54,6 +68,8 @@ impl Outbox {
         let mut beat_at = 0u64;
         let mut devices_at = 0u64;
         let mut readings_seen = 0u64;
+        let mut registered: Option<u64> = None;
+        let mut window_sent: Option<WindowSent> = None;
         loop {
             let now = now_unix();
             let link = self.link.get();
@@ -94,12 +110,18 @@ impl Outbox {
             if now >= devices_at + DEVICE_METRICS_EVERY_S {
                 devices_at = now;
                 match self.store.overview(now) {
-                    Ok(o) => self.counters.metrics.set_devices(&o),
+                    Ok(o) => {
+                        self.counters.metrics.set_devices(&o);
+                        registered = Some(o.total);
+                    }
                     Err(e) => {
                         self.counters.metrics.registry_errors.inc();
                         tracing::error!(error = %e, "counting devices for the metrics failed")
                     }
                 }
+            }
+            if let (Some(devices), true) = (registered, link.0) {
+                self.publish_reconnect_window(devices, &mut window_sent);
             }
             if self.stopping.load(Ordering::Relaxed) {
                 self.record_stopped();
@@ -181,6 +203,48 @@ impl Outbox {
                 tracing::error!(error = %e, "publishing the throttle failed");
                 // Decide again on the next reading.
                 controller.lost_lease();
+            }
+        }
+    }
+
+    /// Publish the fleet's reconnect window (retained) when this connection
+    /// has not had it yet, a broker may have lost it, or the registered
+    /// fleet has grown or shrunk to another window since.
+    fn publish_reconnect_window(&self, devices: u64, sent: &mut Option<WindowSent>) {
+        let Some(rate) = self.reconnect_accept_rate else {
+            return;
+        };
+        let by = format!("service:{}", self.service_name);
+        let hint = crate::ops::reconnect::hint_for(devices, rate, &by);
+        let now = WindowSent {
+            window_s: hint.window_s,
+            connection: self.counters.connects.load(Ordering::Relaxed),
+        };
+        if *sent == Some(now) {
+            return;
+        }
+        let result = self.runtime.block_on(self.client.publish(
+            edgebind_protocol::reconnect::TOPIC,
+            QoS::AtLeastOnce,
+            true,
+            hint.encode(),
+        ));
+        match result {
+            Ok(()) => {
+                self.counters.published.fetch_add(1, Ordering::Relaxed);
+                if sent.map(|s| s.window_s) != Some(now.window_s) {
+                    tracing::info!(
+                        window_s = now.window_s,
+                        devices,
+                        accept_per_s = rate,
+                        "reconnect window: {} s ({devices} devices at {rate}/s)",
+                        now.window_s
+                    );
+                }
+                *sent = Some(now);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "publishing the reconnect window failed; trying again");
             }
         }
     }
