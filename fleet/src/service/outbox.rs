@@ -59,6 +59,23 @@ struct WindowSent {
     connection: u64,
 }
 
+/// A retained, fleet-wide message (the throttle, the reconnect window), QoS
+/// 1, counted as published once the client has queued it. (Free of `self`:
+/// the throttle is published while its controller is borrowed.)
+fn publish_fleet_wide(
+    runtime: &tokio::runtime::Handle,
+    client: &AsyncClient,
+    counters: &Counters,
+    topic: &str,
+    payload: Vec<u8>,
+) -> Result<(), String> {
+    runtime
+        .block_on(client.publish(topic, QoS::AtLeastOnce, true, payload))
+        .map_err(|e| e.to_string())?;
+    counters.published.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
 /// How often the device counts of the metrics are refreshed from the registry.
 const DEVICE_METRICS_EVERY_S: u64 = 2;
 
@@ -188,15 +205,14 @@ impl Outbox {
         } else {
             tracing::info!(waiting, "push-back: the fleet may go at its own pace");
         }
-        let result = self.runtime.block_on(self.client.publish(
+        match publish_fleet_wide(
+            &self.runtime,
+            &self.client,
+            &self.counters,
             edgebind_protocol::throttle::TOPIC,
-            QoS::AtLeastOnce,
-            true,
             throttle.encode(),
-        ));
-        match result {
+        ) {
             Ok(()) => {
-                self.counters.published.fetch_add(1, Ordering::Relaxed);
                 self.counters.metrics.push_back.set(i64::from(engaged));
             }
             Err(e) => {
@@ -223,15 +239,14 @@ impl Outbox {
         if *sent == Some(now) {
             return;
         }
-        let result = self.runtime.block_on(self.client.publish(
+        match publish_fleet_wide(
+            &self.runtime,
+            &self.client,
+            &self.counters,
             edgebind_protocol::reconnect::TOPIC,
-            QoS::AtLeastOnce,
-            true,
             hint.encode(),
-        ));
-        match result {
+        ) {
             Ok(()) => {
-                self.counters.published.fetch_add(1, Ordering::Relaxed);
                 if sent.map(|s| s.window_s) != Some(now.window_s) {
                     tracing::info!(
                         window_s = now.window_s,
