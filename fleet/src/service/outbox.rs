@@ -168,10 +168,10 @@ impl Outbox {
     /// One push-back step on a new reading of what waits at the broker,
     /// taken only by the holder of the push-back lease.
     fn push_back_step(&mut self, waiting: u64, now: u64) {
+        let by = self.principal();
         let Some(controller) = self.push_back.as_mut() else {
             return;
         };
-        let by = format!("service:{}", self.service_name);
         match self.store.claim(
             push_back::LEASE_KEY,
             &self.service_name,
@@ -223,6 +223,15 @@ impl Outbox {
         }
     }
 
+    /// This instance's principal (`service:NAME`), the `by` of what it publishes.
+    fn principal(&self) -> String {
+        format!(
+            "{}{}",
+            edgebind_protocol::principal::SERVICE_PREFIX,
+            self.service_name
+        )
+    }
+
     /// Publish the fleet's reconnect window (retained) when this connection
     /// has not had it yet, a broker may have lost it, or the registered
     /// fleet has grown or shrunk to another window since.
@@ -230,7 +239,7 @@ impl Outbox {
         let Some(rate) = self.reconnect_accept_rate else {
             return;
         };
-        let by = format!("service:{}", self.service_name);
+        let by = self.principal();
         let hint = crate::ops::reconnect::hint_for(devices, rate, &by);
         let now = WindowSent {
             window_s: hint.window_s,
