@@ -80,7 +80,7 @@ fn a_broker_drop_is_counted_and_reported_never_silent() {
     fleet.start_service();
     let stats =
         || -> Value { serde_json::from_str(&fleet.cli_ok(&["fleet", "stats", "--json"])).unwrap() };
-    let dropped = wait_for(LONG, || {
+    wait_for(LONG, || {
         stats()["broker_dropped"].as_u64().filter(|d| *d > 0)
     })
     .unwrap_or_else(|| panic!("no drop reported; log:\n{}", fleet.service_log()));
@@ -97,6 +97,10 @@ fn a_broker_drop_is_counted_and_reported_never_silent() {
         store.device(&id).unwrap().telemetry_count,
         stats()["broker_dropped"]
     );
+    // The first reading can be a retained $SYS value from a tick while the
+    // burst was still arriving (seen: 76 of ~150); once stored + dropped
+    // add up, the counter is the settled one.
+    let dropped = stats()["broker_dropped"].as_u64().unwrap_or(0);
     assert!(
         dropped >= SENT - 60,
         "about 150 must have been dropped, {dropped} reported"
